@@ -1,0 +1,94 @@
+"""A byte-bounded, least-recently-used cache of image embeddings."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from .errors import SegmentWithSAMError
+
+DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB
+CACHE_ENV = "SEGMENTWITHSAM_CACHE_MB"
+
+
+def default_cache_bytes() -> int:
+    """The cache limit: ``$SEGMENTWITHSAM_CACHE_MB`` megabytes if set, else 1 GiB."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if not value:
+        return DEFAULT_CACHE_BYTES
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise SegmentWithSAMError(f"{CACHE_ENV}={value!r} is not a number of megabytes.") from None
+    if megabytes < 0:
+        raise SegmentWithSAMError(f"{CACHE_ENV} must be >= 0, not {value}.")
+    return int(megabytes * (1 << 20))
+
+
+def _nbytes(tensor) -> int:
+    return int(tensor.element_size() * tensor.nelement())
+
+
+class EmbeddingCache:
+    """Embeddings keyed by e.g. (model, volume identity, view, slice index, window); thread-safe.
+
+    Adding an entry evicts the least recently used ones until the total fits in ``max_bytes``; an entry
+    larger than ``max_bytes`` is not kept at all.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        max_bytes = default_cache_bytes() if max_bytes is None else max_bytes
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[Hashable, object] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: Hashable):
+        """The embedding for ``key`` (marked most recently used), or None."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: Hashable, value) -> None:
+        """Store ``value`` (a tensor) under ``key``, evicting old entries to stay within ``max_bytes``."""
+        size = _nbytes(value)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= _nbytes(old)
+            if size > self.max_bytes:
+                return
+            while self._entries and self._bytes + size > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= _nbytes(evicted)
+                self.evictions += 1
+            self._entries[key] = value
+            self._bytes += size
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict:
+        """Counters and sizes, for status displays."""
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}

@@ -1,0 +1,102 @@
+"""``segmentwithsam demo`` and ``segmentwithsam info``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .data import AAL_STRUCTURES, colin27
+from .errors import OutputError
+from .metrics import dice
+
+DEMO_STRUCTURE = "Hippocampus_L"
+DEMO_MARGIN_PX = 2  # the demo's box is the atlas label's bounding box plus this margin, as a user would drag it
+
+
+def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
+    """Segment the left hippocampus of Colin27 on its middle axial slice from a box; write the labelmap and
+    a PNG picture; report Dice against the AAL atlas label."""
+    from .io import read_volume, write_labelmap
+    from .models import load_model
+    from .render import save_overlay_png
+    from .session import Session
+
+    data = colin27()
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create the output folder {out_dir}: {exc.strerror}.") from None
+    volume, atlas = read_volume(data.image), read_volume(data.atlas)
+    label = atlas.array == AAL_STRUCTURES[DEMO_STRUCTURE]
+    start = time.perf_counter()
+    model = load_model("litemedsam", device)
+    session = Session(volume, model)
+    axes = session.axes("axial")
+    oriented = axes.oriented(label)
+    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    index = int(slices[len(slices) // 2])
+    rows, cols = np.nonzero(oriented[index])
+    box_xy = np.array([cols.min() - DEMO_MARGIN_PX, rows.min() - DEMO_MARGIN_PX,
+                       cols.max() + DEMO_MARGIN_PX, rows.max() + DEMO_MARGIN_PX], dtype=float)
+    box_ras = volume.to_ras(axes.pixel_to_ijk(index, box_xy.reshape(2, 2)))
+    result = session.segment("axial", box_ras=box_ras)
+    elapsed = (time.perf_counter() - start) * 1e3
+    labelmap = out_dir / "hippocampus_L.nii.gz"
+    picture = out_dir / "hippocampus_L_axial.png"
+    write_labelmap(result.volume_mask(), volume, labelmap, name=DEMO_STRUCTURE)
+    image = session.window.apply(axes.oriented(volume.array)[index])
+    save_overlay_png(image, result.mask2d, picture, pixel_spacing=axes.pixel_spacing, box=box_xy,
+                     reference=oriented[index])
+    score = dice(result.mask2d, oriented[index])
+    source = "shipped Colin27 crop" if data.shipped else str(data.image)
+    text = (f"LiteMedSAM on {source}: left hippocampus, axial slice {index}, box prompt\n"
+            f"  mask: {int(result.mask2d.sum())} voxels, Dice vs AAL atlas {score:.3f}, "
+            f"{elapsed:.0f} ms (model load + encode + decode) on {model.device}\n"
+            f"  labelmap: {labelmap.resolve()}\n"
+            f"  picture:  {picture.resolve()} (orange: LiteMedSAM, cyan: atlas, yellow: box)")
+    return {"text": text, "structure": DEMO_STRUCTURE, "slice": index, "dice": round(score, 4),
+            "voxels": int(result.mask2d.sum()), "ms": round(elapsed, 1), "device": str(model.device),
+            "labelmap": str(labelmap.resolve()), "picture": str(picture.resolve()), "data": source}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def system_info() -> dict:
+    """Versions, the device that would be used, the models found and the cache settings."""
+    import torch
+
+    from .cache import CACHE_ENV, default_cache_bytes
+    from .device import select_device
+    from .models import REGISTRY
+    from .models.litemedsam import bundled_checkpoint
+
+    models = {}
+    for name in sorted(REGISTRY):
+        path = Path(bundled_checkpoint()) if name == "litemedsam" else None
+        models[name] = str(path) if path and path.is_file() else "checkpoint not found"
+    data = colin27()
+    return {
+        "segmentwithsam": _version("segmentwithsam"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "SimpleITK": _version("SimpleITK"),
+        "device": str(select_device()),
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+        "models": models,
+        "cache_max_mb": round(default_cache_bytes() / (1 << 20), 1),
+        "cache_setting": f"${CACHE_ENV} (megabytes; default 1024)",
+        "demo_data": "shipped Colin27 crop" if data.shipped else str(data.image),
+    }

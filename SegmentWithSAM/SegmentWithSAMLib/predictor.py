@@ -1,0 +1,134 @@
+"""Prediction on one 2D slice: ``set_image`` computes (or fetches) the embedding, ``predict`` is cheap per click.
+
+All coordinates are slice pixels, XY = (column, row), pixel centres at integers, as in :mod:`.geometry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .errors import PromptError
+from .models.base import SamLikeAdapter
+from .preprocessing import SliceTransform
+
+
+@dataclass
+class Prediction:
+    """Masks (M, rows, cols) bool, ``scores`` (M,) predicted IoU, ``low_res_logits`` (M, h, w) float32 —
+    pass one of those back as ``mask_input`` (1, h, w) to refine with the next click."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+    def best(self) -> int:
+        """Index of the mask with the highest predicted quality."""
+        return int(np.argmax(self.scores))
+
+
+def normalize_slice(image: np.ndarray) -> np.ndarray:
+    """Min-max normalise a windowed slice to [0, 1] (as LiteMedSAM was trained); constant slices give 0."""
+    image = np.asarray(image, dtype=np.float32)
+    low, high = float(image.min()), float(image.max())
+    if high - low < 1e-8:
+        return np.zeros_like(image)
+    return (image - low) / (high - low)
+
+
+class SlicePredictor:
+    """``set_image`` then ``predict`` for one slice at a time, like segment-anything's ``SamPredictor``."""
+
+    def __init__(self, model: SamLikeAdapter, cache: EmbeddingCache | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.transform: SliceTransform | None = None
+        self._embedding = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    def set_image(self, image: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0),
+                  cache_key: Hashable | None = None) -> None:
+        """Prepare a windowed slice ``image`` (rows, cols), values in [0, 1], with pixel size (row, col) mm.
+
+        With a ``cache_key`` the embedding comes from (or goes to) the cache, so the encoder runs once per key.
+        """
+        image = np.asarray(image)
+        if image.ndim != 2 or min(image.shape) < 2:
+            raise PromptError(f"A slice image must be 2D with at least 2×2 pixels, not shape {image.shape}.")
+        self.transform = SliceTransform.for_slice(image.shape, pixel_spacing, self.model.input_size)
+        key = None if cache_key is None or self.cache is None else (self.model.name, self.transform, cache_key)
+        embedding = self.cache.get(key) if key is not None else None
+        if embedding is None:
+            embedding = self.model.encode(self.transform.image_to_model(normalize_slice(image)))
+            if key is not None:
+                self.cache.put(key, embedding)
+        self._embedding = embedding
+
+    def _require_image(self) -> SliceTransform:
+        if self._embedding is None or self.transform is None:
+            raise RuntimeError("Call set_image() before predict().")
+        return self.transform
+
+    def _model_prompts(self, point_coords, point_labels, boxes):
+        transform = self._require_image()
+        points = labels = None
+        if point_coords is not None and len(point_coords):
+            point_coords = np.asarray(point_coords, dtype=float).reshape(-1, 2)
+            point_labels = np.asarray(point_labels if point_labels is not None else np.ones(len(point_coords)))
+            if point_labels.shape != (len(point_coords),):
+                raise PromptError(f"{len(point_coords)} points need as many labels, not {point_labels.shape}.")
+            points = transform.points_to_model(point_coords)[None]
+            labels = point_labels.astype(int)[None]
+        model_boxes = None
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+            if np.any(boxes[:, 2:] < boxes[:, :2]):
+                raise PromptError("A box needs x0 <= x1 and y0 <= y1.")
+            model_boxes = np.stack([transform.box_to_model(b) for b in boxes])
+        return points, labels, model_boxes
+
+    def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
+                multimask_output: bool = False) -> Prediction:
+        """Masks for the prompts on the current slice.
+
+        ``point_coords`` (N, 2) XY with ``point_labels`` (N,) (1 = positive, 0 = negative); ``box`` (4,) as
+        x0, y0, x1, y1; ``mask_input`` (1, h, w) low-res logits from an earlier :class:`Prediction`.
+        """
+        import torch
+
+        points, labels, boxes = self._model_prompts(point_coords, point_labels, box)
+        masks = None
+        if mask_input is not None:
+            masks = torch.as_tensor(np.asarray(mask_input, dtype=np.float32)).reshape(1, 1, *np.shape(mask_input)[-2:])
+        decoded = self.model.decode(self._embedding, points, labels, boxes, masks, multimask_output)
+        logits = self.transform.logits_to_slice(decoded.logits)[0]
+        return Prediction(
+            masks=(logits > 0).cpu().numpy(),
+            scores=decoded.scores[0].float().cpu().numpy(),
+            low_res_logits=decoded.logits[0].float().cpu().numpy(),
+        )
+
+    def predict_boxes(self, boxes: np.ndarray, point_coords: np.ndarray | None = None,
+                      point_labels: np.ndarray | None = None) -> Prediction:
+        """One mask per candidate box: ``boxes`` (B, 4), each with the same points, in one batched decoder run.
+
+        Returns a :class:`Prediction` whose M axis runs over the B boxes.
+        """
+        points, labels, model_boxes = self._model_prompts(point_coords, point_labels, boxes)
+        count = len(model_boxes)
+        if points is not None:
+            points, labels = np.repeat(points, count, axis=0), np.repeat(labels, count, axis=0)
+        decoded = self.model.decode(self._embedding, points, labels, model_boxes)
+        logits = self.transform.logits_to_slice(decoded.logits)[:, 0]
+        return Prediction(
+            masks=(logits > 0).cpu().numpy(),
+            scores=decoded.scores[:, 0].float().cpu().numpy(),
+            low_res_logits=decoded.logits[:, 0].float().cpu().numpy(),
+        )

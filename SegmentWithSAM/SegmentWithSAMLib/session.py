@@ -1,0 +1,93 @@
+"""One volume and one model: segment a slice from RAS prompts, with embeddings shared through a cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .geometry import SliceAxes, View, Volume, check_segmentable, paste_slice_mask, prompts_to_slice, slice_axes, slice_image
+from .models.base import SamLikeAdapter
+from .predictor import SlicePredictor
+from .preprocessing import resolve_window
+from .prompts import PointStrategy, predict_prompts
+
+
+@dataclass
+class SliceResult:
+    """A mask on one slice: ``mask2d`` (rows, cols) in display orientation, its slice ``index`` along the
+    view's slice axis, and the predicted quality. :meth:`volume_mask` gives it in the volume's KJI grid."""
+
+    view: View
+    index: int
+    axes: SliceAxes
+    mask2d: np.ndarray
+    score: float
+    low_res_logits: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def volume_mask(self) -> np.ndarray:
+        """The mask as a boolean KJI array on the volume's grid (False off this slice)."""
+        k, j, i = self.axes.shape_ijk[2], self.axes.shape_ijk[1], self.axes.shape_ijk[0]
+        return paste_slice_mask((k, j, i), self.axes, self.index, self.mask2d)
+
+
+class Session:
+    """Segment ``volume`` with ``model``: prompts in RAS millimetres in, masks on the volume's grid out.
+
+    ``window`` is an intensity window spec (see :func:`.preprocessing.resolve_window`), resolved once for the
+    whole volume so neighbouring slices look alike to the model.
+    """
+
+    def __init__(self, volume: Volume, model: SamLikeAdapter, window=None,
+                 cache: EmbeddingCache | None = None) -> None:
+        check_segmentable(volume)
+        self.volume = volume
+        self.model = model
+        self.window = resolve_window(volume.array, window)
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.predictor = SlicePredictor(model, self.cache)
+        self._current: tuple[View, int] | None = None
+
+    def axes(self, view: View | str) -> SliceAxes:
+        return slice_axes(self.volume, view)
+
+    def set_slice(self, view: View | str, index: int) -> SliceAxes:
+        """Make slice ``index`` of ``view`` current (encoding it unless its embedding is cached)."""
+        axes = self.axes(view)
+        if self._current != (axes.view, index):
+            image = self.window.apply(slice_image(self.volume, axes, index))
+            key = (self.volume.identity, axes.view.value, index, self.window.key)
+            self.predictor.set_image(image, axes.pixel_spacing, cache_key=key)
+            self._current = (axes.view, index)
+        return axes
+
+    def segment(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
+                box_ras: np.ndarray | None = None,
+                strategy: PointStrategy | str = PointStrategy.BOX_ENSEMBLE) -> SliceResult:
+        """Segment the slice of ``view`` that the prompts lie on.
+
+        ``points_ras`` (N, 3) with ``labels`` (N,) (1 positive, 0 negative); ``box_ras`` (2, 3): two opposite
+        corners of the box. All prompts must lie on one slice of the view.
+        """
+        axes = self.axes(view)
+        points_ras = np.zeros((0, 3)) if points_ras is None else np.asarray(points_ras, dtype=float).reshape(-1, 3)
+        corners = np.zeros((0, 3)) if box_ras is None else np.asarray(box_ras, dtype=float).reshape(2, 3)
+        index, xy = prompts_to_slice(self.volume, axes, np.concatenate([points_ras, corners]))
+        box = None
+        if len(corners):
+            box_xy = xy[len(points_ras):]
+            box = np.concatenate([box_xy.min(axis=0), box_xy.max(axis=0)])
+        start = time.perf_counter()
+        self.set_slice(axes.view, index)
+        encoded = time.perf_counter()
+        prediction = predict_prompts(self.predictor, xy[: len(points_ras)], labels, box, axes.pixel_spacing,
+                                     strategy)
+        done = time.perf_counter()
+        return SliceResult(
+            view=axes.view, index=index, axes=axes, mask2d=prediction.masks[0], score=float(prediction.scores[0]),
+            low_res_logits=prediction.low_res_logits[0],
+            timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3},
+        )
