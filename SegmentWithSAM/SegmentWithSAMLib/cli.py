@@ -114,9 +114,21 @@ def cmd_segment(args: argparse.Namespace) -> dict:
             "ms": {k: round(v, 1) for k, v in timings.items()}}
 
 
+_COORDINATE_OPTIONS = ("--point", "--negative", "--box")
+
+
+def _join_coordinates(argv: list[str]) -> list[str]:
+    """``--point -12,3,4`` → ``--point=-12,3,4``: argparse would take a value starting with '-' for an option."""
+    out: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        out.append(f"{arg}={next(values, '')}" if arg in _COORDINATE_OPTIONS else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_coordinates(sys.argv[1:] if argv is None else list(argv)))
     try:
         if args.command == "segment":
             report = cmd_segment(args)

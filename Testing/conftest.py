@@ -1,0 +1,60 @@
+"""Shared fixtures: real data (Colin27 + AAL, the InVesalius CT) and one LiteMedSAM model for the session.
+
+The encoder takes about 1.5 s per slice on a 2-core CPU, so every test shares one model and one embedding
+cache: a slice encoded by one test is free for the next.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SegmentWithSAMLib.cache import EmbeddingCache
+from SegmentWithSAMLib.data import AAL_STRUCTURES, CRANIUM, colin27, read_cranium_ct
+from SegmentWithSAMLib.geometry import Volume
+from SegmentWithSAMLib.io import read_volume
+
+
+@pytest.fixture(scope="session")
+def colin() -> Volume:
+    data = colin27()
+    if data.shipped:
+        pytest.skip("Colin27 needs Debian's mricron-data package (scripts/setup.sh installs it)")
+    return read_volume(data.image)
+
+
+@pytest.fixture(scope="session")
+def atlas() -> Volume:
+    return read_volume(colin27().atlas)
+
+
+@pytest.fixture(scope="session")
+def cranium() -> Volume:
+    if not CRANIUM.is_file():
+        pytest.skip("the head CT needs Debian's invesalius-examples package (scripts/setup.sh installs it)")
+    return read_cranium_ct()
+
+
+@pytest.fixture(scope="session")
+def model():
+    from SegmentWithSAMLib.models import load_model
+
+    return load_model("litemedsam", "cpu")
+
+
+@pytest.fixture(scope="session")
+def cache() -> EmbeddingCache:
+    return EmbeddingCache()
+
+
+def middle_slice(atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:
+    """The middle slice of an AAL structure along ``axes`` and its 2D ground-truth mask."""
+    oriented = axes.oriented(atlas.array == AAL_STRUCTURES[structure])
+    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    index = int(slices[len(slices) // 2])
+    return index, oriented[index]
+
+
+def tight_box(mask2d: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(mask2d)
+    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)

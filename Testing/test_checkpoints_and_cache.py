@@ -1,0 +1,88 @@
+"""Checkpoint checks before torch.load(weights_only=True), and the embedding cache's LRU bound."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from SegmentWithSAMLib.cache import EmbeddingCache
+from SegmentWithSAMLib.checkpoints import load_state_dict
+from SegmentWithSAMLib.errors import CheckpointError, ModelError
+from SegmentWithSAMLib.models import LiteMedSAM, load_model
+from SegmentWithSAMLib.models.litemedsam import bundled_checkpoint
+
+
+class _Evil:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent-segmentwithsam-test",))
+
+
+def test_bundled_checkpoint_loads(model):
+    assert isinstance(model, LiteMedSAM)
+    assert len(load_state_dict(bundled_checkpoint())) == 435
+
+
+def test_a_copied_checkpoint_loads_by_path(tmp_path):
+    path = tmp_path / "mine.pth"
+    torch.save({"model": load_state_dict(bundled_checkpoint())}, path)
+    assert load_model(path, "cpu").name == "litemedsam"
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_bytes(open(bundled_checkpoint(), "rb").read()[: 1 << 20]), "truncated or corrupted"),
+    (lambda p: p.write_text("not a checkpoint\n" * 200), "is not a PyTorch checkpoint"),
+    (lambda p: p.write_bytes(b""), "empty or truncated"),
+    (lambda p: torch.save({"weights": [1, 2, 3], "pad": torch.zeros(512)}, p), "could not be loaded safely|no model"),
+    (lambda p: p.write_bytes(pickle.dumps(_Evil()) + b"\0" * 2048), "could not be loaded safely"),
+    (lambda p: torch.save(torch.nn.Linear(64, 64).state_dict(), p), "does not fit the LiteMedSAM architecture"),
+])
+def test_bad_checkpoints_are_refused_with_a_reason(tmp_path, make, message):
+    path = tmp_path / "bad.pth"
+    make(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model(path, "cpu")
+    assert str(path) in str(info.value)
+
+
+def test_wrong_shapes_are_named(tmp_path):
+    state = load_state_dict(bundled_checkpoint())
+    key = "mask_decoder.iou_token.weight"
+    state[key] = torch.zeros(2, 128)
+    path = tmp_path / "reshaped.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=f"{key}: \\(2, 128\\) instead of \\(1, 256\\)"):
+        load_model(path, "cpu")
+
+
+def test_unknown_model_and_device():
+    with pytest.raises(ModelError, match="Unknown model 'sam9'"):
+        load_model("sam9", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            load_model("litemedsam", "cuda")
+
+
+def test_cache_is_lru_and_byte_bounded():
+    one = torch.zeros(256)  # 1 KiB of float32
+    cache = EmbeddingCache(max_bytes=3 * 1024)
+    for key in "abc":
+        cache.put(key, one)
+    assert cache.get("a") is one  # a is now most recent
+    cache.put("d", one)  # evicts b, the least recently used
+    assert "b" not in cache and "a" in cache and "d" in cache
+    cache.put("huge", torch.zeros(4096))  # larger than the whole cache: not kept
+    assert "huge" not in cache
+    assert cache.stats() == {"entries": 3, "bytes": 3 * 1024, "max_bytes": 3 * 1024, "hits": 1, "misses": 0,
+                             "evictions": 1}
+    assert cache.get("b") is None and cache.stats()["misses"] == 1
+
+
+def test_cache_limit_from_environment(monkeypatch):
+    monkeypatch.setenv("SEGMENTWITHSAM_CACHE_MB", "2")
+    assert EmbeddingCache().max_bytes == 2 << 20
+    monkeypatch.setenv("SEGMENTWITHSAM_CACHE_MB", "lots")
+    with pytest.raises(Exception, match="not a number of megabytes"):
+        EmbeddingCache()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up SegmentWithSAM on a Debian machine: system packages (Python venv support, the Colin27 MRI and the
+# InVesalius head CT), then a virtual environment in .venv with the core and the `segmentwithsam` command.
+#   bash scripts/setup.sh          # to run segmentwithsam
+#   bash scripts/setup.sh --dev    # also the test tools (pytest, hypothesis, ruff, slicer-core)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [ "${1:-}" = "--dev" ]; then extras="[test]"; fi
+
+packages=()
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || packages+=(python3-venv python3-pip)
+[ -f /usr/share/mricron/templates/ch2.nii.gz ] || packages+=(mricron-data)
+[ -f /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ] || packages+=(invesalius-examples)
+if [ ${#packages[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "Installing Debian packages: ${packages[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  else
+    echo "No apt-get here: install ${packages[*]} yourself (the demo falls back to a shipped Colin27 crop)." >&2
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch and torchvision come from the registry together (timm, which LiteMedSAM's encoder uses, imports
+# torchvision); see DEVELOPERS.md on why no CPU-only torch pin.
+.venv/bin/python -m pip install -q -e ".${extras}"
+echo "Ready: .venv/bin/segmentwithsam"
