@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import middle_slice, tight_box
 
 from SegmentWithSAMLib.cli import main
 from SegmentWithSAMLib.data import colin27
 from SegmentWithSAMLib.geometry import Volume, slice_axes
 from SegmentWithSAMLib.io import read_volume, write_volume
+
+from conftest import middle_slice, tight_box
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,8 @@ def test_anisotropic_pixels_are_made_square_for_the_model():
     # A sagittal slice of a 0.8 × 0.8 × 5 mm CT: rows are 5 mm apart, columns 0.8 mm.
     transform = SliceTransform.for_slice((40, 300), (5.0, 0.8), 256)
     assert transform.resized_shape == (213, 256)  # 200 mm × 240 mm, longest side → 256
-    np.testing.assert_allclose(transform.points_to_model([[299, 39]]), [[255.5 - 0.5 * 256 / 300, 212.5 - 0.5 * 213 / 40]])
+    last_pixel_centre = [[255.5 - 0.5 * 256 / 300, 212.5 - 0.5 * 213 / 40]]
+    np.testing.assert_allclose(transform.points_to_model([[299, 39]]), last_pixel_centre)
 
 
 def test_prompts_must_be_on_one_slice_and_inside():

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import middle_slice, tight_box
 
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.preprocessing import resolve_window
 from SegmentWithSAMLib.session import Session
 
+from conftest import middle_slice, tight_box
+
 # Measured with benchmarks/quality.py (tight AAL box, plain pipeline): axial 0.633, coronal 0.788,
 # sagittal 0.325 (the atlas's sagittal hippocampus is a thin, coarse band; the model follows the grey matter).
 BOX_DICE_FLOOR = {"axial": 0.58, "coronal": 0.73, "sagittal": 0.28}
-# One click at the interior point, box ensemble: measured axial 0.66, coronal 0.74, sagittal 0.46.
-CLICK_DICE_FLOOR = {"axial": 0.55, "coronal": 0.65, "sagittal": 0.35}
+# One click at the interior point, box ensemble: measured axial 0.686, coronal 0.680, sagittal 0.472.
+CLICK_DICE_FLOOR = {"axial": 0.62, "coronal": 0.62, "sagittal": 0.42}
 
 
 @pytest.fixture(scope="module")

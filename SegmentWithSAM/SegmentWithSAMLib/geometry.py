@@ -236,7 +236,7 @@ def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray) ->
     ras_points = np.atleast_2d(np.asarray(ras_points, dtype=float))
     ijk = volume.to_ijk(ras_points)
     upper = np.asarray(volume.shape_ijk) - 0.5
-    for ras, p in zip(ras_points, ijk):
+    for ras, p in zip(ras_points, ijk, strict=True):
         if np.any(p < -0.5) or np.any(p > upper):
             raise PromptError(
                 f"The point R={ras[0]:.1f}, A={ras[1]:.1f}, S={ras[2]:.1f} mm is outside the volume "

@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import EmbeddingCache
-from .geometry import SliceAxes, View, Volume, check_segmentable, paste_slice_mask, prompts_to_slice, slice_axes, slice_image
+from .geometry import (
+    SliceAxes,
+    View,
+    Volume,
+    check_segmentable,
+    paste_slice_mask,
+    prompts_to_slice,
+    slice_axes,
+    slice_image,
+)
 from .models.base import SamLikeAdapter
 from .predictor import SlicePredictor
 from .preprocessing import resolve_window
