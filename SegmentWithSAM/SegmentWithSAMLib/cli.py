@@ -1,4 +1,4 @@
-"""The ``segmentwithsam`` command line: segment, demo, info.
+"""The ``segmentwithsam`` command line: segment, evaluate, demo, info.
 
 Every user error prints one line ``segmentwithsam: error: …`` and exits with status 2, leaving no output file.
 """
@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="labelmap to write: .nii.gz, .nrrd, .mha or .seg.nrrd")
     seg.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd file")
     seg.add_argument("--json", action="store_true", help="print one JSON object on one line")
+
+    evaluate = commands.add_parser("evaluate", help="simulate clicks against a label: Dice per click, NoC@80/85/90")
+    evaluate.add_argument("volume", help="image volume (as for segment)")
+    evaluate.add_argument("--labels", required=True, help="labelmap on the volume's grid")
+    evaluate.add_argument("--label", required=True, type=int, help="label value of the structure")
+    evaluate.add_argument("--view", default="axial", choices=["axial", "coronal", "sagittal"])
+    evaluate.add_argument("--slice", type=int, default=None, help="slice index (default: the label's middle slice)")
+    evaluate.add_argument("--clicks", type=int, default=20, help="click budget (default 20)")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on one line")
 
     demo = commands.add_parser("demo", help="LiteMedSAM on the Colin27 MRI: left hippocampus from a box")
     demo.add_argument("--out-dir", default="segmentwithsam-demo", help="folder for the outputs")
@@ -126,6 +136,39 @@ def _join_coordinates(argv: list[str]) -> list[str]:
     return out
 
 
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .errors import PromptError, VolumeError
+    from .io import read_volume
+    from .metrics import clicks_to_reach
+    from .models import load_model
+    from .refinement import Refiner, run_clicks
+    from .session import Session
+
+    if args.clicks < 1:
+        raise PromptError(f"--clicks must be at least 1, not {args.clicks}.")
+    volume, labels = read_volume(args.volume), read_volume(args.labels)
+    if labels.array.shape != volume.array.shape or not np.allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
+        raise VolumeError(f"{args.labels} is not on the grid of {args.volume} (size or geometry differ).")
+    session = Session(volume, load_model(args.model, args.device), window=args.window)
+    axes = session.axes(args.view)
+    truth = axes.oriented(labels.array == args.label)
+    present = np.flatnonzero(truth.any(axis=(1, 2)))
+    if not len(present):
+        raise PromptError(f"Label {args.label} does not occur in {args.labels}.")
+    index = int(present[len(present) // 2]) if args.slice is None else args.slice
+    if not 0 <= index < axes.num_slices or not truth[index].any():
+        raise PromptError(f"Label {args.label} is not on {args.view} slice {index}; it is on slices "
+                          f"{present.min()} to {present.max()}.")
+    start = time.perf_counter()
+    session.set_slice(axes.view, index)
+    dices = run_clicks(Refiner(session.predictor, axes.pixel_spacing).add_click, truth[index], args.clicks)
+    report = {f"noc{t}": clicks_to_reach(dices, t / 100) for t in (80, 85, 90)}
+    report.update({"dice_per_click": [round(d, 4) for d in dices], "label": args.label, "view": axes.view.value,
+                   "slice": index, "clicks": args.clicks, "model": session.model.name,
+                   "ms": round((time.perf_counter() - start) * 1e3, 1)})
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_coordinates(sys.argv[1:] if argv is None else list(argv)))
@@ -135,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             text = (f"Segmented {report['voxels']} voxels on {report['view']} slice {report['slice']} "
                     f"(predicted quality {report['score']:.2f}) in {report['ms']['total']:.0f} ms on "
                     f"{report['device']}; wrote {report['out']}")
+        elif args.command == "evaluate":
+            report = cmd_evaluate(args)
+            text = (f"Label {report['label']}, {report['view']} slice {report['slice']}: Dice per click "
+                    + " ".join(f"{d:.2f}" for d in report["dice_per_click"])
+                    + f"\nNoC@80 {report['noc80']}, NoC@85 {report['noc85']}, NoC@90 {report['noc90']} "
+                    f"(budget {report['clicks']}; budget + 1 = never reached)")
         elif args.command == "demo":
             from .demo import run_demo
 

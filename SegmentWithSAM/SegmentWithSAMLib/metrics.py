@@ -12,3 +12,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"Masks of different shapes {a.shape} and {b.shape} cannot be compared.")
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def clicks_to_reach(dices: list[float], threshold: float) -> int:
+    """NoC@threshold: the number of clicks after which Dice first reaches ``threshold`` (budget + 1 if never)."""
+    for count, value in enumerate(dices, start=1):
+        if value >= threshold:
+            return count
+    return len(dices) + 1

@@ -43,15 +43,19 @@ def _average(prediction: Prediction, predictor: SlicePredictor) -> Prediction:
     return Prediction(masks=(full > 0).numpy(), scores=prediction.scores.mean(keepdims=True), low_res_logits=logits)
 
 
-def _remove_negative_regions(mask: np.ndarray, negative_xy: np.ndarray) -> np.ndarray:
-    """Drop the connected parts of ``mask`` (rows, cols) that contain a negative click."""
+def remove_clicked_regions(mask: np.ndarray, negative_xy: np.ndarray, keep_xy: np.ndarray = ()) -> np.ndarray:
+    """Drop the connected parts of ``mask`` (rows, cols) that contain a negative click, except parts that also
+    contain a point of ``keep_xy`` (the positive clicks)."""
     if not len(negative_xy) or not mask.any():
         return mask
     components, _ = ndi.label(mask)
     rows, cols = mask.shape
-    hit = {components[int(np.clip(round(y), 0, rows - 1)), int(np.clip(round(x), 0, cols - 1))]
-           for x, y in negative_xy}
-    hit.discard(0)
+
+    def labels_at(points) -> set[int]:
+        return {int(components[int(np.clip(round(y), 0, rows - 1)), int(np.clip(round(x), 0, cols - 1))])
+                for x, y in points} - {0}
+
+    hit = labels_at(negative_xy) - labels_at(keep_xy)
     return mask & ~np.isin(components, list(hit)) if hit else mask
 
 
@@ -82,5 +86,5 @@ def predict_prompts(predictor: SlicePredictor, point_coords: np.ndarray | None =
         prediction = predictor.predict(points, labels)
     else:
         prediction = _average(predictor.predict_boxes(_ensemble_boxes(positive, pixel_spacing)), predictor)
-    prediction.masks = np.stack([_remove_negative_regions(prediction.masks[0], negative)])
+    prediction.masks = np.stack([remove_clicked_regions(prediction.masks[0], negative, positive)])
     return prediction

@@ -1,0 +1,154 @@
+"""Click-by-click refinement on one slice, and the standard click simulator used to measure it.
+
+LiteMedSAM was trained with box prompts only: its point and mask-prompt embeddings are untrained. Measured on
+Colin27 + AAL (``benchmarks/clicks.py``), feeding the previous low-res logits back as a mask prompt made every
+later click worse, and SAM-style point prompts barely move the mask. So refinement works on the logits instead:
+
+1. The first prompt (a box, or a positive click through the box ensemble of :mod:`.prompts`) gives a logit map.
+2. Each click moves the mask's iso-contour locally so that it passes through the click: near a positive click
+   the threshold drops to the click's logit, near a negative click it rises above it. "Near" is 1.5 × the
+   click's distance to the mask edge when it was placed, so a click fixes the error region it sits in.
+3. The clicked pixel and a disk of that radius always follow the click, so every click is honoured and later
+   clicks override earlier ones where they overlap; a separate part of the mask holding a negative click and
+   no positive one is removed whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import PromptError
+from .predictor import SlicePredictor
+from .prompts import predict_prompts, remove_clicked_regions
+
+REACH = 1.5  # how far a click's threshold shift reaches, in multiples of its distance to the mask edge
+MIN_RADIUS = 2.0  # pixels: the smallest region a click edits
+_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Click:
+    """A click at pixel ``xy`` = (col, row); ``radius`` is its distance to the mask edge when placed."""
+
+    xy: tuple[float, float]
+    positive: bool
+    radius: float
+
+
+def _pixel(xy, shape) -> tuple[int, int]:
+    col, row = (int(round(v)) for v in xy)
+    if not (0 <= row < shape[0] and 0 <= col < shape[1]):
+        raise PromptError(f"The click at pixel {xy} is outside the slice ({shape[1]}×{shape[0]} pixels).")
+    return row, col
+
+
+def _edge_distance(mask: np.ndarray, row: int, col: int) -> float:
+    """Distance from (row, col) to the other side of the mask edge (pixels); MIN_RADIUS for an empty mask."""
+    if not mask.any():
+        return MIN_RADIUS
+    same_side = mask if mask[row, col] else ~mask
+    return float(ndi.distance_transform_edt(same_side)[row, col])
+
+
+class Refiner:
+    """Refine a mask on the slice currently set in ``predictor`` with a box and/or a sequence of clicks.
+
+    ``pixel_spacing`` is the slice's (row, col) pixel size in mm. ``box`` (4,) x0, y0, x1, y1 in pixels,
+    optional. :meth:`add_click` returns the new mask (rows, cols) bool.
+    """
+
+    def __init__(self, predictor: SlicePredictor, pixel_spacing: tuple[float, float] = (1.0, 1.0),
+                 box: np.ndarray | None = None) -> None:
+        if not predictor.is_image_set:
+            raise RuntimeError("Set the slice image on the predictor before refining.")
+        self.predictor = predictor
+        self.pixel_spacing = pixel_spacing
+        self.shape = predictor.transform.image_shape
+        self.clicks: list[Click] = []
+        self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
+        self.mask = np.zeros(self.shape, dtype=bool)
+        if box is not None:
+            self._set_logits(predict_prompts(predictor, box=box))
+            self.mask = self.logits > 0
+
+    def _set_logits(self, prediction) -> None:
+        import torch
+
+        low_res = torch.from_numpy(prediction.low_res_logits[:1])[None]
+        self.logits = self.predictor.transform.logits_to_slice(low_res)[0, 0].numpy()
+
+    def add_click(self, xy: tuple[float, float], positive: bool) -> np.ndarray:
+        """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
+        row, col = _pixel(xy, self.shape)
+        if self.logits is None and positive:
+            self._set_logits(predict_prompts(self.predictor, np.array([xy], float), [1],
+                                             pixel_spacing=self.pixel_spacing))
+        radius = max(MIN_RADIUS, _edge_distance(self.mask, row, col))
+        self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))
+        self.mask = self._apply_clicks() if self.logits is not None else self.mask
+        return self.mask
+
+    def _apply_clicks(self) -> np.ndarray:
+        rows, cols = np.ogrid[: self.shape[0], : self.shape[1]]
+        threshold = np.zeros(self.shape, dtype=np.float32)
+        distances = []
+        for click in self.clicks:
+            distance = np.hypot(cols - click.xy[0], rows - click.xy[1])
+            distances.append(distance)
+            near = distance <= REACH * click.radius
+            level = self.logits[_pixel(click.xy, self.shape)]
+            if click.positive:
+                threshold[near] = np.minimum(threshold[near], level - _EPS)
+            else:
+                threshold[near] = np.maximum(threshold[near], level + _EPS)
+        mask = self.logits > threshold
+        for click, distance in zip(self.clicks, distances, strict=True):
+            disk = distance <= click.radius
+            mask = mask | disk if click.positive else mask & ~disk
+        negative = [c.xy for c in self.clicks if not c.positive]
+        return remove_clicked_regions(mask, negative, [c.xy for c in self.clicks if c.positive])
+
+
+def simulate_click(truth: np.ndarray, mask: np.ndarray) -> tuple[tuple[float, float], bool] | None:
+    """The next click of the standard protocol: the interior point (distance-transform maximum) of the largest
+    error region, positive for a false negative region, negative for a false positive one.
+
+    Returns ((col, row), positive), or None when ``mask`` equals ``truth``. Distances count the slice border as
+    outside, so the click never lands on the border of an error region.
+    """
+    truth, mask = np.asarray(truth, bool), np.asarray(mask, bool)
+    best = None
+    for error, positive in ((truth & ~mask, True), (mask & ~truth, False)):
+        labels, count = ndi.label(error)
+        if not count:
+            continue
+        sizes = ndi.sum_labels(error, labels, np.arange(1, count + 1))
+        largest = int(np.argmax(sizes))
+        if best is None or sizes[largest] > best[0]:
+            best = (sizes[largest], labels == largest + 1, positive)
+    if best is None:
+        return None
+    _, region, positive = best
+    distance = ndi.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return (float(col), float(row)), positive
+
+
+def run_clicks(step, truth: np.ndarray, budget: int = 20, start: np.ndarray | None = None) -> list[float]:
+    """Drive ``step(xy, positive) -> mask`` with simulated clicks against ``truth`` for ``budget`` clicks and
+    return the Dice after each click. Once the mask is perfect, the remaining clicks score 1.0."""
+    from .metrics import dice
+
+    if budget < 1:
+        raise ValueError(f"The click budget must be at least 1, not {budget}.")
+    mask = np.zeros_like(truth, dtype=bool) if start is None else start
+    dices: list[float] = []
+    for _ in range(budget):
+        click = simulate_click(truth, mask)
+        if click is not None:
+            mask = step(*click)
+        dices.append(dice(mask, truth))
+    return dices
