@@ -1,4 +1,4 @@
-"""The ``segmentwithsam`` command line: segment, evaluate, demo, info.
+"""The ``segmentwithsam`` command line: segment, propagate, evaluate, demo, info.
 
 Every user error prints one line ``segmentwithsam: error: …`` and exits with status 2, leaving no output file.
 """
@@ -39,6 +39,70 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                              "(abdomen, brain, bone, lung, ...)")
 
 
+def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bool) -> None:
+    from .propagation import StopRules
+
+    defaults = StopRules()
+    group = parser.add_argument_group("propagation")
+    if with_direction:
+        group.add_argument("--direction", choices=["up", "down", "both"], default="both",
+                           help="up = increasing slice index (default both)")
+    group.add_argument("--range", default=None, metavar="A:B", help="slice range to stay in (default: all)")
+    group.add_argument("--min-similarity", type=float, default=defaults.min_similarity,
+                       help=f"stop when the mask's appearance similarity to the seed drops below this "
+                            f"(default {defaults.min_similarity}; -1 = off)")
+    group.add_argument("--min-score", type=float, default=defaults.min_score,
+                       help=f"stop below this predicted quality (default {defaults.min_score}; -1 = off)")
+    group.add_argument("--max-area-ratio", type=float, default=defaults.max_area_ratio,
+                       help=f"stop when the area changes by more than this factor (default {defaults.max_area_ratio}; "
+                            "0 = off)")
+    group.add_argument("--min-overlap", type=float, default=defaults.min_overlap,
+                       help=f"stop below this Dice with the previous slice (default {defaults.min_overlap}; -1 = off)")
+    group.add_argument("--max-empty", type=int, default=defaults.max_empty,
+                       help=f"stop after this many empty slices in a row (default {defaults.max_empty})")
+
+
+def _stop_rules(args: argparse.Namespace):
+    from .propagation import StopRules
+
+    return StopRules(min_similarity=None if args.min_similarity < 0 else args.min_similarity,
+                     min_score=None if args.min_score < 0 else args.min_score,
+                     max_area_ratio=None if args.max_area_ratio <= 0 else args.max_area_ratio,
+                     min_overlap=None if args.min_overlap < 0 else args.min_overlap,
+                     max_empty=args.max_empty)
+
+
+def _slice_range(text: str | None) -> tuple[int, int] | None:
+    from .errors import PromptError
+
+    if text is None:
+        return None
+    try:
+        low, high = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise PromptError(f"--range needs A:B with two slice numbers, not {text!r}.") from None
+    return low, high
+
+
+def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: str, args) -> tuple[np.ndarray, dict]:
+    """Propagate ``mask2d`` on slice ``index``; the 3D mask (seed included) and a report."""
+    from tqdm import tqdm
+
+    from .propagation import Propagator
+
+    propagator = Propagator(session, view, _stop_rules(args))
+    quiet = True if args.json else None  # tqdm: None = show only on a terminal
+    with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
+        result = propagator.run({"mask": (index, mask2d)}, direction, _slice_range(args.range),
+                                on_slice=lambda step: bar.update())
+    shape = session.volume.array.shape
+    seed = np.zeros(shape, dtype=bool)
+    propagator.axes.oriented(seed)[index] = mask2d
+    volume = result.apply(seed.astype(np.uint8), {"mask": 1}) > 0
+    return volume, {"slices": result.slice_count, "stopped": result.stopped["mask"],
+                    "slices_per_s": round(result.slice_count / max(result.seconds, 1e-9), 2)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segmentwithsam",
                                      description="Prompt-driven segmentation of medical volumes with SAM models.")
@@ -56,7 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(seg)
     seg.add_argument("--out", required=True, help="labelmap to write: .nii.gz, .nrrd, .mha or .seg.nrrd")
     seg.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd file")
+    seg.add_argument("--propagate", choices=["up", "down", "both"], default=None,
+                     help="then propagate the mask through the volume this way")
     seg.add_argument("--json", action="store_true", help="print one JSON object on one line")
+
+    prop = commands.add_parser("propagate", help="propagate a mask on one slice through the volume")
+    prop.add_argument("volume", help="image volume (as for segment)")
+    prop.add_argument("--mask", required=True, help="labelmap on the volume's grid with the seed on one slice")
+    prop.add_argument("--label", type=int, default=None, help="label value of the seed (default: any non-zero)")
+    prop.add_argument("--view", required=True, choices=["axial", "coronal", "sagittal"])
+    prop.add_argument("--out", required=True, help="labelmap to write (seed and propagated slices)")
+    prop.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    _add_model_options(prop)
+    for parser_ in (seg, prop):
+        _add_propagation_options(parser_, with_direction=parser_ is prop)
 
     evaluate = commands.add_parser("evaluate", help="simulate clicks against a label: Dice per click, NoC@80/85/90")
     evaluate.add_argument("volume", help="image volume (as for segment)")
@@ -112,16 +189,50 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         result = session.segment(args.view, points, labels, box)
         timings.update(result.timings_ms)
         bar.update()
+        extra = {}
+        mask = result.volume_mask()
+        if args.propagate:
+            t = time.perf_counter()
+            mask, extra = _propagate(session, result.view.value, result.index, result.mask2d, args.propagate, args)
+            timings["propagate"] = (time.perf_counter() - t) * 1e3
         bar.set_description("writing")
         t = time.perf_counter()
-        mask = result.volume_mask()
         write_labelmap(mask, volume, args.out, name=args.name)
         timings["write"] = (time.perf_counter() - t) * 1e3
         timings["total"] = (time.perf_counter() - start) * 1e3
         bar.update()
     return {"voxels": int(mask.sum()), "slice": result.index, "view": result.view.value, "score": result.score,
             "model": model.name, "device": str(model.device), "out": str(Path(args.out)),
-            "ms": {k: round(v, 1) for k, v in timings.items()}}
+            "ms": {k: round(v, 1) for k, v in timings.items()}, **extra}
+
+
+def cmd_propagate(args: argparse.Namespace) -> dict:
+    from .errors import PromptError, VolumeError
+    from .io import check_writable, read_volume, write_labelmap
+    from .models import load_model
+    from .session import Session
+
+    check_writable(args.out, labelmap=True)
+    start = time.perf_counter()
+    volume, seed = read_volume(args.volume), read_volume(args.mask)
+    if seed.array.shape != volume.array.shape or not np.allclose(seed.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
+        raise VolumeError(f"{args.mask} is not on the grid of {args.volume} (size or geometry differ).")
+    session = Session(volume, load_model(args.model, args.device), window=args.window)
+    axes = session.axes(args.view)
+    selected = seed.array != 0 if args.label is None else seed.array == args.label
+    oriented = axes.oriented(selected)
+    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    if not len(slices):
+        raise PromptError(f"The seed mask {args.mask} is empty" + (f" for label {args.label}." if args.label else "."))
+    if len(slices) > 1:
+        raise PromptError(f"The seed mask lies on {args.view} slices {slices.min()} to {slices.max()}; it must be on "
+                          "one slice of that view.")
+    mask, report = _propagate(session, axes.view.value, int(slices[0]), oriented[slices[0]], args.direction, args)
+    write_labelmap(mask, volume, args.out)
+    report.update({"seed_slice": int(slices[0]), "voxels": int(mask.sum()), "view": axes.view.value,
+                   "model": session.model.name, "device": str(session.model.device), "out": str(Path(args.out)),
+                   "ms": round((time.perf_counter() - start) * 1e3, 1)})
+    return report
 
 
 _COORDINATE_OPTIONS = ("--point", "--negative", "--box")
@@ -178,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             text = (f"Segmented {report['voxels']} voxels on {report['view']} slice {report['slice']} "
                     f"(predicted quality {report['score']:.2f}) in {report['ms']['total']:.0f} ms on "
                     f"{report['device']}; wrote {report['out']}")
+        elif args.command == "propagate":
+            report = cmd_propagate(args)
+            text = (f"Propagated from {report['view']} slice {report['seed_slice']} to {report['slices']} more slices "
+                    f"({report['slices_per_s']} slices/s); stopped: "
+                    + ", ".join(f"{k}: {v}" for k, v in report["stopped"].items()) + f"; wrote {report['out']}")
         elif args.command == "evaluate":
             report = cmd_evaluate(args)
             text = (f"Label {report['label']}, {report['view']} slice {report['slice']}: Dice per click "

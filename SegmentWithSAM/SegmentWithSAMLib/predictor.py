@@ -115,6 +115,22 @@ class SlicePredictor:
             low_res_logits=decoded.logits[0].float().cpu().numpy(),
         )
 
+    def region_feature(self, mask: np.ndarray) -> np.ndarray:
+        """The unit-length mean embedding vector (C,) of the region ``mask`` (rows, cols) on the current slice:
+        a cheap appearance signature for comparing regions across slices (cosine similarity)."""
+        import torch
+        import torch.nn.functional as F
+
+        transform = self._require_image()
+        embedding = self._embedding[0]  # (C, h, w)
+        weights = torch.zeros((1, 1, transform.input_size, transform.input_size))
+        resized = F.interpolate(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None],
+                                size=transform.resized_shape, mode="bilinear", align_corners=False)
+        weights[..., : transform.resized_shape[0], : transform.resized_shape[1]] = resized
+        weights = F.adaptive_avg_pool2d(weights, embedding.shape[-2:])[0, 0].to(embedding.device)
+        vector = (embedding * weights).sum(dim=(1, 2)) / weights.sum().clamp(min=1e-6)
+        return F.normalize(vector, dim=0).cpu().numpy()
+
     def predict_boxes(self, boxes: np.ndarray, point_coords: np.ndarray | None = None,
                       point_labels: np.ndarray | None = None) -> Prediction:
         """One mask per candidate box: ``boxes`` (B, 4), each with the same points, in one batched decoder run.

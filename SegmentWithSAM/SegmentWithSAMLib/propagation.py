@@ -1,0 +1,277 @@
+"""Slice-to-slice propagation of accepted masks through a volume, with range, stop rules, key slices,
+several objects in one pass, streaming and cancel.
+
+Each step prompts slice k±1 from the mask on slice k: boxes around the previous mask (several margins, logits
+averaged), the result kept within a band around the previous mask so that it cannot jump to a neighbouring
+structure. LiteMedSAM's predicted quality, the area and the overlap with the previous slice hardly change when
+the mask drifts off the structure onto its neighbour; the mean image-embedding feature of the mask does, so
+each object's mask is compared with its seed's (cosine similarity) to stop. See ``benchmarks/propagation.py``.
+
+Nothing is written anywhere: the caller gets a :class:`PropagationResult` and applies it in one step, so a
+cancelled or failed propagation changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import PromptError, SegmentWithSAMError
+from .geometry import SliceAxes
+from .metrics import dice
+
+# Margins (mm) of the boxes around the previous slice's mask; their logits are averaged.
+BOX_MARGINS_MM = (1.0, 3.0, 6.0)
+# The new mask must lie within this distance (mm) of the previous slice's mask.
+BAND_MM = 4.0
+
+
+class Cancelled(SegmentWithSAMError):
+    """The propagation was cancelled; nothing was applied."""
+
+
+class Direction(str, Enum):
+    """Which way to propagate: ``up`` = increasing slice index, ``down`` = decreasing, or ``both``."""
+
+    UP = "up"
+    DOWN = "down"
+    BOTH = "both"
+
+    def steps(self) -> tuple[int, ...]:
+        return {Direction.UP: (1,), Direction.DOWN: (-1,), Direction.BOTH: (1, -1)}[self]
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When a direction stops. Each rule can be switched off with None (or 0 for ``max_empty``)."""
+
+    min_similarity: float | None = 0.75  # cosine similarity of the mask's image features to the seed's below this
+    min_score: float | None = 0.35  # the model's predicted quality below this
+    max_area_ratio: float | None = 2.5  # area grows or shrinks by more than this factor from the previous slice
+    min_overlap: float | None = 0.2  # Dice with the previous slice's mask below this
+    max_empty: int = 1  # this many consecutive empty slices
+
+    def check(self, mask: np.ndarray, score: float, previous: np.ndarray, similarity: float) -> str | None:
+        """The reason to stop at this slice, or None to accept it (empty masks are counted by the caller)."""
+        area, previous_area = int(mask.sum()), int(previous.sum())
+        if not area:
+            return None
+        if self.min_similarity is not None and similarity < self.min_similarity:
+            return f"appearance similarity to the seed {similarity:.2f} < {self.min_similarity}"
+        if self.min_score is not None and score < self.min_score:
+            return f"predicted quality {score:.2f} < {self.min_score}"
+        if self.max_area_ratio is not None and previous_area:
+            ratio = area / previous_area
+            if ratio > self.max_area_ratio or ratio < 1 / self.max_area_ratio:
+                return f"area changed ×{ratio:.2f}"
+        if self.min_overlap is not None and dice(mask, previous) < self.min_overlap:
+            return f"overlap with the previous slice {dice(mask, previous):.2f} < {self.min_overlap}"
+        return None
+
+
+@dataclass
+class SliceStep:
+    """One propagated slice: ``masks`` maps object name → mask (rows, cols) on slice ``index``."""
+
+    index: int
+    masks: dict[str, np.ndarray]
+    scores: dict[str, float]
+
+
+@dataclass
+class PropagationResult:
+    """Propagated masks per object and slice (seed and key slices not included), and why each object's
+    directions stopped (``stopped[object]["up"|"down"]``)."""
+
+    axes: SliceAxes
+    masks: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    stopped: dict[str, dict[str, str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def slice_count(self) -> int:
+        return len({i for per_object in self.masks.values() for i in per_object})
+
+    def apply(self, labelmap: np.ndarray, labels: dict[str, int]) -> np.ndarray:
+        """A copy of ``labelmap`` (KJI) with each object's propagated slices written as its label value;
+        ``labelmap`` itself is never modified."""
+        out = np.array(labelmap, copy=True)
+        oriented = self.axes.oriented(out)
+        for name, per_slice in self.masks.items():
+            for index, mask in per_slice.items():
+                oriented[index][mask] = labels[name]
+        return out
+
+
+def _band(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    distance = ndi.distance_transform_edt(~mask, sampling=pixel_spacing) if mask.any() else np.inf
+    return distance <= BAND_MM
+
+
+def _boxes(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    low, high = np.array([cols.min(), rows.min()], float), np.array([cols.max(), rows.max()], float)
+    margins = np.array(BOX_MARGINS_MM)[:, None] / np.array([pixel_spacing[1], pixel_spacing[0]])
+    return np.concatenate([low - margins, high + margins], axis=1)
+
+
+class Propagator:
+    """Propagate masks on slices of one view of a :class:`~.session.Session`'s volume.
+
+    ``seeds`` maps object name → (slice index, mask (rows, cols)); ``keys`` maps object name → {slice index:
+    mask} of accepted or user-edited slices, which are never overwritten and end a direction when reached.
+    """
+
+    def __init__(self, session, view, rules: StopRules | None = None) -> None:
+        self.session = session
+        self.axes = session.axes(view)
+        self.rules = rules or StopRules()
+
+    def _check_seed(self, name: str, index: int, mask: np.ndarray) -> np.ndarray:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.axes.image_shape:
+            raise PromptError(f"The seed of {name!r} has shape {mask.shape}; a {self.axes.view.value} slice is "
+                              f"{self.axes.image_shape}.")
+        if not 0 <= index < self.axes.num_slices:
+            raise PromptError(f"The seed slice {index} of {name!r} is outside the volume (0 to "
+                              f"{self.axes.num_slices - 1}).")
+        if not mask.any():
+            raise PromptError(f"The seed mask of {name!r} on slice {index} is empty: draw or accept a mask first.")
+        return mask
+
+    def _range(self, slice_range: tuple[int, int] | None) -> tuple[int, int]:
+        if slice_range is None:
+            return 0, self.axes.num_slices - 1
+        low, high = sorted(int(v) for v in slice_range)
+        if low < 0 or high >= self.axes.num_slices:
+            raise PromptError(f"The range {low}:{high} is outside the volume: {self.axes.view.value} slices are "
+                              f"0 to {self.axes.num_slices - 1}.")
+        return low, high
+
+    def _predict(self, previous: np.ndarray) -> tuple[np.ndarray, float]:
+        import torch
+
+        predictor = self.session.predictor
+        prediction = predictor.predict_boxes(_boxes(previous, self.axes.pixel_spacing))
+        logits = prediction.low_res_logits.mean(axis=0, keepdims=True)
+        full = predictor.transform.logits_to_slice(torch.from_numpy(logits)[None])[0, 0].numpy()
+        return (full > 0) & _band(previous, self.axes.pixel_spacing), float(prediction.scores.mean())
+
+    def _signature(self, index: int, mask: np.ndarray) -> np.ndarray:
+        self.session.set_slice(self.axes.view, index)
+        return self.session.predictor.region_feature(mask)
+
+    def steps(self, seeds: dict[str, tuple[int, np.ndarray]], direction: Direction | str = Direction.BOTH,
+              slice_range: tuple[int, int] | None = None, keys: dict[str, dict[int, np.ndarray]] | None = None,
+              result: PropagationResult | None = None, allow_overlap: bool = False) -> Iterator[SliceStep]:
+        """Yield one :class:`SliceStep` per slice as it is done; fill ``result`` as it goes.
+
+        All objects move together, so each slice is encoded once and decoded once per object. Where objects
+        overlap, the pixel goes to the object listed first unless ``allow_overlap``.
+        """
+        direction = Direction(direction)
+        low, high = self._range(slice_range)
+        keys = {name: dict(per) for name, per in (keys or {}).items()}
+        result = result if result is not None else PropagationResult(self.axes)
+        seeds = {name: (int(i), self._check_seed(name, int(i), m)) for name, (i, m) in seeds.items()}
+        if not seeds:
+            raise PromptError("Nothing to propagate: give at least one seed mask.")
+        for step in direction.steps():
+            label = "up" if step > 0 else "down"
+            state = {name: {"index": i, "previous": m, "empty": 0, "signature": self._signature(i, m)}
+                     for name, (i, m) in seeds.items()}
+            for name, (index, _) in seeds.items():
+                if not low <= index <= high:
+                    raise PromptError(f"The seed slice {index} of {name!r} is outside the range {low}:{high}.")
+                result.masks.setdefault(name, {})
+                result.stopped.setdefault(name, {})
+            active = set(state)
+            index = min(s["index"] for s in state.values()) if step > 0 else max(s["index"] for s in state.values())
+            while active:
+                index += step
+                if not low <= index <= high:
+                    for name in active:
+                        result.stopped[name][label] = "range end"
+                    break
+                masks, scores = {}, {}
+                for name in sorted(active, key=list(seeds).index):
+                    info = state[name]
+                    if (step > 0 and index <= info["index"]) or (step < 0 and index >= info["index"]):
+                        continue  # this object's seed lies further on
+                    if index in keys.get(name, {}):
+                        result.stopped[name][label] = f"key slice {index}"
+                        active.discard(name)
+                        continue
+                    self.session.set_slice(self.axes.view, index)
+                    mask, score = self._predict(info["previous"])
+                    if not allow_overlap:
+                        for other in masks.values():
+                            mask &= ~other
+                    similarity = float(self.session.predictor.region_feature(mask) @ info["signature"]) \
+                        if mask.any() else 0.0
+                    reason = self.rules.check(mask, score, info["previous"], similarity)
+                    if not mask.any():
+                        info["empty"] += 1
+                        if info["empty"] >= max(1, self.rules.max_empty):
+                            reason = "empty mask"
+                        else:
+                            continue
+                    if reason:
+                        result.stopped[name][label] = reason
+                        active.discard(name)
+                        continue
+                    info["empty"] = 0
+                    info["previous"] = mask
+                    masks[name], scores[name] = mask, score
+                    result.masks[name][index] = mask
+                if masks:
+                    yield SliceStep(index, masks, scores)
+
+    def fill_between(self, name: str, keys: dict[int, np.ndarray],
+                     cancel: Callable[[], bool] | None = None) -> PropagationResult:
+        """Fill the slices between consecutive key slices of one object from both ends.
+
+        Each gap is propagated up from its lower key and down from its upper key (each stopping at the other
+        key or by the stop rules); where both reach a slice, the one from the nearer key wins, so the two
+        fronts meet in the middle. Key slices themselves are never changed.
+        """
+        ordered = sorted(keys)
+        if len(ordered) < 2:
+            raise PromptError("Filling between key slices needs at least two key slices.")
+        result = PropagationResult(self.axes, masks={name: {}}, stopped={name: {}})
+        start = time.perf_counter()
+        for low, high in zip(ordered[:-1], ordered[1:], strict=True):
+            fronts = {}
+            for seed, direction in ((low, Direction.UP), (high, Direction.DOWN)):
+                fronts[direction] = self.run({name: (seed, keys[seed])}, direction, (low, high), {name: keys},
+                                             cancel=cancel)
+            up, down = fronts[Direction.UP].masks[name], fronts[Direction.DOWN].masks[name]
+            for index in range(low + 1, high):
+                nearer, other = (up, down) if index - low <= high - index else (down, up)
+                if index in nearer or index in other:
+                    result.masks[name][index] = nearer.get(index, other.get(index))
+            result.stopped[name][f"{low}-{high}"] = (f"up: {fronts[Direction.UP].stopped[name]['up']}; "
+                                                     f"down: {fronts[Direction.DOWN].stopped[name]['down']}")
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def run(self, seeds: dict[str, tuple[int, np.ndarray]], direction: Direction | str = Direction.BOTH,
+            slice_range: tuple[int, int] | None = None, keys: dict[str, dict[int, np.ndarray]] | None = None,
+            on_slice: Callable[[SliceStep], None] | None = None, cancel: Callable[[], bool] | None = None,
+            allow_overlap: bool = False) -> PropagationResult:
+        """Propagate to the end and return the result; ``on_slice`` sees each slice as it is done, ``cancel``
+        is asked between slices and raises :class:`Cancelled` (nothing is returned, so nothing is applied)."""
+        start = time.perf_counter()
+        result = PropagationResult(self.axes)
+        for step in self.steps(seeds, direction, slice_range, keys, result, allow_overlap):
+            if on_slice is not None:
+                on_slice(step)
+            if cancel is not None and cancel():
+                raise Cancelled(f"Propagation cancelled after slice {step.index}; nothing was applied.")
+        result.seconds = time.perf_counter() - start
+        return result

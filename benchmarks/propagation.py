@@ -1,0 +1,116 @@
+"""3D propagation on Colin27 + AAL from one box on a structure's middle slice, side by side:
+(a) naive: the previous mask's bounding box + 3 px as the next slice's box, until the mask is empty;
+(b) the engine (SegmentWithSAMLib.propagation); (c) upper reference: the ground-truth box on every slice.
+
+All three run within the structure's extent ± ``--pad`` slices (a user-set range), so the naive baseline's
+run-on is bounded; 3D Dice counts every slice in that range.
+
+    python benchmarks/propagation.py [--structures Hippocampus_L,Putamen_L] [--views axial,coronal,sagittal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from SegmentWithSAMLib.cache import EmbeddingCache
+from SegmentWithSAMLib.data import AAL_STRUCTURES
+from SegmentWithSAMLib.metrics import dice
+from SegmentWithSAMLib.models import load_model
+from SegmentWithSAMLib.propagation import Propagator
+from SegmentWithSAMLib.session import Session
+
+from common import VIEWS, load_colin27, print_table, write_json
+
+
+def tight(mask: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    return np.array([cols.min() - margin, rows.min() - margin, cols.max() + margin, rows.max() + margin], float)
+
+
+def naive(session, view, seed_index, seed_mask, low, high) -> dict[int, np.ndarray]:
+    out = {}
+    for step in (1, -1):
+        previous, index = seed_mask, seed_index
+        while low <= index + step <= high:
+            index += step
+            session.set_slice(view, index)
+            mask = session.predictor.predict(box=tight(previous, 3.0)).masks[0]
+            if not mask.any():
+                break
+            out[index], previous = mask, mask
+    return out
+
+
+def reference(session, view, truth) -> dict[int, np.ndarray]:
+    out = {}
+    for index in np.flatnonzero(truth.any(axis=(1, 2))):
+        session.set_slice(view, int(index))
+        out[int(index)] = session.predictor.predict(box=tight(truth[index])).masks[0]
+    return out
+
+
+def score(masks: dict[int, np.ndarray], seed_index, seed_mask, truth, low, high) -> dict:
+    volume = np.zeros_like(truth[low: high + 1])
+    for index, mask in {**masks, seed_index: seed_mask}.items():
+        volume[index - low] = mask
+    reached = sorted({*masks, seed_index})
+    extent = np.flatnonzero(truth.any(axis=(1, 2)))
+    return {"dice3d": dice(volume, truth[low: high + 1]), "first": reached[0], "last": reached[-1],
+            "true_first": int(extent[0]), "true_last": int(extent[-1]),
+            "ends_within_2": bool(abs(reached[0] - extent[0]) <= 2 and abs(reached[-1] - extent[-1]) <= 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--structures", default="Hippocampus_L,Putamen_L")
+    parser.add_argument("--views", default=",".join(VIEWS))
+    parser.add_argument("--pad", type=int, default=12)
+    args = parser.parse_args()
+    volume, atlas = load_colin27()
+    session = Session(volume, load_model("litemedsam"), cache=EmbeddingCache(8 << 30))
+    records, rows, start = [], [], time.perf_counter()
+    for view in args.views.split(","):
+        axes = session.axes(view)
+        for name in args.structures.split(","):
+            truth = axes.oriented(atlas.array == AAL_STRUCTURES[name])
+            extent = np.flatnonzero(truth.any(axis=(1, 2)))
+            seed_index = int(extent[len(extent) // 2])
+            low, high = max(0, extent[0] - args.pad), min(axes.num_slices - 1, extent[-1] + args.pad)
+            session.set_slice(view, seed_index)
+            seed = session.predictor.predict(box=tight(truth[seed_index])).masks[0]
+            record = {"structure": name, "view": view}
+            t = time.perf_counter()
+            record["naive"] = score(naive(session, view, seed_index, seed, low, high), seed_index, seed, truth, low,
+                                    high)
+            t_naive = time.perf_counter() - t
+            session.cache.clear()  # slices/s below includes encoding every slice
+            t = time.perf_counter()
+            result = Propagator(session, view).run({name: (seed_index, seed)}, "both", (low, high))
+            record["engine"] = score(result.masks[name], seed_index, seed, truth, low, high)
+            record["engine"]["stopped"] = result.stopped[name]
+            record["engine"]["slices_per_s"] = result.slice_count / max(time.perf_counter() - t, 1e-9)
+            record["reference"] = score(reference(session, view, truth), seed_index, seed, truth, low, high)
+            record["naive"]["seconds"] = t_naive
+            records.append(record)
+            rows.append([name, view, *(record[m]["dice3d"] for m in ("naive", "engine", "reference")),
+                         *(f"{record[m]['first']}-{record[m]['last']}" for m in ("naive", "engine")),
+                         f"{record['reference']['true_first']}-{record['reference']['true_last']}",
+                         f"{record['engine']['slices_per_s']:.2f}"])
+    mean = {m: float(np.mean([r[m]["dice3d"] for r in records])) for m in ("naive", "engine", "reference")}
+    rows.append(["mean", "", mean["naive"], mean["engine"], mean["reference"], "", "", "", ""])
+    print_table(["structure", "view", "(a) naive", "(b) engine", "(c) GT box", "(a) reach", "(b) reach", "truth",
+                 "(b) slices/s"], rows)
+    ratio = mean["engine"] / mean["reference"]
+    below = [f"{r['structure']}/{r['view']}" for r in records if r["engine"]["dice3d"] < r["naive"]["dice3d"]]
+    ends = sum(r["engine"]["ends_within_2"] for r in records)
+    print(f"\n(b)/(c) = {ratio:.2f}; (b) below (a) on: {below or 'none'}; (b) ends within 2 slices of the truth on "
+          f"{ends}/{len(records)}")
+    write_json("propagation", {"records": records, "mean": mean, "engine_over_reference": ratio,
+                               "below_naive": below, "seconds": time.perf_counter() - start})
+
+
+if __name__ == "__main__":
+    main()
