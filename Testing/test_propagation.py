@@ -11,7 +11,7 @@ from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.cli import main
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
 from SegmentWithSAMLib.errors import PromptError
-from SegmentWithSAMLib.io import write_labelmap
+from SegmentWithSAMLib.io import read_volume, write_labelmap
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.propagation import Cancelled, Propagator
 from SegmentWithSAMLib.session import Session
@@ -146,3 +146,15 @@ def _seed_volume(session, index, seed):
     volume = np.zeros(session.volume.array.shape, bool)
     session.axes("axial").oriented(volume)[index] = seed
     return volume
+
+
+def test_segment_then_propagate_in_one_command(tmp_path, capsys):
+    out = tmp_path / "hippocampus3d.nii.gz"
+    code = main(["segment", str(colin27().image), "--view", "axial", "--box", "-38,-37,-7,-13,-21,-7",
+                 "--propagate", "both", "--range", "62:66", "--out", str(out), "--json", "--device", "cpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["slice"] == 64 and report["slices"] == 4
+    assert report["stopped"] == {"up": "range end", "down": "range end"}
+    written = read_volume(out).array > 0
+    assert set(np.flatnonzero(written.any(axis=(1, 2)))) == {62, 63, 64, 65, 66}
+    assert written.sum() == report["voxels"]
