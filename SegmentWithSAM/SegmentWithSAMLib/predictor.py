@@ -115,6 +115,13 @@ class SlicePredictor:
             low_res_logits=decoded.logits[0].float().cpu().numpy(),
         )
 
+    def upsample(self, low_res_logits: np.ndarray) -> np.ndarray:
+        """Low-res logits (M, h, w) of this slice → logits (M, rows, cols) on the slice grid."""
+        import torch
+
+        tensor = torch.from_numpy(np.asarray(low_res_logits, dtype=np.float32))[None]
+        return self._require_image().logits_to_slice(tensor)[0].numpy()
+
     def region_feature(self, mask: np.ndarray) -> np.ndarray:
         """The unit-length mean embedding vector (C,) of the region ``mask`` (rows, cols) on the current slice:
         a cheap appearance signature for comparing regions across slices (cosine similarity)."""

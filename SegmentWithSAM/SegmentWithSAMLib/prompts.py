@@ -35,12 +35,12 @@ def _ensemble_boxes(positive_xy: np.ndarray, pixel_spacing: tuple[float, float])
     return np.concatenate([low - half_px, high + half_px], axis=1)
 
 
-def _average(prediction: Prediction, predictor: SlicePredictor) -> Prediction:
-    import torch
-
+def predict_box_ensemble(predictor: SlicePredictor, boxes: np.ndarray) -> Prediction:
+    """One mask from several boxes (B, 4): decoded in one batch, low-res logits averaged."""
+    prediction = predictor.predict_boxes(boxes)
     logits = prediction.low_res_logits.mean(axis=0, keepdims=True)
-    full = predictor.transform.logits_to_slice(torch.from_numpy(logits)[None])[0]
-    return Prediction(masks=(full > 0).numpy(), scores=prediction.scores.mean(keepdims=True), low_res_logits=logits)
+    return Prediction(masks=predictor.upsample(logits) > 0, scores=prediction.scores.mean(keepdims=True),
+                      low_res_logits=logits)
 
 
 def remove_clicked_regions(mask: np.ndarray, negative_xy: np.ndarray, keep_xy: np.ndarray = ()) -> np.ndarray:
@@ -85,6 +85,6 @@ def predict_prompts(predictor: SlicePredictor, point_coords: np.ndarray | None =
     elif strategy is PointStrategy.POINTS:
         prediction = predictor.predict(points, labels)
     else:
-        prediction = _average(predictor.predict_boxes(_ensemble_boxes(positive, pixel_spacing)), predictor)
+        prediction = predict_box_ensemble(predictor, _ensemble_boxes(positive, pixel_spacing))
     prediction.masks = np.stack([remove_clicked_regions(prediction.masks[0], negative, positive)])
     return prediction

@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from .errors import PromptError, SegmentWithSAMError
 from .geometry import SliceAxes
 from .metrics import dice
+from .prompts import predict_box_ensemble
 
 # Margins (mm) of the boxes around the previous slice's mask; their logits are averaged.
 BOX_MARGINS_MM = (1.0, 3.0, 6.0)
@@ -154,13 +155,8 @@ class Propagator:
         return low, high
 
     def _predict(self, previous: np.ndarray) -> tuple[np.ndarray, float]:
-        import torch
-
-        predictor = self.session.predictor
-        prediction = predictor.predict_boxes(_boxes(previous, self.axes.pixel_spacing))
-        logits = prediction.low_res_logits.mean(axis=0, keepdims=True)
-        full = predictor.transform.logits_to_slice(torch.from_numpy(logits)[None])[0, 0].numpy()
-        return (full > 0) & _band(previous, self.axes.pixel_spacing), float(prediction.scores.mean())
+        prediction = predict_box_ensemble(self.session.predictor, _boxes(previous, self.axes.pixel_spacing))
+        return prediction.masks[0] & _band(previous, self.axes.pixel_spacing), float(prediction.scores[0])
 
     def _signature(self, index: int, mask: np.ndarray) -> np.ndarray:
         self.session.set_slice(self.axes.view, index)
@@ -181,15 +177,16 @@ class Propagator:
         seeds = {name: (int(i), self._check_seed(name, int(i), m)) for name, (i, m) in seeds.items()}
         if not seeds:
             raise PromptError("Nothing to propagate: give at least one seed mask.")
+        for name, (index, _) in seeds.items():
+            if not low <= index <= high:
+                raise PromptError(f"The seed slice {index} of {name!r} is outside the range {low}:{high}.")
+            result.masks.setdefault(name, {})
+            result.stopped.setdefault(name, {})
+        signatures = {name: self._signature(i, m) for name, (i, m) in seeds.items()}
         for step in direction.steps():
             label = "up" if step > 0 else "down"
-            state = {name: {"index": i, "previous": m, "empty": 0, "signature": self._signature(i, m)}
+            state = {name: {"index": i, "previous": m, "empty": 0, "signature": signatures[name]}
                      for name, (i, m) in seeds.items()}
-            for name, (index, _) in seeds.items():
-                if not low <= index <= high:
-                    raise PromptError(f"The seed slice {index} of {name!r} is outside the range {low}:{high}.")
-                result.masks.setdefault(name, {})
-                result.stopped.setdefault(name, {})
             active = set(state)
             index = min(s["index"] for s in state.values()) if step > 0 else max(s["index"] for s in state.values())
             while active:

@@ -76,10 +76,7 @@ class Refiner:
             self.mask = self.logits > 0
 
     def _set_logits(self, prediction) -> None:
-        import torch
-
-        low_res = torch.from_numpy(prediction.low_res_logits[:1])[None]
-        self.logits = self.predictor.transform.logits_to_slice(low_res)[0, 0].numpy()
+        self.logits = self.predictor.upsample(prediction.low_res_logits[:1])[0]
 
     def add_click(self, xy: tuple[float, float], positive: bool) -> np.ndarray:
         """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
