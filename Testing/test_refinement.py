@@ -90,8 +90,8 @@ def test_positive_click_inside_never_empties_and_every_click_is_honoured(phantom
 
 
 # Measured with the loop below on the middle axial slice (segmentwithsam evaluate ... --label 37 --clicks 12):
-# Dice 0.69, 0.70, 0.74, 0.78, 0.83, 0.84, 0.86, 0.87 after clicks 1-8: NoC@85 = 7.
-HIPPOCAMPUS_BUDGET = 8
+# Dice 0.69, 0.74, 0.79, 0.83, 0.87, 0.88 after clicks 1-6: NoC@85 = 5.
+HIPPOCAMPUS_BUDGET = 6
 
 
 def test_left_hippocampus_reaches_085_within_budget(colin, atlas, model, cache):
@@ -111,6 +111,6 @@ def test_evaluate_command(capsys, colin):
                  str(AAL_STRUCTURES["Hippocampus_L"]), "--view", "axial", "--clicks", "5", "--json", "--device", "cpu"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and len(report["dice_per_click"]) == 5
-    assert {"noc80", "noc85", "noc90"} <= set(report) and report["noc80"] == 5 and report["noc85"] == 6
+    assert {"noc80", "noc85", "noc90"} <= set(report) and report["noc80"] == 4 and report["noc85"] == 5
     code = main(["evaluate", str(data.image), "--labels", str(data.atlas), "--label", "37", "--slice", "5"])
     assert code == 2 and "is not on axial slice 5" in capsys.readouterr().err

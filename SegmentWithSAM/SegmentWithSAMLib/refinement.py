@@ -7,8 +7,8 @@ later click worse, and SAM-style point prompts barely move the mask. So refineme
 1. The first prompt (a box, or a positive click through the box ensemble of :mod:`.prompts`) gives a logit map.
 2. Each click moves the mask's iso-contour locally so that it passes through the click: near a positive click
    the threshold drops to the click's logit, near a negative click it rises above it. "Near" is 2 × the
-   click's distance to the mask edge when it was placed (1.25, 1.5, 2 measured: 6.4, 5.7, 5.5 mean NoC@85),
-   so a click fixes the error region it sits in.
+   click's distance to the mask edge when it was placed, at most 4 mm (reach 1.25, 1.5, 2, 2.5, 3 measured:
+   6.4, 5.7, 5.5, 5.8, 6.0 mean NoC@85 without the cap), so a click fixes the error region it sits in.
 3. The clicked pixel and a disk of that radius always follow the click, so every click is honoured and later
    clicks override earlier ones where they overlap; a separate part of the mask holding a negative click and
    no positive one is removed whole.
@@ -27,6 +27,7 @@ from .prompts import predict_prompts, remove_clicked_regions
 
 REACH = 2.0  # how far a click's threshold shift reaches, in multiples of its distance to the mask edge
 MIN_RADIUS = 2.0  # pixels: the smallest region a click edits
+MAX_RADIUS_MM = 4.0  # the largest (caps 3, 4, 6, 10 mm and none measured: 5.19, 4.94, 5.42, 5.47, 5.47)
 _EPS = 1e-3
 
 
@@ -84,7 +85,8 @@ class Refiner:
         if self.logits is None and positive:
             self._set_logits(predict_prompts(self.predictor, np.array([xy], float), [1],
                                              pixel_spacing=self.pixel_spacing))
-        radius = max(MIN_RADIUS, _edge_distance(self.mask, row, col))
+        max_radius = MAX_RADIUS_MM / float(np.mean(self.pixel_spacing))
+        radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))
         self.mask = self._apply_clicks() if self.logits is not None else self.mask
         return self.mask
@@ -102,12 +104,15 @@ class Refiner:
                 threshold[near] = np.minimum(threshold[near], level - _EPS)
             else:
                 threshold[near] = np.maximum(threshold[near], level + _EPS)
-        mask = self.logits > threshold
+        # Parts of the model's own mask that hold a negative click (and no positive one) go whole.
+        base = self.logits > 0
+        kept = remove_clicked_regions(base, [c.xy for c in self.clicks if not c.positive],
+                                      [c.xy for c in self.clicks if c.positive])
+        mask = (self.logits > threshold) & ~(base & ~kept)
         for click, distance in zip(self.clicks, distances, strict=True):
             disk = distance <= click.radius
             mask = mask | disk if click.positive else mask & ~disk
-        negative = [c.xy for c in self.clicks if not c.positive]
-        return remove_clicked_regions(mask, negative, [c.xy for c in self.clicks if c.positive])
+        return mask
 
 
 def simulate_click(truth: np.ndarray, mask: np.ndarray) -> tuple[tuple[float, float], bool] | None:
