@@ -69,3 +69,16 @@ def test_failed_write_leaves_no_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m.nii.gz").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_labelmap_must_be_on_the_volume_grid(tmp_path):
+    from SegmentWithSAMLib.io import read_labelmap_on
+
+    reference = Volume(np.zeros((3, 4, 5), np.int16), np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 2.0
+    write_volume(Volume(np.ones((3, 4, 5), np.uint8), shifted), tmp_path / "l.nrrd")
+    with pytest.raises(VolumeError, match="is not on the grid of ref.nrrd"):
+        read_labelmap_on(tmp_path / "l.nrrd", reference, "ref.nrrd")
+    write_volume(Volume(np.ones((3, 4, 5), np.uint8), np.eye(4)), tmp_path / "ok.nrrd")
+    assert read_labelmap_on(tmp_path / "ok.nrrd", reference).array.sum() == 60

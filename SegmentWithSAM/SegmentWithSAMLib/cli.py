@@ -88,6 +88,7 @@ def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: st
     """Propagate ``mask2d`` on slice ``index``; the 3D mask (seed included) and a report."""
     from tqdm import tqdm
 
+    from .geometry import paste_slice_mask
     from .propagation import Propagator
 
     propagator = Propagator(session, view, _stop_rules(args))
@@ -95,9 +96,7 @@ def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: st
     with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
         result = propagator.run({"mask": (index, mask2d)}, direction, _slice_range(args.range),
                                 on_slice=lambda step: bar.update())
-    shape = session.volume.array.shape
-    seed = np.zeros(shape, dtype=bool)
-    propagator.axes.oriented(seed)[index] = mask2d
+    seed = paste_slice_mask(session.volume.array.shape, propagator.axes, index, mask2d)
     volume = result.apply(seed.astype(np.uint8), {"mask": 1}) > 0
     return volume, {"slices": result.slice_count, "stopped": result.stopped["mask"],
                     "slices_per_s": round(result.slice_count / max(result.seconds, 1e-9), 2)}
@@ -207,26 +206,26 @@ def cmd_segment(args: argparse.Namespace) -> dict:
 
 
 def cmd_propagate(args: argparse.Namespace) -> dict:
-    from .errors import PromptError, VolumeError
-    from .io import check_writable, read_volume, write_labelmap
+    from .errors import PromptError
+    from .geometry import slices_with
+    from .io import check_writable, read_labelmap_on, read_volume, write_labelmap
     from .models import load_model
     from .session import Session
 
     check_writable(args.out, labelmap=True)
     start = time.perf_counter()
-    volume, seed = read_volume(args.volume), read_volume(args.mask)
-    if seed.array.shape != volume.array.shape or not np.allclose(seed.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
-        raise VolumeError(f"{args.mask} is not on the grid of {args.volume} (size or geometry differ).")
+    volume = read_volume(args.volume)
+    seed = read_labelmap_on(args.mask, volume, args.volume)
     session = Session(volume, load_model(args.model, args.device), window=args.window)
     axes = session.axes(args.view)
     selected = seed.array != 0 if args.label is None else seed.array == args.label
-    oriented = axes.oriented(selected)
-    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    slices = slices_with(axes, selected)
     if not len(slices):
         raise PromptError(f"The seed mask {args.mask} is empty" + (f" for label {args.label}." if args.label else "."))
     if len(slices) > 1:
         raise PromptError(f"The seed mask lies on {args.view} slices {slices.min()} to {slices.max()}; it must be on "
                           "one slice of that view.")
+    oriented = axes.oriented(selected)
     mask, report = _propagate(session, axes.view.value, int(slices[0]), oriented[slices[0]], args.direction, args)
     write_labelmap(mask, volume, args.out)
     report.update({"seed_slice": int(slices[0]), "voxels": int(mask.sum()), "view": axes.view.value,
@@ -248,8 +247,9 @@ def _join_coordinates(argv: list[str]) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from .errors import PromptError, VolumeError
-    from .io import read_volume
+    from .errors import PromptError
+    from .geometry import slices_with
+    from .io import read_labelmap_on, read_volume
     from .metrics import clicks_to_reach
     from .models import load_model
     from .refinement import Refiner, run_clicks
@@ -257,13 +257,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
     if args.clicks < 1:
         raise PromptError(f"--clicks must be at least 1, not {args.clicks}.")
-    volume, labels = read_volume(args.volume), read_volume(args.labels)
-    if labels.array.shape != volume.array.shape or not np.allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
-        raise VolumeError(f"{args.labels} is not on the grid of {args.volume} (size or geometry differ).")
+    volume = read_volume(args.volume)
+    labels = read_labelmap_on(args.labels, volume, args.volume)
     session = Session(volume, load_model(args.model, args.device), window=args.window)
     axes = session.axes(args.view)
     truth = axes.oriented(labels.array == args.label)
-    present = np.flatnonzero(truth.any(axis=(1, 2)))
+    present = slices_with(axes, labels.array == args.label)
     if not len(present):
         raise PromptError(f"Label {args.label} does not occur in {args.labels}.")
     index = int(present[len(present) // 2]) if args.slice is None else args.slice

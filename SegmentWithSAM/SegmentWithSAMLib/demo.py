@@ -20,7 +20,7 @@ DEMO_MARGIN_PX = 2  # the demo's box is the atlas label's bounding box plus this
 def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     """Segment the left hippocampus of Colin27 on its middle axial slice from a box; write the labelmap and
     a PNG picture; report Dice against the AAL atlas label."""
-    from .geometry import slice_image
+    from .geometry import slice_image, slices_with
     from .io import read_volume, write_labelmap
     from .models import load_model
     from .render import save_overlay_png
@@ -39,7 +39,7 @@ def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     session = Session(volume, model)
     axes = session.axes("axial")
     oriented = axes.oriented(label)
-    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    slices = slices_with(axes, label)
     index = int(slices[len(slices) // 2])
     rows, cols = np.nonzero(oriented[index])
     box_xy = np.array([cols.min() - DEMO_MARGIN_PX, rows.min() - DEMO_MARGIN_PX,

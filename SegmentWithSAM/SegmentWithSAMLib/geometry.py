@@ -221,6 +221,11 @@ def slice_image(volume: Volume, axes: SliceAxes, index: int) -> np.ndarray:
     return np.array(axes.oriented(volume.array)[index])
 
 
+def slices_with(axes: SliceAxes, mask3d: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the slices of ``axes`` on which the KJI boolean ``mask3d`` has voxels."""
+    return np.flatnonzero(axes.oriented(np.asarray(mask3d, dtype=bool)).any(axis=(1, 2)))
+
+
 def paste_slice_mask(shape_kji: tuple[int, int, int], axes: SliceAxes, index: int, mask2d: np.ndarray) -> np.ndarray:
     """A boolean KJI volume that is ``mask2d`` (rows, cols) on slice ``index`` and False elsewhere."""
     out = np.zeros(shape_kji, dtype=bool)

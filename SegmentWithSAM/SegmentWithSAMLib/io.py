@@ -58,6 +58,15 @@ def read_volume(path: str | os.PathLike) -> Volume:
     return Volume(sitk.GetArrayFromImage(image), LPS_TO_RAS @ _ijk_to_lps(image))
 
 
+def read_labelmap_on(path: str | os.PathLike, reference: Volume, reference_name: str = "the volume") -> Volume:
+    """Read a labelmap that must lie on ``reference``'s grid (same size and geometry), else :class:`VolumeError`."""
+    labels = read_volume(path)
+    if labels.array.shape != reference.array.shape or not np.allclose(labels.ijk_to_ras, reference.ijk_to_ras,
+                                                                       atol=1e-3):
+        raise VolumeError(f"{path} is not on the grid of {reference_name} (size or geometry differ).")
+    return labels
+
+
 def _ijk_to_lps(image) -> np.ndarray:
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     matrix = np.eye(4)
