@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--json", action="store_true")
 
+    commands.add_parser("serve", add_help=False,
+                        help="run the backend process: stdin/stdout, or --tcp HOST:PORT with a token (--help)")
+
     info = commands.add_parser("info", help="versions, device, models and cache settings")
     info.add_argument("--json", action="store_true")
     return parser
@@ -280,8 +283,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .backend.server import main as serve
+
+        serve(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(_join_coordinates(sys.argv[1:] if argv is None else list(argv)))
+    args = parser.parse_args(_join_coordinates(argv))
     try:
         if args.command == "segment":
             report = cmd_segment(args)

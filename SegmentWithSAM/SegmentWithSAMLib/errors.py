@@ -24,3 +24,11 @@ class ModelError(SegmentWithSAMError):
 class OutputError(SegmentWithSAMError):
     """An output file cannot be written."""
 
+
+
+class BackendError(SegmentWithSAMError):
+    """The background inference process failed, crashed, hung or could not be started."""
+
+
+class ProtocolError(BackendError):
+    """A message on the backend channel is malformed, oversized, or from another protocol version."""

@@ -71,12 +71,14 @@ class Refiner:
         self.shape = predictor.transform.image_shape
         self.clicks: list[Click] = []
         self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
+        self.first = None  # the first prompt's Prediction (score, low-res logits)
         self.mask = np.zeros(self.shape, dtype=bool)
         if box is not None:
             self._set_logits(predict_prompts(predictor, box=box))
             self.mask = self.logits > 0
 
     def _set_logits(self, prediction) -> None:
+        self.first = prediction
         self.logits = self.predictor.upsample(prediction.low_res_logits[:1])[0]
 
     def add_click(self, xy: tuple[float, float], positive: bool) -> np.ndarray:

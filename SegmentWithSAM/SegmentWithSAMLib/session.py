@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import EmbeddingCache
+from .errors import PromptError
 from .geometry import (
     SliceAxes,
     View,
@@ -22,6 +23,7 @@ from .models.base import SamLikeAdapter
 from .predictor import SlicePredictor
 from .preprocessing import resolve_window
 from .prompts import PointStrategy, predict_prompts
+from .refinement import Refiner
 
 
 @dataclass
@@ -73,14 +75,8 @@ class Session:
             self._current = (axes.view, index)
         return axes
 
-    def segment(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
-                box_ras: np.ndarray | None = None,
-                strategy: PointStrategy | str = PointStrategy.BOX_ENSEMBLE) -> SliceResult:
-        """Segment the slice of ``view`` that the prompts lie on.
-
-        ``points_ras`` (N, 3) with ``labels`` (N,) (1 positive, 0 negative); ``box_ras`` (2, 3): two opposite
-        corners of the box. All prompts must lie on one slice of the view.
-        """
+    def _place(self, view: View | str, points_ras, box_ras) -> tuple[SliceAxes, int, np.ndarray, np.ndarray | None]:
+        """The axes and slice index the prompts lie on, the points as pixels (N, 2) XY and the box (4,)."""
         axes = self.axes(view)
         points_ras = np.zeros((0, 3)) if points_ras is None else np.asarray(points_ras, dtype=float).reshape(-1, 3)
         corners = np.zeros((0, 3)) if box_ras is None else np.asarray(box_ras, dtype=float).reshape(2, 3)
@@ -89,14 +85,48 @@ class Session:
         if len(corners):
             box_xy = xy[len(points_ras):]
             box = np.concatenate([box_xy.min(axis=0), box_xy.max(axis=0)])
+        return axes, index, xy[: len(points_ras)], box
+
+    def segment(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
+                box_ras: np.ndarray | None = None,
+                strategy: PointStrategy | str = PointStrategy.BOX_ENSEMBLE) -> SliceResult:
+        """Segment the slice of ``view`` that the prompts lie on, all prompts at once.
+
+        ``points_ras`` (N, 3) with ``labels`` (N,) (1 positive, 0 negative); ``box_ras`` (2, 3): two opposite
+        corners of the box. All prompts must lie on one slice of the view.
+        """
+        axes, index, xy, box = self._place(view, points_ras, box_ras)
         start = time.perf_counter()
         self.set_slice(axes.view, index)
         encoded = time.perf_counter()
-        prediction = predict_prompts(self.predictor, xy[: len(points_ras)], labels, box, axes.pixel_spacing,
-                                     strategy)
+        prediction = predict_prompts(self.predictor, xy, labels, box, axes.pixel_spacing, strategy)
         done = time.perf_counter()
         return SliceResult(
             view=axes.view, index=index, axes=axes, mask2d=prediction.masks[0], score=float(prediction.scores[0]),
             low_res_logits=prediction.low_res_logits[0],
+            timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3},
+        )
+
+    def refine(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
+               box_ras: np.ndarray | None = None) -> SliceResult:
+        """Segment like :meth:`segment`, taking the points as clicks in the order they were placed: the box
+        (or the first positive click) gives the mask and each later click corrects it where it was placed
+        (see :mod:`.refinement`). This is the interactive mode: fewer clicks to a good mask."""
+        axes, index, xy, box = self._place(view, points_ras, box_ras)
+        labels = np.ones(len(xy), int) if labels is None else np.asarray(labels, dtype=int).ravel()
+        if len(labels) != len(xy):
+            raise PromptError(f"{len(xy)} points need as many labels, not {len(labels)}.")
+        if box is None and not (labels == 1).any():
+            raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
+        start = time.perf_counter()
+        self.set_slice(axes.view, index)
+        encoded = time.perf_counter()
+        refiner = Refiner(self.predictor, axes.pixel_spacing, box)
+        for point, label in zip(xy, labels, strict=True):
+            refiner.add_click(point, bool(label))
+        done = time.perf_counter()
+        return SliceResult(
+            view=axes.view, index=index, axes=axes, mask2d=refiner.mask, score=float(refiner.first.scores[0]),
+            low_res_logits=refiner.first.low_res_logits[0],
             timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3},
         )

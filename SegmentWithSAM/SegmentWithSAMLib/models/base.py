@@ -39,6 +39,7 @@ class SamLikeAdapter:
         self.mask_decoder = mask_decoder.to(device).eval()
         self.device = device
         self.encoder_runs = 0  # images encoded so far (the expensive step; caches are judged by it)
+        self.decoder_runs = 0  # prompt sets decoded so far
 
     def normalize(self, images01):
         """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""
@@ -80,4 +81,5 @@ class SamLikeAdapter:
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
             )
+        self.decoder_runs += int(logits.shape[0])
         return Decoded(logits, scores)

@@ -1,0 +1,1 @@
+"""The background inference process and its non-blocking client (see :mod:`.client`)."""

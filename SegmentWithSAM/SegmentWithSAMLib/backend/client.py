@@ -1,0 +1,446 @@
+"""The non-blocking client of the backend process.
+
+Every request returns a :class:`Handle` at once; the bytes go out on a writer thread and replies come in on a
+reader thread, so no call blocks the caller for more than a queue operation. :meth:`BackendClient.poll`
+(Slicer calls it from a ``qt.QTimer``) applies what has arrived to the handles and runs their callbacks on the
+caller's thread; with ``dispatch="thread"`` a helper thread polls instead, for plain Python programs.
+
+The client notices a backend that died (end of its pipe), stopped answering (no heartbeat for
+``heartbeat_timeout`` s) or spent longer than ``request_timeout`` s on one request without news: every open
+handle fails with a :class:`~..errors.BackendError`, and the next request starts a fresh backend (sending the
+volume again). A propagation's masks are handed over only once it completed, so nothing partial is applied.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+from ..geometry import View, Volume, slice_axes
+from ..models import DEFAULT_MODEL
+from .protocol import PROTOCOL_VERSION, Message, StreamReader, encode
+from .server import TOKEN_ENV
+
+TERMINAL = ("done", "failed", "cancelled", "dropped")
+_LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds SegmentWithSAMLib
+
+
+@dataclass
+class Handle:
+    """A request in flight. ``state``: pending → done | failed | cancelled | dropped (superseded by a newer
+    prediction of the same target). ``result`` is set when done; ``error`` (BackendError) when failed;
+    ``events`` collects streamed messages (propagation slices) until the caller takes them."""
+
+    id: int
+    op: str
+    state: str = "pending"
+    result: object = None
+    error: BackendError | None = None
+    message: str = ""
+    progress: tuple[int, int] | None = None
+    events: list = field(default_factory=list)
+    callbacks: list[Callable[[Handle, object], None]] = field(default_factory=list)
+    finish: Callable[[Message], object] | None = None
+    stream: Callable[[Message], object] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def on_event(self, callback: Callable[[Handle, object], None]) -> Handle:
+        """Call ``callback(handle, event)`` for each streamed event and once more (event None) at the end."""
+        self.callbacks.append(callback)
+        return self
+
+    def take_events(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+
+class BackendClient:
+    """Starts and talks to a backend process; see the module docstring.
+
+    ``transport`` "pipe" (default: the child's stdin/stdout, no socket anywhere) or "tcp" (the child listens
+    on ``host``, 127.0.0.1 by default, on a free port, and checks a random token). ``python`` is the
+    interpreter for the child (in Slicer: PythonSlicer).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, device: str | None = None, *, transport: str = "pipe",
+                 host: str = "127.0.0.1", python: str | None = None, prefetch: int = 2, cache_mb: int | None = None,
+                 heartbeat_timeout: float = 10.0, startup_timeout: float = 120.0, request_timeout: float = 600.0,
+                 dispatch: str = "poll",
+                 log_path: str | os.PathLike | None = None) -> None:
+        if transport not in ("pipe", "tcp"):
+            raise ValueError(f"transport must be 'pipe' or 'tcp', not {transport!r}")
+        if dispatch not in ("poll", "thread"):
+            raise ValueError(f"dispatch must be 'poll' or 'thread', not {dispatch!r}")
+        self.model, self.device, self.transport, self.host = model, device, transport, host
+        self.python = python or sys.executable
+        self.prefetch, self.cache_mb = prefetch, cache_mb
+        self.heartbeat_timeout, self.request_timeout = heartbeat_timeout, request_timeout
+        self.startup_timeout = startup_timeout
+        self.errors: list[str] = []  # backend errors not tied to a request (e.g. a malformed frame)
+        self._stalled: tuple[int | None, float] = (None, 0.0)
+        default_log = Path(tempfile.gettempdir()) / f"segmentwithsam-backend-{os.getpid()}.log"
+        self.log_path = Path(log_path) if log_path else default_log
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._handles: dict[int, Handle] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._process: subprocess.Popen | None = None
+        self._generation = 0
+        self._outbox: queue.Queue | None = None
+        self._loaded: set[str] = set()
+        self._last_heard = time.monotonic()
+        self._hello: Handle | None = None
+        self.restarts = 0
+        self._closed = False
+        self._dispatcher = None
+        if dispatch == "thread":
+            self._dispatcher = threading.Thread(target=self._dispatch_loop, name="backend-dispatch", daemon=True)
+            self._dispatcher.start()
+
+    # ---- process and threads -------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _command(self) -> list[str]:
+        command = [self.python, "-m", "SegmentWithSAMLib.backend.server", "--model", str(self.model),
+                   "--prefetch", str(self.prefetch)]
+        if self.device:
+            command += ["--device", self.device]
+        if self.cache_mb is not None:
+            command += ["--cache-mb", str(self.cache_mb)]
+        if self.transport == "tcp":
+            command += ["--tcp", f"{self.host}:0", "--watch-stdin"]
+        return command
+
+    def _start(self) -> None:
+        """Launch the backend (a few ms: the rest of the start-up happens on the writer thread)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_LIB_PARENT, env.get("PYTHONPATH")) if p)
+        token = secrets.token_urlsafe(32)
+        env[TOKEN_ENV] = token
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
+        self._process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         env=env, bufsize=0, close_fds=True)
+        log.close()
+        self._generation += 1
+        self._loaded = set()
+        self._last_heard = time.monotonic()
+        self._stalled = (None, 0.0)
+        self._outbox = queue.Queue()
+        generation, process, outbox = self._generation, self._process, self._outbox
+        threading.Thread(target=self._connect_and_write, args=(generation, process, outbox, token),
+                         name="backend-writer", daemon=True).start()
+        self._hello = self._request({"op": "hello", "version": PROTOCOL_VERSION, "token": token})
+
+    def _connect_and_write(self, generation: int, process: subprocess.Popen, outbox: queue.Queue, token: str) -> None:
+        try:
+            if self.transport == "tcp":
+                line = process.stdout.readline()
+                if not line:
+                    raise OSError("the backend ended before it listened")
+                import json
+
+                port = json.loads(line)["port"]
+                sock = socket.create_connection((self.host, port), timeout=30)
+                sock.settimeout(None)
+                read, write = sock.recv, sock.sendall
+            else:
+                fd_in, fd_out = process.stdout.fileno(), process.stdin.fileno()
+                read = lambda n: os.read(fd_in, n)  # noqa: E731
+
+                def write(buffer) -> None:
+                    view = memoryview(buffer)
+                    while view:
+                        view = view[os.write(fd_out, view):]
+            threading.Thread(target=self._read_loop, args=(generation, read), name="backend-reader",
+                             daemon=True).start()
+            while True:
+                buffers = outbox.get()
+                if buffers is None:
+                    return
+                for buffer in buffers:
+                    write(buffer)
+        except (OSError, ValueError) as error:
+            self._inbox.put((generation, f"the channel broke ({error})"))
+
+    def _read_loop(self, generation: int, read: Callable[[int], bytes]) -> None:
+        reader = StreamReader(read)
+        while True:
+            try:
+                message = reader.read()
+            except Exception as error:  # a corrupt reply stream cannot be trusted any more
+                self._inbox.put((generation, f"its replies could not be read ({error})"))
+                return
+            if message is None:
+                self._inbox.put((generation, "it exited"))
+                return
+            self._inbox.put((generation, message))
+
+    def _dispatch_loop(self) -> None:
+        while not self._closed:
+            self.poll()
+            time.sleep(0.01)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def _request(self, header: dict, arrays: dict | None = None, finish=None, stream=None) -> Handle:
+        with self._lock:
+            if self._closed:
+                raise BackendError("The backend client is closed.")
+            if self._process is None:
+                self._start()
+            handle = Handle(next(self._ids), header["op"], finish=finish, stream=stream)
+            self._handles[handle.id] = handle
+            self._outbox.put(encode({**header, "id": handle.id}, arrays))
+            return handle
+
+    def load_volume(self, volume: Volume) -> Handle | None:
+        """Send ``volume`` unless this backend has it already (identified by its content hash)."""
+        with self._lock:
+            if self._process is None:
+                self._start()
+            if volume.identity in self._loaded:
+                return None
+            self._loaded.add(volume.identity)
+            return self._request({"op": "load_volume", "volume": volume.identity,
+                                  "ijk_to_ras": volume.ijk_to_ras.ravel().tolist()}, {"array": volume.array})
+
+    def predict(self, volume: Volume, view: View | str, points_ras=None, labels=None, box_ras=None, window=None,
+                mode: str = "refine", target: str | None = None) -> Handle:
+        """Segment the slice of ``view`` the prompts lie on (see :meth:`.session.Session.refine` and
+        ``segment`` for ``mode`` "refine"/"prompts"). A newer prediction with the same ``target`` (default:
+        the view) supersedes this one while it waits. The result is a :class:`~..session.SliceResult`."""
+        from ..session import SliceResult
+
+        axes = slice_axes(volume, view)
+        self.load_volume(volume)
+        header = {"op": "predict", "volume": volume.identity, "view": axes.view.value, "window": _json_window(window),
+                  "mode": mode, "target": target or f"{volume.identity}/{axes.view.value}",
+                  "points_ras": None if points_ras is None else np.asarray(points_ras, float).tolist(),
+                  "labels": None if labels is None else np.asarray(labels, int).ravel().tolist(),
+                  "box_ras": None if box_ras is None else np.asarray(box_ras, float).tolist()}
+
+        def finish(message: Message) -> SliceResult:
+            h = message.header
+            return SliceResult(view=axes.view, index=h["index"], axes=axes, mask2d=message.arrays["mask2d"],
+                               score=h["score"], low_res_logits=message.arrays["low_res_logits"],
+                               timings_ms=h["timings_ms"])
+
+        return self._request(header, finish=finish)
+
+    def propagate(self, volume: Volume, view: View | str, seeds: dict[str, tuple[int, np.ndarray]],
+                  direction: str = "both", slice_range: tuple[int, int] | None = None,
+                  keys: dict[str, dict[int, np.ndarray]] | None = None, rules: dict | None = None, window=None,
+                  allow_overlap: bool = False) -> Handle:
+        """Propagate like :meth:`.propagation.Propagator.run` in the backend. Each finished slice arrives as a
+        :class:`~..propagation.SliceStep` event; the :class:`~..propagation.PropagationResult` is the result,
+        given only when the whole propagation completed."""
+        from ..propagation import PropagationResult, SliceStep
+
+        axes = slice_axes(volume, view)
+        self.load_volume(volume)
+        arrays = {f"seed/{name}": np.asarray(mask, bool) for name, (_, mask) in seeds.items()}
+        for name, per in (keys or {}).items():
+            arrays.update({f"key/{name}/{int(i)}": np.asarray(m, bool) for i, m in per.items()})
+        header = {"op": "propagate", "volume": volume.identity, "view": axes.view.value,
+                  "window": _json_window(window), "seeds": {name: int(i) for name, (i, _) in seeds.items()},
+                  "keys": {name: sorted(int(i) for i in per) for name, per in (keys or {}).items()},
+                  "direction": str(getattr(direction, "value", direction)),
+                  "range": None if slice_range is None else [int(v) for v in slice_range],
+                  "rules": rules or {}, "allow_overlap": bool(allow_overlap)}
+        collected = PropagationResult(axes, masks={name: {} for name in seeds})
+
+        def stream(message: Message) -> SliceStep:
+            index = message.header["index"]
+            masks = {name.split("/", 1)[1]: mask for name, mask in message.arrays.items()}
+            for name, mask in masks.items():
+                collected.masks.setdefault(name, {})[index] = mask
+            return SliceStep(index, masks, message.header["scores"])
+
+        def finish(message: Message) -> PropagationResult:
+            collected.stopped, collected.seconds = message.header["stopped"], message.header["seconds"]
+            return collected
+
+        return self._request(header, arrays, finish=finish, stream=stream)
+
+    def cancel(self, handle: Handle) -> None:
+        """Ask the backend to stop ``handle`` (a running propagation stops within one slice)."""
+        with self._lock:
+            if not handle.done and self._process is not None:
+                self._outbox.put(encode({"op": "cancel", "id": next(self._ids), "target": handle.id}))
+
+    def status(self) -> Handle:
+        """Device, model, cache and queue of the backend (a dict result)."""
+        return self._request({"op": "status"}, finish=lambda m: m.header)
+
+    def set_model(self, model: str, device: str | None = None) -> Handle:
+        """Load another model (name or checkpoint path) in the backend; restarts use it too."""
+        self.model, self.device = model, device
+        return self._request({"op": "set_model", "model": model, "device": device}, finish=lambda m: m.header)
+
+    # ---- replies -------------------------------------------------------------------------------------------
+    def poll(self) -> list[Handle]:
+        """Apply what arrived, check the backend is alive, run callbacks; returns the handles that changed.
+        Never blocks."""
+        changed: dict[int, Handle] = {}
+        calls = []
+        with self._lock:
+            while True:
+                try:
+                    generation, item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if generation != self._generation:
+                    continue
+                self._last_heard = time.monotonic()
+                if isinstance(item, str):
+                    self._fail_all(f"The backend process stopped: {item}.")
+                    continue
+                self._apply(item, changed, calls)
+            self._check_health(changed, calls)
+        for callback, handle, event in calls:
+            callback(handle, event)
+        return list(changed.values())
+
+    def _apply(self, message: Message, changed: dict, calls: list) -> None:
+        op, request_id = message.op, message.header.get("id")
+        if op == "heartbeat":
+            self._stalled = (message.header.get("running"), float(message.header.get("stalled_s") or 0.0))
+            return
+        handle = self._handles.get(request_id)
+        if handle is None:
+            if op == "error":  # an error not tied to a request: the backend keeps serving, just note it
+                self.errors.append(message.header.get("message", ""))
+            return
+        if op == "slice":
+            event = handle.stream(message) if handle.stream else message
+            handle.progress = (message.header.get("done", 0), message.header.get("total", 0))
+            handle.events.append(event)
+            calls.extend((cb, handle, event) for cb in handle.callbacks)
+        elif op in ("result", "hello"):
+            handle.result = handle.finish(message) if handle.finish else message.header
+            self._end(handle, "done", "")
+        elif op == "error":
+            text = message.header.get("message", "unknown error")
+            handle.error = BackendError(text)
+            handle.error.kind = message.header.get("kind", "")
+            self._end(handle, "failed", text)
+            if handle is self._hello:
+                self._fail_all(f"The backend refused the connection: {text}")
+        elif op in ("cancelled", "dropped"):
+            self._end(handle, op, message.header.get("message", ""))
+        changed[handle.id] = handle
+        if handle.done:
+            calls.extend((cb, handle, None) for cb in handle.callbacks)
+
+    def _end(self, handle: Handle, state: str, message: str) -> None:
+        handle.state, handle.message = state, message
+        self._handles.pop(handle.id, None)
+
+    def _check_health(self, changed: dict, calls: list) -> None:
+        if self._process is None:
+            return
+        now = time.monotonic()
+        problem = None
+        if self._process.poll() is not None:
+            problem = f"The backend process exited (status {self._process.returncode})."
+        elif now - self._last_heard > (self.heartbeat_timeout if self._hello.done else self.startup_timeout):
+            problem = f"The backend stopped answering for {now - self._last_heard:.0f} s and was stopped."
+        elif self._stalled[1] > self.request_timeout and self._stalled[0] in self._handles:
+            problem = (f"The backend spent over {self.request_timeout:g} s without progress on a "
+                       f"{self._handles[self._stalled[0]].op} request and was stopped.")
+        if problem:
+            failed = list(self._handles.values())
+            self._fail_all(problem)
+            for handle in failed:
+                changed[handle.id] = handle
+                calls.extend((cb, handle, None) for cb in handle.callbacks)
+
+    def _fail_all(self, reason: str) -> None:
+        """Stop the backend and fail every open request; the next request starts a fresh backend."""
+        tail = _log_tail(self.log_path)
+        for handle in list(self._handles.values()):
+            handle.error = BackendError(f"{reason} Nothing from this request was applied." + tail)
+            handle.error.kind = "BackendDied"
+            self._end(handle, "failed", str(handle.error))
+        self._stop_process()
+
+    def _stop_process(self) -> None:
+        process, self._process = self._process, None
+        if self._outbox is not None:
+            self._outbox.put(None)
+        self._generation += 1
+        self._loaded = set()
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            threading.Thread(target=process.wait, daemon=True).start()  # reap without blocking the caller
+            self.restarts += 1
+
+    # ---- conveniences (these block: for the CLI, tests and scripts, not for a GUI thread) ------------------
+    def wait(self, handle: Handle, timeout: float | None = None):
+        """Poll until ``handle`` ends; return its result or raise its error (BackendError)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not handle.done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"The {handle.op} request did not finish within {timeout:g} s.")
+            self.poll()
+            time.sleep(0.001)
+        if handle.state == "failed":
+            raise handle.error
+        if handle.state != "done":
+            raise BackendError(f"The {handle.op} request was {handle.state}. {handle.message}".strip())
+        return handle.result
+
+    def close(self) -> None:
+        """Shut the backend down (asking first, then killing) and stop the client."""
+        with self._lock:
+            if self._process is not None:
+                self._outbox.put(encode({"op": "shutdown", "id": next(self._ids)}))
+                try:
+                    self._process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._fail_all("The backend client was closed.")
+            self._closed = True
+
+    def __enter__(self) -> BackendClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _json_window(window):
+    if window is None or isinstance(window, str):
+        return window
+    return [float(v) for v in window]
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ("\nBackend log (" + str(path) + "):\n" + "\n".join(text)) if text else ""

@@ -1,0 +1,166 @@
+"""The backend's wire format: round trips, every kind of malformed frame, and a fuzz run of 10 000+ messages."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from SegmentWithSAMLib.backend.protocol import (
+    MAGIC,
+    PREFIX,
+    Message,
+    StreamReader,
+    decode,
+    encode_bytes,
+)
+from SegmentWithSAMLib.errors import ProtocolError
+
+ARRAYS = {"mask": np.eye(3, dtype=bool), "volume": np.arange(24, dtype=np.int16).reshape(2, 3, 4),
+          "logits": np.linspace(-1, 1, 5, dtype=np.float32), "empty": np.zeros((0, 3), np.float64)}
+FRAME = encode_bytes({"op": "predict", "id": 7, "view": "axial"}, ARRAYS)
+
+
+def test_round_trip_keeps_header_arrays_and_types():
+    message = decode(FRAME)
+    assert message.header == {"op": "predict", "id": 7, "view": "axial"}
+    for name, array in ARRAYS.items():
+        assert message.arrays[name].dtype == array.dtype and np.array_equal(message.arrays[name], array)
+
+
+def test_big_endian_and_non_contiguous_arrays_are_sent_as_little_endian_c_order():
+    array = np.arange(12, dtype=">i4").reshape(3, 4)[:, ::2]
+    out = decode(encode_bytes({"op": "x"}, {"a": array})).arrays["a"]
+    assert out.dtype == np.dtype("<i4") and np.array_equal(out, array)
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"a": np.array(["text"])}, "carries"),
+    ({"a": np.array([object()])}, "carries"),
+    ({"a": np.zeros((1,) * 5, np.uint8)}, "dimensions"),
+])
+def test_encode_refuses_what_the_protocol_does_not_carry(arrays, message):
+    with pytest.raises(ProtocolError, match=message):
+        encode_bytes({"op": "x"}, arrays)
+
+
+def _frame(header: bytes, payload: bytes = b"", magic: bytes = MAGIC) -> bytes:
+    return PREFIX.pack(magic, len(header), len(payload)) + header + payload
+
+
+@pytest.mark.parametrize(("frame", "message"), [
+    (_frame(b'{"op":"x"}', magic=b"HTTP"), "magic"),
+    (_frame(b"\xff\xfe"), "UTF-8 JSON"),
+    (_frame(b"[1, 2]"), "JSON object"),
+    (_frame(b'{"op": 3}'), "string 'op'"),
+    (_frame(b'{"op":"x","arrays":{}}'), "list"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"|O","shape":[1]}]}', b"\0" * 8), "not carried"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"<f4","shape":[-1]}]}'), "non-negative"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"<f4","shape":[4]}]}', b"\0" * 8), "too short"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"|u1","shape":[1]}]}', b"\0\0"), "beyond"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"|b1","shape":[2]}]}', b"\0\x02"), "boolean"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"|u1","shape":[1]},'
+            b'{"name":"a","dtype":"|u1","shape":[1]}]}', b"\0\0"), "twice"),
+    (_frame(b'{"op":"x","arrays":[{"name":"a","dtype":"|u1","shape":[1],"code":"x"}]}', b"\0"), "exactly"),
+    (FRAME[:-1], "announces"),
+    (FRAME[:10], "starts with"),
+])
+def test_malformed_frames_are_refused_with_a_reason(frame, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode(frame)
+
+
+def test_oversized_frames_are_refused_before_reading_them():
+    with pytest.raises(ProtocolError, match="at most 50 "):
+        decode(FRAME, max_payload=50)
+    with pytest.raises(ProtocolError, match="header"):
+        decode(PREFIX.pack(MAGIC, 1 << 30, 0))
+
+
+def test_stream_reader_skips_bad_frames_and_keeps_reading():
+    good = encode_bytes({"op": "status", "id": 1})
+    oversized = encode_bytes({"op": "big", "id": 2}, {"a": np.zeros(1000, np.uint8)})
+    stream = io.BytesIO(b"garbage before" + good + oversized + _frame(b"{bad json") + good)
+    reader = StreamReader(stream.read, max_payload=500)
+    outcomes = []
+    for _ in range(6):
+        try:
+            message = reader.read()
+            outcomes.append(message.op if message else None)
+        except ProtocolError as error:
+            outcomes.append(str(error).split(":")[0])
+    assert outcomes == ["Not a SegmentWithSAM frame", "status", "The payload is 1000 bytes; at most 500 are allowed.",
+                        "The message header is not valid UTF-8 JSON (JSONDecodeError).", "status", None]
+
+
+def _read_all(data: bytes, limit: int = 10_000) -> list:
+    """Read a stream to its end, collecting messages and errors; fails the test if it does not end."""
+    reader, seen = StreamReader(io.BytesIO(data).read, max_payload=1 << 16), []
+    for _ in range(limit):
+        try:
+            message = reader.read()
+        except ProtocolError as error:
+            seen.append(error)
+            continue
+        except EOFError:
+            return seen
+        if message is None:
+            return seen
+        assert isinstance(message, Message)
+        seen.append(message)
+    raise AssertionError("the stream reader did not reach the end of a finite stream")
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    buffer = bytearray(data)
+    for kind, at, value in edits:
+        if not buffer:
+            break
+        at %= len(buffer)
+        if kind == 0:
+            buffer[at] ^= 1 << (value % 8)
+        elif kind == 1:
+            del buffer[at: at + 1 + value % 16]
+        elif kind == 2:
+            buffer[at:at] = bytes([value % 256]) * (1 + value % 5)
+        else:
+            buffer[at] = value % 256
+    return bytes(buffer)
+
+
+FUZZ = settings(max_examples=5_000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1,
+                max_size=6))
+def test_fuzz_mutated_frames_never_crash_or_hang(edits):
+    """5 000 mutations of a valid frame (bit flips, cuts, insertions, overwrites), each decoded alone and as a
+    stream between two valid frames."""
+    mutated = _mutate(FRAME, edits)
+    try:
+        decode(mutated)
+    except ProtocolError:
+        pass
+    _read_all(FRAME + mutated + FRAME)
+
+
+@FUZZ
+@given(st.binary(max_size=256), st.binary(max_size=64))
+def test_fuzz_random_bytes_never_crash_or_hang(noise, json_noise):
+    """5 000 random byte strings, alone and behind a valid prefix, and random headers in a valid frame."""
+    for data in (noise, MAGIC + noise, _frame(json_noise), _frame(b'{"op":"x","arrays":' + json_noise + b"}")):
+        try:
+            decode(data)
+        except ProtocolError:
+            pass
+        _read_all(data)
+
+
+def test_header_lengths_are_little_endian_fixed_width():
+    assert PREFIX.size == 16 and struct.unpack("<I", FRAME[4:8])[0] == len(FRAME) - 16 - sum(
+        a.nbytes for a in ARRAYS.values())
