@@ -58,17 +58,31 @@ class SlicePredictor:
 
         With a ``cache_key`` the embedding comes from (or goes to) the cache, so the encoder runs once per key.
         """
+        self.transform, self._embedding = self.embed(image, pixel_spacing, cache_key)
+
+    def embed(self, image: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0),
+              cache_key: Hashable | None = None):
+        """The transform and embedding of ``image`` (as for :meth:`set_image`), without making it current."""
         image = np.asarray(image)
         if image.ndim != 2 or min(image.shape) < 2:
             raise PromptError(f"A slice image must be 2D with at least 2×2 pixels, not shape {image.shape}.")
-        self.transform = SliceTransform.for_slice(image.shape, pixel_spacing, self.model.input_size)
-        key = None if cache_key is None or self.cache is None else (self.model.name, self.transform, cache_key)
+        transform = SliceTransform.for_slice(image.shape, pixel_spacing, self.model.input_size)
+        key = self._key(transform, cache_key)
         embedding = self.cache.get(key) if key is not None else None
         if embedding is None:
-            embedding = self.model.encode(self.transform.image_to_model(normalize_slice(image)))
+            embedding = self.model.encode(transform.image_to_model(normalize_slice(image)))
             if key is not None:
                 self.cache.put(key, embedding)
-        self._embedding = embedding
+        return transform, embedding
+
+    def is_cached(self, image_shape: tuple[int, int], pixel_spacing: tuple[float, float], cache_key: Hashable) -> bool:
+        """Whether a slice of this shape and spacing under ``cache_key`` has its embedding in the cache."""
+        transform = SliceTransform.for_slice(image_shape, pixel_spacing, self.model.input_size)
+        key = self._key(transform, cache_key)
+        return key is not None and key in self.cache
+
+    def _key(self, transform: SliceTransform, cache_key: Hashable | None):
+        return None if cache_key is None or self.cache is None else (self.model.name, transform, cache_key)
 
     def _require_image(self) -> SliceTransform:
         if self._embedding is None or self.transform is None:

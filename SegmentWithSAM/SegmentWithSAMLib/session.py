@@ -65,15 +65,28 @@ class Session:
     def axes(self, view: View | str) -> SliceAxes:
         return slice_axes(self.volume, view)
 
+    def _slice_key(self, axes: SliceAxes, index: int) -> tuple:
+        return self.volume.identity, axes.view.value, index, self.window.key
+
     def set_slice(self, view: View | str, index: int) -> SliceAxes:
         """Make slice ``index`` of ``view`` current (encoding it unless its embedding is cached)."""
         axes = self.axes(view)
         if self._current != (axes.view, index):
             image = self.window.apply(slice_image(self.volume, axes, index))
-            key = (self.volume.identity, axes.view.value, index, self.window.key)
-            self.predictor.set_image(image, axes.pixel_spacing, cache_key=key)
+            self.predictor.set_image(image, axes.pixel_spacing, cache_key=self._slice_key(axes, index))
             self._current = (axes.view, index)
         return axes
+
+    def prefetch(self, view: View | str, index: int) -> bool:
+        """Encode slice ``index`` of ``view`` into the cache unless it is there; the current slice stays.
+        Returns whether the encoder ran."""
+        axes = self.axes(view)
+        key = self._slice_key(axes, index)
+        if self.predictor.is_cached(axes.image_shape, axes.pixel_spacing, key):
+            return False
+        image = self.window.apply(slice_image(self.volume, axes, index))
+        self.predictor.embed(image, axes.pixel_spacing, cache_key=key)
+        return True
 
     def _place(self, view: View | str, points_ras, box_ras) -> tuple[SliceAxes, int, np.ndarray, np.ndarray | None]:
         """The axes and slice index the prompts lie on, the points as pixels (N, 2) XY and the box (4,)."""

@@ -101,6 +101,7 @@ class BackendClient:
         self._lock = threading.RLock()
         self._handles: dict[int, Handle] = {}
         self._inbox: queue.Queue = queue.Queue()
+        self._news = threading.Event()  # set by the reader thread when something arrives (for wait())
         self._process: subprocess.Popen | None = None
         self._generation = 0
         self._outbox: queue.Queue | None = None
@@ -195,8 +196,10 @@ class BackendClient:
                 return
             if message is None:
                 self._inbox.put((generation, "it exited"))
+                self._news.set()
                 return
             self._inbox.put((generation, message))
+            self._news.set()
 
     def _dispatch_loop(self) -> None:
         while not self._closed:
@@ -405,8 +408,10 @@ class BackendClient:
         while not handle.done:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"The {handle.op} request did not finish within {timeout:g} s.")
+            self._news.clear()
             self.poll()
-            time.sleep(0.001)
+            if not handle.done:
+                self._news.wait(0.05)
         if handle.state == "failed":
             raise handle.error
         if handle.state != "done":

@@ -252,7 +252,7 @@ class Backend:
         session = self.sessions.get(key)
         if session is not None:
             try:
-                session.set_slice(view, index)
+                session.prefetch(view, index)
             except Exception as error:  # prefetch is best effort; the next real request reports problems
                 if _is_out_of_memory(error):
                     self.cache.clear()
