@@ -58,3 +58,27 @@ def middle_slice(atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:
 def tight_box(mask2d: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(mask2d)
     return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
+
+
+def reoriented_volume(volume: Volume, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
+    """``volume`` stored with its array axes permuted and flipped, geometry adjusted so that every voxel stays
+    at the same RAS position (the 48 ways a scanner may store one image)."""
+    shape = volume.array.shape
+    old_kji = np.indices(shape)
+    array = np.transpose(volume.array, perm)
+    index = np.transpose(old_kji, (0, *(p + 1 for p in perm)))
+    for axis, flip in enumerate(flips):
+        if flip:
+            array, index = np.flip(array, axis), np.flip(index, axis + 1)
+
+    def old_ijk(new_kji):  # new ijk → old ijk from the voxel at new index 0 and one step along each new axis
+        return index[(slice(None), *new_kji)][::-1].astype(float)
+
+    t = np.eye(4)
+    origin = old_ijk((0, 0, 0))
+    for new_axis_ijk in range(3):
+        step = [0, 0, 0]
+        step[2 - new_axis_ijk] = 1
+        t[:3, new_axis_ijk] = old_ijk(tuple(step)) - origin
+    t[:3, 3] = origin
+    return Volume(np.ascontiguousarray(array), volume.ijk_to_ras @ t)

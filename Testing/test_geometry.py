@@ -13,6 +13,8 @@ from SegmentWithSAMLib.errors import PromptError, VolumeError
 from SegmentWithSAMLib.geometry import View, Volume, paste_slice_mask, prompts_to_slice, slice_axes, slice_image
 from SegmentWithSAMLib.preprocessing import SliceTransform
 
+from conftest import reoriented_volume
+
 SHAPE_KJI = (5, 6, 7)
 SPACING_IJK = np.array([0.8, 1.1, 2.5])
 CANONICAL = Volume(np.arange(np.prod(SHAPE_KJI), dtype=np.int32).reshape(SHAPE_KJI),
@@ -20,26 +22,7 @@ CANONICAL = Volume(np.arange(np.prod(SHAPE_KJI), dtype=np.int32).reshape(SHAPE_K
 
 
 def reoriented(perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
-    """The canonical volume stored with its array axes permuted and flipped, geometry adjusted so that every
-    voxel stays at the same RAS position (the 48 ways a scanner may store one image)."""
-    old_kji = np.indices(SHAPE_KJI)
-    array = np.transpose(CANONICAL.array, perm)
-    index = np.transpose(old_kji, (0, *(p + 1 for p in perm)))
-    for axis, flip in enumerate(flips):
-        if flip:
-            array, index = np.flip(array, axis), np.flip(index, axis + 1)
-    # Fit new ijk → old ijk from the voxel at new index 0 and one step along each new axis.
-    def old_ijk(new_kji):
-        return index[(slice(None), *new_kji)][::-1].astype(float)
-
-    t = np.eye(4)
-    origin = old_ijk((0, 0, 0))
-    for new_axis_ijk in range(3):
-        step = [0, 0, 0]
-        step[2 - new_axis_ijk] = 1
-        t[:3, new_axis_ijk] = old_ijk(tuple(step)) - origin
-    t[:3, 3] = origin
-    return Volume(np.ascontiguousarray(array), CANONICAL.ijk_to_ras @ t)
+    return reoriented_volume(CANONICAL, perm, flips)
 
 
 ORIENTATIONS = list(itertools.product(itertools.permutations(range(3)), itertools.product([False, True], repeat=3)))

@@ -253,3 +253,37 @@ def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray) ->
             f"The prompts are on different {axes.view.value} slices ({sorted(set(indices.tolist()))}); "
             "place all points and the box on one slice.")
     return int(indices[0]), xy
+
+
+def view_for_normal(volume: Volume, normal_ras: np.ndarray, tolerance_deg: float = 1.0) -> View:
+    """The view whose slices lie in the plane with RAS normal ``normal_ras`` (a slice view's plane).
+
+    Raises :class:`PromptError` when that plane is oblique to the volume's voxel grid by more than
+    ``tolerance_deg``: a model slice would then differ from what the user sees.
+    """
+    normal = np.asarray(normal_ras, dtype=float).ravel()[:3]
+    if not np.linalg.norm(normal) > 0:
+        raise PromptError("The slice plane has no normal direction.")
+    normal = normal / np.linalg.norm(normal)
+    view = max(View, key=lambda v: abs(normal @ np.asarray(_VIEW_FRAMES[v][2])))
+    axes = slice_axes(volume, view)
+    direction = volume.ijk_to_ras[:3, axes.slice_axis] / volume.spacing[axes.slice_axis]
+    angle = float(np.degrees(np.arccos(np.clip(abs(direction @ normal), 0.0, 1.0))))
+    if angle > tolerance_deg:
+        raise PromptError(
+            f"This slice view is rotated {angle:.1f}° away from the volume's {view.value} slices. Use the view's "
+            "'Rotate to volume plane' (slice view menu) or reset its orientation, then place the prompts again.")
+    return view
+
+
+def box_on_slice(volume: Volume, view: View | str, corners_ras: np.ndarray, centre_ras: np.ndarray) -> np.ndarray:
+    """Two opposite corners (2, 3) RAS of the in-plane extent of a 3D box, on the slice through ``centre_ras``.
+
+    ``corners_ras`` (N, 3) are the box's corners (e.g. the 8 corners of a Slicer ROI); only their extent
+    across the view's rows and columns counts, so a box drawn thin or thick in a slice view works alike.
+    """
+    axes = slice_axes(volume, view)
+    slice_coord, _ = axes.ijk_to_pixel(volume.to_ijk(centre_ras))
+    _, xy = axes.ijk_to_pixel(volume.to_ijk(corners_ras))
+    extent = np.array([xy.min(axis=0), xy.max(axis=0)])
+    return volume.to_ras(axes.pixel_to_ijk(np.rint(slice_coord[0]), extent))

@@ -82,7 +82,7 @@ class BackendClient:
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = None, *, transport: str = "pipe",
                  host: str = "127.0.0.1", python: str | None = None, prefetch: int = 2, cache_mb: int | None = None,
                  heartbeat_timeout: float = 10.0, startup_timeout: float = 120.0, request_timeout: float = 600.0,
-                 dispatch: str = "poll",
+                 dispatch: str = "poll", max_volumes: int = 2,
                  log_path: str | os.PathLike | None = None) -> None:
         if transport not in ("pipe", "tcp"):
             raise ValueError(f"transport must be 'pipe' or 'tcp', not {transport!r}")
@@ -93,6 +93,7 @@ class BackendClient:
         self.prefetch, self.cache_mb = prefetch, cache_mb
         self.heartbeat_timeout, self.request_timeout = heartbeat_timeout, request_timeout
         self.startup_timeout = startup_timeout
+        self.max_volumes = max(1, int(max_volumes))
         self.errors: list[str] = []  # backend errors not tied to a request (e.g. a malformed frame)
         self._stalled: tuple[int | None, float] = (None, 0.0)
         default_log = Path(tempfile.gettempdir()) / f"segmentwithsam-backend-{os.getpid()}.log"
@@ -105,7 +106,7 @@ class BackendClient:
         self._process: subprocess.Popen | None = None
         self._generation = 0
         self._outbox: queue.Queue | None = None
-        self._loaded: set[str] = set()
+        self._loaded: list[str] = []  # volumes the backend holds, least recently used first
         self._last_heard = time.monotonic()
         self._hello: Handle | None = None
         self.restarts = 0
@@ -146,7 +147,7 @@ class BackendClient:
                                          env=env, bufsize=0, close_fds=True)
         log.close()
         self._generation += 1
-        self._loaded = set()
+        self._loaded = []
         self._last_heard = time.monotonic()
         self._stalled = (None, 0.0)
         self._outbox = queue.Queue()
@@ -219,13 +220,18 @@ class BackendClient:
             return handle
 
     def load_volume(self, volume: Volume) -> Handle | None:
-        """Send ``volume`` unless this backend has it already (identified by its content hash)."""
+        """Send ``volume`` unless this backend has it already (identified by its content hash). The backend
+        keeps the ``max_volumes`` volumes used last; this client tells it which to forget."""
         with self._lock:
             if self._process is None:
                 self._start()
             if volume.identity in self._loaded:
+                self._loaded.remove(volume.identity)
+                self._loaded.append(volume.identity)
                 return None
-            self._loaded.add(volume.identity)
+            self._loaded.append(volume.identity)
+            while len(self._loaded) > self.max_volumes:
+                self._request({"op": "unload_volume", "volume": self._loaded.pop(0)})
             return self._request({"op": "load_volume", "volume": volume.identity,
                                   "ijk_to_ras": volume.ijk_to_ras.ravel().tolist()}, {"array": volume.array})
 
@@ -394,7 +400,7 @@ class BackendClient:
         if self._outbox is not None:
             self._outbox.put(None)
         self._generation += 1
-        self._loaded = set()
+        self._loaded = []
         if process is not None and process.poll() is None:
             process.kill()
         if process is not None:

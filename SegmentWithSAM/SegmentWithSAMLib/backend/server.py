@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -35,9 +34,8 @@ from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, Message, StreamRead
 from .scheduler import Scheduler, Task
 
 HEARTBEAT_S = 0.25
-MAX_VOLUMES = 2  # volumes kept in the backend (a volume and its previous version, typically)
 TOKEN_ENV = "SEGMENTWITHSAM_TOKEN"
-QUEUED_OPS = {"load_volume", "predict", "propagate", "set_model"}
+QUEUED_OPS = {"load_volume", "unload_volume", "predict", "propagate", "set_model"}
 
 
 class Channel:
@@ -106,7 +104,7 @@ class Backend:
         self.model_spec, self.device_spec = model_spec, device
         self.model_error: SegmentWithSAMError | None = None
         self.prefetch = max(0, int(prefetch))
-        self.volumes: OrderedDict[str, Volume] = OrderedDict()
+        self.volumes: dict[str, Volume] = {}
         self.sessions: dict[tuple, object] = {}
         self.stopping = threading.Event()
 
@@ -226,10 +224,14 @@ class Backend:
         if volume.identity != volume_id:
             raise ProtocolError(f"The volume's content hash is {volume.identity}, not {volume_id!r} as announced.")
         self.volumes[volume_id] = volume
-        self.volumes.move_to_end(volume_id)
-        while len(self.volumes) > MAX_VOLUMES:
-            old, _ = self.volumes.popitem(last=False)
-            self.sessions = {k: s for k, s in self.sessions.items() if k[0] != old}
+        return {"volume": volume_id}, None
+
+    def _unload_volume(self, task: Task) -> tuple[dict, None]:
+        """Forget a volume (the client decides which volumes the backend keeps)."""
+        volume_id = task.header.get("volume")
+        self.volumes.pop(volume_id, None)
+        self.sessions = {k: s for k, s in self.sessions.items() if k[0] != volume_id}
+        self.scheduler.plan_prefetch(())
         return {"volume": volume_id}, None
 
     def _session(self, header: dict):
