@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from SegmentWithSAMLib.backend.client import BackendClient
-from SegmentWithSAMLib.backend.protocol import PROTOCOL_VERSION, StreamReader, encode_bytes
+from SegmentWithSAMLib.backend.protocol import PROTOCOL_VERSION, TOKEN_ENV, StreamReader, encode_bytes
 from SegmentWithSAMLib.backend.scheduler import Task
-from SegmentWithSAMLib.backend.server import TOKEN_ENV, Backend
+from SegmentWithSAMLib.backend.server import Backend
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.session import Session
 

@@ -32,8 +32,7 @@ import numpy as np
 from ..errors import BackendError
 from ..geometry import View, Volume, slice_axes
 from ..models import DEFAULT_MODEL
-from .protocol import PROTOCOL_VERSION, Message, StreamReader, encode
-from .server import TOKEN_ENV
+from .protocol import PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode
 
 TERMINAL = ("done", "failed", "cancelled", "dropped")
 _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds SegmentWithSAMLib

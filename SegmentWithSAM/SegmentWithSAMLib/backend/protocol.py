@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+TOKEN_ENV = "SEGMENTWITHSAM_TOKEN"  # where a TCP backend finds the token clients must present
 MAGIC = b"SWS\x01"
 PREFIX = struct.Struct("<4sIQ")
 MAX_HEADER_BYTES = 1 << 20

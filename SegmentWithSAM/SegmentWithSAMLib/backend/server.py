@@ -30,11 +30,10 @@ from ..errors import BackendError, PromptError, ProtocolError, SegmentWithSAMErr
 from ..geometry import View, Volume
 from ..models import DEFAULT_MODEL
 from ..propagation import Cancelled
-from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, Message, StreamReader, encode
+from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode
 from .scheduler import Scheduler, Task
 
 HEARTBEAT_S = 0.25
-TOKEN_ENV = "SEGMENTWITHSAM_TOKEN"
 QUEUED_OPS = {"load_volume", "unload_volume", "predict", "propagate", "set_model"}
 
 
