@@ -349,15 +349,19 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SegmentWithSAMTest(ScriptedLoadableModuleTest):
-    """The panel and the parameter node work without torch; the workflow test is
-    Testing/Python/SegmentWithSAMWorkflowTest.py."""
+    """The panel and parameter node, then the whole workflow (SegmentWithSAMSlicerLib/selftest.py, which the
+    pytest suite also runs against slicer-core)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
 
     def runTest(self):
-        slicer.mrmlScene.Clear()
+        self.setUp()
         self.test_panel_and_parameters()
+        self.test_workflow()
 
     def test_panel_and_parameters(self):
-        self.delayDisplay("Panel and parameter node")
+        self.delayDisplay("Panel and parameter node (no torch needed)")
         widget = slicer.modules.segmentwithsam.widgetRepresentation().self()
         p = widget.logic.getParameterNode()
         p.minScore, p.maxEmpty = 0.0, 3
@@ -367,4 +371,15 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(SegmentWithSAMLogic.sliceRange(p, 100), (0, 99))
         self.assertTrue(p.positivePoints and p.negativePoints and p.box)
         self.assertIsInstance(p.positivePoints.GetDisplayNode(), vtk.vtkObject)
-        self.delayDisplay("Test passed")
+
+    def test_workflow(self):
+        from SegmentWithSAMSlicerLib import dependencies
+
+        if dependencies.missing():
+            self.delayDisplay("Installing dependencies")
+            dependencies.install()
+        from SegmentWithSAMSlicerLib.selftest import run_workflow
+
+        controller = slicer.modules.segmentwithsam.widgetRepresentation().self().logic.controller
+        measured = run_workflow(slicer.mrmlScene, controller, self.delayDisplay)
+        self.delayDisplay(f"Test passed: {measured}")

@@ -6,6 +6,9 @@ cache: a slice encoded by one test is free for the next.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -35,11 +38,22 @@ def cranium() -> Volume:
     return read_cranium_ct()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache():
+    """Exported engine models go to .pytest_cache (kept between local runs; child processes inherit it)."""
+    from SegmentWithSAMLib.engines import ENGINE_CACHE_ENV
+
+    folder = Path(__file__).resolve().parents[1] / ".pytest_cache" / "engines"
+    os.environ[ENGINE_CACHE_ENV] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def model():
+    """The reference: LiteMedSAM in eager PyTorch (tests of the fast engine compare against it)."""
     from SegmentWithSAMLib.models import load_model
 
-    return load_model("litemedsam", "cpu")
+    return load_model("litemedsam", "cpu", engine="torch")
 
 
 @pytest.fixture(scope="session")

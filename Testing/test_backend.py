@@ -31,7 +31,7 @@ LIB_PARENT = str(Path(__file__).resolve().parents[1] / "SegmentWithSAM")
 
 @pytest.fixture(scope="module")
 def client():
-    with BackendClient(device="cpu") as backend:
+    with BackendClient(device="cpu", engine="torch") as backend:  # the same engine as the in-process reference
         yield backend
 
 

@@ -28,7 +28,7 @@ def test_bundled_checkpoint_loads(model):
 def test_a_copied_checkpoint_loads_by_path(tmp_path):
     path = tmp_path / "mine.pth"
     torch.save({"model": load_state_dict(bundled_checkpoint())}, path)
-    assert load_model(path, "cpu").name == "litemedsam"
+    assert load_model(path, "cpu", "torch").name == "litemedsam"
 
 
 @pytest.mark.parametrize("make,message", [
@@ -43,7 +43,7 @@ def test_bad_checkpoints_are_refused_with_a_reason(tmp_path, make, message):
     path = tmp_path / "bad.pth"
     make(path)
     with pytest.raises(CheckpointError, match=message) as info:
-        load_model(path, "cpu")
+        load_model(path, "cpu", "torch")
     assert str(path) in str(info.value)
 
 
@@ -54,7 +54,7 @@ def test_wrong_shapes_are_named(tmp_path):
     path = tmp_path / "reshaped.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=f"{key}: \\(2, 128\\) instead of \\(1, 256\\)"):
-        load_model(path, "cpu")
+        load_model(path, "cpu", "torch")
 
 
 def test_unknown_model_and_device():

@@ -257,3 +257,11 @@ def test_slice_views_decide_the_plane_and_oblique_views_are_refused(scene, colin
         [[-1, 0, 0, 0], [0, np.cos(angle), -np.sin(angle), 0], [0, np.sin(angle), np.cos(angle), 12.0], [0, 0, 0, 1]])))
     with pytest.raises(PromptError, match="Red view: .*rotated 10.0°"):
         mrml.view_of_prompts([[5.0, 0.0, 12.0]], [red], volume)
+
+
+def test_in_app_self_test_workflow_passes_on_slicer_core(scene, controller):
+    """The workflow Slicer's SegmentWithSAMTest runs, here against the same real MRML."""
+    from SegmentWithSAMSlicerLib.selftest import DICE_FLOOR, run_workflow
+
+    measured = run_workflow(scene, controller, log=lambda message: None)
+    assert measured["dice"] >= DICE_FLOOR and measured["propagated_voxels"] > measured["seed_voxels"]

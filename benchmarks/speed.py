@@ -1,7 +1,11 @@
-"""Speed of the core on this machine: encoder ms per slice, decoder ms per click with a cached embedding,
-the command line end to end, and peak memory.
+"""Speed of every engine side by side in one run: encoder ms per slice, decoder ms per click on a cached slice,
+propagation slices/s (encoding included), and the masks' Dice against eager PyTorch fp32 (the reference); then
+the command line end to end and peak memory.
 
-    python benchmarks/speed.py [--json]
+    python benchmarks/speed.py [--json] [--slices 4]
+
+``--json`` ends with one line: ``encoder_speedup`` and ``decoder_ms`` of the fastest faithful engine (mean Dice
+against the reference ≥ 0.99, the one ``--engine auto`` picks), ``dice_vs_reference``, and every engine's row.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ import time
 
 import numpy as np
 
+from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.data import colin27
+from SegmentWithSAMLib.engines import available_engines
+from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.models import load_model
-from SegmentWithSAMLib.prompts import predict_prompts
+from SegmentWithSAMLib.propagation import Propagator, StopRules
 from SegmentWithSAMLib.session import Session
 
 from common import load_colin27, print_table, structure_slices, write_json
+
+NO_STOPS = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
 
 
 def _ms(fn, repeat: int) -> list[float]:
@@ -34,51 +44,79 @@ def _ms(fn, repeat: int) -> list[float]:
     return times
 
 
+def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndarray]]:
+    """One engine's row and its masks for ``cases`` [(view, index, box (4,))]."""
+    start = time.perf_counter()
+    model = load_model("litemedsam", "cpu", engine=engine)
+    load_ms = (time.perf_counter() - start) * 1e3
+    session = Session(volume, model, cache=EmbeddingCache())
+    view, index, box = cases[0]
+    encoder = [_ms(lambda i=i: session.set_slice(view, index + i), 1)[0] for i in range(-1, slices)][1:]
+    session.set_slice(view, index)
+    decoder = _ms(lambda: session.predictor.predict(box=box), 15)[3:]
+    masks = []
+    for view_, index_, box_ in cases:
+        session.set_slice(view_, index_)
+        masks.append(session.predictor.predict(box=box_).masks[0])
+    seed = masks[0]
+    session.cache.clear()
+    session.set_slice(view, index)  # the seed slice is encoded before propagation starts, as after an Accept
+    began = time.perf_counter()
+    result = Propagator(session, view, NO_STOPS).run({"seed": (index, seed)}, "up", (index, index + slices))
+    rate = result.slice_count / (time.perf_counter() - began)
+    return {"engine": engine, "load_ms": load_ms, "encoder_ms": statistics.median(encoder),
+            "decoder_ms": statistics.median(decoder), "propagation_slices_per_s": rate}, masks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--slices", type=int, default=6)
+    parser.add_argument("--slices", type=int, default=4, help="slices to encode/propagate per engine")
     args = parser.parse_args()
     volume, atlas = load_colin27()
-    start = time.perf_counter()
-    model = load_model("litemedsam")
-    load_ms = (time.perf_counter() - start) * 1e3
-    session = Session(volume, model)
-    axes = session.axes("axial")
-    name, index, truth = next(structure_slices(atlas, axes))
-    encoder = []
-    for offset in range(args.slices):  # distinct slices: no cache hit
-        encoder += _ms(lambda o=offset: session.set_slice("axial", index - args.slices // 2 + o), 1)
-    encoder = encoder[1:]  # the first includes one-off warm-up
-    session.set_slice("axial", index)
-    r, c = np.nonzero(truth)
-    box = np.array([c.min(), r.min(), c.max(), r.max()], dtype=float)
-    click = np.array([[c.mean(), r.mean()]])
-    decoder_box = _ms(lambda: session.predictor.predict(box=box), 20)[2:]
-    decoder_click = _ms(lambda: predict_prompts(session.predictor, click, [1], pixel_spacing=axes.pixel_spacing),
-                        20)[2:]
+    cases = []
+    for view in ("axial", "coronal", "sagittal"):
+        axes = slice_axes(volume, view)
+        for _, index, truth in list(structure_slices(atlas, axes))[:2]:
+            rows, cols = np.nonzero(truth)
+            cases.append((view, index, np.array([cols.min(), rows.min(), cols.max(), rows.max()], float)))
+    rows, reference = [], None
+    for engine in ["torch", *[e for e in available_engines() if e != "torch"]]:
+        row, masks = measure(engine, volume, cases, args.slices)
+        reference = masks if reference is None else reference
+        row["dice_vs_reference"] = float(np.mean([dice(a, b) for a, b in zip(reference, masks, strict=True)]))
+        rows.append(row)
+    base = rows[0]["encoder_ms"]
+    for row in rows:
+        row["encoder_speedup"] = base / row["encoder_ms"]
+    faithful = [r for r in rows if r["dice_vs_reference"] >= 0.99]
+    best = min(faithful, key=lambda r: r["encoder_ms"])
+    print(f"\nLiteMedSAM engines on {platform.processor() or platform.machine()}, CPU "
+          f"({__import__('torch').get_num_threads()} threads), {len(cases)} Colin27 slices:\n")
+    headers = ["engine", "encoder_ms", "encoder_speedup", "decoder_ms", "propagation_slices_per_s",
+               "dice_vs_reference", "load_ms"]
+    print_table(headers, [[r[h] if isinstance(r[h], str) else round(r[h], 3) for h in headers] for r in rows])
+
+    view, index, box = cases[0]
+    axes = slice_axes(volume, view)
     corners = volume.to_ras(axes.pixel_to_ijk(index, box.reshape(2, 2))).ravel()
     cli = []
     for _ in range(2):
         begin = time.perf_counter()
         subprocess.run([sys.executable, "-m", "SegmentWithSAMLib.cli", "segment", str(colin27().image),
-                        "--view", "axial", "--box=" + ",".join(map(str, corners)), "--out", "/tmp/swsam-bench.nii.gz",
+                        "--view", view, "--box=" + ",".join(map(str, corners)), "--out", "/tmp/swsam-bench.nii.gz",
                         "--json"], check=True, capture_output=True)
         cli.append((time.perf_counter() - begin) * 1e3)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {model.device}, torch threads "
-                   f"{__import__('torch').get_num_threads()}",
-        "model_load_ms": load_ms,
-        "encoder_ms_per_slice": statistics.median(encoder),
-        "decoder_ms_per_click_box": statistics.median(decoder_box),
-        "decoder_ms_per_click_point_ensemble": statistics.median(decoder_click),
+        "encoder_speedup": best["encoder_speedup"], "decoder_ms": best["decoder_ms"],
+        "dice_vs_reference": best["dice_vs_reference"], "engine": best["engine"], "engines": rows,
         "cli_end_to_end_ms": statistics.median(cli),
-        "peak_rss_mb": peak_mb,
-        "cli_peak_rss_mb": child_peak_mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cli_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
-    print_table(["measure", "value"], [[k, v if isinstance(v, str) else round(v, 1)] for k, v in results.items()])
+    print(f"\nfastest faithful engine: {best['engine']} (×{best['encoder_speedup']:.2f} encoder); CLI end to end "
+          f"{results['cli_end_to_end_ms']:.0f} ms; peak RSS {results['peak_rss_mb']:.0f} MB (all engines in one "
+          f"process), CLI {results['cli_peak_rss_mb']:.0f} MB")
     write_json("speed", results)
     if args.json:
         print(json.dumps(results, separators=(",", ":")))

@@ -34,6 +34,9 @@ def _floats(count: int, what: str):
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="litemedsam", help="model name or checkpoint path (default: litemedsam)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--engine", default="auto",
+                        help="auto (default: OpenVINO on CPU when installed, else PyTorch), torch, openvino or "
+                             "openvino-bf16 (faster on bf16 CPUs, less faithful); `segmentwithsam info` lists them")
     parser.add_argument("--window", default=None,
                         help="intensity window: auto (0.5-99.5 percentiles), W,L (e.g. 400,40) or a CT preset "
                              "(abdomen, brain, bone, lung, ...)")
@@ -180,7 +183,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         bar.update()
         bar.set_description("loading model")
         t = time.perf_counter()
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device, args.engine)
         timings["load_model"] = (time.perf_counter() - t) * 1e3
         bar.update()
         bar.set_description("segmenting")
@@ -204,7 +207,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         timings["total"] = (time.perf_counter() - start) * 1e3
         bar.update()
     return {"voxels": int(mask.sum()), "slice": result.index, "view": result.view.value, "score": result.score,
-            "model": model.name, "device": str(model.device), "out": str(Path(args.out)),
+            "model": model.name, "device": str(model.device), "engine": model.engine, "out": str(Path(args.out)),
             "ms": {k: round(v, 1) for k, v in timings.items()}, **extra}
 
 
@@ -219,7 +222,7 @@ def cmd_propagate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     volume = read_volume(args.volume)
     seed = read_labelmap_on(args.mask, volume, args.volume)
-    session = Session(volume, load_model(args.model, args.device), window=args.window)
+    session = Session(volume, load_model(args.model, args.device, args.engine), window=args.window)
     axes = session.axes(args.view)
     selected = seed.array != 0 if args.label is None else seed.array == args.label
     slices = slices_with(axes, selected)
@@ -232,7 +235,8 @@ def cmd_propagate(args: argparse.Namespace) -> dict:
     mask, report = _propagate(session, axes.view.value, int(slices[0]), oriented[slices[0]], args.direction, args)
     write_labelmap(mask, volume, args.out)
     report.update({"seed_slice": int(slices[0]), "voxels": int(mask.sum()), "view": axes.view.value,
-                   "model": session.model.name, "device": str(session.model.device), "out": str(Path(args.out)),
+                   "model": session.model.name, "device": str(session.model.device), "engine": session.model.engine,
+                   "out": str(Path(args.out)),
                    "ms": round((time.perf_counter() - start) * 1e3, 1)})
     return report
 
@@ -262,7 +266,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         raise PromptError(f"--clicks must be at least 1, not {args.clicks}.")
     volume = read_volume(args.volume)
     labels = read_labelmap_on(args.labels, volume, args.volume)
-    session = Session(volume, load_model(args.model, args.device), window=args.window)
+    session = Session(volume, load_model(args.model, args.device, args.engine), window=args.window)
     axes = session.axes(args.view)
     truth = axes.oriented(labels.array == args.label)
     present = slices_with(axes, labels.array == args.label)

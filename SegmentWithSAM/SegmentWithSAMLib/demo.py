@@ -78,6 +78,7 @@ def system_info() -> dict:
 
     from .cache import CACHE_ENV, default_cache_bytes
     from .device import select_device
+    from .engines import available_engines
     from .models import REGISTRY
     from .models.litemedsam import bundled_checkpoint
 
@@ -97,6 +98,7 @@ def system_info() -> dict:
         "mps": torch.backends.mps.is_available(),
         "cpu_threads": torch.get_num_threads(),
         "models": models,
+        "engines": available_engines(),
         "cache_max_mb": round(default_cache_bytes() / (1 << 20), 1),
         "cache_setting": f"${CACHE_ENV} (megabytes; default 1024)",
         "demo_data": "shipped Colin27 crop" if data.shipped else str(data.image),

@@ -82,7 +82,9 @@ class SlicePredictor:
         return key is not None and key in self.cache
 
     def _key(self, transform: SliceTransform, cache_key: Hashable | None):
-        return None if cache_key is None or self.cache is None else (self.model.name, transform, cache_key)
+        if cache_key is None or self.cache is None:
+            return None
+        return self.model.name, self.model.engine, transform, cache_key
 
     def _require_image(self) -> SliceTransform:
         if self._embedding is None or self.transform is None:

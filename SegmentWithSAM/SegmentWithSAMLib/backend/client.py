@@ -81,13 +81,14 @@ class BackendClient:
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = None, *, transport: str = "pipe",
                  host: str = "127.0.0.1", python: str | None = None, prefetch: int = 2, cache_mb: int | None = None,
                  heartbeat_timeout: float = 10.0, startup_timeout: float = 120.0, request_timeout: float = 600.0,
-                 dispatch: str = "poll", max_volumes: int = 2,
+                 dispatch: str = "poll", max_volumes: int = 2, engine: str = "auto",
                  log_path: str | os.PathLike | None = None) -> None:
         if transport not in ("pipe", "tcp"):
             raise ValueError(f"transport must be 'pipe' or 'tcp', not {transport!r}")
         if dispatch not in ("poll", "thread"):
             raise ValueError(f"dispatch must be 'poll' or 'thread', not {dispatch!r}")
         self.model, self.device, self.transport, self.host = model, device, transport, host
+        self.engine = engine
         self.python = python or sys.executable
         self.prefetch, self.cache_mb = prefetch, cache_mb
         self.heartbeat_timeout, self.request_timeout = heartbeat_timeout, request_timeout
@@ -126,7 +127,7 @@ class BackendClient:
 
     def _command(self) -> list[str]:
         command = [self.python, "-m", "SegmentWithSAMLib.backend.server", "--model", str(self.model),
-                   "--prefetch", str(self.prefetch)]
+                   "--prefetch", str(self.prefetch), "--engine", self.engine]
         if self.device:
             command += ["--device", self.device]
         if self.cache_mb is not None:

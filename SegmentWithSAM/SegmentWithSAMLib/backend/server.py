@@ -95,12 +95,12 @@ class Backend:
     """
 
     def __init__(self, send: Callable[..., None], model_spec: str = DEFAULT_MODEL, device: str | None = None,
-                 prefetch: int = 2, cache_bytes: int | None = None, model=None) -> None:
+                 prefetch: int = 2, cache_bytes: int | None = None, model=None, engine: str = "auto") -> None:
         self.send = send
         self.scheduler = Scheduler()
         self.cache = EmbeddingCache(cache_bytes)
         self.model = model
-        self.model_spec, self.device_spec = model_spec, device
+        self.model_spec, self.device_spec, self.engine = model_spec, device, engine
         self.model_error: SegmentWithSAMError | None = None
         self.prefetch = max(0, int(prefetch))
         self.volumes: dict[str, Volume] = {}
@@ -149,6 +149,7 @@ class Backend:
         model = self.model
         return {"pid": os.getpid(), "version": PROTOCOL_VERSION,
                 "model": getattr(model, "name", None), "device": str(getattr(model, "device", "loading")),
+                "engine": getattr(model, "engine", None),
                 "model_error": str(self.model_error) if self.model_error else None,
                 "encoder_runs": getattr(model, "encoder_runs", 0), "decoder_runs": getattr(model, "decoder_runs", 0),
                 "cache": self.cache.stats(), "queue": self.scheduler.stats(), "volumes": list(self.volumes),
@@ -163,7 +164,7 @@ class Backend:
     def _load_model(self, spec: str, device: str | None) -> None:
         from ..models import load_model
 
-        self.model = load_model(spec, device)
+        self.model = load_model(spec, device, self.engine)
         self.model_spec, self.device_spec, self.model_error = spec, device, None
         self.sessions.clear()
         self.cache.clear()
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segmentwithsam serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint path")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--engine", default="auto", help="auto (default), torch, openvino or openvino-bf16")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdin/stdout")
     parser.add_argument("--prefetch", type=int, default=2, help="neighbouring slices to encode when idle")
     parser.add_argument("--cache-mb", type=int, default=None, help="embedding cache size (MB)")
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Token for clients: {token}", file=sys.stderr, flush=True)
     channel = Channel()
     backend = Backend(channel.send, args.model, args.device, args.prefetch,
-                      None if args.cache_mb is None else args.cache_mb << 20)
+                      None if args.cache_mb is None else args.cache_mb << 20, engine=args.engine)
     serve(backend, channel, tcp, token, args.max_payload_mb << 20, args.watch_stdin)
     sys.stderr.flush()
     os._exit(0)  # the model thread may be inside torch: skip C++ static destructors racing with it

@@ -30,8 +30,10 @@ class SamLikeAdapter:
     """
 
     name = "sam-like"
+    engine = "torch"  # what runs it (see ..engines)
     input_size = 1024
     low_res_size = 256
+    checkpoint: str | None = None  # the weights file it was loaded from
 
     def __init__(self, image_encoder, prompt_encoder, mask_decoder, device) -> None:
         self.image_encoder = image_encoder.to(device).eval()

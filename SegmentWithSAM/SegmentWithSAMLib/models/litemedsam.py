@@ -33,4 +33,6 @@ class LiteMedSAM(SamLikeAdapter):
         path = checkpoint or bundled_checkpoint()
         net = build_lite_medsam()
         load_into(net, load_state_dict(path), path, "LiteMedSAM")
-        return cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)
+        model = cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)
+        model.checkpoint = str(path)
+        return model
