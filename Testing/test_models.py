@@ -1,0 +1,130 @@
+"""More models: the registry as data, SAM/MedSAM loaded from checkpoints the test builds (no network), the
+architecture check, and the consent-only downloader against a local HTTP server (resume, SHA-256)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from SegmentWithSAMLib.cli import main as cli
+from SegmentWithSAMLib.download import download
+from SegmentWithSAMLib.errors import CheckpointError, ModelError
+from SegmentWithSAMLib.models import load_model, registry
+from SegmentWithSAMLib.models.catalog import check_entry
+from SegmentWithSAMLib.session import Session
+
+from conftest import middle_slice, tight_box
+
+
+def test_registry_entries_pass_their_schema_and_bad_ones_are_named():
+    models = registry()
+    assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"} <= set(models)
+    assert all(entry.url is None or entry.sha256 for entry in models.values())
+    good = {k: v for k, v in vars(models["sam_vit_b"]).items() if k != "bundled"}
+    for change, message in [({"url": "http://example.org/x.pth"}, "https"), ({"sha256": None}, "sha256"),
+                            ({"architecture": "unet"}, "unknown architecture"), ({"size": "big"}, "'size'"),
+                            ({"extra": 1}, "unknown fields")]:
+        with pytest.raises(ModelError, match=message):
+            check_entry({**good, **change})
+
+
+def test_models_command_lists_what_is_installed(capsys):
+    assert cli(["models", "--json"]) == 0
+    import json
+
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert listed["litemedsam"]["installed"] and not listed["medsam"]["installed"]
+
+
+@pytest.fixture(scope="module")
+def vit_b_checkpoint(tmp_path_factory):
+    """A randomly initialised SAM ViT-B saved as a plain state dict (real weights are not available offline)."""
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth"
+    torch.save(sam_model_registry["vit_b"]().state_dict(), path)
+    return path
+
+
+def test_sam_and_medsam_load_through_the_real_loader_and_predict(vit_b_checkpoint, colin, atlas):
+    sam = load_model(vit_b_checkpoint, "cpu", engine="torch")  # the architecture is read from the weights
+    assert sam.name == "sam_vit_b" and sam.input_size == 1024 and sam.normalization == "imagenet"
+    medsam = load_model("medsam", "cpu", engine="torch", checkpoint=vit_b_checkpoint)
+    assert medsam.name == "medsam" and medsam.normalization == "minmax"
+    session = Session(colin, sam)
+    axes = session.axes("coronal")
+    index, truth = middle_slice(atlas, axes, "Putamen_L")
+    box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    result = session.refine("coronal", box_ras=box)
+    assert result.index == index and result.mask2d.shape == axes.image_shape
+    assert result.volume_mask().shape == colin.array.shape
+    assert session.predictor._embedding.shape == (1, 256, 64, 64)
+    image = torch.rand(1, 3, 1024, 1024)
+    assert not torch.allclose(sam.normalize(image), medsam.normalize(image))
+
+
+def test_a_checkpoint_of_another_variant_is_refused_by_name(vit_b_checkpoint):
+    with pytest.raises(CheckpointError, match="looks like a VIT-B checkpoint; you chose vit_l"):
+        load_model("sam_vit_l", "cpu", engine="torch", checkpoint=vit_b_checkpoint)
+    with pytest.raises(CheckpointError, match="sam_vit_h is not installed: run `segmentwithsam models --download"):
+        load_model("sam_vit_h", "cpu", engine="torch")
+
+
+class _Server:
+    """A local HTTP server for one file, honouring Range requests; it can cut the first transfer short."""
+
+    def __init__(self, payload: bytes, cut_after: int | None = None) -> None:
+        self.payload, self.cut_after, self.ranges = payload, cut_after, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                start = 0
+                if "Range" in self.headers:
+                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                outer.ranges.append(start)
+                body = outer.payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut_after is not None:
+                    body, outer.cut_after = body[: outer.cut_after], None
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.pth"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_download_resumes_after_an_interruption_and_checks_sha256(tmp_path):
+    payload = np.random.default_rng(0).bytes(3 << 20)
+    server = _Server(payload, cut_after=1 << 20)
+    entry = replace(registry()["sam_vit_b"], sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    target = tmp_path / "models" / "model.pth"
+    try:
+        with pytest.raises(CheckpointError, match="run the download again to resume"):
+            download(entry, server.url, target, progress=False)
+        assert not target.exists() and (tmp_path / "models" / "model.pth.part").stat().st_size == 1 << 20
+        assert download(entry, server.url, target, progress=False) == target
+        assert server.ranges == [0, 1 << 20] and target.read_bytes() == payload
+        assert not (tmp_path / "models" / "model.pth.part").exists()
+
+        bad = replace(entry, sha256="0" * 64)
+        with pytest.raises(CheckpointError, match="SHA-256 .* it was deleted"):
+            download(bad, server.url, tmp_path / "other.pth", progress=False)
+        assert not (tmp_path / "other.pth").exists() and not (tmp_path / "other.pth.part").exists()
+    finally:
+        server.close()
