@@ -61,7 +61,7 @@ class SegmentWithSAMParameterNode:
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
     box: vtkMRMLMarkupsROINode
-    model: Annotated[str, Choice(["litemedsam"])] = "litemedsam"
+    model: Annotated[str, Choice(["litemedsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     window: Annotated[str, Choice(WINDOWS)] = "display"
     livePreview: bool = True

@@ -70,3 +70,11 @@ def test_requirements_file_installs_what_the_dependency_check_looks_for():
              if line.strip() and not line.startswith("#")]
     assert sorted(lines) == sorted(dependencies.OTHERS.values())
     assert dependencies.missing() == []  # this environment has everything
+
+
+def test_the_model_choice_offers_every_registry_model():
+    from SegmentWithSAMLib.models import registry
+
+    combo = next(w for w in UI.iter("widget") if w.get("name") == "modelComboBox")
+    items = {i.find("property/string").text for i in combo.iter("item")}
+    assert items == set(registry())
