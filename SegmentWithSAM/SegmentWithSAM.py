@@ -262,8 +262,27 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sliceNodes = [layout.sliceWidget(name).mrmlSliceNode() for name in layout.sliceViewNames()]
         return mrml.view_of_prompts(anchors, sliceNodes, volume)[1] if len(anchors) else "axial"
 
-    def requestPreview(self) -> None:
+    def ensureModel(self, ask: bool = True) -> bool:
+        """Offer to download the chosen model if it is not installed yet (the download runs in the background,
+        with progress in the status line)."""
+        controller = self.logic.controller
+        entry = controller.missing_model(self._parameterNode.model)
+        if entry is None:
+            return True
+        if controller.download is not None:
+            return False
+        if ask and slicer.util.confirmOkCancelDisplay(
+                f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence {entry.licence}).\n"
+                f"Download it now from {entry.url}? Its SHA-256 is checked before use."):
+            controller.start_download(entry)
+        else:
+            self.setStatus(f"{entry.name} is not downloaded yet: click Preview to download it.", error=True)
+        return False
+
+    def requestPreview(self, ask: bool = True) -> None:
         p = self._parameterNode
+        if not self.ensureModel(ask):
+            return
         self.logic.controller.request_preview(p.inputVolume, p.positivePoints, p.negativePoints, p.box,
                                               self.promptView(p), self.logic.controller.window(p.inputVolume, p.window),
                                               p.model, p.device)
@@ -271,7 +290,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPromptsChanged(self, caller=None, event=None) -> None:
         if self._parameterNode and self._parameterNode.livePreview and self._parameterNode.inputVolume:
-            self.run(self.requestPreview, ask=False)
+            self.run(lambda: self.requestPreview(ask=False), ask=False)
 
     def segmentEditor(self):
         """The Segment Editor widget's editor, pointed at our segmentation, so Ctrl+Z there undoes our edits."""
@@ -311,6 +330,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         controller = self.logic.controller
+        if not self.ensureModel():
+            return
         last = controller.last_accepted
         view = last[2] if last else self.promptView(p)
         numSlices = slice_axes(controller.volume(p.inputVolume), view).num_slices

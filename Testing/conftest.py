@@ -6,7 +6,9 @@ cache: a slice encoded by one test is free for the next.
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,35 @@ def reoriented_volume(volume: Volume, perm: tuple[int, int, int], flips: tuple[b
         t[:3, new_axis_ijk] = old_ijk(tuple(step)) - origin
     t[:3, 3] = origin
     return Volume(np.ascontiguousarray(array), volume.ijk_to_ras @ t)
+
+
+class FileServer:
+    """A local HTTP server for one file, honouring Range requests; it can cut the first transfer short."""
+
+    def __init__(self, payload: bytes, cut_after: int | None = None) -> None:
+        self.payload, self.cut_after, self.ranges = payload, cut_after, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                start = 0
+                if "Range" in self.headers:
+                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                outer.ranges.append(start)
+                body = outer.payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut_after is not None:
+                    body, outer.cut_after = body[: outer.cut_after], None
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.pth"
+
+    def close(self) -> None:
+        self.httpd.shutdown()

@@ -4,8 +4,6 @@ architecture check, and the consent-only downloader against a local HTTP server 
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 from dataclasses import replace
 
 import numpy as np
@@ -19,7 +17,7 @@ from SegmentWithSAMLib.models import load_model, registry
 from SegmentWithSAMLib.models.catalog import check_entry
 from SegmentWithSAMLib.session import Session
 
-from conftest import middle_slice, tight_box
+from conftest import FileServer, middle_slice, tight_box
 
 
 def test_registry_entries_pass_their_schema_and_bad_ones_are_named():
@@ -77,41 +75,9 @@ def test_a_checkpoint_of_another_variant_is_refused_by_name(vit_b_checkpoint):
         load_model("sam_vit_h", "cpu", engine="torch")
 
 
-class _Server:
-    """A local HTTP server for one file, honouring Range requests; it can cut the first transfer short."""
-
-    def __init__(self, payload: bytes, cut_after: int | None = None) -> None:
-        self.payload, self.cut_after, self.ranges = payload, cut_after, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the http.server API
-                start = 0
-                if "Range" in self.headers:
-                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
-                outer.ranges.append(start)
-                body = outer.payload[start:]
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if outer.cut_after is not None:
-                    body, outer.cut_after = body[: outer.cut_after], None
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/model.pth"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
 def test_download_resumes_after_an_interruption_and_checks_sha256(tmp_path):
     payload = np.random.default_rng(0).bytes(3 << 20)
-    server = _Server(payload, cut_after=1 << 20)
+    server = FileServer(payload, cut_after=1 << 20)
     entry = replace(registry()["sam_vit_b"], sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
     target = tmp_path / "models" / "model.pth"
     try:

@@ -265,3 +265,30 @@ def test_in_app_self_test_workflow_passes_on_slicer_core(scene, controller):
 
     measured = run_workflow(scene, controller, log=lambda message: None)
     assert measured["dice"] >= DICE_FLOOR and measured["propagated_voxels"] > measured["seed_voxels"]
+
+
+def test_a_model_download_runs_in_the_background_after_consent(controller, tmp_path, monkeypatch):
+    import hashlib
+    from dataclasses import replace
+
+    from SegmentWithSAMLib.models import registry
+    from SegmentWithSAMLib.models.catalog import MODELS_ENV
+
+    from conftest import FileServer
+
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    assert controller.missing_model("litemedsam") is None
+    entry = controller.missing_model("sam_vit_b")
+    assert entry is not None and entry.path.parent == tmp_path
+    with pytest.raises(PromptError, match="get medsam_vit_b.pth from its authors"):
+        controller.missing_model("medsam")
+    payload = b"weights" * 300_000
+    server = FileServer(payload)
+    try:
+        controller.start_download(replace(registry()["sam_vit_b"], sha256=hashlib.sha256(payload).hexdigest(),
+                                          size=len(payload)), server.url)
+        controller.wait(60)
+    finally:
+        server.close()
+    assert controller.status == "sam_vit_b is installed." and entry.path.read_bytes() == payload
+    assert controller.missing_model("sam_vit_b") is None

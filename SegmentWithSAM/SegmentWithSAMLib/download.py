@@ -9,6 +9,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,8 +28,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(entry: ModelEntry, url: str | None = None, target: Path | None = None, progress: bool = True) -> Path:
+def download(entry: ModelEntry, url: str | None = None, target: Path | None = None, progress: bool = True,
+             on_progress: Callable[[int, int | None], None] | None = None,
+             cancel: Callable[[], bool] | None = None) -> Path:
     """Fetch ``entry``'s checkpoint (from ``url``, default the registry's) to ``target`` (default its path).
+    ``on_progress(bytes, total)`` follows the transfer (e.g. for a GUI); ``cancel()`` stops it, keeping the
+    partial file for a later resume.
 
     A partial ``.part`` file from an interrupted transfer is resumed with an HTTP range request. The file is
     moved into place only after its SHA-256 matches; a mismatch deletes it and raises :class:`CheckpointError`.
@@ -54,6 +59,10 @@ def download(entry: ModelEntry, url: str | None = None, target: Path | None = No
                 while block := response.read(CHUNK):
                     out.write(block)
                     bar.update(len(block))
+                    if on_progress is not None:
+                        on_progress(bar.n, total)
+                    if cancel is not None and cancel():
+                        raise OSError("cancelled")
         if total and part.stat().st_size < total:
             raise OSError(f"the connection closed after {part.stat().st_size} of {total} bytes")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:

@@ -61,6 +61,7 @@ class SegmentationController:
         self.last_accepted: tuple[str, str, View, int] | None = None  # segmentation ID, segment ID, view, slice
         self.status = ""
         self.progress: tuple[int, int] | None = None
+        self.download: dict | None = None  # a model download in progress (see start_download)
         self.editor_logic = slicer.vtkSlicerSegmentEditorLogic()
         self.editor_logic.SetMRMLScene(scene)
         self._editor_node = None
@@ -74,7 +75,55 @@ class SegmentationController:
             self.client, self._client_key = self._client_factory(model, device), (model, device)
         return self.client
 
+    def missing_model(self, model: str):
+        """The registry entry of ``model`` if it must be downloaded before use (None if it is ready or is a
+        path); raises :class:`PromptError` if it cannot be downloaded at all."""
+        from SegmentWithSAMLib.models import registry
+
+        entry = registry().get(model)
+        if entry is None or entry.installed:
+            return None
+        if not entry.url:
+            raise PromptError(f"{model} is not installed: get {entry.checkpoint} from its authors and put it in "
+                              f"{entry.path.parent}.")
+        return entry
+
+    def start_download(self, entry, url: str | None = None) -> None:
+        """Download a model's checkpoint on a background thread (after the user agreed); :meth:`poll` reports
+        progress in ``status`` and the outcome."""
+        import threading
+
+        from SegmentWithSAMLib.download import download
+
+        if self.download is not None:
+            raise PromptError("A download is already running.")
+        job = {"entry": entry, "done": 0, "total": entry.size, "error": None, "finished": False, "cancel": False}
+
+        def run() -> None:
+            try:
+                download(entry, url, progress=False, on_progress=lambda n, total: job.update(done=n, total=total),
+                         cancel=lambda: job["cancel"])
+            except SegmentWithSAMError as error:
+                job["error"] = error
+            job["finished"] = True
+
+        self.download = job
+        threading.Thread(target=run, name="model-download", daemon=True).start()
+
+    def _poll_download(self) -> None:
+        job = self.download
+        if not job["finished"]:
+            total = job["total"] or 0
+            self.progress = (job["done"] >> 20, max(total >> 20, 1))
+            self.status = f"Downloading {job['entry'].name}: {job['done'] >> 20} of {total >> 20} MB…"
+            return
+        self.download, self.progress = None, None
+        self.status = (f"Download of {job['entry'].name} failed: {job['error']}" if job["error"]
+                       else f"{job['entry'].name} is installed.")
+
     def close(self) -> None:
+        if self.download is not None:
+            self.download["cancel"] = True
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -148,8 +197,10 @@ class SegmentationController:
     def poll(self) -> bool:
         """Apply what the backend has sent (previews, propagated slices, completions). Never blocks.
         Returns True while a request is still in flight."""
+        if self.download is not None:
+            self._poll_download()
         if self.client is None:
-            return False
+            return self.download is not None
         self.client.poll()
         handle = self.preview_handle
         if handle is not None and handle.done:
@@ -164,7 +215,7 @@ class SegmentationController:
                 self.status = f"Preview failed: {handle.error}"
         if self.propagation is not None:
             self._poll_propagation()
-        return self.preview_handle is not None or self.propagation is not None
+        return self.preview_handle is not None or self.propagation is not None or self.download is not None
 
     def wait(self, timeout: float = 300.0) -> None:
         """Poll until nothing is in flight (scripts and tests; the GUI polls from a timer instead)."""
@@ -276,7 +327,10 @@ class SegmentationController:
         return handle
 
     def cancel(self) -> None:
-        """Stop the running propagation (within one slice) and any pending preview; nothing is applied."""
+        """Stop the running propagation (within one slice), any pending preview and a model download; nothing
+        is applied (a download keeps its partial file to resume)."""
+        if self.download is not None:
+            self.download["cancel"] = True
         if self.client is not None:
             for handle in (self.preview_handle, self.propagation.handle if self.propagation else None):
                 if handle is not None:
