@@ -72,3 +72,16 @@ def test_missing_runtime_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys
         engines.resolve_engine("openvino", cpu)
     with pytest.raises(ModelError, match="Unknown engine 'tensorrt'"):
         engines.resolve_engine("tensorrt", cpu)
+
+
+def test_a_failed_export_falls_back_when_automatic_and_is_an_error_when_asked(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Module onnx is not installed!")
+
+    monkeypatch.setattr(engines, "export_openvino", broken)
+    model = load_model("litemedsam", "cpu", engine="auto")
+    assert model.engine == "torch"
+    assert "could not be prepared (RuntimeError: Module onnx is not installed!); using PyTorch" in \
+        capsys.readouterr().err
+    with pytest.raises(ModelError, match="use --engine torch"):
+        load_model("litemedsam", "cpu", engine="openvino")

@@ -158,3 +158,22 @@ def test_segment_then_propagate_in_one_command(tmp_path, capsys):
     written = read_volume(out).array > 0
     assert set(np.flatnonzero(written.any(axis=(1, 2)))) == {62, 63, 64, 65, 66}
     assert written.sum() == report["voxels"]
+
+
+def test_encoding_ahead_in_batches_never_encodes_a_slice_twice(model, colin, atlas):
+    """As on a GPU (8 slices per batch there): same masks, each slice encoded exactly once."""
+    from SegmentWithSAMLib.propagation import StopRules
+
+    from conftest import middle_slice
+
+    rules = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
+    index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
+    results = []
+    for batch in (1, 3):
+        propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules)
+        propagator.batch = batch
+        before = model.encoder_runs
+        results.append(propagator.run({"p": (index, truth)}, "up", (index, index + 4)).masks["p"])
+        assert model.encoder_runs - before == 5  # the seed and four slices, once each
+    assert sorted(results[0]) == sorted(results[1]) == [index + 1, index + 2, index + 3, index + 4]
+    assert min(dice(results[0][i], results[1][i]) for i in results[0]) >= 0.99

@@ -53,3 +53,9 @@ def configure_cpu_threads() -> int:
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
     return cores
+
+
+def encode_batch(device) -> int:
+    """How many slices to encode at once when working ahead (propagation): batches pay off on a GPU; on a CPU
+    the cores are already busy with one slice."""
+    return {"cuda": 8, "mps": 4}.get(getattr(device, "type", str(device)), 1)

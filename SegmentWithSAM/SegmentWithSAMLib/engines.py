@@ -163,9 +163,10 @@ class OpenVINOModel(SamLikeAdapter):
     def encode(self, images01):
         import torch
 
-        embeddings = self._encoder(np.ascontiguousarray(images01.cpu().numpy(), dtype=np.float32))[0]
-        self.encoder_runs += int(images01.shape[0])
-        return torch.from_numpy(np.array(embeddings))
+        images = np.ascontiguousarray(images01.cpu().numpy(), dtype=np.float32)
+        embeddings = [np.array(self._encoder(images[i: i + 1])[0]) for i in range(len(images))]  # exported for 1
+        self.encoder_runs += len(images)
+        return torch.from_numpy(np.concatenate(embeddings))
 
     def decode(self, embedding, points=None, labels=None, boxes=None, mask_logits=None,
                multimask: bool = False) -> Decoded:
@@ -180,8 +181,18 @@ class OpenVINOModel(SamLikeAdapter):
         return Decoded(torch.from_numpy(np.array(logits)), torch.from_numpy(np.array(scores)))
 
 
-def accelerate(model: SamLikeAdapter, engine: str) -> SamLikeAdapter:
-    """``model`` on ``engine`` (as :func:`resolve_engine` returned it)."""
+def accelerate(model: SamLikeAdapter, engine: str, fallback: bool = False) -> SamLikeAdapter:
+    """``model`` on ``engine`` (as :func:`resolve_engine` returned it). With ``fallback`` (the engine was
+    chosen automatically), a failed export or compile leaves the PyTorch model, with a one-line notice."""
     if engine == "torch":
         return model
-    return OpenVINOModel(model, export_openvino(model, model.checkpoint), "bf16" if engine.endswith("bf16") else "f32")
+    try:
+        folder = export_openvino(model, model.checkpoint)
+        return OpenVINOModel(model, folder, "bf16" if engine.endswith("bf16") else "f32")
+    except Exception as error:  # export and compile raise many types; the reference path always works
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if not fallback:
+            raise ModelError(f"The {engine} engine could not be prepared ({reason}); use --engine torch.") from None
+        print(f"segmentwithsam: the {engine} engine could not be prepared ({reason}); using PyTorch.",
+              file=sys.stderr)
+        return model

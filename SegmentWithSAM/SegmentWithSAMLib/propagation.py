@@ -21,6 +21,7 @@ from enum import Enum
 import numpy as np
 from scipy import ndimage as ndi
 
+from .device import encode_batch
 from .errors import PromptError, SegmentWithSAMError
 from .geometry import SliceAxes
 from .metrics import dice
@@ -132,6 +133,7 @@ class Propagator:
         self.session = session
         self.axes = session.axes(view)
         self.rules = rules or StopRules()
+        self.batch = encode_batch(session.model.device)  # slices encoded at once, ahead of the decoder
 
     def _check_seed(self, name: str, index: int, mask: np.ndarray) -> np.ndarray:
         mask = np.asarray(mask, dtype=bool)
@@ -157,6 +159,12 @@ class Propagator:
     def _predict(self, previous: np.ndarray) -> tuple[np.ndarray, float]:
         prediction = predict_box_ensemble(self.session.predictor, _boxes(previous, self.axes.pixel_spacing))
         return prediction.masks[0] & _band(previous, self.axes.pixel_spacing), float(prediction.scores[0])
+
+    def _encode_ahead(self, index: int, step: int, low: int, high: int) -> None:
+        """Encode the next ``batch`` slices in one go when ``index`` is not cached yet (GPU: one batch of 8)."""
+        if self.batch > 1:
+            ahead = [i for i in range(index, index + step * self.batch, step) if low <= i <= high]
+            self.session.prefetch_many(self.axes.view, ahead)
 
     def _signature(self, index: int, mask: np.ndarray) -> np.ndarray:
         self.session.set_slice(self.axes.view, index)
@@ -204,6 +212,7 @@ class Propagator:
                         result.stopped[name][label] = f"key slice {index}"
                         active.discard(name)
                         continue
+                    self._encode_ahead(index, step, low, high)
                     self.session.set_slice(self.axes.view, index)
                     mask, score = self._predict(info["previous"])
                     if not allow_overlap:

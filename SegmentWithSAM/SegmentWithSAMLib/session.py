@@ -88,6 +88,14 @@ class Session:
         self.predictor.embed(image, axes.pixel_spacing, cache_key=key)
         return True
 
+    def prefetch_many(self, view: View | str, indices) -> int:
+        """Encode the given slices of ``view`` into the cache in one batch, skipping cached ones (propagation
+        encodes ahead this way); returns how many were encoded."""
+        axes = self.axes(view)
+        indices = [int(i) for i in indices if 0 <= int(i) < axes.num_slices]
+        images = [self.window.apply(slice_image(self.volume, axes, i)) for i in indices]
+        return self.predictor.embed_many(images, axes.pixel_spacing, [self._slice_key(axes, i) for i in indices])
+
     def _place(self, view: View | str, points_ras, box_ras) -> tuple[SliceAxes, int, np.ndarray, np.ndarray | None]:
         """The axes and slice index the prompts lie on, the points as pixels (N, 2) XY and the box (4,)."""
         axes = self.axes(view)

