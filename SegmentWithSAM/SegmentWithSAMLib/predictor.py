@@ -76,23 +76,18 @@ class SlicePredictor:
         return transform, embedding
 
     def embed_many(self, images: list[np.ndarray], pixel_spacing: tuple[float, float],
-                   cache_keys: list[Hashable]) -> int:
-        """Encode same-shaped slice images into the cache in one batch (those not cached yet); returns how
-        many were encoded. On a GPU this is much faster per slice than one at a time."""
-        if self.cache is None or not images:
-            return 0
-        transform = SliceTransform.for_slice(np.shape(images[0]), pixel_spacing, self.model.input_size)
-        todo = [(image, self._key(transform, key)) for image, key in zip(images, cache_keys, strict=True)
-                if self._key(transform, key) not in self.cache]
-        if not todo:
-            return 0
+                   cache_keys: list[Hashable]) -> None:
+        """Encode same-shaped slice images (B of them) in one batch and put each embedding in the cache under
+        its key; the current image stays. On a GPU this is much faster per slice than one at a time."""
+        if self.cache is None:
+            raise ValueError("embed_many fills the embedding cache; this predictor has none.")
         import torch
 
-        batch = torch.cat([transform.image_to_model(normalize_slice(np.asarray(image))) for image, _ in todo])
+        transform = SliceTransform.for_slice(np.shape(images[0]), pixel_spacing, self.model.input_size)
+        batch = torch.cat([transform.image_to_model(normalize_slice(np.asarray(image))) for image in images])
         embeddings = self.model.encode(batch)
-        for i, (_, key) in enumerate(todo):
-            self.cache.put(key, embeddings[i: i + 1])
-        return len(todo)
+        for i, key in enumerate(cache_keys):
+            self.cache.put(self._key(transform, key), embeddings[i: i + 1])
 
     def is_cached(self, image_shape: tuple[int, int], pixel_spacing: tuple[float, float], cache_key: Hashable) -> bool:
         """Whether a slice of this shape and spacing under ``cache_key`` has its embedding in the cache."""

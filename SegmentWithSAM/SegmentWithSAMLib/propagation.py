@@ -162,7 +162,7 @@ class Propagator:
 
     def _encode_ahead(self, index: int, step: int, low: int, high: int) -> None:
         """Encode the next ``batch`` slices in one go when ``index`` is not cached yet (GPU: one batch of 8)."""
-        if self.batch > 1:
+        if self.batch > 1 and not self.session.is_cached(self.axes.view, index):
             ahead = [i for i in range(index, index + step * self.batch, step) if low <= i <= high]
             self.session.prefetch_many(self.axes.view, ahead)
 

@@ -77,24 +77,27 @@ class Session:
             self._current = (axes.view, index)
         return axes
 
+    def is_cached(self, view: View | str, index: int) -> bool:
+        """Whether slice ``index`` of ``view`` has its embedding in the cache."""
+        axes = self.axes(view)
+        return self.predictor.is_cached(axes.image_shape, axes.pixel_spacing, self._slice_key(axes, index))
+
     def prefetch(self, view: View | str, index: int) -> bool:
         """Encode slice ``index`` of ``view`` into the cache unless it is there; the current slice stays.
         Returns whether the encoder ran."""
-        axes = self.axes(view)
-        key = self._slice_key(axes, index)
-        if self.predictor.is_cached(axes.image_shape, axes.pixel_spacing, key):
-            return False
-        image = self.window.apply(slice_image(self.volume, axes, index))
-        self.predictor.embed(image, axes.pixel_spacing, cache_key=key)
-        return True
+        return self.prefetch_many(view, [index]) > 0
 
     def prefetch_many(self, view: View | str, indices) -> int:
-        """Encode the given slices of ``view`` into the cache in one batch, skipping cached ones (propagation
-        encodes ahead this way); returns how many were encoded."""
+        """Encode those of the given slices of ``view`` that are not cached, in one batch (propagation encodes
+        ahead this way); the current slice stays. Returns how many were encoded."""
         axes = self.axes(view)
-        indices = [int(i) for i in indices if 0 <= int(i) < axes.num_slices]
-        images = [self.window.apply(slice_image(self.volume, axes, i)) for i in indices]
-        return self.predictor.embed_many(images, axes.pixel_spacing, [self._slice_key(axes, i) for i in indices])
+        todo = [i for i in dict.fromkeys(int(i) for i in indices)
+                if 0 <= i < axes.num_slices and not self.is_cached(axes.view, i)]
+        if not todo:
+            return 0
+        images = [self.window.apply(slice_image(self.volume, axes, i)) for i in todo]
+        self.predictor.embed_many(images, axes.pixel_spacing, [self._slice_key(axes, i) for i in todo])
+        return len(todo)
 
     def _place(self, view: View | str, points_ras, box_ras) -> tuple[SliceAxes, int, np.ndarray, np.ndarray | None]:
         """The axes and slice index the prompts lie on, the points as pixels (N, 2) XY and the box (4,)."""
