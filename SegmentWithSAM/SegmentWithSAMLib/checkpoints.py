@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -10,6 +11,15 @@ from .errors import CheckpointError
 
 _MIN_BYTES = 1024
 _PICKLE_MAGIC = b"\x80"  # the legacy (pre-zip) torch.save format starts with a pickle protocol opcode
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_state_dict(path: str | os.PathLike) -> dict:

@@ -3,7 +3,6 @@ with a progress bar, and checked against the registry's SHA-256 before it is use
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import sys
@@ -14,18 +13,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .checkpoints import sha256_of
 from .errors import CheckpointError
 from .models.catalog import ModelEntry
 
 CHUNK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(entry: ModelEntry, url: str | None = None, target: Path | None = None, progress: bool = True,

@@ -14,7 +14,6 @@ keyed by the checkpoint's SHA-256 and the runtime version, so a changed checkpoi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import sha256_of
 from .errors import ModelError
 from .models.base import Decoded, SamLikeAdapter
 
@@ -67,14 +67,6 @@ def engine_cache_dir() -> Path:
     return Path(os.environ.get(ENGINE_CACHE_ENV) or default)
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _exportable(model: SamLikeAdapter):
     """The encoder (normalisation included) and the box-only prompt encoder + mask decoder as modules."""
     import torch
@@ -107,7 +99,7 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
     import torch
 
     version = re.sub(r"[^\w.]+", "_", ov.__version__)
-    folder = (cache_dir or engine_cache_dir()) / f"{model.name}-{_sha256(checkpoint)[:16]}-ov{version}"
+    folder = (cache_dir or engine_cache_dir()) / f"{model.name}-{sha256_of(checkpoint)[:16]}-ov{version}"
     if (folder / "decoder.xml").is_file() and (folder / "encoder.xml").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
