@@ -61,7 +61,8 @@ class SegmentWithSAMParameterNode:
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
     box: vtkMRMLMarkupsROINode
-    model: Annotated[str, Choice(["litemedsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
+    model: Annotated[str, Choice(["litemedsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "sam2.1_tiny",
+                                  "sam2.1_small", "sam2.1_base_plus", "sam2.1_large", "medsam2"])] = "litemedsam"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     window: Annotated[str, Choice(WINDOWS)] = "display"
     livePreview: bool = True

@@ -31,4 +31,8 @@ fi
 # torch and torchvision come from the registry together (timm, which LiteMedSAM's encoder uses, imports
 # torchvision); see DEVELOPERS.md on why no CPU-only torch pin.
 .venv/bin/python -m pip install -q -e ".${extras}"
+# SAM 2.1 / MedSAM2: the sam2 package is built from source against the torch above, without its optional
+# CUDA extension (a build-isolated install would fetch a second torch).
+.venv/bin/python -m pip install -q "setuptools>=61" wheel
+SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation "sam2>=1.1"
 echo "Ready: .venv/bin/segmentwithsam"

@@ -120,7 +120,7 @@ def cmd_models(args: argparse.Namespace) -> dict:
     for entry in models.values():
         status = "installed: " + str(entry.path) if entry.installed else (
             f"not installed ({entry.size / 1e6:.0f} MB; --download {entry.name})" if entry.url
-            else "not installed (get the checkpoint from its authors; --checkpoint PATH)")
+            else f"not installed ({entry.manual_install}, or --checkpoint PATH)")
         rows.append({"name": entry.name, "architecture": entry.architecture, "input_size": entry.input_size,
                      "licence": entry.licence, "installed": entry.installed, "status": status})
     return {"models": rows}

@@ -32,8 +32,7 @@ def download(entry: ModelEntry, url: str | None = None, target: Path | None = No
     """
     url = url or entry.url
     if not url or not entry.sha256:
-        raise CheckpointError(f"{entry.name} has no verified download; get {entry.checkpoint} from its authors and "
-                              f"give its path.")
+        raise CheckpointError(f"{entry.name} has no verified download; {entry.manual_install}, or give its path.")
     target = target or entry.path
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")

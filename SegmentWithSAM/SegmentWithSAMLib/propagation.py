@@ -1,11 +1,14 @@
 """Slice-to-slice propagation of accepted masks through a volume, with range, stop rules, key slices,
 several objects in one pass, streaming and cancel.
 
-Each step prompts slice k±1 from the mask on slice k: boxes around the previous mask (several margins, logits
+With models that have no memory of earlier slices (:class:`BoxChain`), each step prompts slice k±1 from the
+mask on slice k: boxes around the previous mask (several margins, logits
 averaged), the result kept within a band around the previous mask so that it cannot jump to a neighbouring
 structure. LiteMedSAM's predicted quality, the area and the overlap with the previous slice hardly change when
 the mask drifts off the structure onto its neighbour; the mean image-embedding feature of the mask does, so
 each object's mask is compared with its seed's (cosine similarity) to stop. See ``benchmarks/propagation.py``.
+SAM 2 models track the objects with their memory instead (:mod:`.video_propagation`); range, stop rules, key
+slices, several objects, streaming and cancel work the same for both.
 
 Nothing is written anywhere: the caller gets a :class:`PropagationResult` and applies it in one step, so a
 cancelled or failed propagation changes nothing.
@@ -58,12 +61,13 @@ class StopRules:
     min_overlap: float | None = 0.2  # Dice with the previous slice's mask below this
     max_empty: int = 1  # this many consecutive empty slices
 
-    def check(self, mask: np.ndarray, score: float, previous: np.ndarray, similarity: float) -> str | None:
-        """The reason to stop at this slice, or None to accept it (empty masks are counted by the caller)."""
+    def check(self, mask: np.ndarray, score: float, previous: np.ndarray, similarity: float | None) -> str | None:
+        """The reason to stop at this slice, or None to accept it (empty masks are counted by the caller;
+        ``similarity`` None: the model has no such check)."""
         area, previous_area = int(mask.sum()), int(previous.sum())
         if not area:
             return None
-        if self.min_similarity is not None and similarity < self.min_similarity:
+        if self.min_similarity is not None and similarity is not None and similarity < self.min_similarity:
             return f"appearance similarity to the seed {similarity:.2f} < {self.min_similarity}"
         if self.min_score is not None and score < self.min_score:
             return f"predicted quality {score:.2f} < {self.min_score}"
@@ -122,6 +126,43 @@ def _boxes(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
     return np.concatenate([low - margins, high + margins], axis=1)
 
 
+class BoxChain:
+    """Masks for :class:`Propagator` from models without a memory: slice k±1 is prompted with boxes around the
+    mask on slice k (logits averaged), the result kept within a band around it; each object's appearance
+    (mean image feature) is compared with its seed's for the similarity stop."""
+
+    def __init__(self, propagator: Propagator, seeds: dict, low: int, high: int) -> None:
+        self.propagator, self.session, self.axes = propagator, propagator.session, propagator.axes
+        self.low, self.high, self.step = low, high, 1
+        self.batch = propagator.batch
+        self.signatures = {name: self._feature(i, m) for name, (i, m) in seeds.items()}
+
+    def _feature(self, index: int, mask: np.ndarray) -> np.ndarray:
+        self.session.set_slice(self.axes.view, index)
+        return self.session.predictor.region_feature(mask)
+
+    def start(self, step: int, start: int) -> None:
+        self.step = step
+
+    def _encode_ahead(self, index: int) -> None:
+        """Encode the next ``batch`` slices in one go when ``index`` is not cached yet (GPU: one batch of 8)."""
+        if self.batch > 1 and not self.session.is_cached(self.axes.view, index):
+            ahead = [i for i in range(index, index + self.step * self.batch, self.step) if self.low <= i <= self.high]
+            self.session.prefetch_many(self.axes.view, ahead)
+
+    def predict(self, name: str, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
+        self._encode_ahead(index)
+        self.session.set_slice(self.axes.view, index)
+        prediction = predict_box_ensemble(self.session.predictor, _boxes(previous, self.axes.pixel_spacing))
+        return prediction.masks[0] & _band(previous, self.axes.pixel_spacing), float(prediction.scores[0])
+
+    def similarity(self, name: str, mask: np.ndarray) -> float:
+        return float(self.session.predictor.region_feature(mask) @ self.signatures[name]) if mask.any() else 0.0
+
+    def close(self) -> None:
+        pass
+
+
 class Propagator:
     """Propagate masks on slices of one view of a :class:`~.session.Session`'s volume.
 
@@ -133,7 +174,7 @@ class Propagator:
         self.session = session
         self.axes = session.axes(view)
         self.rules = rules or StopRules()
-        self.batch = encode_batch(session.model.device)  # slices encoded at once, ahead of the decoder
+        self.batch = encode_batch(session.model.device)  # slices encoded at once, ahead of the decoder (BoxChain)
 
     def _check_seed(self, name: str, index: int, mask: np.ndarray) -> np.ndarray:
         mask = np.asarray(mask, dtype=bool)
@@ -156,27 +197,15 @@ class Propagator:
                               f"0 to {self.axes.num_slices - 1}.")
         return low, high
 
-    def _predict(self, previous: np.ndarray) -> tuple[np.ndarray, float]:
-        prediction = predict_box_ensemble(self.session.predictor, _boxes(previous, self.axes.pixel_spacing))
-        return prediction.masks[0] & _band(previous, self.axes.pixel_spacing), float(prediction.scores[0])
-
-    def _encode_ahead(self, index: int, step: int, low: int, high: int) -> None:
-        """Encode the next ``batch`` slices in one go when ``index`` is not cached yet (GPU: one batch of 8)."""
-        if self.batch > 1 and not self.session.is_cached(self.axes.view, index):
-            ahead = [i for i in range(index, index + step * self.batch, step) if low <= i <= high]
-            self.session.prefetch_many(self.axes.view, ahead)
-
-    def _signature(self, index: int, mask: np.ndarray) -> np.ndarray:
-        self.session.set_slice(self.axes.view, index)
-        return self.session.predictor.region_feature(mask)
-
     def steps(self, seeds: dict[str, tuple[int, np.ndarray]], direction: Direction | str = Direction.BOTH,
               slice_range: tuple[int, int] | None = None, keys: dict[str, dict[int, np.ndarray]] | None = None,
               result: PropagationResult | None = None, allow_overlap: bool = False) -> Iterator[SliceStep]:
         """Yield one :class:`SliceStep` per slice as it is done; fill ``result`` as it goes.
 
         All objects move together, so each slice is encoded once and decoded once per object. Where objects
-        overlap, the pixel goes to the object listed first unless ``allow_overlap``.
+        overlap, the pixel goes to the object listed first unless ``allow_overlap``. Models with a memory of
+        earlier slices (SAM 2) track the objects (:class:`~.video_propagation.Tracker`); the others are
+        prompted on each slice from the mask on the slice before (:class:`BoxChain`).
         """
         direction = Direction(direction)
         low, high = self._range(slice_range)
@@ -190,53 +219,61 @@ class Propagator:
                 raise PromptError(f"The seed slice {index} of {name!r} is outside the range {low}:{high}.")
             result.masks.setdefault(name, {})
             result.stopped.setdefault(name, {})
-        signatures = {name: self._signature(i, m) for name, (i, m) in seeds.items()}
-        for step in direction.steps():
-            label = "up" if step > 0 else "down"
-            state = {name: {"index": i, "previous": m, "empty": 0, "signature": signatures[name]}
-                     for name, (i, m) in seeds.items()}
-            active = set(state)
-            index = min(s["index"] for s in state.values()) if step > 0 else max(s["index"] for s in state.values())
-            while active:
-                index += step
-                if not low <= index <= high:
-                    for name in active:
-                        result.stopped[name][label] = "range end"
-                    break
-                masks, scores = {}, {}
-                for name in sorted(active, key=list(seeds).index):
-                    info = state[name]
-                    if (step > 0 and index <= info["index"]) or (step < 0 and index >= info["index"]):
-                        continue  # this object's seed lies further on
-                    if index in keys.get(name, {}):
-                        result.stopped[name][label] = f"key slice {index}"
-                        active.discard(name)
+        if getattr(self.session.model, "tracks_video", False):
+            from .video_propagation import Tracker
+
+            source = Tracker(self, seeds, keys, low, high)
+        else:
+            source = BoxChain(self, seeds, low, high)
+        try:
+            for step in direction.steps():
+                start = min(i for i, _ in seeds.values()) if step > 0 else max(i for i, _ in seeds.values())
+                source.start(step, start)
+                yield from self._direction(source, seeds, step, start, (low, high), keys, result, allow_overlap)
+        finally:
+            source.close()
+
+    def _direction(self, source, seeds, step: int, index: int, bounds: tuple[int, int], keys: dict,
+                   result: PropagationResult, allow_overlap: bool) -> Iterator[SliceStep]:
+        label = "up" if step > 0 else "down"
+        state = {name: {"index": i, "previous": m, "empty": 0} for name, (i, m) in seeds.items()}
+        active = set(state)
+        while active:
+            index += step
+            if not bounds[0] <= index <= bounds[1]:
+                for name in active:
+                    result.stopped[name][label] = "range end"
+                break
+            masks, scores = {}, {}
+            for name in sorted(active, key=list(seeds).index):
+                info = state[name]
+                if (step > 0 and index <= info["index"]) or (step < 0 and index >= info["index"]):
+                    continue  # this object's seed lies further on
+                if index in keys.get(name, {}):
+                    result.stopped[name][label] = f"key slice {index}"
+                    active.discard(name)
+                    continue
+                mask, score = source.predict(name, index, info["previous"])
+                if not allow_overlap:
+                    for other in masks.values():
+                        mask = mask & ~other
+                reason = self.rules.check(mask, score, info["previous"], source.similarity(name, mask))
+                if not mask.any():
+                    info["empty"] += 1
+                    if info["empty"] >= max(1, self.rules.max_empty):
+                        reason = "empty mask"
+                    else:
                         continue
-                    self._encode_ahead(index, step, low, high)
-                    self.session.set_slice(self.axes.view, index)
-                    mask, score = self._predict(info["previous"])
-                    if not allow_overlap:
-                        for other in masks.values():
-                            mask &= ~other
-                    similarity = float(self.session.predictor.region_feature(mask) @ info["signature"]) \
-                        if mask.any() else 0.0
-                    reason = self.rules.check(mask, score, info["previous"], similarity)
-                    if not mask.any():
-                        info["empty"] += 1
-                        if info["empty"] >= max(1, self.rules.max_empty):
-                            reason = "empty mask"
-                        else:
-                            continue
-                    if reason:
-                        result.stopped[name][label] = reason
-                        active.discard(name)
-                        continue
-                    info["empty"] = 0
-                    info["previous"] = mask
-                    masks[name], scores[name] = mask, score
-                    result.masks[name][index] = mask
-                if masks:
-                    yield SliceStep(index, masks, scores)
+                if reason:
+                    result.stopped[name][label] = reason
+                    active.discard(name)
+                    continue
+                info["empty"] = 0
+                info["previous"] = mask
+                masks[name], scores[name] = mask, score
+                result.masks[name][index] = mask
+            if masks:
+                yield SliceStep(index, masks, scores)
 
     def fill_between(self, name: str, keys: dict[int, np.ndarray],
                      cancel: Callable[[], bool] | None = None) -> PropagationResult:

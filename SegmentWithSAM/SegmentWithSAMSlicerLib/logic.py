@@ -84,8 +84,7 @@ class SegmentationController:
         if entry is None or entry.installed:
             return None
         if not entry.url:
-            raise PromptError(f"{model} is not installed: get {entry.checkpoint} from its authors and put it in "
-                              f"{entry.path.parent}.")
+            raise PromptError(f"{model} is not installed: {entry.manual_install}.")
         return entry
 
     def start_download(self, entry, url: str | None = None) -> None:

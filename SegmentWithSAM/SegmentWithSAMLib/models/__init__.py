@@ -16,6 +16,10 @@ DEFAULT_MODEL = "litemedsam"
 def _load(architecture: str, device, checkpoint, name: str | None) -> SamLikeAdapter:
     if architecture == "litemedsam":
         return LiteMedSAM.load(device, checkpoint)
+    if architecture.startswith(("sam2", "medsam2")):
+        from .sam2 import SAM2
+
+        return SAM2.load(device, checkpoint, architecture, name)
     from .sam import SAM, MedSAM
 
     if architecture == "medsam_vit_b":
@@ -24,12 +28,13 @@ def _load(architecture: str, device, checkpoint, name: str | None) -> SamLikeAda
 
 
 def _architecture_of(path: Path) -> str:
-    """The architecture a checkpoint file was made for: a SAM ViT variant, else LiteMedSAM."""
+    """The architecture a checkpoint file was made for: a SAM ViT or SAM 2.1 Hiera variant, else LiteMedSAM."""
     from ..checkpoints import load_state_dict
-    from .sam import checkpoint_variant
+    from . import sam, sam2
 
-    variant = checkpoint_variant(load_state_dict(path))
-    return f"sam_{variant}" if variant else "litemedsam"
+    state = load_state_dict(path)
+    variant = sam.checkpoint_variant(state)
+    return f"sam_{variant}" if variant else sam2.checkpoint_variant(state) or "litemedsam"
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str | None = "auto",
@@ -52,7 +57,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
         if checkpoint is None and entry.architecture != "litemedsam":
             if not entry.installed:
                 how = (f"run `segmentwithsam models --download {entry.name}`" if entry.url
-                       else f"get {entry.checkpoint} from its authors")
+                       else entry.manual_install)
                 raise CheckpointError(f"{entry.name} is not installed: {how}, or give its checkpoint path.")
             checkpoint = entry.path
         return accelerate(_load(entry.architecture, device, checkpoint, entry.name), engine, automatic)

@@ -47,13 +47,18 @@ class SamLikeAdapter:
         """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""
         return images01
 
+    def encoder_precision(self):
+        """The autocast context for the encoder (and SAM 2's tracking): bf16/fp16 on CUDA, fp32 elsewhere."""
+        import torch
+
+        dtype = encoder_dtype(self.device)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
     def encode(self, images01):
         """Images (B, 3, S, S) float in [0, 1] → embeddings (B, C, h, w) float32 on the model's device."""
         import torch
 
-        dtype = encoder_dtype(self.device)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self.encoder_precision():
             embeddings = self.image_encoder(self.normalize(images01.to(self.device, non_blocking=True)))
         self.encoder_runs += int(images01.shape[0])
         return embeddings.float()

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..errors import ModelError
 
 MODELS_ENV = "SEGMENTWITHSAM_MODELS"
-ARCHITECTURES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+ARCHITECTURES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "sam2.1_hiera_t",
+                 "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "medsam2")
 PREPROCESSING = ("minmax", "imagenet")
 _FIELDS = {"name": str, "architecture": str, "input_size": int, "preprocessing": str, "checkpoint": str,
            "url": (str, type(None)), "sha256": (str, type(None)), "size": (int, type(None)), "licence": str}
@@ -34,6 +35,7 @@ class ModelEntry:
     size: int | None
     licence: str
     bundled: str | None = None
+    source: str | None = None  # where to get the file by hand when there is no verified download
 
     @property
     def path(self) -> Path:
@@ -43,6 +45,11 @@ class ModelEntry:
 
             return Path(bundled_checkpoint())
         return models_dir() / self.checkpoint
+
+    @property
+    def manual_install(self) -> str:
+        """How to install it by hand (the only way when there is no verified download)."""
+        return f"get {self.checkpoint} from {self.source or 'its authors'} and put it in {self.path.parent}"
 
     @property
     def installed(self) -> bool:
@@ -61,7 +68,7 @@ def check_entry(raw: dict) -> ModelEntry:
     """A :class:`ModelEntry` from a JSON object, or :class:`ModelError` saying which field is wrong."""
     if not isinstance(raw, dict):
         raise ModelError("A registry entry must be a JSON object.")
-    unknown = set(raw) - set(_FIELDS) - {"bundled"}
+    unknown = set(raw) - set(_FIELDS) - {"bundled", "source"}
     if unknown:
         raise ModelError(f"Registry entry {raw.get('name')!r} has unknown fields: {sorted(unknown)}.")
     for key, kind in _FIELDS.items():

@@ -1,0 +1,167 @@
+"""SAM 2.1 and MedSAM2: checkpoints the test builds (random weights; real ones are not available offline) loaded
+through the real loader, single-slice prediction that matches the sam2 package's own image predictor, and
+propagation with SAM 2's video predictor fed from memory on a small Colin27 crop: both directions, several
+objects in one pass, streaming, cancel, range and key slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from SegmentWithSAMLib.errors import CheckpointError
+from SegmentWithSAMLib.geometry import Volume
+from SegmentWithSAMLib.models import load_model
+from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules
+from SegmentWithSAMLib.session import Session
+
+from conftest import middle_slice, tight_box
+
+pytest.importorskip("sam2", reason="SAM 2 models need the sam2 package (scripts/setup.sh installs it)")
+
+NEVER_STOP = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None, max_empty=10**6)
+
+
+def _save(variant: str, path, *, extra_blocks: int = 0):
+    from SegmentWithSAMLib.models.sam2 import build_network
+
+    torch.manual_seed(0)
+    state = build_network(variant).state_dict()
+    prefix = "image_encoder.trunk.blocks."
+    for extra in range(extra_blocks):  # a deeper trunk, as a bigger variant has
+        state.update({k.replace(f"{prefix}11.", f"{prefix}{12 + extra}."): v for k, v in state.items()
+                      if k.startswith(f"{prefix}11.")})
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sam2")
+    return {"tiny": _save("sam2.1_hiera_t", folder / "sam2.1_hiera_tiny.pt"),
+            "deeper": _save("sam2.1_hiera_t", folder / "deeper.pt", extra_blocks=4)}
+
+
+@pytest.fixture(scope="module")
+def medsam2(checkpoints):
+    return load_model("medsam2", "cpu", engine="torch", checkpoint=checkpoints["tiny"])
+
+
+@pytest.fixture(scope="module")
+def crop(colin, atlas):
+    """Colin27 around the left putamen: 14 axial slices of 96 × 96 voxels, with the AAL labels."""
+    labels = atlas.array == 73
+    k = int(np.median(np.flatnonzero(labels.any(axis=(1, 2)))))
+    window = np.s_[k - 7: k + 7, 50:146, 40:136]
+    shift = np.eye(4)
+    shift[:3, 3] = [window[2].start, window[1].start, window[0].start]
+    image = Volume(colin.array[window].copy(), colin.ijk_to_ras @ shift)
+    return image, atlas.array[window]
+
+
+def test_checkpoints_load_by_name_and_by_path_and_wrong_ones_are_refused(checkpoints):
+    tiny = load_model(checkpoints["tiny"], "cpu", engine="torch")  # the variant is read from the weights
+    assert tiny.name == "sam2.1_hiera_t" and tiny.input_size == 1024 and tiny.low_res_size == 256
+    with pytest.raises(CheckpointError, match="looks like a sam2.1_hiera_s checkpoint; you chose sam2.1_hiera_t"):
+        load_model("sam2.1_tiny", "cpu", engine="torch", checkpoint=checkpoints["deeper"])
+    with pytest.raises(CheckpointError, match="not a SAM checkpoint"):
+        load_model("sam_vit_b", "cpu", engine="torch", checkpoint=checkpoints["tiny"])
+    truncated = checkpoints["tiny"].with_name("truncated.pt")
+    truncated.write_bytes(checkpoints["tiny"].read_bytes()[: 1 << 20])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_model("sam2.1_tiny", "cpu", engine="torch", checkpoint=truncated)
+    with pytest.raises(CheckpointError, match="medsam2 is not installed: get MedSAM2_latest.pt from https://"):
+        load_model("medsam2", "cpu", engine="torch")
+
+
+def test_slice_prediction_matches_the_sam2_image_predictor(medsam2):
+    """The packed features and the decoder call give what sam2's own SAM2ImagePredictor gives."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    size = medsam2.input_size
+    image = np.random.default_rng(1).random((size, size, 3), dtype=np.float32)
+    reference = SAM2ImagePredictor(medsam2.net)
+    reference._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
+    reference.set_image(image)
+    box, point = np.array([100.0, 120.0, 300.0, 340.0]), np.array([[200.0, 230.0]])
+    _, ref_scores, ref_logits = reference.predict(point_coords=point, point_labels=np.array([1]), box=box,
+                                                  multimask_output=False)
+    embedding = medsam2.encode(torch.from_numpy(image).permute(2, 0, 1)[None])
+    assert embedding.shape == (1, 1024, size // 16, size // 16)
+    ours = medsam2.decode(embedding, point[None], np.array([[1]]), box[None])
+    np.testing.assert_allclose(ours.logits[0].numpy(), ref_logits, atol=1e-3)
+    np.testing.assert_allclose(ours.scores[0].numpy(), ref_scores, atol=1e-4)
+
+
+def test_a_box_on_a_colin27_slice_gives_a_mask_on_that_slice(medsam2, colin, atlas):
+    session = Session(colin, medsam2)
+    axes = session.axes("sagittal")
+    index, truth = middle_slice(atlas, axes, "Putamen_L")
+    box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    result = session.refine("sagittal", box_ras=box)
+    assert result.index == index and result.mask2d.shape == axes.image_shape
+    assert session.predictor._embedding.shape == (1, 1024, 32, 32)
+    volume_mask = result.volume_mask()
+    assert volume_mask.shape == colin.array.shape and not axes.oriented(volume_mask)[index + 1].any()
+
+
+def test_video_propagation_both_ways_with_two_objects_streams_and_encodes_each_slice_once(medsam2, crop):
+    image, labels = crop
+    session = Session(image, medsam2)
+    axes = session.axes("axial")
+    middle = axes.num_slices // 2
+    seeds = {"putamen": (middle, axes.oriented(labels == 73)[middle]),
+             "pallidum": (middle, axes.oriented(labels == 75)[middle])}
+    assert all(seed.any() for _, seed in seeds.values())
+    streamed = []
+    before = medsam2.encoder_runs
+    result = Propagator(session, "axial", NEVER_STOP).run(seeds, "both", on_slice=streamed.append)
+    # each direction is one pass over its slices (the seed slice opens both): one encoder run per slice
+    assert medsam2.encoder_runs - before == axes.num_slices + 1
+    indices = [step.index for step in streamed]
+    assert indices == sorted(indices, key=lambda i: (i < middle, abs(i - middle))) and middle not in indices
+    assert result.stopped == {name: {"up": "range end", "down": "range end"} for name in seeds}
+    for step in streamed:
+        masks = list(step.masks.values())
+        assert all(m.shape == axes.image_shape and m.dtype == bool for m in masks)
+        if len(masks) == 2:
+            assert not (masks[0] & masks[1]).any()  # no overlaps unless asked
+    assert set(result.masks) == set(seeds)
+
+
+def test_video_propagation_cancels_within_a_slice_and_keeps_range_and_key_slices(medsam2, crop):
+    image, labels = crop
+    session = Session(image, medsam2)
+    axes = session.axes("axial")
+    middle = axes.num_slices // 2
+    seed = axes.oriented(labels == 73)[middle]
+    propagator = Propagator(session, "axial", NEVER_STOP)
+    seen, before = [], medsam2.encoder_runs
+    with pytest.raises(Cancelled):
+        propagator.run({"p": (middle, seed)}, "up", on_slice=seen.append, cancel=lambda: len(seen) >= 3)
+    assert len(seen) == 3 and medsam2.encoder_runs - before <= 1 + 3 + 1
+
+    key = {middle + 3: seed}
+    result = propagator.run({"p": (middle, seed)}, "both", (middle - 2, middle + 5), keys={"p": key})
+    assert set(result.masks["p"]) <= {middle - 2, middle - 1, middle + 1, middle + 2}
+    assert result.stopped["p"] == {"up": f"key slice {middle + 3}", "down": "range end"}
+
+
+def test_propagate_command_picks_sam2_by_name(medsam2, crop, checkpoints, tmp_path, capsys):
+    import json
+
+    from SegmentWithSAMLib.cli import main
+    from SegmentWithSAMLib.io import write_labelmap, write_volume
+
+    image, labels = crop
+    volume_path, seed_path, out = tmp_path / "crop.nii.gz", tmp_path / "seed.nii.gz", tmp_path / "out.nii.gz"
+    write_volume(image, volume_path)
+    seed = np.zeros(labels.shape, dtype=np.uint8)
+    middle = labels.shape[0] // 2
+    seed[middle] = labels[middle] == 73
+    write_labelmap(seed, image, seed_path)
+    code = main(["propagate", str(volume_path), "--mask", str(seed_path), "--view", "axial", "--range",
+                 f"{middle - 1}:{middle + 1}", "--model", "medsam2", "--checkpoint", str(checkpoints["tiny"]),
+                 "--device", "cpu", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["slices"] <= 2 and out.is_file()
