@@ -165,3 +165,30 @@ def test_propagate_command_picks_sam2_by_name(medsam2, crop, checkpoints, tmp_pa
                  "--device", "cpu", "--out", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["slices"] <= 2 and out.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sam_vit_l", "sam_vit_h", "sam2.1_small", "sam2.1_base_plus", "sam2.1_large"])
+def test_every_other_architecture_loads_through_the_real_loader_and_predicts(name, tmp_path, colin, atlas):
+    """The bigger variants (checkpoints of 0.2–2.5 GB, so not in the default run), built and saved here."""
+    from SegmentWithSAMLib.models import registry
+    from SegmentWithSAMLib.models.sam2 import build_network
+
+    architecture = registry()[name].architecture
+    torch.manual_seed(0)
+    if architecture.startswith("sam2"):
+        state = build_network(architecture).state_dict()
+    else:
+        from segment_anything import sam_model_registry
+
+        state = sam_model_registry[architecture.removeprefix("sam_")]().state_dict()
+    path = tmp_path / f"{name}.pt"
+    torch.save(state, path)
+    del state
+    model = load_model(path, "cpu", engine="torch")
+    assert model.name == architecture
+    session = Session(colin, model)
+    axes = session.axes("axial")
+    index, truth = middle_slice(atlas, axes, "Putamen_L")
+    box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    assert session.refine("axial", box_ras=box).mask2d.shape == axes.image_shape

@@ -66,9 +66,8 @@ class Tracker:
         self.model = self.session.model
         self.seeds, self.keys, self.low, self.high = seeds, keys, low, high
         self.objects = list(seeds)
-        self._frames = None
-        self._stream = None
-        self._current: tuple[int, object, dict] | None = None
+        self._frames = self._stream = self._state = None
+        self._current: tuple[int, object, dict] | None = None  # (slice, SAM 2's logits, masks taken from them)
 
     def start(self, step: int, start: int) -> None:
         """Begin tracking from slice ``start`` in direction ``step`` (+1 up, -1 down) to the range end."""
