@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"(budget {report['clicks']}; budget + 1 = never reached)")
         elif args.command == "models":
             report = cmd_models(args)
-            text = "\n".join(f"{m['name']:<12} {m['architecture']:<13} {m['input_size']:>5}  {m['status']}"
+            text = "\n".join(f"{m['name']:<16} {m['architecture']:<15} {m['input_size']:>5}  {m['status']}"
                              for m in report["models"])
         elif args.command == "demo":
             from .demo import run_demo
