@@ -76,6 +76,13 @@ def tight_box(mask2d: np.ndarray) -> np.ndarray:
     return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
 
 
+def structure_box_ras(volume: Volume, atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:
+    """The middle slice of an AAL structure along ``axes`` and the tight box around it there, as two RAS
+    corners (2, 3): the box a user would drag."""
+    index, truth = middle_slice(atlas, axes, structure)
+    return index, volume.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+
+
 def reoriented_volume(volume: Volume, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
     """``volume`` stored with its array axes permuted and flipped, geometry adjusted so that every voxel stays
     at the same RAS position (the 48 ways a scanner may store one image)."""

@@ -15,14 +15,13 @@ from SegmentWithSAMLib.data import colin27
 from SegmentWithSAMLib.geometry import Volume, slice_axes
 from SegmentWithSAMLib.io import read_volume, write_volume
 
-from conftest import middle_slice, tight_box
+from conftest import structure_box_ras
 
 
 @pytest.fixture(scope="module")
 def hippocampus_box(colin, atlas):
     axes = slice_axes(colin, "axial")
-    index, truth = middle_slice(atlas, axes, "Hippocampus_L")
-    corners = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    index, corners = structure_box_ras(colin, atlas, axes, "Hippocampus_L")
     return ",".join(f"{v:.3f}" for v in corners.ravel()), index
 
 

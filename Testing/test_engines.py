@@ -15,7 +15,7 @@ from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.models.litemedsam import bundled_checkpoint
 from SegmentWithSAMLib.session import Session
 
-from conftest import middle_slice, tight_box
+from conftest import structure_box_ras
 
 pytestmark = pytest.mark.skipif(not engines.has_openvino(), reason="OpenVINO is not installed")
 
@@ -31,8 +31,7 @@ def test_fast_engine_masks_match_the_reference(fast, model, cache, colin, atlas)
     for structure in ("Hippocampus_L", "Putamen_L"):
         for view in ("axial", "coronal", "sagittal"):
             axes = slice_axes(colin, view)
-            index, truth = middle_slice(atlas, axes, structure)
-            box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+            _, box = structure_box_ras(colin, atlas, axes, structure)
             ours, theirs = accelerated.refine(view, box_ras=box), reference.refine(view, box_ras=box)
             scores.append(dice(theirs.mask2d, ours.mask2d))
     assert fast.engine == "openvino" and np.mean(scores) >= 0.99, scores

@@ -17,7 +17,7 @@ from SegmentWithSAMLib.models import load_model, registry
 from SegmentWithSAMLib.models.catalog import check_entry
 from SegmentWithSAMLib.session import Session
 
-from conftest import FileServer, middle_slice, tight_box
+from conftest import FileServer, structure_box_ras
 
 
 def test_registry_entries_pass_their_schema_and_bad_ones_are_named():
@@ -58,8 +58,7 @@ def test_sam_and_medsam_load_through_the_real_loader_and_predict(vit_b_checkpoin
     assert medsam.name == "medsam" and medsam.normalization == "minmax"
     session = Session(colin, sam)
     axes = session.axes("coronal")
-    index, truth = middle_slice(atlas, axes, "Putamen_L")
-    box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    index, box = structure_box_ras(colin, atlas, axes, "Putamen_L")
     result = session.refine("coronal", box_ras=box)
     assert result.index == index and result.mask2d.shape == axes.image_shape
     assert result.volume_mask().shape == colin.array.shape

@@ -15,7 +15,7 @@ from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules
 from SegmentWithSAMLib.session import Session
 
-from conftest import middle_slice, tight_box
+from conftest import structure_box_ras
 
 pytest.importorskip("sam2", reason="SAM 2 models need the sam2 package (scripts/setup.sh installs it)")
 
@@ -96,8 +96,7 @@ def test_slice_prediction_matches_the_sam2_image_predictor(medsam2):
 def test_a_box_on_a_colin27_slice_gives_a_mask_on_that_slice(medsam2, colin, atlas):
     session = Session(colin, medsam2)
     axes = session.axes("sagittal")
-    index, truth = middle_slice(atlas, axes, "Putamen_L")
-    box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    index, box = structure_box_ras(colin, atlas, axes, "Putamen_L")
     result = session.refine("sagittal", box_ras=box)
     assert result.index == index and result.mask2d.shape == axes.image_shape
     assert session.predictor._embedding.shape == (1, 1024, 32, 32)
@@ -189,6 +188,5 @@ def test_every_other_architecture_loads_through_the_real_loader_and_predicts(nam
     assert model.name == architecture
     session = Session(colin, model)
     axes = session.axes("axial")
-    index, truth = middle_slice(atlas, axes, "Putamen_L")
-    box = colin.to_ras(axes.pixel_to_ijk(index, tight_box(truth).reshape(2, 2)))
+    index, box = structure_box_ras(colin, atlas, axes, "Putamen_L")
     assert session.refine("axial", box_ras=box).mask2d.shape == axes.image_shape
