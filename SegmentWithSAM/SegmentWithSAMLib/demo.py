@@ -20,7 +20,7 @@ DEMO_MARGIN_PX = 2  # the demo's box is the atlas label's bounding box plus this
 def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     """Segment the left hippocampus of Colin27 on its middle axial slice from a box; write the labelmap and
     a PNG picture; report Dice against the AAL atlas label."""
-    from .geometry import slice_image, slices_with
+    from .geometry import slices_with
     from .io import read_volume, write_labelmap
     from .models import load_model
     from .render import save_overlay_png
@@ -50,7 +50,7 @@ def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     labelmap = out_dir / "hippocampus_L.nii.gz"
     picture = out_dir / "hippocampus_L_axial.png"
     write_labelmap(result.volume_mask(), volume, labelmap, name=DEMO_STRUCTURE)
-    image = session.window.apply(slice_image(volume, axes, index))
+    image = session.windowed_slice(axes, index)
     save_overlay_png(image, result.mask2d, picture, pixel_spacing=axes.pixel_spacing, box=box_xy,
                      reference=oriented[index])
     score = dice(result.mask2d, oriented[index])

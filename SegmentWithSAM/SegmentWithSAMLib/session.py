@@ -65,6 +65,10 @@ class Session:
     def axes(self, view: View | str) -> SliceAxes:
         return slice_axes(self.volume, view)
 
+    def windowed_slice(self, axes: SliceAxes, index: int) -> np.ndarray:
+        """Slice ``index`` of ``axes`` (rows, cols) through the session's intensity window, as the model sees it."""
+        return self.window.apply(slice_image(self.volume, axes, index))
+
     def _slice_key(self, axes: SliceAxes, index: int) -> tuple:
         return self.volume.identity, axes.view.value, index, self.window.key
 
@@ -72,7 +76,7 @@ class Session:
         """Make slice ``index`` of ``view`` current (encoding it unless its embedding is cached)."""
         axes = self.axes(view)
         if self._current != (axes.view, index):
-            image = self.window.apply(slice_image(self.volume, axes, index))
+            image = self.windowed_slice(axes, index)
             self.predictor.set_image(image, axes.pixel_spacing, cache_key=self._slice_key(axes, index))
             self._current = (axes.view, index)
         return axes
@@ -95,7 +99,7 @@ class Session:
                 if 0 <= i < axes.num_slices and not self.is_cached(axes.view, i)]
         if not todo:
             return 0
-        images = [self.window.apply(slice_image(self.volume, axes, i)) for i in todo]
+        images = [self.windowed_slice(axes, i) for i in todo]
         self.predictor.embed_many(images, axes.pixel_spacing, [self._slice_key(axes, i) for i in todo])
         return len(todo)
 

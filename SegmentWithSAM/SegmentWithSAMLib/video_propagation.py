@@ -14,7 +14,6 @@ import contextlib
 
 import numpy as np
 
-from .geometry import slice_image
 from .predictor import normalize_slice
 from .preprocessing import SliceTransform
 
@@ -33,7 +32,7 @@ class SliceFrames:
 
     def __getitem__(self, frame: int):
         self.session.model.encoder_runs += 1  # SAM 2 reads a frame only to encode it
-        image = self.session.window.apply(slice_image(self.session.volume, self.axes, self.indices[frame]))
+        image = self.session.windowed_slice(self.axes, self.indices[frame])
         return self.session.model.normalize(self.transform.image_to_model(normalize_slice(image)))[0]
 
 
