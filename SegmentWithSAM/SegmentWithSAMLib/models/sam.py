@@ -40,13 +40,14 @@ class SAM(SamLikeAdapter):
 
     @classmethod
     def load(cls, device, checkpoint: str | os.PathLike | None = None, variant: str = "vit_b",
-             name: str | None = None) -> SAM:
+             name: str | None = None, state: dict | None = None) -> SAM:
+        """Build SAM ``variant`` and load ``checkpoint`` onto ``device``; ``state``: its weights, if already read."""
         if checkpoint is None:
             raise CheckpointError(f"{name or cls.name} needs a checkpoint file: give its path, or download it with "
                                   "consent (segmentwithsam models --download NAME).")
         from segment_anything import sam_model_registry
 
-        state = load_state_dict(checkpoint)
+        state = state if state is not None else load_state_dict(checkpoint)
         found = checkpoint_variant(state)
         if found is None:
             raise CheckpointError(f"Checkpoint {checkpoint} is not a SAM checkpoint (no ViT image encoder in it).")

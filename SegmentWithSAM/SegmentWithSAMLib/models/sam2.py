@@ -104,10 +104,11 @@ class SAM2(SAM):
 
     @classmethod
     def load(cls, device, checkpoint: str | os.PathLike | None = None, variant: str = "sam2.1_hiera_t",
-             name: str | None = None) -> SAM2:
+             name: str | None = None, state: dict | None = None) -> SAM2:
+        """Build SAM 2 ``variant`` and load ``checkpoint`` onto ``device``; ``state``: its weights, if already read."""
         if checkpoint is None:
             raise CheckpointError(f"{name or variant} needs a checkpoint file: give its path.")
-        state = load_state_dict(checkpoint)
+        state = state if state is not None else load_state_dict(checkpoint)
         found = checkpoint_variant(state)
         if found is None:
             raise CheckpointError(f"Checkpoint {checkpoint} is not a SAM 2 checkpoint (no Hiera image encoder in it).")
