@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,27 @@ def structure_slices(atlas, axes, structures=AAL_STRUCTURES):
         if len(slices):
             index = int(slices[len(slices) // 2])
             yield name, index, oriented[index]
+
+
+def tight_box(mask2d: np.ndarray) -> np.ndarray:
+    """The box (x0, y0, x1, y1) in slice pixels around a 2D mask."""
+    rows, cols = np.nonzero(mask2d)
+    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
+
+
+def timed_ms(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None) -> list[float]:
+    """Milliseconds of each of ``repeat`` calls of ``fn``; ``sync`` (e.g. torch.cuda.synchronize) is called
+    around each so that GPU work is counted."""
+    times = []
+    for _ in range(repeat):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

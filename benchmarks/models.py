@@ -54,7 +54,7 @@ def measure(name: str, device_name: str, repeat: int) -> dict:
     from SegmentWithSAMLib.device import select_device
     from SegmentWithSAMLib.session import Session
 
-    from common import load_colin27, structure_slices
+    from common import load_colin27, structure_slices, tight_box, timed_ms
 
     device = select_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -65,25 +65,10 @@ def measure(name: str, device_name: str, repeat: int) -> dict:
     session = Session(volume, model, cache=EmbeddingCache())
     axes = session.axes("axial")
     _, index, truth = next(s for s in structure_slices(atlas, axes) if s[0] == "Putamen_L")
-    import numpy as np
-
-    rows, cols = np.nonzero(truth)
-    box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
+    box = tight_box(truth)
     session.set_slice("axial", index - 1)  # warm-up (first-call costs)
-    encoder = []
-    for i in range(repeat):
-        sync()
-        start = time.perf_counter()
-        session.set_slice("axial", index + i)
-        sync()
-        encoder.append((time.perf_counter() - start) * 1e3)
-    decoder = []
-    for _ in range(12):
-        sync()
-        start = time.perf_counter()
-        session.predictor.predict(box=box)
-        sync()
-        decoder.append((time.perf_counter() - start) * 1e3)
+    encoder = [timed_ms(lambda i=i: session.set_slice("axial", index + i), 1, sync)[0] for i in range(repeat)]
+    decoder = timed_ms(lambda: session.predictor.predict(box=box), 12, sync)
     row = {"model": name, "engine": model.engine, "input_size": model.input_size, "load_s": round(load_s, 2),
            "encoder_ms": round(statistics.median(encoder), 1), "decoder_ms": round(statistics.median(decoder[4:]), 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

@@ -30,18 +30,9 @@ from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.propagation import Propagator, StopRules
 from SegmentWithSAMLib.session import Session
 
-from common import load_colin27, print_table, structure_slices, write_json
+from common import load_colin27, print_table, structure_slices, tight_box, timed_ms, write_json
 
 NO_STOPS = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
-
-
-def _ms(fn, repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndarray]]:
@@ -51,9 +42,9 @@ def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndar
     load_ms = (time.perf_counter() - start) * 1e3
     session = Session(volume, model, cache=EmbeddingCache())
     view, index, box = cases[0]
-    encoder = [_ms(lambda i=i: session.set_slice(view, index + i), 1)[0] for i in range(-1, slices)][1:]
+    encoder = [timed_ms(lambda i=i: session.set_slice(view, index + i), 1)[0] for i in range(-1, slices)][1:]
     session.set_slice(view, index)
-    decoder = _ms(lambda: session.predictor.predict(box=box), 15)[3:]
+    decoder = timed_ms(lambda: session.predictor.predict(box=box), 15)[3:]
     masks = []
     for view_, index_, box_ in cases:
         session.set_slice(view_, index_)
@@ -78,8 +69,7 @@ def main() -> None:
     for view in ("axial", "coronal", "sagittal"):
         axes = slice_axes(volume, view)
         for _, index, truth in list(structure_slices(atlas, axes))[:2]:
-            rows, cols = np.nonzero(truth)
-            cases.append((view, index, np.array([cols.min(), rows.min(), cols.max(), rows.max()], float)))
+            cases.append((view, index, tight_box(truth)))
     rows, reference = [], None
     for engine in ["torch", *[e for e in available_engines() if e != "torch"]]:
         row, masks = measure(engine, volume, cases, args.slices)
