@@ -69,7 +69,7 @@ class SegmentWithSAMParameterNode:
     direction: Annotated[str, Choice(["both", "up", "down"])] = "both"
     rangeStart: Annotated[int, WithinRange(-1, 4096)] = -1
     rangeEnd: Annotated[int, WithinRange(-1, 4096)] = -1
-    minSimilarity: Annotated[float, WithinRange(0.0, 1.0)] = 0.75
+    minSimilarity: Annotated[float, WithinRange(0.0, 1.0)] = 0.65
     minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.35
     maxAreaRatio: Annotated[float, WithinRange(0.0, 20.0)] = 2.5
     minOverlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.2

@@ -101,6 +101,10 @@ def test_roi_box_preview_and_accept_land_on_the_hippocampus(scene, controller, c
     axes = slice_axes(volume, "axial")
     assert set(np.flatnonzero(axes.oriented(mask).any(axis=(1, 2)))) == {index}
     assert dice(axes.oriented(mask)[index], truth) >= DICE_FLOOR
+    # The box is kept for propagation from this slice: the ROI's box in slice pixels, around the hippocampus.
+    box = controller.last_accepted_box
+    rows, cols = np.nonzero(truth)
+    assert box is not None and abs(box[0] - cols.min()) <= 3 and abs(box[3] - rows.max()) <= 3
 
 
 @pytest.mark.parametrize(("perm", "flips"), [((0, 1, 2), (False, True, True)), ((1, 0, 2), (True, False, True))],

@@ -89,8 +89,10 @@ def _slice_range(text: str | None) -> tuple[int, int] | None:
     return low, high
 
 
-def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: str, args) -> tuple[np.ndarray, dict]:
-    """Propagate ``mask2d`` on slice ``index``; the 3D mask (seed included) and a report."""
+def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: str, args,
+               box: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Propagate ``mask2d`` on slice ``index`` (made from ``box``, if given); the 3D mask (seed included) and a
+    report."""
     from tqdm import tqdm
 
     from .geometry import paste_slice_mask
@@ -100,7 +102,7 @@ def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: st
     quiet = True if args.json else None  # tqdm: None = show only on a terminal
     with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
         result = propagator.run({"mask": (index, mask2d)}, direction, _slice_range(args.range),
-                                on_slice=lambda step: bar.update())
+                                on_slice=lambda step: bar.update(), boxes={"mask": box} if box is not None else None)
     seed = paste_slice_mask(session.volume.array.shape, propagator.axes, index, mask2d)
     volume = result.apply(seed.astype(np.uint8), {"mask": 1}) > 0
     return volume, {"slices": result.slice_count, "stopped": result.stopped["mask"],
@@ -223,7 +225,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         mask = result.volume_mask()
         if args.propagate:
             t = time.perf_counter()
-            mask, extra = _propagate(session, result.view.value, result.index, result.mask2d, args.propagate, args)
+            mask, extra = _propagate(session, result.view.value, result.index, result.mask2d, args.propagate, args,
+                                     result.box)
             timings["propagate"] = (time.perf_counter() - t) * 1e3
         bar.set_description("writing")
         t = time.perf_counter()

@@ -1,11 +1,13 @@
 """Execution engines for a SAM-like model: eager PyTorch (the reference, and the one for CUDA/MPS) and
 OpenVINO (the fast CPU path).
 
-Measured on a 2-core AMD EPYC with AVX-512 BF16 (``benchmarks/speed.py``): OpenVINO runs LiteMedSAM's encoder
-about 3× faster than eager PyTorch fp32 in bf16 and about 1.6× in f32; ONNX Runtime reached 1.7× in fp32 and
-its dynamic int8 quantisation was slower and unfaithful. bf16 moves mask edges (mean Dice 0.97 against the
-PyTorch masks), so the automatic choice is OpenVINO f32 (Dice ≥ 0.99, checked in the tests); the decoder always
-runs in f32.
+Measured on a 2-core AMD EPYC with AVX-512 BF16 (``benchmarks/speed.py``, README): OpenVINO f32 runs
+LiteMedSAM's encoder about 3× faster than eager PyTorch fp32 with masks faithful to it (mean Dice ≥ 0.99,
+checked in the tests), so it is the automatic choice on a CPU. bf16 is about 5× faster but moves mask edges
+(mean Dice 0.84–0.93 against the PyTorch masks, a few slices far off), so it is offered, never chosen. Also
+tried and left out: ONNX Runtime (1.7× in fp32; its dynamic int8 was slower and unfaithful), NNCF int8
+post-training quantisation of the encoder calibrated on Colin27 slices (4.6×, mean Dice 0.88), and keeping
+parts of the encoder in f32 under bf16 (the CPU plugin ignores the marks set from Python).
 
 The OpenVINO model is exported once from the real checkpoint (through ONNX) and kept in a per-user cache,
 keyed by the checkpoint's SHA-256 and the runtime version, so a changed checkpoint is exported again.
@@ -30,7 +32,7 @@ from .errors import ModelError
 from .models.base import Decoded, SamLikeAdapter
 
 # openvino: f32, faithful (mean Dice vs PyTorch ≥ 0.99); openvino-bf16: faster where the CPU has bf16, but
-# measured at a mean Dice of 0.97 against PyTorch on 12 Colin27 slices, so never chosen automatically.
+# not faithful (see above), so never chosen automatically.
 ENGINES = ("torch", "openvino", "openvino-bf16")
 ENGINE_CACHE_ENV = "SEGMENTWITHSAM_ENGINE_CACHE"
 

@@ -29,7 +29,8 @@ from .refinement import Refiner
 @dataclass
 class SliceResult:
     """A mask on one slice: ``mask2d`` (rows, cols) in display orientation, its slice ``index`` along the
-    view's slice axis, and the predicted quality. :meth:`volume_mask` gives it in the volume's KJI grid."""
+    view's slice axis, the predicted quality and the box it was prompted with (propagation uses it).
+    :meth:`volume_mask` gives it in the volume's KJI grid."""
 
     view: View
     index: int
@@ -38,6 +39,7 @@ class SliceResult:
     score: float
     low_res_logits: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
+    box: np.ndarray | None = None  # the box prompt (x0, y0, x1, y1) in slice pixels, if there was one
 
     def volume_mask(self) -> np.ndarray:
         """The mask as a boolean KJI array on the volume's grid (False off this slice)."""
@@ -132,7 +134,7 @@ class Session:
         return SliceResult(
             view=axes.view, index=index, axes=axes, mask2d=prediction.masks[0], score=float(prediction.scores[0]),
             low_res_logits=prediction.low_res_logits[0],
-            timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3},
+            timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3}, box=box,
         )
 
     def refine(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
@@ -156,5 +158,5 @@ class Session:
         return SliceResult(
             view=axes.view, index=index, axes=axes, mask2d=refiner.mask, score=float(refiner.first.scores[0]),
             low_res_logits=refiner.first.low_res_logits[0],
-            timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3},
+            timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3}, box=box,
         )

@@ -59,6 +59,7 @@ class SegmentationController:
         self._preview_sent = 0.0
         self.propagation: _Propagation | None = None
         self.last_accepted: tuple[str, str, View, int] | None = None  # segmentation ID, segment ID, view, slice
+        self.last_accepted_box: np.ndarray | None = None  # the box prompt of that mask (slice pixels), if any
         self.status = ""
         self.progress: tuple[int, int] | None = None
         self.download: dict | None = None  # a model download in progress (see start_download)
@@ -283,6 +284,7 @@ class SegmentationController:
         result.axes.oriented(new)[result.index] = result.mask2d
         self._modify(segmentation_node, segment_id, volume_node, new, editor_node, save_state)
         self.last_accepted = (segmentation_node.GetID(), segment_id, result.view, result.index)
+        self.last_accepted_box = result.box
         self.clear_preview()
         self.status = f"Accepted {int(result.mask2d.sum())} pixels into {segment_id} on slice {result.index}."
         return segment_id
@@ -315,10 +317,13 @@ class SegmentationController:
         written = mrml.propagated_slices(segmentation_node, segment_id, view)
         keys = [int(i) for i in slices_with(axes, before)
                 if i != seed and written.get(int(i)) != mrml.mask_crc(oriented[i])]
+        # The box the seed mask was made from guides propagation when the seed is the slice just accepted.
+        box = self.last_accepted_box if last == (segmentation_node.GetID(), segment_id, view, seed) else None
         client = self.engine(model, device)
         handle = client.propagate(volume, view, {"segment": (seed, oriented[seed])}, direction, slice_range,
                                   {"segment": {i: oriented[i] for i in keys}} if keys else None, rules,
-                                  window if window is not None else self.window(volume_node))
+                                  window if window is not None else self.window(volume_node),
+                                  boxes={"segment": box} if box is not None else None)
         self.propagation = _Propagation(handle, segmentation_node, segment_id, volume_node, view, seed, direction,
                                         before, keys, np.zeros_like(before), editor_node, save_state)
         self.progress = (0, axes.num_slices)

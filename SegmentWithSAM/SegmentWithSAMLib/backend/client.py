@@ -255,15 +255,16 @@ class BackendClient:
             h = message.header
             return SliceResult(view=axes.view, index=h["index"], axes=axes, mask2d=message.arrays["mask2d"],
                                score=h["score"], low_res_logits=message.arrays["low_res_logits"],
-                               timings_ms=h["timings_ms"])
+                               timings_ms=h["timings_ms"], box=None if h.get("box") is None else np.array(h["box"]))
 
         return self._request(header, finish=finish)
 
     def propagate(self, volume: Volume, view: View | str, seeds: dict[str, tuple[int, np.ndarray]],
                   direction: str = "both", slice_range: tuple[int, int] | None = None,
                   keys: dict[str, dict[int, np.ndarray]] | None = None, rules: dict | None = None, window=None,
-                  allow_overlap: bool = False) -> Handle:
-        """Propagate like :meth:`.propagation.Propagator.run` in the backend. Each finished slice arrives as a
+                  allow_overlap: bool = False, boxes: dict[str, np.ndarray] | None = None) -> Handle:
+        """Propagate like :meth:`.propagation.Propagator.run` in the backend (``boxes``: the box in slice
+        pixels that a seed was made from, where known). Each finished slice arrives as a
         :class:`~..propagation.SliceStep` event; the :class:`~..propagation.PropagationResult` is the result,
         given only when the whole propagation completed."""
         from ..propagation import PropagationResult, SliceStep
@@ -278,7 +279,8 @@ class BackendClient:
                   "keys": {name: sorted(int(i) for i in per) for name, per in (keys or {}).items()},
                   "direction": str(getattr(direction, "value", direction)),
                   "range": None if slice_range is None else [int(v) for v in slice_range],
-                  "rules": rules or {}, "allow_overlap": bool(allow_overlap)}
+                  "rules": rules or {}, "allow_overlap": bool(allow_overlap),
+                  "boxes": {name: np.asarray(box, float).ravel().tolist() for name, box in (boxes or {}).items()}}
         collected = PropagationResult(axes, masks={name: {} for name in seeds})
 
         def stream(message: Message) -> SliceStep:

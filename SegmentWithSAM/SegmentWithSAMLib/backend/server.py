@@ -276,7 +276,7 @@ class Backend:
         result = session.refine(*args) if mode == "refine" else session.segment(*args)
         self._plan_prefetch(key, result.view, result.index, result.axes.num_slices)
         return ({"view": result.view.value, "index": result.index, "score": result.score,
-                 "timings_ms": result.timings_ms},
+                 "timings_ms": result.timings_ms, "box": None if result.box is None else result.box.tolist()},
                 {"mask2d": result.mask2d, "low_res_logits": np.asarray(result.low_res_logits, np.float32)})
 
     def _propagate(self, task: Task) -> tuple[dict, None]:
@@ -299,6 +299,17 @@ class Backend:
                     for name, indices in keys_in.items()}
         except (KeyError, TypeError, ValueError) as error:
             raise PromptError(f"A seed or key slice has no mask ({error}).") from None
+        boxes_in, boxes = header.get("boxes") or {}, {}
+        if not isinstance(boxes_in, dict):
+            raise PromptError("boxes must map object names to boxes.")
+        for name, value in boxes_in.items():
+            try:
+                box = np.asarray(value, dtype=float)
+            except (TypeError, ValueError):
+                box = np.zeros(0)
+            if box.shape != (4,) or not np.all(np.isfinite(box)):
+                raise PromptError(f"The box of {name!r} must be 4 numbers: x0, y0, x1, y1 in slice pixels.")
+            boxes[name] = box
         propagator = Propagator(session, view, rules)
         total = propagator.axes.num_slices
         done = 0
@@ -313,7 +324,7 @@ class Backend:
         slice_range = header.get("range")
         result = propagator.run(seeds, header.get("direction", "both"), tuple(slice_range) if slice_range else None,
                                 keys, on_slice=on_slice, cancel=task.cancel.is_set,
-                                allow_overlap=bool(header.get("allow_overlap", False)))
+                                allow_overlap=bool(header.get("allow_overlap", False)), boxes=boxes or None)
         last = max((i for per in result.masks.values() for i in per), default=None)
         if last is not None:
             self._plan_prefetch(key, view, last, total)
