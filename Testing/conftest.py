@@ -17,6 +17,7 @@ import pytest
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.data import AAL_STRUCTURES, CRANIUM, colin27, read_cranium_ct
 from SegmentWithSAMLib.geometry import Volume
+from SegmentWithSAMLib.geometry import bounding_box as tight_box  # noqa: F401 (imported by the tests from here)
 from SegmentWithSAMLib.io import read_volume
 
 
@@ -69,11 +70,6 @@ def middle_slice(atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:
     slices = np.flatnonzero(oriented.any(axis=(1, 2)))
     index = int(slices[len(slices) // 2])
     return index, oriented[index]
-
-
-def tight_box(mask2d: np.ndarray) -> np.ndarray:
-    rows, cols = np.nonzero(mask2d)
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
 
 
 def structure_box_ras(volume: Volume, atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
+from SegmentWithSAMLib.geometry import bounding_box as tight_box  # noqa: F401 (the benchmarks' name)
 from SegmentWithSAMLib.io import read_volume
 
 RESULTS = Path(__file__).with_name("results")
@@ -29,12 +30,6 @@ def structure_slices(atlas, axes, structures=AAL_STRUCTURES):
         if len(slices):
             index = int(slices[len(slices) // 2])
             yield name, index, oriented[index]
-
-
-def tight_box(mask2d: np.ndarray) -> np.ndarray:
-    """The box (x0, y0, x1, y1) in slice pixels around a 2D mask."""
-    rows, cols = np.nonzero(mask2d)
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
 
 
 def timed_ms(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None) -> list[float]:

@@ -20,17 +20,13 @@ import numpy as np
 
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.data import AAL_STRUCTURES
+from SegmentWithSAMLib.geometry import bounding_box
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.propagation import Propagator
 from SegmentWithSAMLib.session import Session
 
 from common import VIEWS, load_colin27, print_table, write_json
-
-
-def tight(mask: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    rows, cols = np.nonzero(mask)
-    return np.array([cols.min() - margin, rows.min() - margin, cols.max() + margin, rows.max() + margin], float)
 
 
 def naive(session, view, seed_index, seed_mask, low, high) -> dict[int, np.ndarray]:
@@ -40,7 +36,7 @@ def naive(session, view, seed_index, seed_mask, low, high) -> dict[int, np.ndarr
         while low <= index + step <= high:
             index += step
             session.set_slice(view, index)
-            mask = session.predictor.predict(box=tight(previous, 3.0)).masks[0]
+            mask = session.predictor.predict(box=bounding_box(previous, 3.0)).masks[0]
             if not mask.any():
                 break
             out[index], previous = mask, mask
@@ -51,7 +47,7 @@ def reference(session, view, truth) -> dict[int, np.ndarray]:
     out = {}
     for index in np.flatnonzero(truth.any(axis=(1, 2))):
         session.set_slice(view, int(index))
-        out[int(index)] = session.predictor.predict(box=tight(truth[index])).masks[0]
+        out[int(index)] = session.predictor.predict(box=bounding_box(truth[index])).masks[0]
     return out
 
 
@@ -83,7 +79,7 @@ def main() -> None:
             extent = np.flatnonzero(truth.any(axis=(1, 2)))
             seed_index = int(extent[len(extent) // 2])
             low, high = max(0, extent[0] - args.pad), min(axes.num_slices - 1, extent[-1] + args.pad)
-            box = tight(truth[seed_index])
+            box = bounding_box(truth[seed_index])
             session.set_slice(view, seed_index)
             seed = session.predictor.predict(box=box).masks[0]
             record = {"structure": name, "view": view}

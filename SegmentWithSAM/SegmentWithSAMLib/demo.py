@@ -20,7 +20,7 @@ DEMO_MARGIN_PX = 2  # the demo's box is the atlas label's bounding box plus this
 def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     """Segment the left hippocampus of Colin27 on its middle axial slice from a box; write the labelmap and
     a PNG picture; report Dice against the AAL atlas label."""
-    from .geometry import slices_with
+    from .geometry import bounding_box, slices_with
     from .io import read_volume, write_labelmap
     from .models import load_model
     from .render import save_overlay_png
@@ -41,9 +41,7 @@ def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     oriented = axes.oriented(label)
     slices = slices_with(axes, label)
     index = int(slices[len(slices) // 2])
-    rows, cols = np.nonzero(oriented[index])
-    box_xy = np.array([cols.min() - DEMO_MARGIN_PX, rows.min() - DEMO_MARGIN_PX,
-                       cols.max() + DEMO_MARGIN_PX, rows.max() + DEMO_MARGIN_PX], dtype=float)
+    box_xy = bounding_box(oriented[index], DEMO_MARGIN_PX)
     box_ras = volume.to_ras(axes.pixel_to_ijk(index, box_xy.reshape(2, 2)))
     result = session.segment("axial", box_ras=box_ras)
     elapsed = (time.perf_counter() - start) * 1e3

@@ -226,6 +226,13 @@ def slices_with(axes: SliceAxes, mask3d: np.ndarray) -> np.ndarray:
     return np.flatnonzero(axes.oriented(np.asarray(mask3d, dtype=bool)).any(axis=(1, 2)))
 
 
+def bounding_box(mask2d: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """The box (x0, y0, x1, y1) in slice pixels around a non-empty 2D mask (rows, cols), grown by ``margin``
+    pixels on every side."""
+    rows, cols = np.nonzero(mask2d)
+    return np.array([cols.min() - margin, rows.min() - margin, cols.max() + margin, rows.max() + margin], float)
+
+
 def paste_slice_mask(shape_kji: tuple[int, int, int], axes: SliceAxes, index: int, mask2d: np.ndarray) -> np.ndarray:
     """A boolean KJI volume that is ``mask2d`` (rows, cols) on slice ``index`` and False elsewhere."""
     out = np.zeros(shape_kji, dtype=bool)

@@ -29,8 +29,9 @@ from scipy import ndimage as ndi
 
 from .device import encode_batch
 from .errors import PromptError, SegmentWithSAMError
-from .geometry import SliceAxes
+from .geometry import SliceAxes, bounding_box
 from .metrics import dice
+from .prompts import predict_box_ensemble
 
 # Margins (mm) added to the box prompted on each slice; the logits of the boxes are averaged.
 BOX_MARGINS_MM = (-1.0, 0.0, 2.0)
@@ -119,12 +120,6 @@ class PropagationResult:
         return out
 
 
-def _bounding_box(mask: np.ndarray) -> np.ndarray:
-    """The box (x0, y0, x1, y1) in pixels around a non-empty 2D mask."""
-    rows, cols = np.nonzero(mask)
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], float)
-
-
 def _mm_to_box(margins_mm, pixel_spacing: tuple[float, float]) -> np.ndarray:
     """(M, 4) offsets growing a box by each margin (mm) on every side."""
     per_axis = np.array(margins_mm, float)[:, None] / np.array([pixel_spacing[1], pixel_spacing[0]])
@@ -155,16 +150,13 @@ class BoxChain:
             self.session.set_slice(self.axes.view, index)
             self.signatures[name] = self.session.predictor.region_feature(mask)
             box = (boxes or {}).get(name)
-            if box is not None and np.size(box) != 4:
-                raise PromptError(f"The box of {name!r} must be 4 numbers (x0, y0, x1, y1), not {np.shape(box)}.")
-            self.offsets[name] = (np.asarray(box, float).reshape(4) - _bounding_box(mask) if box is not None
-                                  else self._calibrated_offset(mask))
+            self.offsets[name] = box - bounding_box(mask) if box is not None else self._calibrated_offset(mask)
 
     def _calibrated_offset(self, seed: np.ndarray) -> np.ndarray:
         """The offset, among CALIBRATION_MM on every side, whose box around the seed (current slice) best
         reproduces it."""
         offsets = _mm_to_box(CALIBRATION_MM, self.axes.pixel_spacing)
-        prediction = self.session.predictor.predict_boxes(_bounding_box(seed) + offsets)
+        prediction = self.session.predictor.predict_boxes(bounding_box(seed) + offsets)
         return offsets[int(np.argmax([dice(mask, seed) for mask in prediction.masks]))]
 
     def start(self, step: int, start: int) -> None:
@@ -179,11 +171,11 @@ class BoxChain:
     def predict(self, name: str, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
         self._encode_ahead(index)
         self.session.set_slice(self.axes.view, index)
-        boxes = _bounding_box(previous) + self.offsets[name] + self.margins
+        boxes = bounding_box(previous) + self.offsets[name] + self.margins
         boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
-        prediction = self.session.predictor.predict_boxes(boxes)
-        logits = self.session.predictor.upsample(prediction.low_res_logits.mean(axis=0, keepdims=True))[0]
-        return logits + _shape_prior(previous, self.axes.pixel_spacing) > 0, float(prediction.scores.mean())
+        prediction = predict_box_ensemble(self.session.predictor, boxes)
+        logits = self.session.predictor.upsample(prediction.low_res_logits)[0]
+        return logits + _shape_prior(previous, self.axes.pixel_spacing) > 0, float(prediction.scores[0])
 
     def similarity(self, name: str, mask: np.ndarray) -> float:
         return float(self.session.predictor.region_feature(mask) @ self.signatures[name]) if mask.any() else 0.0
@@ -217,6 +209,14 @@ class Propagator:
             raise PromptError(f"The seed mask of {name!r} on slice {index} is empty: draw or accept a mask first.")
         return mask
 
+    @staticmethod
+    def _check_box(name: str, box) -> np.ndarray:
+        box = np.asarray(box, dtype=float)
+        if box.shape != (4,) or not np.all(np.isfinite(box)):
+            raise PromptError(f"The box of {name!r} must be 4 numbers: x0, y0, x1, y1 in slice pixels, all finite "
+                              f"(got shape {box.shape}).")
+        return box
+
     def _range(self, slice_range: tuple[int, int] | None) -> tuple[int, int]:
         if slice_range is None:
             return 0, self.axes.num_slices - 1
@@ -243,6 +243,7 @@ class Propagator:
         keys = {name: dict(per) for name, per in (keys or {}).items()}
         result = result if result is not None else PropagationResult(self.axes)
         seeds = {name: (int(i), self._check_seed(name, int(i), m)) for name, (i, m) in seeds.items()}
+        boxes = {name: self._check_box(name, box) for name, box in (boxes or {}).items()}
         if not seeds:
             raise PromptError("Nothing to propagate: give at least one seed mask.")
         for name, (index, _) in seeds.items():

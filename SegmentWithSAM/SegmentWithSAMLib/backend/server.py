@@ -299,17 +299,13 @@ class Backend:
                     for name, indices in keys_in.items()}
         except (KeyError, TypeError, ValueError) as error:
             raise PromptError(f"A seed or key slice has no mask ({error}).") from None
-        boxes_in, boxes = header.get("boxes") or {}, {}
-        if not isinstance(boxes_in, dict):
+        boxes = header.get("boxes") or {}
+        if not isinstance(boxes, dict):
             raise PromptError("boxes must map object names to boxes.")
-        for name, value in boxes_in.items():
-            try:
-                box = np.asarray(value, dtype=float)
-            except (TypeError, ValueError):
-                box = np.zeros(0)
-            if box.shape != (4,) or not np.all(np.isfinite(box)):
-                raise PromptError(f"The box of {name!r} must be 4 numbers: x0, y0, x1, y1 in slice pixels.")
-            boxes[name] = box
+        try:  # their shapes are checked by the propagator
+            boxes = {name: np.asarray(value, dtype=float) for name, value in boxes.items()}
+        except (TypeError, ValueError):
+            raise PromptError("Each box must be 4 numbers: x0, y0, x1, y1 in slice pixels.") from None
         propagator = Propagator(session, view, rules)
         total = propagator.axes.num_slices
         done = 0
