@@ -38,11 +38,27 @@ def test_fast_engine_masks_match_the_reference(fast, model, cache, colin, atlas)
     assert fast.encoder_runs == 6  # its embeddings are cached apart from the reference's
 
 
-def test_point_and_mask_prompts_fall_back_to_the_shared_torch_modules(fast, model):
-    embedding = model.encode(torch.rand(1, 3, 256, 256))
-    points, labels = np.array([[[100.0, 120.0]]]), np.array([[1]])
-    ours, theirs = fast.decode(embedding, points, labels), model.decode(embedding, points, labels)
-    assert torch.equal(ours.logits, theirs.logits)
+@pytest.mark.parametrize("prompt", ["boxes", "points", "box, point and mask", "multimask"])
+def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, fast, model):
+    embedding = model.encode(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
+    boxes = np.array([[60.0, 70.0, 150.0, 160.0], [20.0, 30.0, 200.0, 120.0]])
+    args = {"boxes": dict(boxes=boxes),
+            "points": dict(points=np.array([[[100.0, 120.0], [40.0, 40.0]]]), labels=np.array([[1, 0]])),
+            "box, point and mask": dict(boxes=boxes[:1], points=np.array([[[100.0, 120.0]]]), labels=np.array([[1]]),
+                                        mask_logits=torch.randn(1, 1, 256, 256) * 4),
+            "multimask": dict(boxes=boxes[:1], multimask=True)}[prompt]
+    torch_calls = []
+    hook = fast.mask_decoder.register_forward_hook(lambda *_: torch_calls.append(1))
+    try:
+        ours = fast.decode(embedding, **args)
+    finally:
+        hook.remove()
+    theirs = model.decode(embedding, **args)
+    assert not torch_calls  # it ran in OpenVINO, not in the PyTorch modules it shares
+    assert ours.logits.shape == theirs.logits.shape and ours.scores.shape == theirs.scores.shape
+    assert np.allclose(ours.scores, theirs.scores, atol=1e-3)
+    for a, b in zip(ours.logits.flatten(0, 1), theirs.logits.flatten(0, 1), strict=True):
+        assert dice((a > 0).numpy(), (b > 0).numpy()) >= 0.995
 
 
 def test_export_is_reused_and_redone_when_the_checkpoint_changes(fast, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from SegmentWithSAMLib.errors import CheckpointError
+from SegmentWithSAMLib.errors import CheckpointError, ModelError
 from SegmentWithSAMLib.geometry import Volume
 from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules
@@ -72,6 +72,12 @@ def test_checkpoints_load_by_name_and_by_path_and_wrong_ones_are_refused(checkpo
         load_model("sam2.1_tiny", "cpu", engine="torch", checkpoint=truncated)
     with pytest.raises(CheckpointError, match="medsam2 is not installed: get MedSAM2_latest.pt from https://"):
         load_model("medsam2", "cpu", engine="torch")
+
+
+def test_sam2_models_run_in_pytorch_even_on_a_cpu_with_openvino(checkpoints):
+    assert load_model(checkpoints["tiny"], "cpu", engine="auto").engine == "torch"
+    with pytest.raises(ModelError, match="does not run sam2.1_hiera_t"):
+        load_model(checkpoints["tiny"], "cpu", engine="openvino")
 
 
 def test_slice_prediction_matches_the_sam2_image_predictor(medsam2):

@@ -1,6 +1,6 @@
-"""Speed of every engine side by side in one run: encoder ms per slice, decoder ms per click on a cached slice,
-propagation slices/s (encoding included), and the masks' Dice against eager PyTorch fp32 (the reference); then
-the command line end to end and peak memory.
+"""Speed of every engine side by side in one run: encoder ms per slice, decoder ms per box click on a cached
+slice, ms per point click (the default box ensemble), propagation slices/s (encoding included), and the masks'
+Dice against eager PyTorch fp32 (the reference); then the command line end to end and peak memory.
 
     python benchmarks/speed.py [--json] [--slices 4]
 
@@ -27,6 +27,7 @@ from SegmentWithSAMLib.engines import available_engines
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.models import load_model
+from SegmentWithSAMLib.prompts import predict_prompts
 from SegmentWithSAMLib.propagation import Propagator, StopRules
 from SegmentWithSAMLib.session import Session
 
@@ -45,6 +46,9 @@ def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndar
     encoder = [timed_ms(lambda i=i: session.set_slice(view, index + i), 1)[0] for i in range(-1, slices)][1:]
     session.set_slice(view, index)
     decoder = timed_ms(lambda: session.predictor.predict(box=box), 15)[3:]
+    click = ((box[:2] + box[2:]) / 2)[None]  # a point click: the default box ensemble (4 boxes, see prompts)
+    spacing = session.axes(view).pixel_spacing
+    clicks = timed_ms(lambda: predict_prompts(session.predictor, click, [1], pixel_spacing=spacing), 8)[2:]
     masks = []
     for view_, index_, box_ in cases:
         session.set_slice(view_, index_)
@@ -56,7 +60,8 @@ def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndar
     result = Propagator(session, view, NO_STOPS).run({"seed": (index, seed)}, "up", (index, index + slices))
     rate = result.slice_count / (time.perf_counter() - began)
     return {"engine": engine, "load_ms": load_ms, "encoder_ms": statistics.median(encoder),
-            "decoder_ms": statistics.median(decoder), "propagation_slices_per_s": rate}, masks
+            "decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
+            "propagation_slices_per_s": rate}, masks
 
 
 def main() -> None:
@@ -83,7 +88,7 @@ def main() -> None:
     best = min(faithful, key=lambda r: r["encoder_ms"])
     print(f"\nLiteMedSAM engines on {platform.processor() or platform.machine()}, CPU "
           f"({__import__('torch').get_num_threads()} threads), {len(cases)} Colin27 slices:\n")
-    headers = ["engine", "encoder_ms", "encoder_speedup", "decoder_ms", "propagation_slices_per_s",
+    headers = ["engine", "encoder_ms", "encoder_speedup", "decoder_ms", "point_click_ms", "propagation_slices_per_s",
                "dice_vs_reference", "load_ms"]
     print_table(headers, [[r[h] if isinstance(r[h], str) else round(r[h], 3) for h in headers] for r in rows])
 

@@ -34,6 +34,7 @@ class SamLikeAdapter:
     input_size = 1024
     low_res_size = 256
     checkpoint: str | None = None  # the weights file it was loaded from
+    runs_in_openvino = True  # SAM's mask decoder and a plain image encoder: ..engines can export it
 
     def __init__(self, image_encoder, prompt_encoder, mask_decoder, device) -> None:
         self.image_encoder = image_encoder.to(device).eval()
@@ -73,14 +74,8 @@ class SamLikeAdapter:
         """
         import torch
 
-        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
-        point_prompt = None
-        if points is not None and len(points) and np.asarray(points).shape[1]:
-            point_prompt = (as_tensor(points), torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device))
-        box_prompt = as_tensor(boxes).reshape(-1, 4) if boxes is not None else None
-        masks = mask_logits.to(self.device, torch.float32) if mask_logits is not None else None
         with torch.inference_mode():
-            sparse, dense = self.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=masks)
+            sparse, dense = self.prompt_embeddings(points, labels, boxes, mask_logits)
             logits, scores = self.mask_decoder(
                 image_embeddings=embedding,
                 image_pe=self.prompt_encoder.get_dense_pe(),
@@ -90,3 +85,18 @@ class SamLikeAdapter:
             )
         self.decoder_runs += int(logits.shape[0])
         return Decoded(logits, scores)
+
+    def prompt_embeddings(self, points=None, labels=None, boxes=None, mask_logits=None):
+        """The prompt encoder's sparse (B, N, C) and dense (B, C, h, w) embeddings of the prompts of
+        :meth:`decode` (same arguments)."""
+        import torch
+
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+        point_prompt = None
+        if points is not None and len(points) and np.asarray(points).shape[1]:
+            point_prompt = (as_tensor(points), torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device))
+        box_prompt = as_tensor(boxes).reshape(-1, 4) if boxes is not None else None
+        masks = mask_logits.to(self.device, torch.float32) if mask_logits is not None else None
+        with torch.inference_mode():
+            sparse, dense = self.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=masks)
+        return sparse.detach(), dense.detach()  # the no-mask embedding is a view of a parameter

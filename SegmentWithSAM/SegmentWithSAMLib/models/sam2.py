@@ -93,6 +93,7 @@ class SAM2(SAM):
     name = "sam2.1"
     normalization = "imagenet"
     tracks_video = True  # propagation uses SAM 2's memory (see ..video_propagation)
+    runs_in_openvino = False  # its decoder also reads high-resolution features; not exported (yet)
 
     def __init__(self, net, device, variant: str) -> None:
         self.net = net.to(device).eval()
