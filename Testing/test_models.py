@@ -65,6 +65,16 @@ def test_sam_and_medsam_load_through_the_real_loader_and_predict(vit_b_checkpoin
     assert session.predictor._embedding.shape == (1, 256, 64, 64)
     image = torch.rand(1, 3, 1024, 1024)
     assert not torch.allclose(sam.normalize(image), medsam.normalize(image))
+    # segment-anything's own decoder (not LiteMedSAM's copy) computed re-associated, as OpenVINO runs it
+    from SegmentWithSAMLib.models.factored_decoder import FactoredMaskDecoder, image_tokens
+
+    embedding = session.predictor._embedding
+    sparse, dense = sam.prompt_embeddings(boxes=np.array([[300.0, 400.0, 520.0, 610.0]]))
+    with torch.inference_mode():
+        expected, _ = sam.mask_decoder.predict_masks(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+        logits, _ = FactoredMaskDecoder(sam.prompt_encoder, sam.mask_decoder)(image_tokens(embedding), sparse,
+                                                                             dense[:1, :, :1, :1])
+    torch.testing.assert_close(logits, expected, atol=2e-4 * float(expected.abs().max()), rtol=0)
 
 
 def test_a_checkpoint_of_another_variant_is_refused_by_name(vit_b_checkpoint):
