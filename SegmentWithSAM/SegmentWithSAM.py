@@ -74,6 +74,7 @@ class SegmentWithSAMParameterNode:
     maxAreaRatio: Annotated[float, WithinRange(0.0, 20.0)] = 2.5
     minOverlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
     maxEmpty: Annotated[int, WithinRange(1, 20)] = 1
+    skipSlices: Annotated[int, WithinRange(0, 4)] = 0
 
 
 def pythonSlicerExecutable() -> str:
@@ -340,7 +341,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         controller.propagate(p.inputVolume, p.segmentation, p.segmentID, None, None, p.direction,
                              self.logic.sliceRange(p, numSlices), self.logic.stopRules(p),
                              controller.window(p.inputVolume, p.window), p.model, p.device,
-                             editor and editor.mrmlSegmentEditorNode(), editor and editor.saveStateForUndo)
+                             editor and editor.mrmlSegmentEditorNode(), editor and editor.saveStateForUndo,
+                             p.skipSlices)
         self.ui.cancelButton.enabled = True
 
     def onCancel(self) -> None:

@@ -123,11 +123,13 @@ def test_propagation_streams_and_cancel_applies_nothing(client, colin, atlas):
     events = handle.take_events()
     assert events and all(e.index > index and set(e.masks) == {"putamen"} for e in events)
     result = client.wait(client.propagate(colin, "axial", {"putamen": (index, truth)}, slice_range=(index - 2,
-                         index + 2), boxes={"putamen": tight_box(truth)}), 120)
+                         index + 2), boxes={"putamen": tight_box(truth)}, skip=1), 120)
     assert sorted(result.masks["putamen"]) == [index - 2, index - 1, index + 1, index + 2]
     assert result.stopped["putamen"] == {"up": "range end", "down": "range end"}
     with pytest.raises(Exception, match="box of 'putamen' must be 4 numbers"):
         client.wait(client.propagate(colin, "axial", {"putamen": (index, truth)}, boxes={"putamen": [1.0, 2.0]}), 60)
+    with pytest.raises(Exception, match="skip must be a whole number from 0 to 4"):
+        client.wait(client.propagate(colin, "axial", {"putamen": (index, truth)}, skip=9), 60)
 
 
 def test_kill_9_and_hang_are_noticed_and_the_next_request_restarts(colin, atlas):

@@ -13,7 +13,7 @@ from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
 from SegmentWithSAMLib.errors import PromptError
 from SegmentWithSAMLib.io import read_volume, write_labelmap
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.propagation import Cancelled, Propagator
+from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules, interpolate_masks
 from SegmentWithSAMLib.session import Session
 
 from conftest import tight_box
@@ -131,7 +131,7 @@ def test_propagate_command(tmp_path, capsys, session, atlas):
     index, seed, _, _ = seed_from_box(session, atlas, "axial", "Putamen_L")
     seed_path, out = tmp_path / "seed.nii.gz", tmp_path / "out.nii.gz"
     write_labelmap(_seed_volume(session, index, seed), session.volume, seed_path)
-    code = main(["propagate", str(colin27().image), "--mask", str(seed_path), "--view", "axial",
+    code = main(["propagate", str(colin27().image), "--mask", str(seed_path), "--view", "axial", "--skip", "1",
                  "--range", f"{index - 3}:{index + 3}", "--out", str(out), "--json", "--device", "cpu"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and 1 <= report["slices"] <= 6 and set(report["stopped"]) == {"up", "down"}
@@ -166,8 +166,6 @@ def test_segment_then_propagate_in_one_command(tmp_path, capsys):
 
 def test_encoding_ahead_in_batches_never_encodes_a_slice_twice(model, colin, atlas):
     """As on a GPU (8 slices per batch there): same masks, each slice encoded exactly once."""
-    from SegmentWithSAMLib.propagation import StopRules
-
     from conftest import middle_slice
 
     rules = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
@@ -181,3 +179,65 @@ def test_encoding_ahead_in_batches_never_encodes_a_slice_twice(model, colin, atl
         assert model.encoder_runs - before == 5  # the seed and four slices, once each
     assert sorted(results[0]) == sorted(results[1]) == [index + 1, index + 2, index + 3, index + 4]
     assert min(dice(results[0][i], results[1][i]) for i in results[0]) >= 0.99
+
+
+NEVER_STOP = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
+
+
+def test_interpolated_masks_move_and_grow_gradually():
+    rows, cols = np.mgrid[:80, :100]
+    first = (rows - 40) ** 2 + (cols - 30) ** 2 < 10 ** 2
+    last = (rows - 40) ** 2 + (cols - 60) ** 2 < 16 ** 2
+    between = interpolate_masks(first, last, 3)
+    centres = [np.mean(np.nonzero(m)[1]) for m in (first, *between, last)]
+    areas = [m.sum() for m in (first, *between, last)]
+    assert np.all(np.diff(centres) > 4) and np.all(np.diff(areas) > 0)
+    np.testing.assert_allclose(centres[2], 45, atol=1)
+
+
+class RefuseCalls(StopRules):
+    """Never stops by itself; refuses the masks checked at the given call numbers (1-based)."""
+
+    def __init__(self, refused: set[int]) -> None:
+        super().__init__(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
+        self.refused, self.calls = refused, 0
+
+    def check(self, mask, score, previous, similarity):
+        self.calls += 1
+        return "refused" if self.calls in self.refused else None
+
+
+def test_skipping_slices_encodes_fewer_and_fills_every_slice(colin, atlas, model):
+    from conftest import middle_slice
+
+    index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
+    masks = {}
+    for skip in (0, 2):
+        before = model.encoder_runs
+        result = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", NEVER_STOP, skip=skip).run(
+            {"p": (index, truth)}, "up", (index, index + 8))
+        masks[skip] = result.masks["p"]
+        assert sorted(masks[skip]) == list(range(index + 1, index + 9))
+        assert result.stopped["p"] == {"up": "range end"}
+        # skip 2: the seed and slices +3, +6, then +7 and +8 one by one (no room to skip before the range end)
+        assert model.encoder_runs - before == {0: 9, 2: 5}[skip]
+    assert np.mean([dice(masks[0][i], masks[2][i]) for i in masks[0]]) >= 0.85
+
+
+def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, model):
+    from conftest import middle_slice
+
+    index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
+    rules = RefuseCalls({2, 5})  # the step to +6 is refused, then +4, +5 pass and +6 is refused again
+    before = model.encoder_runs
+    result = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules, skip=2).run(
+        {"p": (index, truth)}, "up", (index, index + 20))
+    assert sorted(result.masks["p"]) == list(range(index + 1, index + 6))
+    assert result.stopped["p"] == {"up": "refused"}
+    assert model.encoder_runs - before == 5  # the seed, +3, +6, +4, +5: nothing encoded twice
+
+
+def test_skip_is_checked(session):
+    for bad in (-1, 5, 1.5):
+        with pytest.raises(PromptError, match="skip must be a whole number from 0 to 4"):
+            Propagator(session, "axial", skip=bad)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from SegmentWithSAMLib.errors import CheckpointError, ModelError
+from SegmentWithSAMLib.errors import CheckpointError, ModelError, PromptError
 from SegmentWithSAMLib.geometry import Volume
 from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules
@@ -150,6 +150,8 @@ def test_video_propagation_cancels_within_a_slice_and_keeps_range_and_key_slices
     result = propagator.run({"p": (middle, seed)}, "both", (middle - 2, middle + 5), keys={"p": key})
     assert set(result.masks["p"]) <= {middle - 2, middle - 1, middle + 1, middle + 2}
     assert result.stopped["p"] == {"up": f"key slice {middle + 3}", "down": "range end"}
+    with pytest.raises(PromptError, match="skip works with models without a memory"):
+        Propagator(session, "axial", NEVER_STOP, skip=2)
 
 
 def test_propagate_command_picks_sam2_by_name(medsam2, crop, checkpoints, tmp_path, capsys):

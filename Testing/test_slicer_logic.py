@@ -177,7 +177,8 @@ def test_propagation_applies_as_one_undoable_step_and_cancel_changes_nothing(sce
     assert np.array_equal(mrml.segment_array(segmentation, segment_id, colin_node), seeded)
     assert scene.GetFirstNodeByName(PREVIEW_NODE_NAME) is None
 
-    controller.propagate(colin_node, segmentation, segment_id, "axial", index, "both", (index - 2, index + 2))
+    controller.propagate(colin_node, segmentation, segment_id, "axial", index, "both", (index - 2, index + 2),
+                         skip=1)
     controller.wait()
     assert controller.status.startswith("Propagated"), controller.status
     propagated = mrml.segment_array(segmentation, segment_id, colin_node)

@@ -1,6 +1,7 @@
 """Speed of every engine side by side in one run: encoder ms per slice, decoder ms per box click on a cached
-slice, ms per point click (the default box ensemble), propagation slices/s (encoding included), and the masks'
-Dice against eager PyTorch fp32 (the reference); then the command line end to end and peak memory.
+slice, ms per point click (the default box ensemble), propagation slices/s (encoding included; also with
+``skip=2``: the model on every third slice, the two between interpolated), and the masks' Dice against eager
+PyTorch fp32 (the reference); then the command line end to end and peak memory.
 
     python benchmarks/speed.py [--json] [--slices 4]
 
@@ -59,9 +60,14 @@ def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndar
     began = time.perf_counter()
     result = Propagator(session, view, NO_STOPS).run({"seed": (index, seed)}, "up", (index, index + slices))
     rate = result.slice_count / (time.perf_counter() - began)
+    session.cache.clear()
+    session.set_slice(view, index)
+    began = time.perf_counter()
+    result = Propagator(session, view, NO_STOPS, skip=2).run({"seed": (index, seed)}, "up", (index, index + 3 * slices))
+    skipping = result.slice_count / (time.perf_counter() - began)
     return {"engine": engine, "load_ms": load_ms, "encoder_ms": statistics.median(encoder),
             "decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
-            "propagation_slices_per_s": rate}, masks
+            "propagation_slices_per_s": rate, "propagation_skip2_slices_per_s": skipping}, masks
 
 
 def main() -> None:
@@ -89,7 +95,7 @@ def main() -> None:
     print(f"\nLiteMedSAM engines on {platform.processor() or platform.machine()}, CPU "
           f"({__import__('torch').get_num_threads()} threads), {len(cases)} Colin27 slices:\n")
     headers = ["engine", "encoder_ms", "encoder_speedup", "decoder_ms", "point_click_ms", "propagation_slices_per_s",
-               "dice_vs_reference", "load_ms"]
+               "propagation_skip2_slices_per_s", "dice_vs_reference", "load_ms"]
     print_table(headers, [[r[h] if isinstance(r[h], str) else round(r[h], 3) for h in headers] for r in rows])
 
     view, index, box = cases[0]

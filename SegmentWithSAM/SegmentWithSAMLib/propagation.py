@@ -38,6 +38,8 @@ BOX_MARGINS_MM = (-1.0, 0.0, 2.0)
 # The previous slice's mask as a shape prior: PRIOR_WEIGHT × its signed distance in units of PRIOR_SCALE_MM,
 # clipped to ±3, is added to the logits.
 PRIOR_WEIGHT, PRIOR_SCALE_MM = 3.0, 2.0
+# Propagator(skip=…): at most this many slices interpolated between two that the model segments.
+MAX_SKIP = 4
 # Without the seed's box, the box-to-mask offset is the margin (mm) whose box best reproduces the seed mask.
 CALIBRATION_MM = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
@@ -126,11 +128,32 @@ def _mm_to_box(margins_mm, pixel_spacing: tuple[float, float]) -> np.ndarray:
     return np.concatenate([-per_axis, per_axis], axis=1)
 
 
-def _shape_prior(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
-    """PRIOR_WEIGHT × the clipped signed distance (positive inside) to the edge of ``mask``."""
+def _signed_distance(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """Distance (mm) to the edge of ``mask`` (rows, cols), positive inside."""
     inside = ndi.distance_transform_edt(mask, sampling=pixel_spacing)
     outside = ndi.distance_transform_edt(~mask, sampling=pixel_spacing)
-    return PRIOR_WEIGHT * np.clip((inside - outside) / PRIOR_SCALE_MM, -3.0, 3.0)
+    return inside - outside
+
+
+def _shape_prior(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """PRIOR_WEIGHT × the clipped signed distance (positive inside) to the edge of ``mask``."""
+    return PRIOR_WEIGHT * np.clip(_signed_distance(mask, pixel_spacing) / PRIOR_SCALE_MM, -3.0, 3.0)
+
+
+def interpolate_masks(first: np.ndarray, last: np.ndarray, count: int,
+                      pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> list[np.ndarray]:
+    """``count`` masks evenly between the non-empty masks ``first`` and ``last`` (rows, cols), shape-based:
+    both signed distance maps are moved to the centre interpolated between theirs and blended linearly, so a
+    shape that moves or grows does so gradually (even when the two do not overlap)."""
+    near, far = _signed_distance(first, pixel_spacing), _signed_distance(last, pixel_spacing)
+    start, end = np.array(ndi.center_of_mass(first)), np.array(ndi.center_of_mass(last))
+    masks = []
+    for t in np.arange(1, count + 1) / (count + 1):
+        centre = (1 - t) * start + t * end
+        moved = [ndi.shift(distance, centre - origin, order=1, mode="nearest")
+                 for distance, origin in ((near, start), (far, end))]
+        masks.append((1 - t) * moved[0] + t * moved[1] > 0)
+    return masks
 
 
 class BoxChain:
@@ -160,7 +183,7 @@ class BoxChain:
         return offsets[int(np.argmax([dice(mask, seed) for mask in prediction.masks]))]
 
     def start(self, step: int, start: int) -> None:
-        self.step = step
+        self.step = step * (self.propagator.skip + 1)  # encoding ahead follows the slices the model sees
 
     def _encode_ahead(self, index: int) -> None:
         """Encode the next ``batch`` slices in one go when ``index`` is not cached yet (GPU: one batch of 8)."""
@@ -189,13 +212,25 @@ class Propagator:
 
     ``seeds`` maps object name → (slice index, mask (rows, cols)); ``keys`` maps object name → {slice index:
     mask} of accepted or user-edited slices, which are never overwritten and end a direction when reached.
+    ``skip`` > 0 (models without a memory): the model segments every (skip + 1)-th slice and the slices between
+    are interpolated from the two masks around them (:func:`interpolate_masks`), so each slice skipped saves an
+    encoder run; where a stop rule refuses a skipping step, that stretch is done again slice by slice, so
+    directions stop where they would without skipping. Near key slices, seeds and the range end it goes slice
+    by slice too.
     """
 
-    def __init__(self, session, view, rules: StopRules | None = None) -> None:
+    def __init__(self, session, view, rules: StopRules | None = None, skip: int = 0) -> None:
         self.session = session
         self.axes = session.axes(view)
         self.rules = rules or StopRules()
         self.batch = encode_batch(session.model.device)  # slices encoded at once, ahead of the decoder (BoxChain)
+        if not isinstance(skip, int | np.integer) or not 0 <= skip <= MAX_SKIP:
+            raise PromptError(f"skip must be a whole number from 0 to {MAX_SKIP} (slices interpolated between "
+                              f"two slices the model segments); got {skip!r}.")
+        if skip and getattr(session.model, "tracks_video", False):
+            raise PromptError(f"{session.model.name} tracks objects through every slice with its memory; "
+                              "skip works with models without a memory (LiteMedSAM, MedSAM, SAM).")
+        self.skip = int(skip)
 
     def _check_seed(self, name: str, index: int, mask: np.ndarray) -> np.ndarray:
         mask = np.asarray(mask, dtype=bool)
@@ -268,14 +303,25 @@ class Propagator:
     def _direction(self, source, seeds, step: int, index: int, bounds: tuple[int, int], keys: dict,
                    result: PropagationResult, allow_overlap: bool) -> Iterator[SliceStep]:
         label = "up" if step > 0 else "down"
-        state = {name: {"index": i, "previous": m, "empty": 0} for name, (i, m) in seeds.items()}
+        state = {name: {"index": i, "previous": m, "empty": 0, "score": 1.0} for name, (i, m) in seeds.items()}
         active = set(state)
+        careful = 0  # slices still to do one by one after a skipping step was refused
         while active:
-            index += step
+            stride = 1 if careful else self._stride(index, step, bounds, keys, active, state)
+            careful = max(0, careful - stride)
+            index += step * stride
             if not bounds[0] <= index <= bounds[1]:
                 for name in active:
                     result.stopped[name][label] = "range end"
                 break
+            if stride > 1:
+                done = self._skipping_step(source, seeds, step, index, stride, active, state, result, allow_overlap)
+                if done is None:  # refused: the same stretch again, one slice at a time
+                    index -= step * stride
+                    careful = stride
+                    continue
+                yield from done
+                continue
             masks, scores = {}, {}
             for name in sorted(active, key=list(seeds).index):
                 info = state[name]
@@ -300,12 +346,58 @@ class Propagator:
                     result.stopped[name][label] = reason
                     active.discard(name)
                     continue
-                info["empty"] = 0
-                info["previous"] = mask
+                info.update(empty=0, previous=mask, score=score)
                 masks[name], scores[name] = mask, score
                 result.masks[name][index] = mask
             if masks:
                 yield SliceStep(index, masks, scores)
+
+    def _stride(self, index: int, step: int, bounds: tuple[int, int], keys: dict, active: set, state: dict) -> int:
+        """skip + 1 when every active object has started and no range end, key slice or seed lies within reach
+        (the slices skipped must have masks on both sides); else 1."""
+        stride = self.skip + 1
+        if stride == 1:
+            return 1
+        reach = range(index + step, index + step * (stride + 1), step)
+        if not all(bounds[0] <= i <= bounds[1] for i in reach):
+            return 1
+        for name in active:
+            if (step > 0 and index < state[name]["index"]) or (step < 0 and index > state[name]["index"]):
+                return 1  # this object's seed lies further on
+            if any(i in keys.get(name, {}) for i in reach):
+                return 1
+        return stride
+
+    def _skipping_step(self, source, seeds, step: int, index: int, stride: int, active: set, state: dict,
+                       result: PropagationResult, allow_overlap: bool) -> list[SliceStep] | None:
+        """Segment slice ``index`` for every active object and interpolate the stride − 1 slices before it;
+        None (nothing recorded) when any object's mask there is empty or refused by a stop rule."""
+        masks, scores = {}, {}
+        for name in sorted(active, key=list(seeds).index):
+            info = state[name]
+            mask, score = source.predict(name, index, info["previous"])
+            if not allow_overlap:
+                for other in masks.values():
+                    mask = mask & ~other
+            if not mask.any() or self.rules.check(mask, score, info["previous"], source.similarity(name, mask)):
+                return None
+            masks[name], scores[name] = mask, score
+        between = {name: interpolate_masks(state[name]["previous"], masks[name], stride - 1, self.axes.pixel_spacing)
+                   for name in masks}
+        steps = []
+        for offset in range(stride - 1):
+            here = index - step * (stride - 1 - offset)
+            filled, taken = {}, np.zeros(self.axes.image_shape, bool)
+            for name in masks:
+                filled[name] = between[name][offset] if allow_overlap else between[name][offset] & ~taken
+                taken |= filled[name]
+                result.masks[name][here] = filled[name]
+            steps.append(SliceStep(here, filled, {name: min(state[name]["score"], scores[name]) for name in masks}))
+        for name in masks:
+            state[name].update(empty=0, previous=masks[name], score=scores[name])
+            result.masks[name][index] = masks[name]
+        steps.append(SliceStep(index, masks, scores))
+        return steps
 
     def fill_between(self, name: str, keys: dict[int, np.ndarray],
                      cancel: Callable[[], bool] | None = None) -> PropagationResult:

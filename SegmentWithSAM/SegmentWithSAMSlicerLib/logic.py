@@ -293,11 +293,12 @@ class SegmentationController:
     def propagate(self, volume_node, segmentation_node, segment_id: str, view=None, seed: int | None = None,
                   direction: str = "both", slice_range: tuple[int, int] | None = None, rules: dict | None = None,
                   window=None, model: str = DEFAULT_MODEL, device: str | None = None, editor_node=None,
-                  save_state=None) -> Handle:
+                  save_state=None, skip: int = 0) -> Handle:
         """Propagate the segment from slice ``seed`` of ``view`` (default: the slice last accepted) in the
         backend. The segment's other slices that the user made or edited are key slices: never overwritten,
         and propagation stops at them; slices an earlier propagation wrote (and nobody edited since) are
-        recomputed. The result is applied when complete, as one undoable step."""
+        recomputed. ``skip`` > 0: the model segments every (skip + 1)-th slice, the others are interpolated
+        (faster on a CPU). The result is applied when complete, as one undoable step."""
         if self.propagation is not None:
             raise PromptError("A propagation is running: wait for it or cancel it first.")
         volume = self.volume(volume_node)
@@ -323,7 +324,7 @@ class SegmentationController:
         handle = client.propagate(volume, view, {"segment": (seed, oriented[seed])}, direction, slice_range,
                                   {"segment": {i: oriented[i] for i in keys}} if keys else None, rules,
                                   window if window is not None else self.window(volume_node),
-                                  boxes={"segment": box} if box is not None else None)
+                                  boxes={"segment": box} if box is not None else None, skip=skip)
         self.propagation = _Propagation(handle, segmentation_node, segment_id, volume_node, view, seed, direction,
                                         before, keys, np.zeros_like(before), editor_node, save_state)
         self.progress = (0, axes.num_slices)

@@ -262,11 +262,12 @@ class BackendClient:
     def propagate(self, volume: Volume, view: View | str, seeds: dict[str, tuple[int, np.ndarray]],
                   direction: str = "both", slice_range: tuple[int, int] | None = None,
                   keys: dict[str, dict[int, np.ndarray]] | None = None, rules: dict | None = None, window=None,
-                  allow_overlap: bool = False, boxes: dict[str, np.ndarray] | None = None) -> Handle:
+                  allow_overlap: bool = False, boxes: dict[str, np.ndarray] | None = None, skip: int = 0) -> Handle:
         """Propagate like :meth:`.propagation.Propagator.run` in the backend (``boxes``: the box in slice
-        pixels that a seed was made from, where known). Each finished slice arrives as a
-        :class:`~..propagation.SliceStep` event; the :class:`~..propagation.PropagationResult` is the result,
-        given only when the whole propagation completed."""
+        pixels that a seed was made from, where known; ``skip``: as for :class:`~..propagation.Propagator`).
+        Each finished slice arrives as a :class:`~..propagation.SliceStep` event; the
+        :class:`~..propagation.PropagationResult` is the result, given only when the whole propagation
+        completed."""
         from ..propagation import PropagationResult, SliceStep
 
         axes = slice_axes(volume, view)
@@ -279,7 +280,7 @@ class BackendClient:
                   "keys": {name: sorted(int(i) for i in per) for name, per in (keys or {}).items()},
                   "direction": str(getattr(direction, "value", direction)),
                   "range": None if slice_range is None else [int(v) for v in slice_range],
-                  "rules": rules or {}, "allow_overlap": bool(allow_overlap),
+                  "rules": rules or {}, "allow_overlap": bool(allow_overlap), "skip": int(skip),
                   "boxes": {name: np.asarray(box, float).ravel().tolist() for name, box in (boxes or {}).items()}}
         collected = PropagationResult(axes, masks={name: {} for name in seeds})
 

@@ -306,7 +306,10 @@ class Backend:
             boxes = {name: np.asarray(value, dtype=float) for name, value in boxes.items()}
         except (TypeError, ValueError):
             raise PromptError("Each box must be 4 numbers: x0, y0, x1, y1 in slice pixels.") from None
-        propagator = Propagator(session, view, rules)
+        skip = header.get("skip", 0)
+        if not isinstance(skip, int) or isinstance(skip, bool):
+            raise PromptError(f"skip must be a whole number, not {skip!r}.")
+        propagator = Propagator(session, view, rules, skip=skip)
         total = propagator.axes.num_slices
         done = 0
 
