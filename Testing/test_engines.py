@@ -38,6 +38,13 @@ def test_fast_engine_masks_match_the_reference(fast, model, cache, colin, atlas)
     assert fast.encoder_runs == 6  # its embeddings are cached apart from the reference's
 
 
+def test_only_the_encoder_stages_measured_faithful_run_in_bf16(fast):
+    import openvino as ov
+
+    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert fast.stage_precisions == ["f32", "bf16" if native else "f32"]  # TinyViT's last stage and neck
+
+
 @pytest.mark.parametrize("prompt", ["boxes", "points", "box, point and mask", "multimask"])
 def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, fast, model):
     embedding = model.encode(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))

@@ -37,14 +37,19 @@ from common import load_colin27, print_table, structure_slices, tight_box, timed
 NO_STOPS = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
 
 
-def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndarray]]:
-    """One engine's row and its masks for ``cases`` [(view, index, box (4,))]."""
-    start = time.perf_counter()
-    model = load_model("litemedsam", "cpu", engine=engine)
-    load_ms = (time.perf_counter() - start) * 1e3
-    session = Session(volume, model, cache=EmbeddingCache())
+def encoder_ms(sessions: dict[str, Session], view: str, index: int, slices: int) -> dict[str, float]:
+    """Median ms per slice for each engine, encoding new slices in turns (engine by engine, slice by slice), so
+    that the machine's drifts fall on every engine alike."""
+    times = {engine: [] for engine in sessions}
+    for i in range(-1, slices):
+        for engine, session in sessions.items():
+            times[engine].append(timed_ms(lambda s=session, i=i: s.set_slice(view, index + i), 1)[0])
+    return {engine: statistics.median(t[1:]) for engine, t in times.items()}  # the first one warms up
+
+
+def measure(session: Session, cases, slices: int) -> tuple[dict, list[np.ndarray]]:
+    """One engine's click and propagation figures and its masks for ``cases`` [(view, index, box (4,))]."""
     view, index, box = cases[0]
-    encoder = [timed_ms(lambda i=i: session.set_slice(view, index + i), 1)[0] for i in range(-1, slices)][1:]
     session.set_slice(view, index)
     decoder = timed_ms(lambda: session.predictor.predict(box=box), 15)[3:]
     click = ((box[:2] + box[2:]) / 2)[None]  # a point click: the default box ensemble (4 boxes, see prompts)
@@ -65,8 +70,7 @@ def measure(engine: str, volume, cases, slices: int) -> tuple[dict, list[np.ndar
     began = time.perf_counter()
     result = Propagator(session, view, NO_STOPS, skip=2).run({"seed": (index, seed)}, "up", (index, index + 3 * slices))
     skipping = result.slice_count / (time.perf_counter() - began)
-    return {"engine": engine, "load_ms": load_ms, "encoder_ms": statistics.median(encoder),
-            "decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
+    return {"decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
             "propagation_slices_per_s": rate, "propagation_skip2_slices_per_s": skipping}, masks
 
 
@@ -81,9 +85,17 @@ def main() -> None:
         axes = slice_axes(volume, view)
         for _, index, truth in list(structure_slices(atlas, axes))[:2]:
             cases.append((view, index, tight_box(truth)))
-    rows, reference = [], None
+    sessions, loads = {}, {}
     for engine in ["torch", *[e for e in available_engines() if e != "torch"]]:
-        row, masks = measure(engine, volume, cases, args.slices)
+        start = time.perf_counter()
+        sessions[engine] = Session(volume, load_model("litemedsam", "cpu", engine=engine), cache=EmbeddingCache())
+        loads[engine] = (time.perf_counter() - start) * 1e3
+    view, index, _ = cases[0]
+    encoders = encoder_ms(sessions, view, index, args.slices)
+    rows, reference = [], None
+    for engine, session in sessions.items():
+        row, masks = measure(session, cases, args.slices)
+        row.update(engine=engine, load_ms=loads[engine], encoder_ms=encoders[engine])
         reference = masks if reference is None else reference
         row["dice_vs_reference"] = float(np.mean([dice(a, b) for a, b in zip(reference, masks, strict=True)]))
         rows.append(row)

@@ -37,8 +37,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint file for the named model, instead of its own")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--engine", default="auto",
-                        help="auto (default: OpenVINO on CPU when installed, else PyTorch), torch, openvino or "
-                             "openvino-bf16 (faster on bf16 CPUs, less faithful); `segmentwithsam info` lists them")
+                        help="auto (default: OpenVINO on CPU when installed, else PyTorch), torch, openvino, "
+                             "openvino-f32 (no bf16 at all) or openvino-bf16 (faster on bf16 CPUs, less faithful); "
+                             "`segmentwithsam info` lists them")
     parser.add_argument("--window", default=None,
                         help="intensity window: auto (0.5-99.5 percentiles), W,L (e.g. 400,40) or a CT preset "
                              "(abdomen, brain, bone, lung, ...)")

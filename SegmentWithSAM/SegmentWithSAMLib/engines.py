@@ -3,11 +3,14 @@ OpenVINO (the fast CPU path).
 
 Measured on a 2-core AMD EPYC with AVX-512 BF16 (``benchmarks/speed.py``, README): OpenVINO f32 runs
 LiteMedSAM's encoder about 3× faster than eager PyTorch fp32 with masks faithful to it (mean Dice ≥ 0.99,
-checked in the tests), so it is the automatic choice on a CPU. bf16 is about 5× faster but moves mask edges
-(mean Dice 0.84–0.93 against the PyTorch masks, a few slices far off), so it is offered, never chosen. Also
-tried and left out: ONNX Runtime (1.7× in fp32; its dynamic int8 was slower and unfaithful), NNCF int8
-post-training quantisation of the encoder calibrated on Colin27 slices (4.6×, mean Dice 0.88), and keeping
-parts of the encoder in f32 under bf16 (the CPU plugin ignores the marks set from Python).
+checked in the tests). bf16 throughout is about 4–5× faster but moves mask edges (mean Dice 0.84–0.93 against
+the PyTorch masks, a few slices far off), so it is offered, never chosen. The encoder is exported in stages
+(:meth:`~.models.base.SamLikeAdapter.encoder_stages`), each compiled at its own precision: bf16 is faithful
+for TinyViT's last stage and neck only, so the automatic engine (``openvino``) runs those in bf16 where the CPU
+has it natively (about 15 % less encoder time, mean Dice 0.995) and the rest in f32; ``openvino-f32`` runs
+all of it in f32. Also tried and left out: ONNX Runtime (1.7× in fp32; its dynamic int8 was slower and
+unfaithful), NNCF int8 post-training quantisation of the encoder calibrated on Colin27 slices (4.6×, mean
+Dice 0.88), and marking nodes to keep in f32 under bf16 (the CPU plugin ignores the marks set from Python).
 
 The decoder is exported in the re-associated form of :mod:`.models.factored_decoder` (the same function with
 a fraction of the products) and runs every prompt type (boxes, points, mask, multimask): about 20 ms per click
@@ -36,11 +39,12 @@ from .checkpoints import sha256_of
 from .errors import ModelError
 from .models.base import Decoded, SamLikeAdapter
 
-# openvino: f32, faithful (mean Dice vs PyTorch ≥ 0.99); openvino-bf16: faster where the CPU has bf16, but
+# openvino: faithful (mean Dice vs PyTorch ≥ 0.99): f32, with the encoder stages measured faithful in bf16 in
+# bf16 where the CPU has it natively; openvino-f32: all f32; openvino-bf16: faster where the CPU has bf16, but
 # not faithful (see above), so never chosen automatically.
-ENGINES = ("torch", "openvino", "openvino-bf16")
+ENGINES = ("torch", "openvino", "openvino-f32", "openvino-bf16")
 ENGINE_CACHE_ENV = "SEGMENTWITHSAM_ENGINE_CACHE"
-EXPORT_FORMAT = 2  # bumped when the exported graphs change, so that cached exports are redone
+EXPORT_FORMAT = 3  # bumped when the exported graphs change, so that cached exports are redone
 
 
 def has_openvino() -> bool:
@@ -49,7 +53,7 @@ def has_openvino() -> bool:
 
 def available_engines() -> list[str]:
     """The engines that can run here, fastest first."""
-    return (["openvino", "openvino-bf16"] if has_openvino() else []) + ["torch"]
+    return (["openvino", "openvino-f32", "openvino-bf16"] if has_openvino() else []) + ["torch"]
 
 
 def resolve_engine(name: str | None, device) -> str:
@@ -75,34 +79,24 @@ def engine_cache_dir() -> Path:
     return Path(os.environ.get(ENGINE_CACHE_ENV) or default)
 
 
-def _exportable(model: SamLikeAdapter):
-    """The encoder (normalisation included) and the mask decoder (re-associated, every prompt type) as modules."""
-    import torch
-
-    from .models.factored_decoder import FactoredMaskDecoder
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = model.image_encoder
-
-        def forward(self, images01):
-            return self.encoder(model.normalize(images01))
-
-    return Encoder().eval(), FactoredMaskDecoder(model.prompt_encoder, model.mask_decoder).eval()
+def _exported(folder: Path, stages: int) -> bool:
+    return (folder / "decoder.xml").is_file() and all((folder / f"encoder{i}.xml").is_file() for i in range(stages))
 
 
 def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_dir: Path | None = None) -> Path:
-    """The folder holding ``encoder.xml`` and ``decoder.xml`` for ``model``, exporting them if not cached."""
+    """The folder holding ``encoder0.xml``, ``encoder1.xml``, … (the encoder's stages, see
+    :meth:`~.models.base.SamLikeAdapter.encoder_stages`) and ``decoder.xml`` for ``model``, exporting them if
+    not cached."""
     import openvino as ov
     import torch
 
-    from .models.factored_decoder import image_tokens
+    from .models.factored_decoder import FactoredMaskDecoder, image_tokens
 
     version = re.sub(r"[^\w.]+", "_", ov.__version__)
     name = f"{model.name}-{sha256_of(checkpoint)[:16]}-ov{version}-x{EXPORT_FORMAT}"
     folder = (cache_dir or engine_cache_dir()) / name
-    if (folder / "decoder.xml").is_file() and (folder / "encoder.xml").is_file():
+    stages = [stage for stage, _ in model.encoder_stages()]
+    if _exported(folder, len(stages)):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
@@ -113,24 +107,28 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
             embedding = model.image_encoder(model.normalize(image))
             boxes = torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.1, 0.1, 0.7, 0.7]], device=model.device) * size
             sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-        encoder, decoder = _exportable(model)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        decoder = FactoredMaskDecoder(model.prompt_encoder, model.mask_decoder).eval()
+        parts = [f"encoder{i}" for i in range(len(stages))]
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(encoder, (image,), work / "encoder.onnx", input_names=["image"],
-                              output_names=["embedding"], dynamo=False, opset_version=17)
+            features = image
+            for part, stage in zip(parts, stages, strict=True):
+                torch.onnx.export(stage, (features,), work / f"{part}.onnx", input_names=["input"],
+                                  output_names=["output"], dynamo=False, opset_version=17)
+                features = stage(features)
             tokens = image_tokens(embedding).contiguous()
             torch.onnx.export(decoder, (tokens, sparse, dense[:1, :, :1, :1].contiguous()), work / "decoder.onnx",
                               input_names=["tokens", "sparse", "dense"], output_names=["logits", "scores"],
                               dynamic_axes={"sparse": {0: "b", 1: "n"}, "dense": {0: "bd", 2: "hd", 3: "wd"},
                                             "logits": {0: "b"}, "scores": {0: "b"}},
                               dynamo=False, opset_version=17)
-        for part in ("encoder", "decoder"):
+        for part in (*parts, "decoder"):
             ov.save_model(ov.convert_model(work / f"{part}.onnx"), work / f"{part}.xml")
             (work / f"{part}.onnx").unlink()
         try:
             work.rename(folder)
         except OSError:  # another process exported it meanwhile
-            if not (folder / "decoder.xml").is_file():
+            if not _exported(folder, len(stages)):
                 raise
         return folder
     finally:
@@ -144,16 +142,24 @@ class OpenVINOModel(SamLikeAdapter):
 
     engine = "openvino"
 
-    def __init__(self, reference: SamLikeAdapter, folder: Path, precision: str = "f32") -> None:
+    def __init__(self, reference: SamLikeAdapter, folder: Path, precision: str = "mixed") -> None:
         import openvino as ov
 
         super().__init__(reference.image_encoder, reference.prompt_encoder, reference.mask_decoder, reference.device)
         self.name, self.input_size, self.low_res_size = reference.name, reference.input_size, reference.low_res_size
         self.checkpoint = reference.checkpoint
         core = ov.Core()
-        self._encoder = core.compile_model(core.read_model(folder / "encoder.xml"), "CPU",
-                                           {"INFERENCE_PRECISION_HINT": precision})
-        self.engine = "openvino" if precision == "f32" else f"openvino-{precision}"
+        # "mixed" (the faithful default) runs in bf16 the encoder stages measured faithful in it, where the CPU
+        # computes bf16 natively, the others in f32; "f32" and "bf16" run every stage so.
+        if precision not in ("mixed", "f32", "bf16"):
+            raise ValueError(f"precision must be mixed, f32 or bf16, not {precision!r}")
+        native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        self.stage_precisions = [precision if precision != "mixed" else "bf16" if faithful and native_bf16 else "f32"
+                                 for _, faithful in reference.encoder_stages()]
+        self._encoder = [core.compile_model(core.read_model(folder / f"encoder{i}.xml"), "CPU",
+                                            {"INFERENCE_PRECISION_HINT": stage_precision})
+                         for i, stage_precision in enumerate(self.stage_precisions)]
+        self.engine = "openvino" if precision == "mixed" else f"openvino-{precision}"
         # The decoder stays f32 under every engine: in bf16 its masks move by whole structures (measured).
         # Its small attention products run faster as plain matrix products than as OpenVINO's fused kernels.
         options = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -167,7 +173,12 @@ class OpenVINOModel(SamLikeAdapter):
         import torch
 
         images = np.ascontiguousarray(images01.cpu().numpy(), dtype=np.float32)
-        embeddings = [np.array(self._encoder(images[i: i + 1])[0]) for i in range(len(images))]  # exported for 1
+        embeddings = []
+        for i in range(len(images)):  # exported for one image
+            features = images[i: i + 1]
+            for stage in self._encoder:
+                features = stage(features)[0]
+            embeddings.append(np.array(features))
         self.encoder_runs += len(images)
         return torch.from_numpy(np.concatenate(embeddings))
 
@@ -205,7 +216,7 @@ def accelerate(model: SamLikeAdapter, engine: str, fallback: bool = False) -> Sa
         return model
     try:
         folder = export_openvino(model, model.checkpoint)
-        return OpenVINOModel(model, folder, "bf16" if engine.endswith("bf16") else "f32")
+        return OpenVINOModel(model, folder, engine.partition("-")[2] or "mixed")
     except Exception as error:  # export and compile raise many types; the reference path always works
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         if not fallback:

@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segmentwithsam serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint path")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--engine", default="auto", help="auto (default), torch, openvino or openvino-bf16")
+    parser.add_argument("--engine", default="auto",
+                        help="auto (default), torch, openvino, openvino-f32 or openvino-bf16")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdin/stdout")
     parser.add_argument("--prefetch", type=int, default=2, help="neighbouring slices to encode when idle")
     parser.add_argument("--cache-mb", type=int, default=None, help="embedding cache size (MB)")

@@ -48,6 +48,23 @@ class SamLikeAdapter:
         """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""
         return images01
 
+    def encoder_stages(self) -> list[tuple[object, bool]]:
+        """The image encoder, normalisation included, as consecutive modules for export (..engines), each with
+        whether its output stays faithful in bf16 (measured; unmeasured: False). Default: one stage."""
+        import torch
+
+        adapter = self
+
+        class Encoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.encoder = adapter.image_encoder
+
+            def forward(self, images01):
+                return self.encoder(adapter.normalize(images01))
+
+        return [(Encoder().eval(), False)]
+
     def encoder_precision(self):
         """The autocast context for the encoder (and SAM 2's tracking): bf16/fp16 on CUDA, fp32 elsewhere."""
         import torch

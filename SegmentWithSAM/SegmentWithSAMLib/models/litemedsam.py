@@ -39,3 +39,30 @@ class LiteMedSAM(SamLikeAdapter):
         model = cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)
         model.checkpoint = str(path)
         return model
+
+    def encoder_stages(self) -> list[tuple[object, bool]]:
+        """TinyViT up to its last stage, then its last stage and neck. Measured on 144 Colin27 boxes
+        (OpenVINO, mean Dice against eager fp32): the first part in bf16 moves masks (0.94 with its first
+        stage in bf16, 0.98 with its second, 0.98 with half of its third), the second part in bf16 keeps them
+        (0.995, as f32's 0.996) and is where a third of the time goes."""
+        import torch
+
+        encoder, normalize, grid = self.image_encoder, self.normalize, tuple(self.prompt_encoder.image_embedding_size)
+
+        class Trunk(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.patch_embed, self.layers = encoder.patch_embed, torch.nn.Sequential(*encoder.layers[:-1])
+
+            def forward(self, images01):
+                return self.layers(self.patch_embed(normalize(images01)))  # (B, h·w, C) tokens
+
+        class Head(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer, self.neck = encoder.layers[-1], encoder.neck
+
+            def forward(self, tokens):
+                return self.neck(self.layer(tokens).unflatten(1, grid).permute(0, 3, 1, 2))
+
+        return [(Trunk().eval(), False), (Head().eval(), True)]
