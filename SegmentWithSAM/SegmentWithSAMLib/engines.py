@@ -104,7 +104,6 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
         size = model.input_size
         image = torch.rand(1, 3, size, size, device=model.device)
         with torch.inference_mode():
-            embedding = model.image_encoder(model.normalize(image))
             boxes = torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.1, 0.1, 0.7, 0.7]], device=model.device) * size
             sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
         decoder = FactoredMaskDecoder(model.prompt_encoder, model.mask_decoder).eval()
@@ -115,8 +114,8 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
             for part, stage in zip(parts, stages, strict=True):
                 torch.onnx.export(stage, (features,), work / f"{part}.onnx", input_names=["input"],
                                   output_names=["output"], dynamo=False, opset_version=17)
-                features = stage(features)
-            tokens = image_tokens(embedding).contiguous()
+                features = stage(features)  # the last stage's output is the embedding
+            tokens = image_tokens(features).contiguous()
             torch.onnx.export(decoder, (tokens, sparse, dense[:1, :, :1, :1].contiguous()), work / "decoder.onnx",
                               input_names=["tokens", "sparse", "dense"], output_names=["logits", "scores"],
                               dynamic_axes={"sparse": {0: "b", 1: "n"}, "dense": {0: "bd", 2: "hd", 3: "wd"},
