@@ -333,11 +333,7 @@ class Propagator:
                     result.stopped[name][label] = f"key slice {index}"
                     active.discard(name)
                     continue
-                mask, score = source.predict(name, index, info["previous"])
-                if not allow_overlap:
-                    for other in masks.values():
-                        mask = mask & ~other
-                reason = self.rules.check(mask, score, info["previous"], source.similarity(name, mask))
+                mask, score, reason = self._segment(source, name, index, info["previous"], masks, allow_overlap)
                 if not mask.any():
                     info["empty"] += 1
                     if info["empty"] >= max(1, self.rules.max_empty):
@@ -353,6 +349,16 @@ class Propagator:
                 result.masks[name][index] = mask
             if masks:
                 yield SliceStep(index, masks, scores)
+
+    def _segment(self, source, name: str, index: int, previous: np.ndarray, taken: dict[str, np.ndarray],
+                 allow_overlap: bool) -> tuple[np.ndarray, float, str | None]:
+        """Object ``name``'s mask on slice ``index`` from its mask on the slice before, without the pixels of the
+        objects already ``taken`` there unless ``allow_overlap``; its score and why a stop rule refuses it."""
+        mask, score = source.predict(name, index, previous)
+        if not allow_overlap:
+            for other in taken.values():
+                mask = mask & ~other
+        return mask, score, self.rules.check(mask, score, previous, source.similarity(name, mask))
 
     def _stride(self, index: int, step: int, bounds: tuple[int, int], keys: dict, active: set, state: dict) -> int:
         """skip + 1 when every active object has started and no range end, key slice or seed lies within reach
@@ -376,12 +382,8 @@ class Propagator:
         None (nothing recorded) when any object's mask there is empty or refused by a stop rule."""
         masks, scores = {}, {}
         for name in sorted(active, key=list(seeds).index):
-            info = state[name]
-            mask, score = source.predict(name, index, info["previous"])
-            if not allow_overlap:
-                for other in masks.values():
-                    mask = mask & ~other
-            if not mask.any() or self.rules.check(mask, score, info["previous"], source.similarity(name, mask)):
+            mask, score, reason = self._segment(source, name, index, state[name]["previous"], masks, allow_overlap)
+            if reason or not mask.any():
                 return None
             masks[name], scores[name] = mask, score
         between = {name: interpolate_masks(state[name]["previous"], masks[name], stride - 1, self.axes.pixel_spacing)
