@@ -59,19 +59,19 @@ def measure(session: Session, cases, slices: int) -> tuple[dict, list[np.ndarray
     for view_, index_, box_ in cases:
         session.set_slice(view_, index_)
         masks.append(session.predictor.predict(box=box_).masks[0])
-    seed = masks[0]
+    rate, skipping = (propagation_rate(session, view, index, masks[0], slices, skip) for skip in (0, 2))
+    return {"decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
+            "propagation_slices_per_s": rate, "propagation_skip2_slices_per_s": skipping}, masks
+
+
+def propagation_rate(session: Session, view: str, index: int, seed: np.ndarray, slices: int, skip: int) -> float:
+    """Slices per second propagating ``seed`` up through ``slices`` × (skip + 1) slices, encoding included."""
     session.cache.clear()
     session.set_slice(view, index)  # the seed slice is encoded before propagation starts, as after an Accept
     began = time.perf_counter()
-    result = Propagator(session, view, NO_STOPS).run({"seed": (index, seed)}, "up", (index, index + slices))
-    rate = result.slice_count / (time.perf_counter() - began)
-    session.cache.clear()
-    session.set_slice(view, index)
-    began = time.perf_counter()
-    result = Propagator(session, view, NO_STOPS, skip=2).run({"seed": (index, seed)}, "up", (index, index + 3 * slices))
-    skipping = result.slice_count / (time.perf_counter() - began)
-    return {"decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
-            "propagation_slices_per_s": rate, "propagation_skip2_slices_per_s": skipping}, masks
+    result = Propagator(session, view, NO_STOPS, skip=skip).run({"seed": (index, seed)}, "up",
+                                                                 (index, index + slices * (skip + 1)))
+    return result.slice_count / (time.perf_counter() - began)
 
 
 def main() -> None:
