@@ -12,9 +12,11 @@ import numpy as np
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
 from SegmentWithSAMLib.geometry import bounding_box as tight_box  # noqa: F401 (the benchmarks' name)
 from SegmentWithSAMLib.io import read_volume
+from SegmentWithSAMLib.propagation import Propagator, StopRules
 
 RESULTS = Path(__file__).with_name("results")
 VIEWS = ("axial", "coronal", "sagittal")
+NO_STOPS = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
 
 
 def load_colin27():
@@ -62,3 +64,25 @@ def write_json(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}")
     return path
+
+
+def box_masks(session, cases) -> list[np.ndarray]:
+    """The session's mask (rows, cols) for each of ``cases`` [(view, slice index, box (4,))]."""
+    masks = []
+    for view, index, box in cases:
+        session.set_slice(view, index)
+        masks.append(session.predictor.predict(box=box).masks[0])
+    return masks
+
+
+def propagation_rate(session, view: str, index: int, seed: np.ndarray, last: int, skip: int,
+                     sync: Callable[[], None] = lambda: None) -> float:
+    """Slices per second propagating ``seed`` from slice ``index`` up to ``last`` with no stop rule, encoding
+    included (the seed slice is encoded first, as after an Accept); ``sync`` waits for a GPU's work."""
+    session.cache.clear()
+    session.set_slice(view, index)
+    sync()
+    began = time.perf_counter()
+    result = Propagator(session, view, NO_STOPS, skip=skip).run({"seed": (index, seed)}, "up", (index, last))
+    sync()
+    return result.slice_count / (time.perf_counter() - began)

@@ -17,7 +17,6 @@ import io
 import json
 import pstats
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -29,12 +28,19 @@ from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.predictor import normalize_slice
 from SegmentWithSAMLib.preprocessing import SliceTransform
-from SegmentWithSAMLib.propagation import Propagator, StopRules
 from SegmentWithSAMLib.session import Session
 
-from common import VIEWS, load_colin27, print_table, structure_slices, tight_box, timed_ms, write_json
-
-NO_STOPS = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
+from common import (
+    VIEWS,
+    box_masks,
+    load_colin27,
+    print_table,
+    propagation_rate,
+    structure_slices,
+    tight_box,
+    timed_ms,
+    write_json,
+)
 
 
 def synchronizer(device: torch.device):
@@ -63,26 +69,6 @@ def encoder_rows(session: Session, view: str, first: int, batches: list[int], sy
     return rows
 
 
-def masks_for(session: Session, cases) -> list[np.ndarray]:
-    out = []
-    for view, index, box in cases:
-        session.set_slice(view, index)
-        out.append(session.predictor.predict(box=box).masks[0])
-    return out
-
-
-def propagation_rate(session: Session, view: str, index: int, seed: np.ndarray, slices: int, skip: int,
-                     sync) -> float:
-    """Slices per second propagating ``seed`` up through ``slices`` slices with no stop rule, encoding included."""
-    session.cache.clear()
-    session.set_slice(view, index)
-    sync()
-    began = time.perf_counter()
-    result = Propagator(session, view, NO_STOPS, skip=skip).run({"seed": (index, seed)}, "up", (index, index + slices))
-    sync()
-    return result.slice_count / (time.perf_counter() - began)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or mps")
@@ -97,8 +83,8 @@ def main() -> None:
     gpu = Session(volume, load_model("litemedsam", args.device, engine="torch"), cache=EmbeddingCache())
     device, sync = gpu.model.device, synchronizer(gpu.model.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    reference = masks_for(Session(volume, load_model("litemedsam", "cpu", engine="torch")), cases)
-    gpu_masks = masks_for(gpu, cases)
+    reference = box_masks(Session(volume, load_model("litemedsam", "cpu", engine="torch")), cases)
+    gpu_masks = box_masks(gpu, cases)
     agreement = float(np.mean([dice(a, b) for a, b in zip(reference, gpu_masks, strict=True)]))
 
     view, index, box = cases[0]
@@ -109,12 +95,12 @@ def main() -> None:
     decoder = statistics.median(timed_ms(lambda: gpu.predictor.predict(box=box), 40, sync)[5:])
     seed = gpu_masks[0]
     slices = min(args.slices, axes.num_slices - 1 - index)
-    propagation_rate(gpu, view, index, seed, 8, 0, sync)  # warm-up
-    every = [propagation_rate(gpu, view, index, seed, slices, 0, sync) for _ in range(3)]
-    skipping = [propagation_rate(gpu, view, index, seed, slices, 2, sync) for _ in range(3)]
+    propagation_rate(gpu, view, index, seed, index + 8, 0, sync)  # warm-up
+    every = [propagation_rate(gpu, view, index, seed, index + slices, 0, sync) for _ in range(3)]
+    skipping = [propagation_rate(gpu, view, index, seed, index + slices, 2, sync) for _ in range(3)]
     if args.profile:
         profiler = cProfile.Profile()
-        profiler.runcall(propagation_rate, gpu, view, index, seed, slices, 0, sync)
+        profiler.runcall(propagation_rate, gpu, view, index, seed, index + slices, 0, sync)
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         with open(args.profile, "w") as file:

@@ -29,12 +29,18 @@ from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.prompts import predict_prompts
-from SegmentWithSAMLib.propagation import Propagator, StopRules
 from SegmentWithSAMLib.session import Session
 
-from common import load_colin27, print_table, structure_slices, tight_box, timed_ms, write_json
-
-NO_STOPS = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
+from common import (
+    box_masks,
+    load_colin27,
+    print_table,
+    propagation_rate,
+    structure_slices,
+    tight_box,
+    timed_ms,
+    write_json,
+)
 
 
 def encoder_ms(sessions: dict[str, Session], view: str, index: int, slices: int) -> dict[str, float]:
@@ -55,23 +61,11 @@ def measure(session: Session, cases, slices: int) -> tuple[dict, list[np.ndarray
     click = ((box[:2] + box[2:]) / 2)[None]  # a point click: the default box ensemble (4 boxes, see prompts)
     spacing = session.axes(view).pixel_spacing
     clicks = timed_ms(lambda: predict_prompts(session.predictor, click, [1], pixel_spacing=spacing), 8)[2:]
-    masks = []
-    for view_, index_, box_ in cases:
-        session.set_slice(view_, index_)
-        masks.append(session.predictor.predict(box=box_).masks[0])
-    rate, skipping = (propagation_rate(session, view, index, masks[0], slices, skip) for skip in (0, 2))
+    masks = box_masks(session, cases)
+    rate, skipping = (propagation_rate(session, view, index, masks[0], index + slices * (skip + 1), skip)
+                      for skip in (0, 2))
     return {"decoder_ms": statistics.median(decoder), "point_click_ms": statistics.median(clicks),
             "propagation_slices_per_s": rate, "propagation_skip2_slices_per_s": skipping}, masks
-
-
-def propagation_rate(session: Session, view: str, index: int, seed: np.ndarray, slices: int, skip: int) -> float:
-    """Slices per second propagating ``seed`` up through ``slices`` × (skip + 1) slices, encoding included."""
-    session.cache.clear()
-    session.set_slice(view, index)  # the seed slice is encoded before propagation starts, as after an Accept
-    began = time.perf_counter()
-    result = Propagator(session, view, NO_STOPS, skip=skip).run({"seed": (index, seed)}, "up",
-                                                                 (index, index + slices * (skip + 1)))
-    return result.slice_count / (time.perf_counter() - began)
 
 
 def main() -> None:
