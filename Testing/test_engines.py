@@ -45,6 +45,24 @@ def test_only_the_encoder_stages_measured_faithful_run_in_bf16(fast):
     assert fast.stage_precisions == ["f32", "bf16" if native else "f32"]  # TinyViT's last stage and neck
 
 
+def test_clicks_on_a_slice_share_one_prompt_free_decoder_pass(fast):
+    prepare, calls = fast._decoder("prepare"), []
+    fast._decoders["prepare"] = lambda inputs: calls.append(1) or prepare(inputs)
+    try:
+        embedding, other = torch.randn(2, 1, 256, 64, 64, generator=torch.Generator().manual_seed(5))
+        for box in ([60.0, 70.0, 150.0, 160.0], [20.0, 30.0, 200.0, 120.0]):
+            fast.decode(embedding, boxes=np.array([box]))
+            fast.decode(embedding, points=np.array([[box[:2]]]), labels=np.array([[1]]), multimask=True)
+        assert len(calls) == 1
+        fast.decode(embedding, boxes=np.array([box]), mask_logits=torch.zeros(1, 1, 256, 256))  # changes the image side
+        fast.decode(embedding, boxes=np.array([box]))
+        assert len(calls) == 2
+        fast.decode(other, boxes=np.array([box]))
+        assert len(calls) == 3
+    finally:
+        fast._decoders["prepare"] = prepare
+
+
 @pytest.mark.parametrize("prompt", ["boxes", "points", "box, point and mask", "multimask"])
 def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, fast, model):
     embedding = model.encode(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))

@@ -39,6 +39,22 @@ def test_factored_decoder_equals_sams(name, model, factored):
     assert torch.equal(logits > 0, expected > 0) or (logits > 0).ne(expected > 0).float().mean() < 1e-4
 
 
+@pytest.mark.parametrize("masks", ["single", "multi"])
+def test_only_the_wanted_masks_are_computed_from_one_preparation_per_image(masks, model, factored):
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(7)) * 0.5
+    sparse, dense = model.prompt_embeddings(**PROMPTS["four boxes"])
+    wanted = FactoredMaskDecoder(model.prompt_encoder, model.mask_decoder, masks).eval()
+    with torch.inference_mode():
+        every_logits, every_scores = factored(image_tokens(embedding), sparse, dense[:1, :, :1, :1])
+        prepared = wanted.prepare(image_tokens(embedding), dense[:1, :, :1, :1])  # once, shared by the four boxes
+        logits, scores = wanted.decode(*prepared, sparse)
+    chosen = slice(0, 1) if masks == "single" else slice(1, None)
+    torch.testing.assert_close(logits, every_logits[:, chosen], atol=1e-5 * float(every_logits.abs().max()), rtol=0)
+    torch.testing.assert_close(scores, every_scores[:, chosen], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="masks must be"):
+        FactoredMaskDecoder(model.prompt_encoder, model.mask_decoder, "best")
+
+
 def test_factored_decoder_refuses_an_upscaling_it_does_not_know(model):
     class Other(torch.nn.Module):
         def __init__(self) -> None:

@@ -9,9 +9,14 @@ matrices of width H·N (heads × prompt tokens):
   constant per query row, which softmax ignores), so X meets a (H·N, C) matrix twice;
 * image → token: ``softmax((X Wqᵀ + bq) kᵀ) v Woᵀ = softmax(X (Wqᵀ kᵀ) + bq kᵀ) (v Woᵀ)`` per head.
 
+Before the first layer updates them, the image tokens do not depend on the prompts (unless a mask prompt is
+given), so the first layer's projections of them — keys and values for token → image, queries for image →
+token — are computed once per image (:meth:`FactoredMaskDecoder.prepare`) and each click only meets them with
+its few tokens (:meth:`FactoredMaskDecoder.decode`).
+
 The output upscaling (two 2×2 stride-2 transposed convolutions) runs as matrix products in token layout, and
-the four mask products with the hypernetwork vectors are taken before the pixels are rearranged. The result
-equals :class:`MaskDecoder`'s up to float rounding (tested); on a 2-core CPU it runs several times faster.
+only the wanted masks' products with the hypernetwork vectors are taken, before the pixels are rearranged. The
+result equals :class:`MaskDecoder`'s up to float rounding (tested); on a 2-core CPU it runs several times faster.
 
 Works for any SAM-architecture decoder (SAM, MedSAM, LiteMedSAM), not SAM 2's (which adds high-resolution
 features and an object score).
@@ -66,6 +71,28 @@ def _image_to_token(attention, queries: torch.Tensor, keys: torch.Tensor, values
     return weights @ projected + attention.out_proj.bias
 
 
+def _token_to_projected_image(attention, queries: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor) -> torch.Tensor:
+    """``attention`` from few queries (B, N, C) to image keys and values already projected, per head
+    (1 or B, H, T, d)."""
+    q = _heads(attention.q_proj(queries), attention.num_heads)  # (B, H, N, d)
+    weights = torch.softmax(q @ keys.transpose(2, 3) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, N, T)
+    return attention.out_proj((weights @ values).transpose(1, 2).flatten(2))
+
+
+def _projected_image_to_token(attention, queries: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor) -> torch.Tensor:
+    """``attention`` from image queries already projected, per head (1 or B, H, T, d), to few keys and values
+    (B, N, C)."""
+    heads = attention.num_heads
+    k = _heads(attention.k_proj(keys), heads)  # (B, H, N, d)
+    v = _heads(attention.v_proj(values), heads)  # (B, H, N, d)
+    weights = torch.softmax(queries @ k.transpose(2, 3) / math.sqrt(k.shape[-1]), dim=-1)  # (B, H, T, N)
+    o_weight = attention.out_proj.weight.unflatten(1, (heads, -1))  # (C, H, d)
+    projected = (v @ o_weight.permute(1, 2, 0)).flatten(1, 2)  # (B, H·N, C)
+    return weights.transpose(1, 2).flatten(2) @ projected + attention.out_proj.bias
+
+
 def _transposed_conv_weight(conv: nn.ConvTranspose2d) -> torch.Tensor:
     """A 2×2 stride-2 transposed convolution as a (C_in, 4·C_out) matrix, columns ordered (dy, dx, C_out)."""
     if tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2):
@@ -73,19 +100,25 @@ def _transposed_conv_weight(conv: nn.ConvTranspose2d) -> torch.Tensor:
     return conv.weight.permute(0, 2, 3, 1).flatten(1)
 
 
+MASK_OUTPUTS = ("all", "single", "multi")
+
+
 class FactoredMaskDecoder(nn.Module):
     """``MaskDecoder.predict_masks`` of ``mask_decoder`` with ``prompt_encoder``'s dense positional encoding,
-    computed in the re-associated order described above.
+    computed in the re-associated order described above, in two parts: :meth:`prepare` (per image) and
+    :meth:`decode` (per click); ``forward(tokens, sparse, dense)`` runs both.
 
-    ``forward(tokens, sparse, dense)``: ``tokens`` (1, h·w, C), the image encoder's embedding (1, C, h, w) as
-    row-major tokens (see :func:`image_tokens`), ``sparse`` (B, N, C) and ``dense`` (1 or B, C, h or 1, w or 1)
-    from the prompt encoder (a (1, C, 1, 1) ``dense`` is the no-mask embedding, broadcast). Returns low-res
-    logits (B, 1 + K, 4h, 4w) and predicted IoU (B, 1 + K): the single-mask output first, then SAM's K
-    multimask outputs.
+    ``tokens`` (1, h·w, C) are the image encoder's embedding (1, C, h, w) as row-major tokens (see
+    :func:`image_tokens`), ``sparse`` (B, N, C) and ``dense`` (1 or B, C, h or 1, w or 1) come from the prompt
+    encoder (a (1, C, 1, 1) ``dense`` is the no-mask embedding, broadcast). Returns low-res logits (B, M, 4h, 4w)
+    and predicted IoU (B, M) for ``masks``: "all" (M = 1 + K: SAM's single-mask output first, then its K
+    multimask outputs), "single" (M = 1) or "multi" (M = K).
     """
 
-    def __init__(self, prompt_encoder, mask_decoder) -> None:
+    def __init__(self, prompt_encoder, mask_decoder, masks: str = "all") -> None:
         super().__init__()
+        if masks not in MASK_OUTPUTS:
+            raise ValueError(f"masks must be one of {MASK_OUTPUTS}, not {masks!r}")
         self.decoder = mask_decoder
         self.transformer = mask_decoder.transformer
         upscaling = list(mask_decoder.output_upscaling)
@@ -93,49 +126,94 @@ class FactoredMaskDecoder(nn.Module):
             raise ValueError("Expected SAM's upscaling: transposed conv, LayerNorm2d, GELU, transposed conv, GELU.")
         self.up1, self.norm, self.act1, self.up2, self.act2 = upscaling
         self.grid = tuple(prompt_encoder.image_embedding_size)
+        count = mask_decoder.num_mask_tokens
+        self.outputs = {"all": range(count), "single": range(1), "multi": range(1, count)}[masks]
         with torch.no_grad():
             self.register_buffer("image_pe", prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).clone())
             self.register_buffer("up1_weight", _transposed_conv_weight(self.up1).clone())
             self.register_buffer("up2_weight", _transposed_conv_weight(self.up2).clone())
+            self.register_buffer("up2_bias", self.up2.bias.repeat(4).clone())  # per (dy, dx, c) column
 
     def forward(self, tokens: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        return self.decode(*self.prepare(tokens, dense), sparse)
+
+    def prepare(self, tokens: torch.Tensor, dense: torch.Tensor):
+        """The prompt-free part: image tokens (1 or B, T, C) with the dense prompt added, and the first layer's
+        projections of them, per head (1 or B, H, T, d): token → image keys and values, image → token queries."""
+        keys = tokens + image_tokens(dense)
+        placed = keys + self.image_pe
+        first = self.transformer.layers[0]
+        to_image, to_token = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        return (keys, _heads(to_image.k_proj(placed), to_image.num_heads),
+                _heads(to_image.v_proj(keys), to_image.num_heads), _heads(to_token.q_proj(placed), to_token.num_heads))
+
+    def decode(self, keys: torch.Tensor, first_keys: torch.Tensor, first_values: torch.Tensor,
+               first_queries: torch.Tensor, sparse: torch.Tensor):
+        """Logits and scores (see the class) from :meth:`prepare`'s outputs and the sparse prompts (B, N, C)."""
         decoder = self.decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
         prompts = torch.cat([output_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)  # (B, N, C)
-        keys = (tokens + image_tokens(dense)).expand(prompts.shape[0], -1, -1)  # (B, T, C)
-        queries, keys = self._transformer(prompts, keys)
-        masks = self._masks(queries[:, 1: 1 + decoder.num_mask_tokens], keys, *self.grid)
-        return masks, decoder.iou_prediction_head(queries[:, 0])
+        queries, keys = self._transformer(prompts, keys, (first_keys, first_values, first_queries))
+        chosen = list(self.outputs)
+        masks = self._masks(queries[:, [1 + i for i in chosen]], chosen, keys, *self.grid)
+        return masks, decoder.iou_prediction_head(queries[:, 0])[:, chosen]
 
-    def _transformer(self, prompts: torch.Tensor, keys: torch.Tensor):
-        """TwoWayTransformer's forward: prompt tokens (B, N, C) and image tokens (B, T, C), both updated."""
+    def _transformer(self, prompts: torch.Tensor, keys: torch.Tensor, first: tuple):
+        """TwoWayTransformer's forward: prompt tokens (B, N, C) and image tokens (B, T, C), both updated; the
+        first layer's image projections ``first`` come from :meth:`prepare`."""
         pe, queries = self.image_pe, prompts
-        for layer in self.transformer.layers:
+        for number, layer in enumerate(self.transformer.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
                 q = queries + prompts
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
-            placed = keys + pe
-            queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, queries + prompts,
-                                                            placed, keys))
+            if number == 0:
+                image_keys, image_values, image_queries = first
+                attended = _token_to_projected_image(layer.cross_attn_token_to_image, queries + prompts,
+                                                     image_keys, image_values)
+            else:
+                placed = keys + pe
+                attended = _token_to_image(layer.cross_attn_token_to_image, queries + prompts, placed, keys)
+            queries = layer.norm2(queries + attended)
             queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(keys + _image_to_token(layer.cross_attn_image_to_token, placed,
-                                                      queries + prompts, queries))
+            if number == 0:
+                update = _projected_image_to_token(layer.cross_attn_image_to_token, image_queries,
+                                                   queries + prompts, queries)
+            else:
+                update = _image_to_token(layer.cross_attn_image_to_token, placed, queries + prompts, queries)
+            keys = layer.norm4(keys + update)
         final = self.transformer.final_attn_token_to_image
         queries = queries + _token_to_image(final, queries + prompts, keys + pe, keys)
         return self.transformer.norm_final_attn(queries), keys
 
-    def _masks(self, mask_tokens: torch.Tensor, keys: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Mask logits (B, K', 4h, 4w) from the mask tokens (B, K', C) and image tokens (B, h·w, C)."""
-        hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.decoder.output_hypernetworks_mlps)],
-                            dim=2)  # (B, c, K')
+    def _masks(self, mask_tokens: torch.Tensor, indices: list[int], keys: torch.Tensor, height: int,
+               width: int) -> torch.Tensor:
+        """Mask logits (B, K', 4h, 4w) from the mask tokens (B, K', C) of the hypernetworks ``indices`` and the
+        image tokens (B, h·w, C)."""
+        mlps = self.decoder.output_hypernetworks_mlps
+        hyper = torch.stack([mlps[i](mask_tokens[:, n]) for n, i in enumerate(indices)], dim=2)  # (B, c, K')
         up = (keys @ self.up1_weight).unflatten(-1, (4, -1)) + self.up1.bias  # (B, T, 4, C1)
         up = F.layer_norm(up, up.shape[-1:], eps=self.norm.eps) * self.norm.weight + self.norm.bias
         up = self.act1(up)
-        up = (up @ self.up2_weight).unflatten(-1, (4, -1)) + self.up2.bias  # (B, T, 4, 4, c)
+        # the bias added before the split, as one vector: the matrix product then takes it in (measured faster;
+        # not so for the first product, whose fastest kernel takes no bias)
+        up = (up @ self.up2_weight + self.up2_bias).unflatten(-1, (4, -1))  # (B, T, 4, 4, c)
         logits = self.act2(up) @ hyper[:, None, None]  # (B, T, 4, 4, K')
         # (B, y, x, dy1, dx1, dy2, dx2, K') → (B, K', y, dy1, dy2, x, dx1, dx2)
         logits = logits.reshape(logits.shape[0], height, width, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return logits.reshape(logits.shape[0], logits.shape[1], 4 * height, 4 * width)
+
+
+class DecoderPart(nn.Module):
+    """One of :class:`FactoredMaskDecoder`'s two parts ("prepare" or "decode") as a module, for export."""
+
+    def __init__(self, decoder: FactoredMaskDecoder, part: str) -> None:
+        super().__init__()
+        if part not in ("prepare", "decode"):
+            raise ValueError(f"part must be prepare or decode, not {part!r}")
+        self.decoder, self.part = decoder, part
+
+    def forward(self, *inputs):
+        return getattr(self.decoder, self.part)(*inputs)
