@@ -19,11 +19,13 @@ from .preprocessing import SliceTransform
 @dataclass
 class Prediction:
     """Masks (M, rows, cols) bool, ``scores`` (M,) predicted IoU, ``low_res_logits`` (M, h, w) float32 —
-    pass one of those back as ``mask_input`` (1, h, w) to refine with the next click."""
+    pass one of those back as ``mask_input`` (1, h, w) to refine with the next click — and ``logits``
+    (M, rows, cols) float32, the low-res logits on the slice grid (``masks`` is ``logits > 0``)."""
 
     masks: np.ndarray
     scores: np.ndarray
     low_res_logits: np.ndarray
+    logits: np.ndarray
 
     def best(self) -> int:
         """Index of the mask with the highest predicted quality."""
@@ -138,19 +140,13 @@ class SlicePredictor:
         if mask_input is not None:
             masks = torch.as_tensor(np.asarray(mask_input, dtype=np.float32)).reshape(1, 1, *np.shape(mask_input)[-2:])
         decoded = self.model.decode(self._embedding, points, labels, boxes, masks, multimask_output)
-        logits = self.transform.logits_to_slice(decoded.logits)[0]
-        return Prediction(
-            masks=(logits > 0).cpu().numpy(),
-            scores=decoded.scores[0].float().cpu().numpy(),
-            low_res_logits=decoded.logits[0].float().cpu().numpy(),
-        )
+        return self._prediction(decoded.logits[0], decoded.scores[0])
 
-    def upsample(self, low_res_logits: np.ndarray) -> np.ndarray:
-        """Low-res logits (M, h, w) of this slice → logits (M, rows, cols) on the slice grid."""
-        import torch
-
-        tensor = torch.from_numpy(np.asarray(low_res_logits, dtype=np.float32))[None]
-        return self._require_image().logits_to_slice(tensor)[0].numpy()
+    def _prediction(self, low_res_logits, scores) -> Prediction:
+        """A :class:`Prediction` from the decoder's low-res logits (M, h, w) and scores (M,) (tensors)."""
+        logits = self.transform.logits_to_slice(low_res_logits[None])[0].float().cpu().numpy()
+        return Prediction(masks=logits > 0, scores=scores.float().cpu().numpy(),
+                          low_res_logits=low_res_logits.float().cpu().numpy(), logits=logits)
 
     def region_feature(self, mask: np.ndarray) -> np.ndarray:
         """The unit-length mean embedding vector (C,) of the region ``mask`` (rows, cols) on the current slice:
@@ -179,9 +175,4 @@ class SlicePredictor:
         if points is not None:
             points, labels = np.repeat(points, count, axis=0), np.repeat(labels, count, axis=0)
         decoded = self.model.decode(self._embedding, points, labels, model_boxes)
-        logits = self.transform.logits_to_slice(decoded.logits)[:, 0]
-        return Prediction(
-            masks=(logits > 0).cpu().numpy(),
-            scores=decoded.scores[:, 0].float().cpu().numpy(),
-            low_res_logits=decoded.logits[:, 0].float().cpu().numpy(),
-        )
+        return self._prediction(decoded.logits[:, 0], decoded.scores[:, 0])

@@ -36,11 +36,12 @@ def _ensemble_boxes(positive_xy: np.ndarray, pixel_spacing: tuple[float, float])
 
 
 def predict_box_ensemble(predictor: SlicePredictor, boxes: np.ndarray) -> Prediction:
-    """One mask from several boxes (B, 4): decoded in one batch, low-res logits averaged."""
+    """One mask from several boxes (B, 4): decoded in one batch, logits averaged (upsampling is linear, so the
+    slice-grid logits are the average's too)."""
     prediction = predictor.predict_boxes(boxes)
-    logits = prediction.low_res_logits.mean(axis=0, keepdims=True)
-    return Prediction(masks=predictor.upsample(logits) > 0, scores=prediction.scores.mean(keepdims=True),
-                      low_res_logits=logits)
+    logits = prediction.logits.mean(axis=0, keepdims=True)
+    return Prediction(masks=logits > 0, scores=prediction.scores.mean(keepdims=True),
+                      low_res_logits=prediction.low_res_logits.mean(axis=0, keepdims=True), logits=logits)
 
 
 def remove_clicked_regions(mask: np.ndarray, negative_xy: np.ndarray, keep_xy: np.ndarray = ()) -> np.ndarray:

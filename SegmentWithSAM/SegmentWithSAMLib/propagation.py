@@ -200,8 +200,7 @@ class BoxChain:
         box = bounding_box(previous) + self.offsets[name] + self.margin
         box[2:] = np.maximum(box[2:], box[:2])
         prediction = self.session.predictor.predict(box=box)
-        logits = self.session.predictor.upsample(prediction.low_res_logits)[0]
-        return logits + _shape_prior(previous, self.axes.pixel_spacing) > 0, float(prediction.scores[0])
+        return prediction.logits[0] + _shape_prior(previous, self.axes.pixel_spacing) > 0, float(prediction.scores[0])
 
     def similarity(self, name: str, mask: np.ndarray) -> float:
         return float(self.session.predictor.region_feature(mask) @ self.signatures[name]) if mask.any() else 0.0

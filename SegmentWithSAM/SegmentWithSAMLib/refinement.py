@@ -79,7 +79,7 @@ class Refiner:
 
     def _set_logits(self, prediction) -> None:
         self.first = prediction
-        self.logits = self.predictor.upsample(prediction.low_res_logits[:1])[0]
+        self.logits = prediction.logits[0]
 
     def add_click(self, xy: tuple[float, float], positive: bool) -> np.ndarray:
         """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
