@@ -58,11 +58,14 @@ def print_table(headers: list[str], rows: list[list]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
 
 
-def write_json(name: str, payload: dict) -> Path:
+def write_json(name: str, payload: dict, one_line: bool = False) -> Path:
+    """Write ``payload`` to results/NAME.json; with ``one_line`` also print it as one JSON line (``--json``)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}")
+    if one_line:
+        print(json.dumps(payload, separators=(",", ":")))
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import statistics
 
@@ -120,9 +119,7 @@ def main() -> None:
     print(f"\ndecoder {decoder:.2f} ms per box click; propagation through {slices} slices "
           f"{results['propagation_slices_per_s']:.0f} slices/s (skip 2: "
           f"{results['propagation_skip2_slices_per_s']:.0f}); Dice vs eager fp32 on the CPU {agreement:.4f}")
-    write_json("gpu", results)
-    if args.json:
-        print(json.dumps(results, separators=(",", ":")))
+    write_json("gpu", results, one_line=args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ against the reference ≥ 0.99, the one ``--engine auto`` picks), ``dice_vs_refe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -124,9 +123,7 @@ def main() -> None:
     print(f"\nfastest faithful engine: {best['engine']} (×{best['encoder_speedup']:.2f} encoder); CLI end to end "
           f"{results['cli_end_to_end_ms']:.0f} ms; peak RSS {results['peak_rss_mb']:.0f} MB (all engines in one "
           f"process), CLI {results['cli_peak_rss_mb']:.0f} MB")
-    write_json("speed", results)
-    if args.json:
-        print(json.dumps(results, separators=(",", ":")))
+    write_json("speed", results, one_line=args.json)
 
 
 if __name__ == "__main__":

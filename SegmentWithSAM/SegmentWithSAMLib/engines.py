@@ -121,10 +121,10 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
                                   output_names=["output"], dynamo=False, opset_version=17)
                 features = stage(features)  # the last stage's output is the embedding
             tokens, dense = image_tokens(features).contiguous(), dense[:1, :, :1, :1].contiguous()
+            prepared_names = ["keys", "first_keys", "first_values", "first_queries"]
             for masks in ("single", "multi"):
                 decoder = FactoredMaskDecoder(model.prompt_encoder, model.mask_decoder, masks).eval()
                 prepared = decoder.prepare(tokens, dense)
-                prepared_names = ["keys", "first_keys", "first_values", "first_queries"]
                 if masks == "single":
                     torch.onnx.export(DecoderPart(decoder, "prepare"), (tokens, dense), work / "prepare.onnx",
                                       input_names=["tokens", "dense"], output_names=prepared_names,

@@ -66,7 +66,13 @@ def _image_to_token(attention, queries: torch.Tensor, keys: torch.Tensor, values
     bias = (attention.q_proj.bias.unflatten(0, (heads, d))[:, None] @ k.transpose(2, 3)) / math.sqrt(d)  # (B, H, 1, N)
     scores = queries @ folded.transpose(1, 2).flatten(2) + bias.transpose(1, 2).flatten(2)  # (B, T, H·N)
     weights = torch.softmax(scores.unflatten(-1, (heads, -1)), dim=-1).flatten(2)  # (B, T, H·N)
-    o_weight = attention.out_proj.weight.unflatten(1, (heads, d))  # (C, H, d)
+    return _mix_token_values(attention, weights, v)
+
+
+def _mix_token_values(attention, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Image → token attention's output (B, T, C) from its weights (B, T, H·N) and the tokens' values per head
+    (B, H, N, d): ``weights (v Woᵀ) + bo``, so the image tokens never meet the output projection."""
+    o_weight = attention.out_proj.weight.unflatten(1, (attention.num_heads, -1))  # (C, H, d)
     projected = (v @ o_weight.permute(1, 2, 0)).flatten(1, 2)  # (B, H·N, C)
     return weights @ projected + attention.out_proj.bias
 
@@ -88,9 +94,7 @@ def _projected_image_to_token(attention, queries: torch.Tensor, keys: torch.Tens
     k = _heads(attention.k_proj(keys), heads)  # (B, H, N, d)
     v = _heads(attention.v_proj(values), heads)  # (B, H, N, d)
     weights = torch.softmax(queries @ k.transpose(2, 3) / math.sqrt(k.shape[-1]), dim=-1)  # (B, H, T, N)
-    o_weight = attention.out_proj.weight.unflatten(1, (heads, -1))  # (C, H, d)
-    projected = (v @ o_weight.permute(1, 2, 0)).flatten(1, 2)  # (B, H·N, C)
-    return weights.transpose(1, 2).flatten(2) @ projected + attention.out_proj.bias
+    return _mix_token_values(attention, weights.transpose(1, 2).flatten(2), v)
 
 
 def _transposed_conv_weight(conv: nn.ConvTranspose2d) -> torch.Tensor:
