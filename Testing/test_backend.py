@@ -250,12 +250,23 @@ def test_protocol_version_mismatch_is_a_clear_error(raw):
     assert reply["kind"] == "ProtocolError" and "protocol version" in reply["message"]
 
 
-def test_pipe_backend_opens_no_socket(client):
-    client.wait(client.status(), timeout=60)
-    fds = Path(f"/proc/{client.pid}/fd")
+def open_files(pid: int) -> list[str]:
+    """What process `pid` has open, from /proc; a descriptor closed while it is listed is left out."""
+    fds = Path(f"/proc/{pid}/fd")
     if not fds.is_dir():
         pytest.skip("needs /proc")
-    targets = [os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()]
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:  # the process closed it (an import's file, a thread's pipe) between listing and reading
+            continue
+    return targets
+
+
+def test_pipe_backend_opens_no_socket(client):
+    client.wait(client.status(), timeout=60)
+    targets = open_files(client.pid)
     assert not [t for t in targets if t.startswith("socket:")], targets
 
 
@@ -285,5 +296,5 @@ def test_tcp_client_round_trip():
     with BackendClient(device="cpu", transport="tcp") as backend:
         status = backend.wait(backend.status(), timeout=60)
         assert status["version"] == PROTOCOL_VERSION
-        targets = [os.readlink(fd) for fd in Path(f"/proc/{backend.pid}/fd").iterdir()]
+        targets = open_files(backend.pid)
         assert any(t.startswith("socket:") for t in targets)
