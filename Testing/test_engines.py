@@ -25,6 +25,12 @@ def fast():
     return load_model("litemedsam", "cpu", engine="openvino")
 
 
+@pytest.fixture(scope="module")
+def exact(fast, model):
+    """The same export all in f32: its decoder is the reference's function up to float rounding."""
+    return engines.OpenVINOModel(model, fast.folder, "f32")
+
+
 def test_fast_engine_masks_match_the_reference(fast, model, cache, colin, atlas):
     reference, accelerated = Session(colin, model, cache=cache), Session(colin, fast, cache=cache)
     scores = []
@@ -38,11 +44,15 @@ def test_fast_engine_masks_match_the_reference(fast, model, cache, colin, atlas)
     assert fast.encoder_runs == 6  # its embeddings are cached apart from the reference's
 
 
-def test_only_the_encoder_stages_measured_faithful_run_in_bf16(fast):
+def test_only_the_parts_measured_faithful_run_in_bf16(fast, exact):
     import openvino as ov
 
-    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    assert fast.stage_precisions == ["f32", "bf16" if native else "f32"]  # TinyViT's last stage and neck
+    bf16 = "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    assert fast.stage_precisions == ["f32", bf16]  # TinyViT's last stage and neck
+    # the decoder's transformer stays f32, its upscaling follows the faithful encoder stage
+    assert fast._decoder_precisions == {"prepare": "f32", "attend-single": "f32", "attend-multi": "f32",
+                                        "upscale": bf16}
+    assert set(exact.stage_precisions) == set(exact._decoder_precisions.values()) == {"f32"}
 
 
 def test_clicks_on_a_slice_share_one_prompt_free_decoder_pass(fast):
@@ -64,7 +74,7 @@ def test_clicks_on_a_slice_share_one_prompt_free_decoder_pass(fast):
 
 
 @pytest.mark.parametrize("prompt", ["boxes", "points", "box, point and mask", "multimask"])
-def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, fast, model):
+def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, exact, model):
     embedding = model.encode(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
     boxes = np.array([[60.0, 70.0, 150.0, 160.0], [20.0, 30.0, 200.0, 120.0]])
     args = {"boxes": dict(boxes=boxes),
@@ -73,9 +83,9 @@ def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, fa
                                         mask_logits=torch.randn(1, 1, 256, 256) * 4),
             "multimask": dict(boxes=boxes[:1], multimask=True)}[prompt]
     torch_calls = []
-    hook = fast.mask_decoder.register_forward_hook(lambda *_: torch_calls.append(1))
+    hook = exact.mask_decoder.register_forward_hook(lambda *_: torch_calls.append(1))
     try:
-        ours = fast.decode(embedding, **args)
+        ours = exact.decode(embedding, **args)
     finally:
         hook.remove()
     theirs = model.decode(embedding, **args)

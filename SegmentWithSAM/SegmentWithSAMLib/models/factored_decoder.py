@@ -12,11 +12,13 @@ matrices of width H·N (heads × prompt tokens):
 Before the first layer updates them, the image tokens do not depend on the prompts (unless a mask prompt is
 given), so the first layer's projections of them — keys and values for token → image, queries for image →
 token — are computed once per image (:meth:`FactoredMaskDecoder.prepare`) and each click only meets them with
-its few tokens (:meth:`FactoredMaskDecoder.decode`).
+its few tokens (:meth:`FactoredMaskDecoder.attend`). The final token → image attention treats each token on its
+own, so it is taken for the IoU token and the wanted masks' tokens only.
 
-The output upscaling (two 2×2 stride-2 transposed convolutions) runs as matrix products in token layout, and
-only the wanted masks' products with the hypernetwork vectors are taken, before the pixels are rearranged. The
-result equals :class:`MaskDecoder`'s up to float rounding (tested); on a 2-core CPU it runs several times faster.
+The output upscaling (:meth:`FactoredMaskDecoder.upscale`: two 2×2 stride-2 transposed convolutions) runs as
+matrix products in token layout, and only the wanted masks' products with the hypernetwork vectors are taken,
+before the pixels are rearranged. The result equals :class:`MaskDecoder`'s up to float rounding (tested); on a
+2-core CPU it runs several times faster.
 
 Works for any SAM-architecture decoder (SAM, MedSAM, LiteMedSAM), not SAM 2's (which adds high-resolution
 features and an object score).
@@ -62,39 +64,45 @@ def _image_to_token(attention, queries: torch.Tensor, keys: torch.Tensor, values
     v = _heads(attention.v_proj(values), heads)  # (B, H, N, d)
     d = k.shape[-1]
     q_weight = attention.q_proj.weight.unflatten(0, (heads, d))  # (H, d, C)
-    folded = (q_weight.transpose(1, 2) @ k.transpose(2, 3)) / math.sqrt(d)  # (B, H, C, N)
-    bias = (attention.q_proj.bias.unflatten(0, (heads, d))[:, None] @ k.transpose(2, 3)) / math.sqrt(d)  # (B, H, 1, N)
-    scores = queries @ folded.transpose(1, 2).flatten(2) + bias.transpose(1, 2).flatten(2)  # (B, T, H·N)
-    weights = torch.softmax(scores.unflatten(-1, (heads, -1)), dim=-1).flatten(2)  # (B, T, H·N)
-    return _mix_token_values(attention, weights, v)
+    folded = (k @ q_weight).flatten(1, 2) / math.sqrt(d)  # (B, H·N, C)
+    bias = (k @ attention.q_proj.bias.unflatten(0, (heads, d))[:, :, None]).flatten(1, 2) / math.sqrt(d)  # (B, H·N, 1)
+    return _mix_token_values(attention, folded @ queries.transpose(1, 2) + bias, v)
 
 
-def _mix_token_values(attention, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Image → token attention's output (B, T, C) from its weights (B, T, H·N) and the tokens' values per head
-    (B, H, N, d): ``weights (v Woᵀ) + bo``, so the image tokens never meet the output projection."""
-    o_weight = attention.out_proj.weight.unflatten(1, (attention.num_heads, -1))  # (C, H, d)
+def _mix_token_values(attention, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Image → token attention's output (B, T, C) from its scores (B, H·N, T) and the tokens' values per head
+    (B, H, N, d): ``softmax (v Woᵀ) + bo``, so the image tokens never meet the output projection. The scores
+    are kept with the image tokens last, so that the softmax over each head's N tokens runs along T."""
+    heads = attention.num_heads
+    weights = torch.softmax(scores.unflatten(1, (heads, -1)), dim=2).flatten(1, 2)  # (B, H·N, T)
+    o_weight = attention.out_proj.weight.unflatten(1, (heads, -1))  # (C, H, d)
     projected = (v @ o_weight.permute(1, 2, 0)).flatten(1, 2)  # (B, H·N, C)
-    return weights @ projected + attention.out_proj.bias
+    return weights.transpose(1, 2) @ projected + attention.out_proj.bias
 
 
 def _token_to_projected_image(attention, queries: torch.Tensor, keys: torch.Tensor,
                               values: torch.Tensor) -> torch.Tensor:
-    """``attention`` from few queries (B, N, C) to image keys and values already projected, per head
-    (1 or B, H, T, d)."""
+    """``attention`` from few queries (B, N, C) to image keys, already projected, scaled by 1/√d and
+    transposed (1 or B, H, d, T), and image values already projected (1 or B, H, T, d)."""
     q = _heads(attention.q_proj(queries), attention.num_heads)  # (B, H, N, d)
-    weights = torch.softmax(q @ keys.transpose(2, 3) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, N, T)
+    weights = torch.softmax(q @ keys, dim=-1)  # (B, H, N, T)
     return attention.out_proj((weights @ values).transpose(1, 2).flatten(2))
 
 
 def _projected_image_to_token(attention, queries: torch.Tensor, keys: torch.Tensor,
                               values: torch.Tensor) -> torch.Tensor:
-    """``attention`` from image queries already projected, per head (1 or B, H, T, d), to few keys and values
-    (B, N, C)."""
+    """``attention`` from image queries, already projected, scaled by 1/√d and transposed (1 or B, H, d, T),
+    to few keys and values (B, N, C)."""
     heads = attention.num_heads
     k = _heads(attention.k_proj(keys), heads)  # (B, H, N, d)
     v = _heads(attention.v_proj(values), heads)  # (B, H, N, d)
-    weights = torch.softmax(queries @ k.transpose(2, 3) / math.sqrt(k.shape[-1]), dim=-1)  # (B, H, T, N)
-    return _mix_token_values(attention, weights.transpose(1, 2).flatten(2), v)
+    return _mix_token_values(attention, (k @ queries).flatten(1, 2), v)
+
+
+def _scaled_transposed(projection: nn.Linear, heads: int, x: torch.Tensor) -> torch.Tensor:
+    """The image tokens x (B, T, C) projected per head, scaled by 1/√d and transposed: (B, H, d, T)."""
+    projected = _heads(projection(x), heads)
+    return projected.transpose(2, 3) / math.sqrt(projected.shape[-1])
 
 
 def _transposed_conv_weight(conv: nn.ConvTranspose2d) -> torch.Tensor:
@@ -109,8 +117,8 @@ MASK_OUTPUTS = ("all", "single", "multi")
 
 class FactoredMaskDecoder(nn.Module):
     """``MaskDecoder.predict_masks`` of ``mask_decoder`` with ``prompt_encoder``'s dense positional encoding,
-    computed in the re-associated order described above, in two parts: :meth:`prepare` (per image) and
-    :meth:`decode` (per click); ``forward(tokens, sparse, dense)`` runs both.
+    computed in the re-associated order described above, in parts: :meth:`prepare` (per image), then per click
+    :meth:`attend` and :meth:`upscale` (:meth:`decode` runs both); ``forward(tokens, sparse, dense)`` runs all.
 
     ``tokens`` (1, h·w, C) are the image encoder's embedding (1, C, h, w) as row-major tokens (see
     :func:`image_tokens`), ``sparse`` (B, N, C) and ``dense`` (1 or B, C, h or 1, w or 1) come from the prompt
@@ -143,28 +151,41 @@ class FactoredMaskDecoder(nn.Module):
 
     def prepare(self, tokens: torch.Tensor, dense: torch.Tensor):
         """The prompt-free part: image tokens (1 or B, T, C) with the dense prompt added, and the first layer's
-        projections of them, per head (1 or B, H, T, d): token → image keys and values, image → token queries."""
+        projections of them: token → image keys, scaled by 1/√d and transposed (1 or B, H, d, T), and values
+        (1 or B, H, T, d); image → token queries, scaled and transposed (1 or B, H, d, T). Scaled and laid out
+        here, once per image, so that each click's products take them as they are."""
         keys = tokens + image_tokens(dense)
         placed = keys + self.image_pe
         first = self.transformer.layers[0]
         to_image, to_token = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        return (keys, _heads(to_image.k_proj(placed), to_image.num_heads),
-                _heads(to_image.v_proj(keys), to_image.num_heads), _heads(to_token.q_proj(placed), to_token.num_heads))
+        return (keys, _scaled_transposed(to_image.k_proj, to_image.num_heads, placed),
+                _heads(to_image.v_proj(keys), to_image.num_heads),
+                _scaled_transposed(to_token.q_proj, to_token.num_heads, placed))
 
     def decode(self, keys: torch.Tensor, first_keys: torch.Tensor, first_values: torch.Tensor,
                first_queries: torch.Tensor, sparse: torch.Tensor):
         """Logits and scores (see the class) from :meth:`prepare`'s outputs and the sparse prompts (B, N, C)."""
+        hyper, scores, keys = self.attend(keys, first_keys, first_values, first_queries, sparse)
+        return self.upscale(keys, hyper), scores
+
+    def attend(self, keys: torch.Tensor, first_keys: torch.Tensor, first_values: torch.Tensor,
+               first_queries: torch.Tensor, sparse: torch.Tensor):
+        """The per-click transformer: from :meth:`prepare`'s outputs and the sparse prompts (B, N, C), the wanted
+        masks' hypernetwork vectors (B, c, M), their scores (B, M) and the updated image tokens (B, T, C)."""
         decoder = self.decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
         prompts = torch.cat([output_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)  # (B, N, C)
-        queries, keys = self._transformer(prompts, keys, (first_keys, first_values, first_queries))
         chosen = list(self.outputs)
-        masks = self._masks(queries[:, [1 + i for i in chosen]], chosen, keys, *self.grid)
-        return masks, decoder.iou_prediction_head(queries[:, 0])[:, chosen]
+        needed = [0, *(1 + i for i in chosen)]  # the IoU token and the wanted masks' tokens
+        queries, keys = self._transformer(prompts, keys, (first_keys, first_values, first_queries), needed)
+        mlps = decoder.output_hypernetworks_mlps
+        hyper = torch.stack([mlps[i](queries[:, 1 + n]) for n, i in enumerate(chosen)], dim=2)  # (B, c, M)
+        return hyper, decoder.iou_prediction_head(queries[:, 0])[:, chosen], keys
 
-    def _transformer(self, prompts: torch.Tensor, keys: torch.Tensor, first: tuple):
+    def _transformer(self, prompts: torch.Tensor, keys: torch.Tensor, first: tuple, needed: list[int]):
         """TwoWayTransformer's forward: prompt tokens (B, N, C) and image tokens (B, T, C), both updated; the
-        first layer's image projections ``first`` come from :meth:`prepare`."""
+        first layer's image projections ``first`` come from :meth:`prepare`. The final attention, where each
+        token attends on its own, is taken for the ``needed`` tokens only, and only they are returned."""
         pe, queries = self.image_pe, prompts
         for number, layer in enumerate(self.transformer.layers):
             if layer.skip_first_layer_pe:
@@ -189,34 +210,36 @@ class FactoredMaskDecoder(nn.Module):
                 update = _image_to_token(layer.cross_attn_image_to_token, placed, queries + prompts, queries)
             keys = layer.norm4(keys + update)
         final = self.transformer.final_attn_token_to_image
+        queries, prompts = queries[:, needed], prompts[:, needed]
         queries = queries + _token_to_image(final, queries + prompts, keys + pe, keys)
         return self.transformer.norm_final_attn(queries), keys
 
-    def _masks(self, mask_tokens: torch.Tensor, indices: list[int], keys: torch.Tensor, height: int,
-               width: int) -> torch.Tensor:
-        """Mask logits (B, K', 4h, 4w) from the mask tokens (B, K', C) of the hypernetworks ``indices`` and the
-        image tokens (B, h·w, C)."""
-        mlps = self.decoder.output_hypernetworks_mlps
-        hyper = torch.stack([mlps[i](mask_tokens[:, n]) for n, i in enumerate(indices)], dim=2)  # (B, c, K')
+    def upscale(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """Mask logits (B, M, 4h, 4w) from the image tokens (B, h·w, C) and the masks' hypernetwork vectors
+        (B, c, M): the output upscaling, then each mask's product with its vector."""
+        height, width = self.grid
         up = (keys @ self.up1_weight).unflatten(-1, (4, -1)) + self.up1.bias  # (B, T, 4, C1)
         up = F.layer_norm(up, up.shape[-1:], eps=self.norm.eps) * self.norm.weight + self.norm.bias
         up = self.act1(up)
         # the bias added before the split, as one vector: the matrix product then takes it in (measured faster;
         # not so for the first product, whose fastest kernel takes no bias)
         up = (up @ self.up2_weight + self.up2_bias).unflatten(-1, (4, -1))  # (B, T, 4, 4, c)
-        logits = self.act2(up) @ hyper[:, None, None]  # (B, T, 4, 4, K')
-        # (B, y, x, dy1, dx1, dy2, dx2, K') → (B, K', y, dy1, dy2, x, dx1, dx2)
+        logits = self.act2(up) @ hyper[:, None, None]  # (B, T, 4, 4, M)
+        # (B, y, x, dy1, dx1, dy2, dx2, M) → (B, M, y, dy1, dy2, x, dx1, dx2)
         logits = logits.reshape(logits.shape[0], height, width, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return logits.reshape(logits.shape[0], logits.shape[1], 4 * height, 4 * width)
 
 
+DECODER_PARTS = ("prepare", "attend", "upscale")
+
+
 class DecoderPart(nn.Module):
-    """One of :class:`FactoredMaskDecoder`'s two parts ("prepare" or "decode") as a module, for export."""
+    """One of :class:`FactoredMaskDecoder`'s parts (``DECODER_PARTS``) as a module, for export."""
 
     def __init__(self, decoder: FactoredMaskDecoder, part: str) -> None:
         super().__init__()
-        if part not in ("prepare", "decode"):
-            raise ValueError(f"part must be prepare or decode, not {part!r}")
+        if part not in DECODER_PARTS:
+            raise ValueError(f"part must be one of {DECODER_PARTS}, not {part!r}")
         self.decoder, self.part = decoder, part
 
     def forward(self, *inputs):
