@@ -51,6 +51,16 @@ def engine_cache():
     return folder
 
 
+@pytest.fixture(autouse=True)
+def torch_on_every_core():
+    """Loading a model for OpenVINO leaves PyTorch one thread (see device.configure_cpu_threads); the
+    session's PyTorch reference shares this process, so every test starts with PyTorch on every core."""
+    from SegmentWithSAMLib.device import configure_cpu_threads
+
+    configure_cpu_threads("torch")
+    yield
+
+
 @pytest.fixture(scope="session")
 def model():
     """The reference: LiteMedSAM in eager PyTorch (tests of the fast engine compare against it)."""

@@ -3,11 +3,14 @@ and a clear fallback when the runtime is missing."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from SegmentWithSAMLib import engines
+from SegmentWithSAMLib.device import configure_cpu_threads
 from SegmentWithSAMLib.errors import ModelError
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
@@ -96,6 +99,13 @@ def test_every_prompt_type_runs_in_openvino_and_matches_the_reference(prompt, ex
         assert dice((a > 0).numpy(), (b > 0).numpy()) >= 0.995
 
 
+def test_a_mask_prompt_alone_is_decoded_by_the_reference(exact, model):
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(9))
+    mask = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(10)) * 4
+    ours, theirs = exact.decode(embedding, mask_logits=mask), model.decode(embedding, mask_logits=mask)
+    torch.testing.assert_close(ours.logits, theirs.logits)
+
+
 def test_export_is_reused_and_redone_when_the_checkpoint_changes(fast, tmp_path):
     again = engines.export_openvino(fast, bundled_checkpoint(), fast.folder.parent)
     assert again == fast.folder
@@ -109,6 +119,12 @@ def test_export_is_reused_and_redone_when_the_checkpoint_changes(fast, tmp_path)
     assert tuned.folder != fast.folder and tuned.folder.parent == fast.folder.parent
     image = torch.rand(1, 3, 256, 256)
     assert not np.allclose(tuned.encode(image).numpy(), fast.encode(image).numpy())
+
+
+def test_pytorch_keeps_one_thread_beside_openvino(fast):
+    load_model("litemedsam", "cpu", engine="openvino")  # the export is cached: it only compiles
+    assert torch.get_num_threads() == 1
+    assert configure_cpu_threads("torch") == torch.get_num_threads() == len(os.sched_getaffinity(0))
 
 
 def test_missing_runtime_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys):

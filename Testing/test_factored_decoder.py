@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from SegmentWithSAMLib.models.factored_decoder import FactoredMaskDecoder, image_tokens
+from SegmentWithSAMLib.models.factored_decoder import (
+    FactoredMaskDecoder,
+    embed_labelled_points,
+    image_tokens,
+    labelled_points,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,24 @@ def test_factored_decoder_equals_sams(name, model, factored):
     torch.testing.assert_close(logits, expected, atol=2e-4 * float(expected.abs().max()), rtol=0)
     torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
     assert torch.equal(logits > 0, expected > 0) or (logits > 0).ne(expected > 0).float().mean() < 1e-4
+
+
+@pytest.mark.parametrize("name", [name for name in PROMPTS if name != "box and mask"])
+def test_labelled_points_embed_as_the_prompt_encoder_does(name, model):
+    prompts = {key: np.asarray(value) for key, value in PROMPTS[name].items()}
+    coords, labels = labelled_points(prompts.get("points"), prompts.get("labels"), prompts.get("boxes"))
+    expected, _ = model.prompt_embeddings(**prompts)
+    with torch.inference_mode():
+        sparse = embed_labelled_points(model.prompt_encoder, torch.from_numpy(coords), torch.from_numpy(labels))
+    assert coords.dtype == np.float32 and labels.dtype == np.int64
+    torch.testing.assert_close(sparse, expected, atol=1e-6, rtol=0)
+    if "boxes" not in prompts:  # SAM pads points without a box with a "not a point" token
+        assert labels[0, -1] == -1
+
+
+def test_labelled_points_need_a_prompt():
+    with pytest.raises(ValueError, match="points or a box"):
+        labelled_points(np.zeros((1, 0, 2)), np.zeros((1, 0)), None)
 
 
 @pytest.mark.parametrize("masks", ["single", "multi"])

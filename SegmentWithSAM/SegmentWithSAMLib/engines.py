@@ -47,7 +47,7 @@ from .models.base import Decoded, SamLikeAdapter
 # not faithful (see above), so never chosen automatically.
 ENGINES = ("torch", "openvino", "openvino-f32", "openvino-bf16")
 ENGINE_CACHE_ENV = "SEGMENTWITHSAM_ENGINE_CACHE"
-EXPORT_FORMAT = 5  # bumped when the exported graphs change, so that cached exports are redone
+EXPORT_FORMAT = 6  # bumped when the exported graphs change, so that cached exports are redone
 
 
 def has_openvino() -> bool:
@@ -99,7 +99,7 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
     import openvino as ov
     import torch
 
-    from .models.factored_decoder import DecoderPart, FactoredMaskDecoder, image_tokens
+    from .models.factored_decoder import DecoderPart, FactoredMaskDecoder, image_tokens, labelled_points
 
     version = re.sub(r"[^\w.]+", "_", ov.__version__)
     name = f"{model.name}-{sha256_of(checkpoint)[:16]}-ov{version}-x{EXPORT_FORMAT}"
@@ -112,9 +112,8 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
     try:
         size = model.input_size
         image = torch.rand(1, 3, size, size, device=model.device)
-        with torch.inference_mode():
-            boxes = torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.1, 0.1, 0.7, 0.7]], device=model.device) * size
-            sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        boxes = np.array([[0.2, 0.2, 0.6, 0.6], [0.1, 0.1, 0.7, 0.7]]) * size
+        coords, labels = (torch.from_numpy(a).to(model.device) for a in labelled_points(None, None, boxes))
         parts = [f"encoder{i}" for i in range(len(stages))]
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -122,7 +121,7 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
             for part, stage in zip(parts, stages, strict=True):
                 _export(stage, (features,), work / f"{part}.onnx", ["input"], ["output"], {})
                 features = stage(features)  # the last stage's output is the embedding
-            tokens, dense = image_tokens(features).contiguous(), dense[:1, :, :1, :1].contiguous()
+            tokens, dense = image_tokens(features).contiguous(), model.no_mask_embedding()
             prepared_names = ["keys", "first_keys", "first_values", "first_queries"]
             batch = {name: {0: "bd"} for name in prepared_names}
             for masks in ("single", "multi"):
@@ -131,14 +130,15 @@ def export_openvino(model: SamLikeAdapter, checkpoint: str | os.PathLike, cache_
                 if masks == "single":
                     _export(DecoderPart(decoder, "prepare"), (tokens, dense), work / "prepare.onnx",
                             ["tokens", "dense"], prepared_names, {"dense": {0: "bd", 2: "hd", 3: "wd"}, **batch})
-                    hyper, _, keys = decoder.attend(*prepared, sparse)
+                    hyper, _, keys = decoder.attend_points(*prepared, coords, labels)
                     _export(DecoderPart(decoder, "upscale"), (keys, hyper), work / "upscale.onnx",
                             ["keys", "hyper"], ["logits"], {"keys": {0: "b"}, "hyper": {0: "b", 2: "m"},
                                                             "logits": {0: "b", 1: "m"}})
-                _export(DecoderPart(decoder, "attend"), (*prepared, sparse), work / f"attend-{masks}.onnx",
-                        [*prepared_names, "sparse"], ["hyper", "scores", "image"],
-                        {"sparse": {0: "b", 1: "n"}, "hyper": {0: "b"}, "scores": {0: "b"}, "image": {0: "b"},
-                         **batch})
+                _export(DecoderPart(decoder, "attend_points"), (*prepared, coords, labels),
+                        work / f"attend-{masks}.onnx", [*prepared_names, "coords", "labels"],
+                        ["hyper", "scores", "image"],
+                        {"coords": {0: "b", 1: "n"}, "labels": {0: "b", 1: "n"}, "hyper": {0: "b"},
+                         "scores": {0: "b"}, "image": {0: "b"}, **batch})
         for part in (*parts, *DECODER_GRAPHS):
             ov.save_model(ov.convert_model(work / f"{part}.onnx"), work / f"{part}.xml")
             (work / f"{part}.onnx").unlink()
@@ -194,6 +194,7 @@ class OpenVINOModel(SamLikeAdapter):
         for part in ("prepare", "attend-single", "upscale"):  # attend-multi, rarely asked for, on first use
             self._decoder(part)
         self._last_prepared = None
+        self._no_mask = np.ascontiguousarray(reference.no_mask_embedding().cpu().numpy())
 
     def encode(self, images01):
         import torch
@@ -222,34 +223,41 @@ class OpenVINOModel(SamLikeAdapter):
             self._decoders[part] = compiled
         return self._decoders[part]
 
-    def _prepared(self, embedding, dense) -> list[np.ndarray]:
-        """The decoder's prompt-free part for the embedding (1, C, h, w) and the dense prompt embedding. Without a
-        mask prompt (``dense`` is then the no-mask vector) it is computed once per embedding: clicks on a slice
-        reuse the last one."""
-        from .models.factored_decoder import image_tokens
-
+    def _prepared(self, embedding, dense: np.ndarray) -> list[np.ndarray]:
+        """The decoder's prompt-free part for the embedding (1, C, h, w) and the dense prompt embedding (1 or B,
+        C, h or 1, w or 1). Without a mask prompt (``dense`` is then the no-mask vector) it is computed once per
+        embedding: clicks on a slice reuse the last one."""
         reusable = dense.shape[-2:] == (1, 1)
         if reusable and self._last_prepared is not None and self._last_prepared[0] is embedding:
             return self._last_prepared[1]
-        tokens = np.ascontiguousarray(image_tokens(embedding).cpu().numpy())
-        prepared = list(self._decoder("prepare")([tokens, np.ascontiguousarray(dense.cpu().numpy())]).values())
+        tokens = embedding.cpu().numpy()
+        tokens = np.ascontiguousarray(tokens.reshape(*tokens.shape[:2], -1).transpose(0, 2, 1))  # (1, h·w, C)
+        prepared = list(self._decoder("prepare")([tokens, dense]).values())
         if reusable:
             self._last_prepared = embedding, prepared
         return prepared
 
     def decode(self, embedding, points=None, labels=None, boxes=None, mask_logits=None,
                multimask: bool = False) -> Decoded:
+        """As :meth:`SamLikeAdapter.decode`, with no PyTorch work per click unless a mask prompt is given (its
+        threads would compete with OpenVINO's)."""
         import torch
 
-        sparse, dense = self.prompt_embeddings(points, labels, boxes, mask_logits)
-        if mask_logits is None:  # the no-mask embedding is the same everywhere: one vector, broadcast
-            dense = dense[:1, :, :1, :1]
+        from .models.factored_decoder import labelled_points
+
+        if boxes is None and (points is None or not np.size(points)):  # a mask alone: rare, and no tokens to export
+            return super().decode(embedding, points, labels, boxes, mask_logits, multimask)
+        coords, point_labels = labelled_points(points, labels, boxes)
+        if mask_logits is None:
+            dense = self._no_mask
+        else:
+            dense = np.ascontiguousarray(self.prompt_embeddings(mask_logits=mask_logits)[1].cpu().numpy())
         attend = self._decoder("attend-multi" if multimask else "attend-single")
         # the image tokens go from one graph to the next without a copy
-        hyper, scores, keys = attend([*self._prepared(embedding, dense), sparse.cpu().numpy()],
+        hyper, scores, keys = attend([*self._prepared(embedding, dense), coords, point_labels],
                                      share_outputs=True).values()
         logits = self._decoder("upscale")([keys, hyper])[0]
-        self.decoder_runs += len(sparse)
+        self.decoder_runs += len(coords)
         return Decoded(torch.from_numpy(logits), torch.from_numpy(np.array(scores)))
 
 

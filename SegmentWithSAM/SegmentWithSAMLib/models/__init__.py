@@ -44,15 +44,24 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
                checkpoint: str | os.PathLike | None = None) -> SamLikeAdapter:
     """Load a registry model by name (with ``checkpoint`` instead of its default file, if given), or a
     checkpoint file by path (its architecture recognised from its weights), on ``engine`` ("auto": the
-    fastest one available for the device, see :mod:`..engines`; "torch": the reference)."""
+    fastest one available for the device, see :mod:`..engines`; "torch": the reference). On the CPU, sets
+    PyTorch's threads for the engine it ends on (see :func:`..device.configure_cpu_threads`)."""
     from ..device import configure_cpu_threads, select_device
     from ..engines import accelerate, resolve_engine
 
     device = select_device(device) if device is None or isinstance(device, str) else device
-    if device.type == "cpu":
-        configure_cpu_threads()
     automatic = engine is None or str(engine).strip().lower() == "auto"
     engine = resolve_engine(engine, device)
+    if device.type == "cpu":
+        configure_cpu_threads()  # every core for loading (and exporting)
+    model = accelerate(_load_spec(spec, device, checkpoint), engine, automatic)
+    if device.type == "cpu":
+        configure_cpu_threads(model.engine)
+    return model
+
+
+def _load_spec(spec: str | os.PathLike, device, checkpoint: str | os.PathLike | None) -> SamLikeAdapter:
+    """The PyTorch model for a registry name or a checkpoint path (see :func:`load_model`)."""
     key = str(spec).strip().lower()
     models = registry()
     if key in models:
@@ -63,11 +72,10 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device=None, engine: str
                        else entry.manual_install)
                 raise CheckpointError(f"{entry.name} is not installed: {how}, or give its checkpoint path.")
             checkpoint = entry.path
-        return accelerate(_load(entry.architecture, device, checkpoint, entry.name), engine, automatic)
+        return _load(entry.architecture, device, checkpoint, entry.name)
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin") or path.exists():
-        model = _load_file(path, device) if path.is_file() else _load("litemedsam", device, path, None)
-        return accelerate(model, engine, automatic)
+        return _load_file(path, device) if path.is_file() else _load("litemedsam", device, path, None)
     raise ModelError(f"Unknown model {str(spec)!r}: use one of {', '.join(sorted(models))} "
                      "or the path of a checkpoint file.")
 

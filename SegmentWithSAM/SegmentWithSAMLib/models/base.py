@@ -103,6 +103,11 @@ class SamLikeAdapter:
         self.decoder_runs += int(logits.shape[0])
         return Decoded(logits, scores)
 
+    def no_mask_embedding(self):
+        """The prompt encoder's dense embedding when no mask is given, one vector (1, C, 1, 1): the same at every
+        position (:meth:`prompt_embeddings` gives it expanded)."""
+        return self.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1)
+
     def prompt_embeddings(self, points=None, labels=None, boxes=None, mask_logits=None):
         """The prompt encoder's sparse (B, N, C) and dense (B, C, h, w) embeddings of the prompts of
         :meth:`decode` (same arguments)."""

@@ -13,7 +13,9 @@ Before the first layer updates them, the image tokens do not depend on the promp
 given), so the first layer's projections of them — keys and values for token → image, queries for image →
 token — are computed once per image (:meth:`FactoredMaskDecoder.prepare`) and each click only meets them with
 its few tokens (:meth:`FactoredMaskDecoder.attend`). The final token → image attention treats each token on its
-own, so it is taken for the IoU token and the wanted masks' tokens only.
+own, so it is taken for the IoU token and the wanted masks' tokens only. For export, the prompts come in as
+labelled points (:func:`labelled_points`, :meth:`FactoredMaskDecoder.attend_points`), so that a click needs no
+PyTorch work outside the exported graphs.
 
 The output upscaling (:meth:`FactoredMaskDecoder.upscale`: two 2×2 stride-2 transposed convolutions) runs as
 matrix products in token layout, and only the wanted masks' products with the hypernetwork vectors are taken,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +39,37 @@ from torch import nn
 def image_tokens(embedding: torch.Tensor) -> torch.Tensor:
     """An embedding (B, C, h, w) as tokens (B, h·w, C), row-major, as SAM's transformer reads it."""
     return embedding.flatten(2).transpose(1, 2)
+
+
+def labelled_points(points: np.ndarray | None, labels: np.ndarray | None,
+                    boxes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's sparse prompts as one set of labelled points, in its prompt encoder's order: the points (B, N, 2)
+    with their labels (B, N) (1 positive, 0 negative, -1 padding), a padding point when there is no box, then
+    the corners of each box (B, 4), labelled 2 (x0, y0) and 3 (x1, y1); model-input pixels, XY. Returns
+    coordinates (B, N', 2) float32 and labels (B, N') int64, for :func:`embed_labelled_points`."""
+    coords, kinds = [], []
+    if points is not None and len(points) and np.shape(points)[1]:
+        coords.append(np.asarray(points, dtype=np.float32))
+        kinds.append(np.asarray(labels, dtype=np.int64))
+        if boxes is None:
+            coords.append(np.zeros((len(coords[0]), 1, 2), np.float32))
+            kinds.append(np.full((len(coords[0]), 1), -1, np.int64))
+    if boxes is not None:
+        corners = np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2)
+        coords.append(corners)
+        kinds.append(np.broadcast_to(np.array([2, 3], np.int64), corners.shape[:2]))
+    if not coords:
+        raise ValueError("A decoder prompt needs points or a box.")
+    return np.concatenate(coords, axis=1), np.concatenate(kinds, axis=1)
+
+
+def embed_labelled_points(prompt_encoder, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``prompt_encoder``'s sparse embeddings (B, N, C) of labelled points (see :func:`labelled_points`): the
+    points' positional encoding (none for padding) plus the embedding of their label."""
+    position = prompt_encoder.pe_layer.forward_with_coords(coords + 0.5, prompt_encoder.input_image_size)
+    table = torch.cat([prompt_encoder.not_a_point_embed.weight,
+                       *(embedding.weight for embedding in prompt_encoder.point_embeddings)])  # labels -1, 0, …, 3
+    return position * (labels != -1).unsqueeze(-1) + table[labels + 1]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -131,7 +165,7 @@ class FactoredMaskDecoder(nn.Module):
         super().__init__()
         if masks not in MASK_OUTPUTS:
             raise ValueError(f"masks must be one of {MASK_OUTPUTS}, not {masks!r}")
-        self.decoder = mask_decoder
+        self.prompt_encoder, self.decoder = prompt_encoder, mask_decoder
         self.transformer = mask_decoder.transformer
         upscaling = list(mask_decoder.output_upscaling)
         if len(upscaling) != 5:
@@ -182,6 +216,13 @@ class FactoredMaskDecoder(nn.Module):
         hyper = torch.stack([mlps[i](queries[:, 1 + n]) for n, i in enumerate(chosen)], dim=2)  # (B, c, M)
         return hyper, decoder.iou_prediction_head(queries[:, 0])[:, chosen], keys
 
+    def attend_points(self, keys: torch.Tensor, first_keys: torch.Tensor, first_values: torch.Tensor,
+                      first_queries: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor):
+        """:meth:`attend` with the prompts as labelled points (B, N, 2) and labels (B, N) (see
+        :func:`labelled_points`), embedded here: the per-click part needs nothing else."""
+        sparse = embed_labelled_points(self.prompt_encoder, coords, labels)
+        return self.attend(keys, first_keys, first_values, first_queries, sparse)
+
     def _transformer(self, prompts: torch.Tensor, keys: torch.Tensor, first: tuple, needed: list[int]):
         """TwoWayTransformer's forward: prompt tokens (B, N, C) and image tokens (B, T, C), both updated; the
         first layer's image projections ``first`` come from :meth:`prepare`. The final attention, where each
@@ -230,7 +271,7 @@ class FactoredMaskDecoder(nn.Module):
         return logits.reshape(logits.shape[0], logits.shape[1], 4 * height, 4 * width)
 
 
-DECODER_PARTS = ("prepare", "attend", "upscale")
+DECODER_PARTS = ("prepare", "attend_points", "upscale")  # what ..engines exports
 
 
 class DecoderPart(nn.Module):
