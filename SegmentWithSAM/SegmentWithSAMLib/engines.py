@@ -227,11 +227,12 @@ class OpenVINOModel(SamLikeAdapter):
         """The decoder's prompt-free part for the embedding (1, C, h, w) and the dense prompt embedding (1 or B,
         C, h or 1, w or 1). Without a mask prompt (``dense`` is then the no-mask vector) it is computed once per
         embedding: clicks on a slice reuse the last one."""
+        from .models.factored_decoder import image_tokens
+
         reusable = dense.shape[-2:] == (1, 1)
         if reusable and self._last_prepared is not None and self._last_prepared[0] is embedding:
             return self._last_prepared[1]
-        tokens = embedding.cpu().numpy()
-        tokens = np.ascontiguousarray(tokens.reshape(*tokens.shape[:2], -1).transpose(0, 2, 1))  # (1, h·w, C)
+        tokens = np.ascontiguousarray(image_tokens(embedding).cpu().numpy())
         prepared = list(self._decoder("prepare")([tokens, dense]).values())
         if reusable:
             self._last_prepared = embedding, prepared
