@@ -15,17 +15,18 @@ DEFAULT_MODEL = "litemedsam"
 
 def _load(architecture: str, device, checkpoint, name: str | None, state: dict | None = None) -> SamLikeAdapter:
     """Build ``architecture`` with the weights of ``checkpoint`` (``state``: those weights, if already read)."""
-    if architecture == "litemedsam":
-        return LiteMedSAM.load(device, checkpoint, state)
-    if architecture.startswith(("sam2", "medsam2")):
+    adapter = _architecture(architecture)
+    if adapter is None:
         from .sam2 import SAM2
 
         return SAM2.load(device, checkpoint, architecture, name, state)
-    from .sam import SAM, MedSAM
+    if adapter is LiteMedSAM:
+        return LiteMedSAM.load(device, checkpoint, state)
+    from .sam import MedSAM
 
-    if architecture == "medsam_vit_b":
+    if adapter is MedSAM:
         return MedSAM.load(device, checkpoint, "vit_b", name or "medsam", state)
-    return SAM.load(device, checkpoint, architecture.removeprefix("sam_"), name, state)
+    return adapter.load(device, checkpoint, architecture.removeprefix("sam_"), name, state)
 
 
 def _load_file(path: Path, device) -> SamLikeAdapter:
@@ -87,8 +88,8 @@ def _from_cached_export(spec, device, checkpoint, engine: str) -> SamLikeAdapter
 
 
 def _architecture(architecture: str) -> type[SamLikeAdapter] | None:
-    """The adapter class of a registry architecture, without building anything; None for SAM 2's, which the
-    OpenVINO engine does not run."""
+    """The adapter class of a registry architecture, without building anything; None for SAM 2's (see
+    :mod:`.sam2`, whose import needs the ``sam2`` package; the OpenVINO engine does not run them)."""
     if architecture == "litemedsam":
         return LiteMedSAM
     if architecture.startswith(("sam2", "medsam2")):
