@@ -34,7 +34,6 @@ from slicer.util import VTKObservationMixin
 
 WINDOWS = ["display", "auto", "brain", "subdural", "stroke", "bone", "soft-tissue", "lung", "abdomen", "liver"]
 POLL_MS = 30
-MARKUPS_EVENTS = ("PointPositionDefinedEvent", "PointModifiedEvent", "PointRemovedEvent")
 
 
 class SegmentWithSAM(ScriptedLoadableModule):
@@ -66,6 +65,7 @@ class SegmentWithSAMParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     window: Annotated[str, Choice(WINDOWS)] = "display"
     livePreview: bool = True
+    autoAccept3D: bool = False
     direction: Annotated[str, Choice(["both", "up", "down"])] = "both"
     rangeStart: Annotated[int, WithinRange(-1, 4096)] = -1
     rangeEnd: Annotated[int, WithinRange(-1, 4096)] = -1
@@ -130,7 +130,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedMarkups = []
+        self.promptWatcher = None
+        self.sentClicks = set()  # control point IDs already sent as clicks in 3D
         self.timer = None
 
     def setup(self) -> None:
@@ -140,6 +141,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegmentWithSAMLogic()
+        from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher
+
+        self.promptWatcher = PromptWatcher(self.onPromptsChanged)  # previews only when placed prompts change
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
@@ -155,6 +159,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
+        if self.promptWatcher is not None:
+            self.promptWatcher.close()
         if self.timer is not None:
             self.timer.stop()
         if self.logic is not None:
@@ -194,11 +200,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, p) -> None:
         if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        for node in self._observedMarkups:
-            for event in MARKUPS_EVENTS:
-                self.removeObserver(node, getattr(node, event), self.onPromptsChanged)
-        self._parameterNode, self._observedMarkups = p, []
+        self._parameterNode = p
         if p is None:
+            self.promptWatcher.close()
             return
         self._parameterNodeGuiTag = p.connectGui(self.ui)
         self.ui.segmentSelector.setCurrentNode(p.segmentation)
@@ -206,9 +210,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget, node in ((self.ui.positivePlaceWidget, p.positivePoints),
                              (self.ui.negativePlaceWidget, p.negativePoints), (self.ui.roiPlaceWidget, p.box)):
             widget.setCurrentNode(node)
-            for event in MARKUPS_EVENTS:
-                self.addObserver(node, getattr(node, event), self.onPromptsChanged)
-            self._observedMarkups.append(node)
+        self.promptWatcher.watch([p.positivePoints, p.negativePoints, p.box])
         self.ui.positivePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self.ui.negativePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
 
@@ -247,8 +249,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():
                 dependencies.install(report=lambda message: self.setStatus(message))
-        except RuntimeError as error:
-            slicer.util.errorDisplay(f"Installing the dependencies failed:\n{error}")
+        except dependencies.InstallError as error:  # pip's CalledProcessError arrives as this (dependencies.py)
+            self.setStatus(str(error), error=True)
             return False
         return True
 
@@ -291,8 +293,43 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setStatus("Segmenting…")
 
     def onPromptsChanged(self, caller=None, event=None) -> None:
-        if self._parameterNode and self._parameterNode.livePreview and self._parameterNode.inputVolume:
+        p = self._parameterNode
+        if not p or not p.inputVolume:
+            return
+        if self.segmentHasMask():
+            self.run(self.sendClicks3D, ask=False)
+        elif p.livePreview:
             self.run(lambda: self.requestPreview(ask=False), ask=False)
+
+    def segmentHasMask(self) -> bool:
+        """Whether points should correct the selected segment in 3D: it has voxels (after Accept or Propagate)."""
+        from SegmentWithSAMSlicerLib import mrml
+
+        p = self._parameterNode
+        segmentation = p.segmentation
+        if not segmentation or not p.segmentID or segmentation.GetSegmentation().GetSegment(p.segmentID) is None:
+            return False
+        return bool(mrml.segment_array(segmentation, p.segmentID, p.inputVolume).any())
+
+    def sendClicks3D(self) -> None:
+        """Send each point placed since the last as a click in 3D on the selected segment, in click order."""
+        from SegmentWithSAMSlicerLib import mrml
+
+        p = self._parameterNode
+        mrml.stamp_click_order(p.positivePoints, p.negativePoints)
+        placed = sorted(((mrml.click_number(node, i), node.GetNthControlPointID(i), position, node is p.positivePoints)
+                         for node in (p.positivePoints, p.negativePoints) for i, position in mrml.defined_points(node)),
+                        key=lambda click: click[0])
+        editor = self.segmentEditor()
+        controller = self.logic.controller
+        for _, pointID, position, positive in placed:
+            if pointID in self.sentClicks:
+                continue
+            self.sentClicks.add(pointID)
+            controller.click_3d(p.inputVolume, p.segmentation, p.segmentID, position, positive,
+                                rules=self.logic.stopRules(p), window=controller.window(p.inputVolume, p.window),
+                                model=p.model, device=p.device, editor_node=editor and editor.mrmlSegmentEditorNode(),
+                                save_state=editor and editor.saveStateForUndo, auto_accept=p.autoAccept3D)
 
     def segmentEditor(self):
         """The Segment Editor widget's editor, pointed at our segmentation, so Ctrl+Z there undoes our edits."""
@@ -319,8 +356,11 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onClear(self) -> None:
         p = self._parameterNode
-        for node in (p.positivePoints, p.negativePoints, p.box):
-            node.RemoveAllControlPoints()
+        with self.promptWatcher.paused():  # one step: no preview of the prompts left while removing node by node
+            for node in (p.positivePoints, p.negativePoints, p.box):
+                node.RemoveAllControlPoints()
+        self.sentClicks.clear()
+        self.logic.controller.discard_refinement()
         self.logic.controller.clear_preview()
 
     def onUndo(self) -> None:
@@ -338,8 +378,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view = last[2] if last else self.promptView(p)
         numSlices = slice_axes(controller.volume(p.inputVolume), view).num_slices
         editor = self.segmentEditor()
+        panelRange = None if p.rangeStart < 0 and p.rangeEnd < 0 else self.logic.sliceRange(p, numSlices)
         controller.propagate(p.inputVolume, p.segmentation, p.segmentID, None, None, p.direction,
-                             self.logic.sliceRange(p, numSlices), self.logic.stopRules(p),
+                             panelRange, self.logic.stopRules(p),
                              controller.window(p.inputVolume, p.window), p.model, p.device,
                              editor and editor.mrmlSegmentEditorNode(), editor and editor.saveStateForUndo,
                              p.skipSlices)
@@ -399,9 +440,9 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
     def test_workflow(self):
         from SegmentWithSAMSlicerLib import dependencies
 
-        if dependencies.missing():
-            self.delayDisplay("Installing dependencies")
-            dependencies.install()
+        if dependencies.missing():  # a test never installs: the test environment must bring the packages
+            self.delayDisplay("Workflow skipped, packages missing: " + ", ".join(dependencies.missing()))
+            return
         from SegmentWithSAMSlicerLib.selftest import run_workflow
 
         controller = slicer.modules.segmentwithsam.widgetRepresentation().self().logic.controller

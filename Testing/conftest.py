@@ -74,6 +74,54 @@ def cache() -> EmbeddingCache:
     return EmbeddingCache()
 
 
+@pytest.fixture(scope="module")
+def scene():
+    """A real MRML scene (``slicer-core``) with the logics Slicer's modules would register, exposed where
+    slicer.util looks; one per test module."""
+    import types
+
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install -e .[test])")
+    scene = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(scene)
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLScene(scene)
+    previous = getattr(slicer, "mrmlScene", None), getattr(slicer, "modules", None)
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        volumes=types.SimpleNamespace(logic=lambda: volumes),
+        segmentations=types.SimpleNamespace(logic=lambda: segmentations),
+        colors=types.SimpleNamespace(logic=lambda: colors))
+    yield scene
+    slicer.mrmlScene, slicer.modules = previous
+
+
+@pytest.fixture(scope="module")
+def controller(scene):
+    """The module's logic on ``scene`` with a real backend process (LiteMedSAM on the CPU)."""
+    from SegmentWithSAMLib.backend.client import BackendClient
+    from SegmentWithSAMSlicerLib.logic import SegmentationController
+
+    logic = SegmentationController(scene, lambda model, device: BackendClient(model, "cpu"))
+    yield logic
+    logic.close()
+
+
+@pytest.fixture(scope="module")
+def colin_node(scene):
+    """Colin27 loaded into ``scene`` as a scalar volume node."""
+    import slicer
+
+    data = colin27()
+    if data.shipped:
+        pytest.skip("needs Debian's mricron-data package")
+    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(data.image), "Colin27")
+    assert node is not None and node.IsA("vtkMRMLScalarVolumeNode")
+    return node
+
+
 def middle_slice(atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:
     """The middle slice of an AAL structure along ``axes`` and its 2D ground-truth mask."""
     oriented = axes.oriented(atlas.array == AAL_STRUCTURES[structure])

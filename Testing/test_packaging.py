@@ -51,16 +51,29 @@ def test_cmake_lists_every_python_file_and_resource():
     assert all((MODULE / name).is_file() for name in listed), [n for n in listed if not (MODULE / n).is_file()]
 
 
-def test_extension_descriptions_declare_the_pytorch_dependency():
-    s4ext = dict(line.split(" ", 1) for line in (ROOT / "SlicerExtension.s4ext").read_text().splitlines()
-                 if line and not line.startswith("#"))
-    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "category",
-                "iconurl", "description", "screenshoturls", "enabled"):
-        assert s4ext.get(key), key
-    assert s4ext["depends"] == "PyTorch"
+def test_extension_metadata_passes_the_extensions_index_checks():
+    """What the Extensions Index's scripts/check_description_files.py checks without the network: the entry
+    against schema v1.0.1 (required and allowed keys, their types), the category, the SCM URL's scheme, the
+    top-level CMake project named as the entry, icon and screenshot URLs, the licence file at the root. (Its
+    repository-name check needs a repository named Slicer…; the README says what the submission needs.)"""
     catalog = json.loads((ROOT / "SegmentWithSAM.json").read_text())
-    assert catalog["build_dependencies"] == ["PyTorch"] and catalog["category"] == "Segmentation"
-    assert 'set(EXTENSION_DEPENDS "PyTorch")' in (ROOT / "CMakeLists.txt").read_text()
+    types = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+             "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+    assert {"$schema", "category", "scm_url"} <= set(catalog) <= set(types), sorted(catalog)
+    assert all(isinstance(value, types[key]) for key, value in catalog.items())
+    assert catalog.get("tier", 5) in (1, 3, 5) and catalog.get("scm_type", "git") in ("git", "local")
+    assert catalog["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                         "slicer-extension-catalog-entry-schema-v1.0.1.json")
+    assert catalog["category"] == "Segmentation" and catalog["build_dependencies"] == ["PyTorch"]
+    assert catalog["scm_url"].split("://")[0] in ("git", "https")
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert re.findall(r"project\s*\(\s*([^\s)]+)", cmake, re.I)[0] == "SegmentWithSAM"  # = the entry's file name
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in cmake  # as Slicer 5.10's template
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.findall(rf'set\s*\({key}\s*"([^"]+)"\s*\)', cmake)[0].split()
+        assert urls and all(url.startswith("https://") for url in urls), key
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake and 'set(EXTENSION_CATEGORY "Segmentation")' in cmake
+    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
     assert (ROOT / "Resources" / "Icons" / "SegmentWithSAM.png").is_file()
 
 

@@ -4,13 +4,10 @@ logic with undo. No mocks of MRML: the scene, nodes and logics are Slicer's own.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
-from SegmentWithSAMLib.backend.client import BackendClient
-from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
+from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.errors import PromptError
 from SegmentWithSAMLib.geometry import View, slice_axes
 from SegmentWithSAMLib.metrics import dice
@@ -22,49 +19,12 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module here is not Slicer's core", allow_module_level=True)
 
 from SegmentWithSAMSlicerLib import mrml  # noqa: E402
-from SegmentWithSAMSlicerLib.logic import PREVIEW_NODE_NAME, SegmentationController  # noqa: E402
+from SegmentWithSAMSlicerLib.logic import PREVIEW_NODE_NAME  # noqa: E402
 
 HIPPOCAMPUS = AAL_STRUCTURES["Hippocampus_L"]
 # 2D Dice of the accepted slice vs AAL from a tight ROI: measured 0.59 on Colin27's middle axial slice (the same
 # as the core in-process, with the display or the percentile window); the floor leaves room for noise.
 DICE_FLOOR = 0.5
-
-
-@pytest.fixture(scope="module")
-def scene():
-    """A real MRML scene with the logics Slicer's modules would register, exposed where slicer.util looks."""
-    scene = slicer.vtkMRMLScene()
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(scene)
-    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(scene)
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLScene(scene)
-    previous = getattr(slicer, "mrmlScene", None), getattr(slicer, "modules", None)
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        volumes=types.SimpleNamespace(logic=lambda: volumes),
-        segmentations=types.SimpleNamespace(logic=lambda: segmentations),
-        colors=types.SimpleNamespace(logic=lambda: colors))
-    yield scene
-    slicer.mrmlScene, slicer.modules = previous
-
-
-@pytest.fixture(scope="module")
-def controller(scene):
-    logic = SegmentationController(scene, lambda model, device: BackendClient(model, "cpu"))
-    yield logic
-    logic.close()
-
-
-@pytest.fixture(scope="module")
-def colin_node(scene):
-    data = colin27()
-    if data.shipped:
-        pytest.skip("needs Debian's mricron-data package")
-    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(data.image), "Colin27")
-    assert node is not None and node.IsA("vtkMRMLScalarVolumeNode")
-    return node
 
 
 def hippocampus_roi(scene, atlas, volume, view="axial"):

@@ -59,22 +59,36 @@ class Refiner:
     """Refine a mask on the slice currently set in ``predictor`` with a box and/or a sequence of clicks.
 
     ``pixel_spacing`` is the slice's (row, col) pixel size in mm. ``box`` (4,) x0, y0, x1, y1 in pixels,
-    optional. :meth:`add_click` returns the new mask (rows, cols) bool.
+    optional; or ``logits`` (rows, cols): a logit map to refine instead (its mask is ``logits > 0``; the 3D
+    interaction passes one for a slice that already has a mask). ``centred_removal``: None removes a part of
+    the mask holding a negative click whole wherever the click is (the 2D loop); a fraction removes it only when
+    the click is at least that deep in the part relative to its deepest point (a click in the middle of a wrong
+    blob removes it, a click near the edge of a right one trims it). :meth:`add_click` returns the new mask
+    (rows, cols) bool.
     """
 
     def __init__(self, predictor: SlicePredictor, pixel_spacing: tuple[float, float] = (1.0, 1.0),
-                 box: np.ndarray | None = None) -> None:
+                 box: np.ndarray | None = None, logits: np.ndarray | None = None,
+                 centred_removal: float | None = None) -> None:
         if not predictor.is_image_set:
             raise RuntimeError("Set the slice image on the predictor before refining.")
         self.predictor = predictor
         self.pixel_spacing = pixel_spacing
+        self.centred_removal = centred_removal
         self.shape = predictor.transform.image_shape
         self.clicks: list[Click] = []
         self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
         self.first = None  # the first prompt's Prediction (score, low-res logits)
         self.mask = np.zeros(self.shape, dtype=bool)
+        if box is not None and logits is not None:
+            raise ValueError("Give a box or a logit map to refine, not both.")
         if box is not None:
             self._set_logits(predict_prompts(predictor, box=box))
+        elif logits is not None:
+            if np.shape(logits) != self.shape:
+                raise ValueError(f"The logit map has shape {np.shape(logits)}; the slice is {self.shape}.")
+            self.logits = np.asarray(logits, dtype=np.float32)
+        if self.logits is not None:
             self.mask = self.logits > 0
 
     def _set_logits(self, prediction) -> None:
@@ -93,6 +107,21 @@ class Refiner:
         self.mask = self._apply_clicks() if self.logits is not None else self.mask
         return self.mask
 
+    def _removing_clicks(self, base: np.ndarray) -> list[tuple[float, float]]:
+        """The negative clicks that remove the part of ``base`` they are in (see ``centred_removal``)."""
+        negatives = [c.xy for c in self.clicks if not c.positive]
+        if self.centred_removal is None or not negatives or not base.any():
+            return negatives
+        parts, count = ndi.label(base)
+        depth = ndi.distance_transform_edt(base)
+        deepest = ndi.maximum(depth, parts, np.arange(1, count + 1))
+        centred = []
+        for xy in negatives:
+            row, col = _pixel(xy, self.shape)
+            if parts[row, col] and depth[row, col] >= self.centred_removal * deepest[parts[row, col] - 1]:
+                centred.append(xy)
+        return centred
+
     def _apply_clicks(self) -> np.ndarray:
         rows, cols = np.ogrid[: self.shape[0], : self.shape[1]]
         threshold = np.zeros(self.shape, dtype=np.float32)
@@ -108,7 +137,7 @@ class Refiner:
                 threshold[near] = np.maximum(threshold[near], level + _EPS)
         # Parts of the model's own mask that hold a negative click (and no positive one) go whole.
         base = self.logits > 0
-        kept = remove_clicked_regions(base, [c.xy for c in self.clicks if not c.positive],
+        kept = remove_clicked_regions(base, self._removing_clicks(base),
                                       [c.xy for c in self.clicks if c.positive])
         mask = (self.logits > threshold) & ~(base & ~kept)
         for click, distance in zip(self.clicks, distances, strict=True):

@@ -10,7 +10,7 @@ Segments change only in :meth:`accept` and when a propagation has completed, eac
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import slicer
@@ -18,9 +18,13 @@ import slicer
 from SegmentWithSAMLib.backend.client import BackendClient, Handle
 from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
 from SegmentWithSAMLib.geometry import View, Volume, prompts_to_slice, slice_axes, slices_with
+from SegmentWithSAMLib.interaction import RANGE_RULES
 from SegmentWithSAMLib.models import DEFAULT_MODEL
+from SegmentWithSAMLib.propagation import StopRules
 
 from . import mrml
+from .editing import SegmentEditing
+from .interactive import Refinement, state_from_segment
 
 PREVIEW_NODE_NAME = "SegmentWithSAM preview"
 PREVIEW_SEGMENT = "preview"
@@ -60,12 +64,14 @@ class SegmentationController:
         self.propagation: _Propagation | None = None
         self.last_accepted: tuple[str, str, View, int] | None = None  # segmentation ID, segment ID, view, slice
         self.last_accepted_box: np.ndarray | None = None  # the box prompt of that mask (slice pixels), if any
+        self.last_accepted_range: tuple[int, int] | None = None  # the slices its ROI spans, if it was 3D
+        self._preview_range: tuple[int, int] | None = None
+        self.refinement: Refinement | None = None  # clicks in 3D not written yet (see click_3d)
+        self._remembered: dict[tuple, object] = {}  # (segmentation, segment, view) → state after its last click
         self.status = ""
         self.progress: tuple[int, int] | None = None
         self.download: dict | None = None  # a model download in progress (see start_download)
-        self.editor_logic = slicer.vtkSlicerSegmentEditorLogic()
-        self.editor_logic.SetMRMLScene(scene)
-        self._editor_node = None
+        self.editing = SegmentEditing(scene)
 
     # ---- backend and inputs --------------------------------------------------------------------------------
     def engine(self, model: str = DEFAULT_MODEL, device: str | None = None) -> BackendClient:
@@ -169,6 +175,7 @@ class SegmentationController:
                                              window if window is not None else self.window(volume_node),
                                              target=f"{volume_node.GetID()}/{view.value}")
         self.preview_volume_node = volume_node
+        self._preview_range = mrml.roi_slice_range(roi_node, volume, view)
         self._preview_sent = time.perf_counter()
         return self.preview_handle
 
@@ -215,7 +222,11 @@ class SegmentationController:
                 self.status = f"Preview failed: {handle.error}"
         if self.propagation is not None:
             self._poll_propagation()
-        return self.preview_handle is not None or self.propagation is not None or self.download is not None
+        if self.refinement is not None and self.refinement.handle is not None:
+            self._poll_refinement()
+        in_flight = self.refinement is not None and self.refinement.handle is not None
+        return self.preview_handle is not None or self.propagation is not None or self.download is not None \
+            or in_flight
 
     def wait(self, timeout: float = 300.0) -> None:
         """Poll until nothing is in flight (scripts and tests; the GUI polls from a timer instead)."""
@@ -237,57 +248,42 @@ class SegmentationController:
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         return segmentation.AddEmptySegment("", segmentation.GenerateUniqueSegmentID(name))
 
-    def _modify(self, segmentation_node, segment_id: str, volume_node, new_kji: np.ndarray, editor_node=None,
-                save_state=None) -> int:
-        """Make the segment ``new_kji`` (KJI bool on the volume grid) in one undoable step, as Segment Editor
-        effects do: save state (``save_state``, e.g. the Segment Editor widget's, or this logic's history),
-        then add the new voxels and erase the dropped ones by labelmap, so only changed voxels are touched and
-        the editor node's masking and overwrite settings apply. Returns how many voxels changed."""
-        old = mrml.segment_array(segmentation_node, segment_id, volume_node)
-        added, removed = new_kji & ~old, old & ~new_kji
-        if not added.any() and not removed.any():
-            return 0
-        if editor_node is None:
-            if self._editor_node is None or self._editor_node.GetScene() is None:
-                self._editor_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-                self._editor_node.SetSaveWithScene(False)
-            editor_node = self._editor_node
-        logic = self.editor_logic
-        logic.SetSegmentEditorNode(editor_node)
-        logic.SetSegmentationNode(segmentation_node)
-        logic.SetSourceVolumeNode(volume_node)
-        logic.SetCurrentSegmentID(segment_id)
-        if save_state is not None:
-            save_state()
-        else:
-            logic.SaveStateForUndo()
-        ijk_to_ras = mrml.world_ijk_to_ras(volume_node)
-        for change, mode in ((added, logic.ModificationModeAdd), (removed, logic.ModificationModeRemove)):
-            if change.any():
-                logic.ModifySegmentByLabelmap(segmentation_node, segment_id, mrml.oriented_image(change, ijk_to_ras),
-                                              mode, False, False)
-        return int(added.sum() + removed.sum())
-
     def undo(self) -> None:
         """Undo the last change made through this logic's own history (Ctrl+Z in the Segment Editor does the
         same when the widget passes the editor's ``save_state``)."""
-        self.editor_logic.Undo()
+        self.editing.undo()
 
     def accept(self, segmentation_node, segment_id: str | None, editor_node=None, save_state=None) -> str:
         """Write the preview into the segment on its slice (replacing what the segment had there) as one
-        undoable step; returns the segment ID (a new segment if none was given)."""
+        undoable step; returns the segment ID (a new segment if none was given). With clicks in 3D pending
+        (:meth:`click_3d`), writes their result instead."""
+        if self.refinement is not None:
+            return self._apply_refinement()
         result, volume_node = self.preview_result, self.preview_volume_node
         if result is None or volume_node is None or volume_node.GetScene() is None:
             raise PromptError("Nothing to accept: place points or a box and wait for the preview.")
         segment_id = self.ensure_segment(segmentation_node, segment_id, volume_node)
         new = mrml.segment_array(segmentation_node, segment_id, volume_node)
         result.axes.oriented(new)[result.index] = result.mask2d
-        self._modify(segmentation_node, segment_id, volume_node, new, editor_node, save_state)
+        changed = self.editing.write(segmentation_node, segment_id, volume_node, new, editor_node, save_state)
         self.last_accepted = (segmentation_node.GetID(), segment_id, result.view, result.index)
         self.last_accepted_box = result.box
+        self.last_accepted_range = self._preview_range
         self.clear_preview()
-        self.status = f"Accepted {int(result.mask2d.sum())} pixels into {segment_id} on slice {result.index}."
+        self.status = self._accepted_status(changed, new, segmentation_node, segment_id, volume_node, result.index)
         return segment_id
+
+    @staticmethod
+    def _accepted_status(changed: int, wanted: np.ndarray, segmentation_node, segment_id: str, volume_node,
+                         index: int) -> str:
+        """What an accept actually wrote, saying so when the editor's masking kept part of the mask out."""
+        if not changed:
+            return (f"Nothing was written into {segment_id} on slice {index}: it already had this mask, or the "
+                    "Segment Editor's masking settings (editable area, intensity range) exclude it.")
+        missing = int(np.count_nonzero(wanted & ~mrml.segment_array(segmentation_node, segment_id, volume_node)))
+        kept_out = (f"; {missing} voxels were kept out (the Segment Editor's masking settings, or outside the "
+                    "segmentation's geometry)") if missing else ""
+        return f"Accepted into {segment_id} on slice {index}: {changed} voxels changed{kept_out}."
 
     # ---- propagation ---------------------------------------------------------------------------------------
     def propagate(self, volume_node, segmentation_node, segment_id: str, view=None, seed: int | None = None,
@@ -318,8 +314,12 @@ class SegmentationController:
         written = mrml.propagated_slices(segmentation_node, segment_id, view)
         keys = [int(i) for i in slices_with(axes, before)
                 if i != seed and written.get(int(i)) != mrml.mask_crc(oriented[i])]
-        # The box the seed mask was made from guides propagation when the seed is the slice just accepted.
+        # The box the seed mask was made from guides propagation when the seed is the slice just accepted; a 3D
+        # box (an ROI spanning slices) gives the range unless one is given, and within it only empty masks stop.
         box = self.last_accepted_box if last == (segmentation_node.GetID(), segment_id, view, seed) else None
+        if slice_range is None and last == (segmentation_node.GetID(), segment_id, view, seed) \
+                and self.last_accepted_range is not None:
+            slice_range, rules = self.last_accepted_range, asdict(RANGE_RULES)
         client = self.engine(model, device)
         handle = client.propagate(volume, view, {"segment": (seed, oriented[seed])}, direction, slice_range,
                                   {"segment": {i: oriented[i] for i in keys}} if keys else None, rules,
@@ -337,7 +337,8 @@ class SegmentationController:
         if self.download is not None:
             self.download["cancel"] = True
         if self.client is not None:
-            for handle in (self.preview_handle, self.propagation.handle if self.propagation else None):
+            for handle in (self.preview_handle, self.propagation.handle if self.propagation else None,
+                           self.refinement.handle if self.refinement else None):
                 if handle is not None:
                     self.client.cancel(handle)
 
@@ -385,9 +386,138 @@ class SegmentationController:
         for index, mask in masks.items():
             oriented[index] = mask
             written[index] = mrml.mask_crc(mask)
-        if not self._modify(job.segmentation_node, job.segment_id, job.volume_node, new, job.editor_node,
-                            job.save_state):
+        if not self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, new, job.editor_node,
+                                  job.save_state):
             return "Propagation found nothing to change."
         mrml.set_propagated_slices(job.segmentation_node, job.segment_id, job.view, written)
         stops = "; ".join(f"{d}: {why}" for d, why in result.stopped.get("segment", {}).items())
         return f"Propagated to {len(masks)} slices in {result.seconds:.1f} s ({stops})."
+
+    # ---- clicks in 3D --------------------------------------------------------------------------------------
+    def click_3d(self, volume_node, segmentation_node, segment_id: str, point_ras, positive: bool, view=None,
+                 slice_range: tuple[int, int] | None = None, rules: dict | None = None, window=None,
+                 model: str = DEFAULT_MODEL, device: str | None = None, editor_node=None, save_state=None,
+                 auto_accept: bool = False) -> Handle:
+        """A positive or negative click at ``point_ras`` (any voxel, placed in any view) corrects the segment in
+        3D: the slice through it along the segment's propagation view (``view``, default the view it was
+        accepted in) is refined and the change is propagated (:class:`~SegmentWithSAMLib.interaction.Interaction`).
+        The slices that would change show as the preview; :meth:`accept` writes the result of all clicks since
+        as one undoable step (``auto_accept``: each click's result is written as it arrives). Clicks made while
+        one is computed wait their turn. Bad clicks raise :class:`PromptError` at once and change nothing."""
+        volume = self.volume(volume_node)
+        if segmentation_node is None or not segment_id:
+            raise PromptError("Select the segment to correct.")
+        point = np.asarray(point_ras, dtype=float).reshape(3)
+        ijk = volume.to_ijk(point[None])[0]
+        if np.any(ijk < -0.5) or np.any(ijk > np.asarray(volume.shape_ijk) - 0.5):
+            raise PromptError(f"The click at R={point[0]:.1f}, A={point[1]:.1f}, S={point[2]:.1f} mm is outside "
+                              f"{volume_node.GetName()}: click inside the volume.")
+        job = self.refinement
+        if job is not None and (job.segmentation_node, job.segment_id) != (segmentation_node, segment_id):
+            raise PromptError("Accept or clear the 3D correction of the other segment first.")
+        if job is None:
+            job = self._start_refinement(volume_node, segmentation_node, segment_id, view, slice_range, rules, window,
+                                         editor_node, save_state, auto_accept)
+        index = int(np.rint(job.axes.ijk_to_pixel(ijk[None])[0][0]))
+        low, high = job.state.slice_range
+        if not positive and not low <= index <= high:
+            raise PromptError(f"{job.view.value.capitalize()} slice {index} is outside the segment's slices "
+                              f"{low}–{high}: a negative click there has nothing to remove.")
+        self.engine(model, device)
+        self.refinement = job
+        job.waiting.append((point, bool(positive)))
+        if job.handle is None:
+            self._send_click(job)
+        return job.handle
+
+    def _start_refinement(self, volume_node, segmentation_node, segment_id, view, slice_range, rules, window,
+                          editor_node, save_state, auto_accept) -> Refinement:
+        last = self.last_accepted
+        accepted_here = last is not None and last[:2] == (segmentation_node.GetID(), segment_id)
+        view = View.parse(view if view is not None else last[2] if accepted_here else View.AXIAL)
+        volume = self.volume(volume_node)
+        axes = slice_axes(volume, view)
+        before = mrml.segment_array(segmentation_node, segment_id, volume_node)
+        box = (last[3], self.last_accepted_box) if accepted_here and last[2] is view and \
+            self.last_accepted_box is not None else None
+        if slice_range is None and accepted_here and last[2] is view:
+            slice_range = self.last_accepted_range
+        key = (segmentation_node.GetID(), segment_id, view)
+        state = state_from_segment(axes.oriented(before), axes, mrml.propagated_slices(segmentation_node, segment_id,
+                                                                                        view),
+                                   self._remembered.get(key), slice_range, box,
+                                   StopRules(**rules) if rules else None)
+        return Refinement(segmentation_node, segment_id, volume_node, view, axes, before, state, editor_node,
+                          save_state, auto_accept, window if window is not None else self.window(volume_node))
+
+    def _send_click(self, job: Refinement) -> None:
+        point, positive = job.waiting.pop(0)
+        job.handle = self.client.interact(self.volume(job.volume_node), job.view, "segment",
+                                     {"type": "click", "point_ras": point, "positive": positive}, job.state, job.window)
+        self.status = f"Correcting in 3D ({'positive' if positive else 'negative'} click)…"
+
+    def _poll_refinement(self) -> None:
+        job = self.refinement
+        handle = job.handle
+        if not handle.done:
+            return
+        job.handle = None
+        if handle.state != "done":
+            job.waiting.clear()
+            reason = "cancelled" if handle.state == "cancelled" else f"failed: {handle.error or handle.message}"
+            self.status = f"The 3D click {reason}; the segment is unchanged."
+            if not job.changed:
+                self.discard_refinement()
+            return
+        update, state = handle.result
+        job.add(update, state)
+        if job.waiting:
+            self._send_click(job)
+            return
+        self.show_preview(job.volume_node, job.result() & self._slices_mask(job))
+        stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
+        self.status = " ".join([f"3D click: {len(update.changed)} slices changed ({stops}) in {update.seconds:.1f} s.",
+                                *update.notices])
+        if job.auto_accept:
+            self._apply_refinement()
+        else:
+            self.status += " Accept writes the corrected slices."
+
+    @staticmethod
+    def _slices_mask(job: Refinement) -> np.ndarray:
+        """KJI bool: True on the slices the pending clicks changed (what the preview shows)."""
+        out = np.zeros(job.before.shape, bool)
+        oriented = job.axes.oriented(out)
+        for index in job.changed:
+            oriented[index] = True
+        return out
+
+    def _apply_refinement(self) -> str:
+        """Write the pending clicks' result as one undoable step and remember the interaction state."""
+        job = self.refinement
+        if job.handle is not None:
+            raise PromptError("A 3D click is still being computed: wait for its preview, then accept.")
+        self.refinement = None
+        self.clear_preview()
+        current = mrml.segment_array(job.segmentation_node, job.segment_id, job.volume_node)
+        if not np.array_equal(current, job.before):
+            raise PromptError("The segment was edited while the 3D correction was pending; it was not applied. "
+                              "Click again.")
+        changed = self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, job.result(),
+                                     job.editor_node, job.save_state)
+        written = mrml.propagated_slices(job.segmentation_node, job.segment_id, job.view)
+        written = {i: crc for i, crc in written.items() if i not in job.state.kinds}
+        written.update(job.engine_slices())
+        mrml.set_propagated_slices(job.segmentation_node, job.segment_id, job.view, written)
+        self._remembered[(job.segmentation_node.GetID(), job.segment_id, job.view)] = job.state
+        self.status = (f"Corrected {len(job.changed)} {job.view.value} slices of {job.segment_id} in 3D "
+                       f"({changed} voxels changed).")
+        return job.segment_id
+
+    def discard_refinement(self) -> None:
+        """Drop the pending 3D correction (Clear); the segment stays as it is."""
+        job, self.refinement = self.refinement, None
+        if job is not None:
+            if job.handle is not None and self.client is not None:
+                self.client.cancel(job.handle)
+            self.clear_preview()

@@ -15,7 +15,7 @@ import slicer
 import vtk
 
 from SegmentWithSAMLib.errors import PromptError, VolumeError
-from SegmentWithSAMLib.geometry import View, Volume, box_on_slice, view_for_normal
+from SegmentWithSAMLib.geometry import View, Volume, box_on_slice, slice_axes, view_for_normal
 
 ORDER_PREFIX = "SegmentWithSAM click "  # a control point's description: its place in the click order
 PROPAGATED_TAG = "SegmentWithSAM.propagated."  # + view: JSON {slice: crc32 of the mask it was given}
@@ -61,7 +61,8 @@ def defined_points(markups_node) -> list[tuple[int, np.ndarray]]:
     return points
 
 
-def _order(markups_node, index: int) -> int | None:
+def click_number(markups_node, index: int) -> int | None:
+    """The place of control point ``index`` in the click order (see :func:`stamp_click_order`), or None."""
     text = markups_node.GetNthControlPointDescription(index) or ""
     number = text[len(ORDER_PREFIX):]
     return int(number) if text.startswith(ORDER_PREFIX) and number.isdigit() else None
@@ -71,11 +72,11 @@ def stamp_click_order(positive_node, negative_node) -> None:
     """Number the placed points that have no number yet, after those that have one, so that clicks keep the
     order they were placed in across the positive and negative lists (call it whenever points change)."""
     nodes = [n for n in (positive_node, negative_node) if n is not None]
-    numbers = [_order(n, i) for n in nodes for i, _ in defined_points(n)]
+    numbers = [click_number(n, i) for n in nodes for i, _ in defined_points(n)]
     following = max([n for n in numbers if n is not None], default=0) + 1
     for node in nodes:
         for i, _ in defined_points(node):
-            if _order(node, i) is None:
+            if click_number(node, i) is None:
                 node.SetNthControlPointDescription(i, f"{ORDER_PREFIX}{following}")
                 following += 1
 
@@ -83,7 +84,7 @@ def stamp_click_order(positive_node, negative_node) -> None:
 def ordered_clicks(positive_node, negative_node) -> tuple[np.ndarray, np.ndarray]:
     """All placed points (N, 3) RAS and labels (N,) (1 positive, 0 negative) in click order."""
     stamp_click_order(positive_node, negative_node)
-    clicks = [(_order(node, i), p, label) for node, label in ((positive_node, 1), (negative_node, 0))
+    clicks = [(click_number(node, i), p, label) for node, label in ((positive_node, 1), (negative_node, 0))
               for i, p in defined_points(node)]
     clicks.sort(key=lambda c: c[0])
     points = np.array([c[1] for c in clicks], dtype=float).reshape(-1, 3)
@@ -105,6 +106,19 @@ def roi_box(roi_node, volume: Volume, view: View) -> np.ndarray | None:
     """The ROI as a box prompt: two opposite corners (2, 3) RAS on the slice through its centre, or None."""
     placed = roi_corners(roi_node)
     return None if placed is None else box_on_slice(volume, view, *placed)
+
+
+def roi_slice_range(roi_node, volume: Volume, view: View) -> tuple[int, int] | None:
+    """The slices of ``view`` a placed ROI spans (first, last), clipped to the volume, or None when it is
+    thinner than two slices (a box drawn on one slice) or not placed."""
+    placed = roi_corners(roi_node)
+    if placed is None:
+        return None
+    axes = slice_axes(volume, view)
+    coords, _ = axes.ijk_to_pixel(volume.to_ijk(placed[0]))
+    low, high = int(np.ceil(coords.min() - 0.5)), int(np.floor(coords.max() + 0.5))
+    low, high = max(low, 0), min(high, axes.num_slices - 1)
+    return (low, high) if high > low else None
 
 
 def slice_node_view(slice_node, volume: Volume) -> View:
@@ -137,10 +151,7 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
     """The segment as a boolean KJI array on the volume's grid (all False for an empty segment)."""
     if not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise PromptError(f"The segment {segment_id!r} is not in {segmentation_node.GetName()}.")
-    array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
-    if array is None:
-        return np.zeros(slicer.util.arrayFromVolume(volume_node).shape, dtype=bool)
-    return np.asarray(array) > 0
+    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)) > 0
 
 
 def oriented_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
@@ -154,6 +165,31 @@ def oriented_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.ravel()
     image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     return image
+
+
+def world_to_segmentation(segmentation_node) -> np.ndarray:
+    """World RAS → the segmentation node's own coordinates (4, 4): its parent transform undone (linear only)."""
+    transform = segmentation_node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise VolumeError(f"{segmentation_node.GetName()} is under a non-linear transform: harden it first.")
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformFromWorld(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def modifier_labelmap(editor_logic, segmentation_node, volume_node, mask_kji: np.ndarray):
+    """``mask_kji`` (KJI bool on the volume's grid) as a modifier labelmap for ``editor_logic`` (pointed at
+    ``segmentation_node``): resampled (nearest neighbour) into the segmentation's reference geometry, in the
+    segmentation node's coordinates, as Segment Editor effects build theirs (``ResetModifierLabelmapToDefault``).
+    Voxels outside that geometry cannot be written, as with any effect."""
+    editor_logic.ResetModifierLabelmapToDefault()
+    reference = editor_logic.GetModifierLabelmap()
+    source = oriented_image(mask_kji, world_to_segmentation(segmentation_node) @ world_ijk_to_ras(volume_node))
+    modifier = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(source, reference, modifier)
+    return modifier
 
 
 def mask_crc(mask2d: np.ndarray) -> int:

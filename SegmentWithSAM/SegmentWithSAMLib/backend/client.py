@@ -297,6 +297,31 @@ class BackendClient:
 
         return self._request(header, arrays, finish=finish, stream=stream)
 
+    def interact(self, volume: Volume, view: View | str, name: str, action: dict, state=None,
+                 window=None) -> Handle:
+        """One step of 3D interaction in the backend (:mod:`..interaction`): ``action`` is
+        ``{"type": "box", "corners_ras": (2, 3), "range": (first, last) or None}`` or
+        ``{"type": "click", "point_ras": (3,), "positive": bool}``; ``state`` the object's
+        :class:`~..interaction.ObjectState` so far (None: a new object), which the caller keeps. The result is
+        ``(update, state)``: an :class:`~..interaction.Update` and the new state."""
+        from ..interaction import ObjectState, Update
+
+        axes = slice_axes(volume, view)
+        self.load_volume(volume)
+        action = {key: np.asarray(value, float).tolist() if key in ("corners_ras", "point_ras") else value
+                  for key, value in action.items()}
+        state_header, arrays = state.to_message() if state is not None else (None, {})
+        header = {"op": "interact", "volume": volume.identity, "view": axes.view.value, "name": name,
+                  "window": _json_window(window), "action": action, "state": state_header}
+
+        def finish(message: Message):
+            h = message.header
+            update = Update(name, {i: message.arrays[f"changed/{i}"] for i in h["changed"]}, h["stopped"],
+                            h["notices"], h["seconds"])
+            return update, ObjectState.from_message(h["state"], message.arrays, axes.image_shape)
+
+        return self._request(header, arrays, finish=finish)
+
     def cancel(self, handle: Handle) -> None:
         """Ask the backend to stop ``handle`` (a running propagation stops within one slice)."""
         with self._lock:

@@ -34,7 +34,7 @@ from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, TOKEN_ENV, Message,
 from .scheduler import Scheduler, Task
 
 HEARTBEAT_S = 0.25
-QUEUED_OPS = {"load_volume", "unload_volume", "predict", "propagate", "set_model"}
+QUEUED_OPS = {"load_volume", "unload_volume", "predict", "propagate", "interact", "set_model"}
 
 
 class Channel:
@@ -328,6 +328,46 @@ class Backend:
         if last is not None:
             self._plan_prefetch(key, view, last, total)
         return {"stopped": result.stopped, "seconds": result.seconds, "slices": result.slice_count}, None
+
+
+    def _interact(self, task: Task) -> tuple[dict, dict]:
+        """One step of 3D interaction (:mod:`..interaction`) on an object whose state the client sends and
+        keeps: ``action`` {"type": "box", "corners_ras", "range"} or {"type": "click", "point_ras", "positive"}.
+        Replies with the changed slices, the stop reasons, notices and the new state."""
+        from ..interaction import Interaction, ObjectState
+
+        header = task.header
+        key, session = self._session(header)
+        interaction = Interaction(session, View.parse(header.get("view") or ""))
+        name, action = str(header.get("name") or "object"), header.get("action")
+        if header.get("state") is not None:
+            interaction.objects[name] = ObjectState.from_message(header["state"], task.arrays,
+                                                                 interaction.axes.image_shape)
+        if not isinstance(action, dict) or action.get("type") not in ("box", "click"):
+            raise PromptError("interact needs an action: {'type': 'box', ...} or {'type': 'click', ...}.")
+
+        def cancelled() -> bool:  # asked after each slice: that is progress, and the moment to stop
+            self.scheduler.touch()
+            return task.cancel.is_set()
+
+        if action["type"] == "box":
+            corners, slice_range = _points(action, "corners_ras", 3), action.get("range")
+            if corners is None or corners.shape != (2, 3):
+                raise PromptError("A box action needs corners_ras: two RAS corners.")
+            update = interaction.set_box_ras(name, corners, tuple(slice_range) if slice_range else None,
+                                             cancel=cancelled)
+        else:
+            point = _points(action, "point_ras", 3)
+            if point is None or point.shape != (1, 3):
+                raise PromptError("A click action needs point_ras: one RAS point.")
+            update = interaction.click_ras(name, point[0], bool(action.get("positive", True)), cancel=cancelled)
+        state_header, state_arrays = interaction.objects[name].to_message()
+        last = max(update.changed, default=None)
+        if last is not None:
+            self._plan_prefetch(key, interaction.axes.view, last, interaction.axes.num_slices)
+        return ({"changed": sorted(update.changed), "stopped": update.stopped, "notices": update.notices,
+                 "seconds": update.seconds, "state": state_header},
+                {**{f"changed/{i}": m for i, m in update.changed.items()}, **state_arrays})
 
 
 def _serve_connection(backend: Backend, reader: StreamReader, token: str | None) -> None:

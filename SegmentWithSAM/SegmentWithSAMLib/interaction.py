@@ -1,0 +1,456 @@
+"""3D interactive segmentation: a 3D box, then corrective clicks anywhere in the volume, each improving the
+whole 3D mask (the loop of the CVPR 2025 interactive-3D challenge and of nnInteractive).
+
+One :class:`Interaction` holds the state of several objects on one view of a :class:`~.session.Session`'s volume
+(the view's slice axis is the propagation axis): per object the slice range it spans, its mask on each slice and
+who wrote it (the engine, a click, the user), the clicks per slice and how the box sat around its mask. The
+backend, the Slicer module, the ``cvpr25`` command and the benchmark all drive this one class.
+
+- :meth:`Interaction.set_box`: the box's slice is segmented from the box and propagated through the range. With a
+  range given, only empty masks stop it (the user said where the object is); without one, the usual stop rules.
+- :meth:`Interaction.click`: the slice through the click is refined (the 2D loop of :mod:`.refinement`, from the
+  slice's current mask and its earlier clicks), becomes a key slice, and is propagated outwards on both sides,
+  replacing only slices the engine wrote, until a key or user slice, the range end, a stop rule, or a slice where
+  the new mask agrees with the one there. A positive click past the range extends it; a click that empties a
+  slice ends the object there for good (an empty key slice), clearing the engine's slices beyond it.
+
+Masks are (rows, cols) bool slices of the view in display orientation (:class:`~.geometry.SliceAxes`); pixel XY
+is (col, row). Nothing outside this object changes; a cancelled call changes nothing here either.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import PromptError
+from .geometry import View, bounding_box
+from .metrics import dice
+from .propagation import (
+    BOX_MARGIN_MM,
+    Cancelled,
+    Direction,
+    PropagationResult,
+    Propagator,
+    StopRules,
+    _mm_to_box,
+    _shape_prior,
+)
+from .refinement import Refiner
+
+# A click's re-propagation stops at the first slice where its mask and the one there agree this well (Dice).
+AGREE_DICE = 0.95
+# A negative click removes a slice's part of the mask whole only when it is this deep in it (relative to the
+# part's deepest point): the largest 3D error's centre lies in the middle of a wrong blob, near the edge of a
+# right one. (Always removing the part, as the 2D loop does, emptied whole slices of right masks.)
+CENTRED_REMOVAL = 0.6
+# Within a range the user gave, only empty masks stop propagation (two in a row: one empty slice is bridged).
+RANGE_RULES = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None, max_empty=2)
+_LOGIT_FLOOR = 1e-3  # |logit| given to pixels whose sign is forced to the slice's current mask
+
+
+class Kind(str, Enum):
+    """Who wrote a slice's mask: the engine (propagation, replaceable), a key slice (the box or clicks), or the
+    user (edited outside the interaction). Key and user slices are never overwritten by propagation."""
+
+    ENGINE = "engine"
+    KEY = "key"
+    USER = "user"
+
+
+@dataclass
+class ObjectState:
+    """One object on the interaction's view. ``masks`` maps slice → mask (rows, cols) for every slice with a
+    mask or a kind (a key slice may be empty: the object ends there); ``clicks`` slice → [(x, y, positive)];
+    ``base`` slice → that slice's mask before its first click (None if it had none); ``offset`` (4,) the box
+    minus the bounding box of its mask on the box's slice (zeros without a box)."""
+
+    slice_range: tuple[int, int]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    kinds: dict[int, Kind] = field(default_factory=dict)
+    clicks: dict[int, list[tuple[float, float, bool]]] = field(default_factory=dict)
+    base: dict[int, np.ndarray | None] = field(default_factory=dict)
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    box: tuple[int, np.ndarray] | None = None  # (slice, (x0, y0, x1, y1)) of the box prompt, if any
+    rules: StopRules | None = None  # the stop rules of its propagations
+
+    def extent(self) -> tuple[int, int] | None:
+        """First and last slice with voxels, or None."""
+        filled = [i for i, mask in self.masks.items() if mask.any()]
+        return (min(filled), max(filled)) if filled else None
+
+    def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The state as a JSON-able header and named arrays (``mask/<slice>``, ``base/<slice>``), as the backend
+        protocol carries it (no pickle): the caller keeps it, so a backend that restarts loses nothing."""
+        header = {"range": list(self.slice_range), "kinds": {str(i): k.value for i, k in self.kinds.items()},
+                  "clicks": {str(i): [list(c) for c in clicks] for i, clicks in self.clicks.items()},
+                  "bases": {str(i): base is not None for i, base in self.base.items()},
+                  "offset": [float(v) for v in self.offset],
+                  "box": None if self.box is None else [self.box[0], [float(v) for v in self.box[1]]],
+                  "rules": None if self.rules is None else asdict(self.rules)}
+        arrays = {f"mask/{i}": m for i, m in self.masks.items()}
+        arrays.update({f"base/{i}": b for i, b in self.base.items() if b is not None})
+        return header, arrays
+
+    @classmethod
+    def from_message(cls, header: dict, arrays: dict[str, np.ndarray], image_shape: tuple[int, int]) -> ObjectState:
+        """The state :meth:`to_message` wrote; a malformed one raises :class:`PromptError` naming the field."""
+        try:
+            low, high = (int(v) for v in header["range"])
+            kinds = {int(i): Kind(k) for i, k in header.get("kinds", {}).items()}
+            clicks = {int(i): [(float(x), float(y), bool(p)) for x, y, p in c]
+                      for i, c in header.get("clicks", {}).items()}
+            has_base = {int(i): bool(b) for i, b in header.get("bases", {}).items()}
+            offset = np.asarray(header.get("offset", [0, 0, 0, 0]), dtype=float).reshape(4)
+            box = header.get("box")
+            box = None if box is None else (int(box[0]), np.asarray(box[1], dtype=float).reshape(4))
+            rules = header.get("rules")
+            rules = None if rules is None else StopRules(**rules)
+        except (KeyError, TypeError, ValueError) as error:
+            raise PromptError(f"The interaction state is malformed: {type(error).__name__}: {error}.") from None
+
+        def mask(name: str) -> np.ndarray:
+            value = arrays.get(name)
+            if value is None or np.shape(value) != tuple(image_shape):
+                raise PromptError(f"The interaction state's {name} is missing or not {tuple(image_shape)}.")
+            return np.asarray(value, dtype=bool)
+
+        return cls((low, high), {i: mask(f"mask/{i}") for i in kinds}, kinds, clicks,
+                   {i: mask(f"base/{i}") if b else None for i, b in has_base.items()}, offset, box, rules)
+
+
+@dataclass
+class Update:
+    """What one call changed: ``changed`` slice → new mask (all False where a slice lost its mask), the stop
+    reason per direction, notices for the user (e.g. a box clipped to the volume) and the seconds it took."""
+
+    name: str
+    changed: dict[int, np.ndarray] = field(default_factory=dict)
+    stopped: dict[str, str] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Interaction:
+    """3D box + clicks on ``view`` of ``session``'s volume for any number of named objects (see module doc).
+
+    ``rules``: the stop rules where no range was given (default :class:`~.propagation.StopRules`); ``agree``:
+    the Dice at which a click's re-propagation stops; ``box_margin_mm``: if set, masks are kept within the box's
+    in-plane extent grown by this much on every slice (None: not clipped)."""
+
+    def __init__(self, session, view: View | str = View.AXIAL, rules: StopRules | None = None,
+                 agree: float = AGREE_DICE, box_margin_mm: float | None = None) -> None:
+        self.session = session
+        self.axes = session.axes(view)
+        self.rules = rules or StopRules()
+        self.agree = float(agree)
+        self.box_margin_mm = box_margin_mm
+        self.objects: dict[str, ObjectState] = {}
+        self._margin = _mm_to_box([BOX_MARGIN_MM], self.axes.pixel_spacing)[0]
+
+    # ---- prompts in slice pixels ---------------------------------------------------------------------------
+    def set_box(self, name: str, index: int, box: np.ndarray, slice_range: tuple[int, int] | None = None,
+                cancel: Callable[[], bool] | None = None) -> Update:
+        """(Re)start object ``name`` from ``box`` (4,) x0, y0, x1, y1 pixels on slice ``index``, spanning
+        ``slice_range`` (first, last slice; None: as far as the stop rules let it). Replaces what the object
+        had. The box is clipped to the slice (a notice says so); a box that misses the slice is an error."""
+        start = time.perf_counter()
+        notices: list[str] = []
+        index = self._check_index(index)
+        box = self._clip_box(box, notices)
+        low, high = self._clip_range(slice_range, notices) if slice_range is not None else (0, self._last)
+        if not low <= index <= high:
+            raise PromptError(f"The box is on slice {index}, outside its range {low}:{high}.")
+        self.session.set_slice(self.axes.view, index)
+        seed = Refiner(self.session.predictor, self.axes.pixel_spacing, box).mask
+        state = ObjectState((low, high), rules=RANGE_RULES if slice_range is not None else self.rules,
+                            box=(index, box))
+        update = Update(name, notices=notices)
+        seed = self._clip_to_box(state, seed)
+        if not seed.any():
+            update.notices.append(f"The model found nothing in the box on slice {index}; draw it around the object.")
+            self.objects[name] = state
+            update.seconds = time.perf_counter() - start
+            return update
+        state.offset = box - bounding_box(seed)
+        state.masks[index], state.kinds[index] = seed, Kind.KEY
+        update.changed[index] = seed
+        for step in (1, -1):
+            self._propagate(state, index, seed, step, update, cancel, replace_all=True)
+        self._commit(name, state, update, start)
+        return update
+
+    def click(self, name: str, index: int, xy, positive: bool, cancel: Callable[[], bool] | None = None) -> Update:
+        """A positive or negative click at pixel ``xy`` (col, row) on slice ``index`` of object ``name``: refine
+        that slice and re-propagate from it (see the module docstring). A first positive click on an object
+        without a box starts it from the click (range: the whole volume, the usual stop rules)."""
+        start = time.perf_counter()
+        index = self._check_index(index)
+        xy = self._check_xy(xy)
+        update = Update(name)
+        state = self.objects.get(name)
+        if state is None:
+            if not positive:
+                raise PromptError(f"{name!r} has no mask yet: start it with a box or a positive click.")
+            state = ObjectState((0, self._last), rules=self.rules)
+        low, high = state.slice_range
+        if not low <= index <= high:
+            if not positive:
+                raise PromptError(f"Slice {index} is outside {name!r}'s range {low}:{high}: there is nothing to "
+                                  "remove there.")
+            low, high = min(low, index), max(high, index)
+            update.notices.append(f"{name!r} now spans slices {low}:{high}.")
+        # Work on a copy, committed only when everything is done (a cancel or an error changes nothing).
+        work = replace(state, slice_range=(low, high), masks=dict(state.masks), kinds=dict(state.kinds),
+                       clicks=dict(state.clicks), base=dict(state.base))
+        clicks = [*work.clicks.get(index, []), (float(xy[0]), float(xy[1]), bool(positive))]
+        current = work.masks.get(index)
+        base = work.base.get(index, current.copy() if current is not None and current.any() else None)
+        if base is None and not any(c[2] for c in clicks):
+            raise PromptError(f"{name!r} has no mask on slice {index}: a negative click there removes nothing.")
+        depth = self._depth_mm(work, index, xy) if not positive else 0.0
+        mask = self._clip_to_box(work, self._refine(work, index, base, clicks))
+        work.masks[index], work.kinds[index] = mask, Kind.KEY
+        work.clicks[index], work.base[index] = clicks, base
+        update.changed[index] = mask
+        if not mask.any():
+            self._end_at(work, index, update)
+        elif positive:
+            for step in (1, -1):
+                self._propagate(work, index, mask, step, update, cancel, replace_all=False)
+        else:
+            for step in (1, -1):
+                self._carry_negative(work, index, xy, depth, step, update, cancel)
+        self._commit(name, work, update, start)
+        return update
+
+    def set_user_slice(self, name: str, index: int, mask: np.ndarray) -> None:
+        """Record that the user drew ``mask`` (rows, cols) on slice ``index`` outside the interaction: it is
+        never overwritten and ends propagation like a key slice."""
+        index = self._check_index(index)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.axes.image_shape:
+            raise PromptError(f"A {self.axes.view.value} slice is {self.axes.image_shape}, not {mask.shape}.")
+        state = self.objects.setdefault(name, ObjectState((0, self._last), rules=self.rules))
+        state.masks[index], state.kinds[index] = mask, Kind.USER
+        low, high = state.slice_range
+        state.slice_range = (min(low, index), max(high, index))
+
+    # ---- prompts in RAS millimetres ------------------------------------------------------------------------
+    def set_box_ras(self, name: str, corners_ras: np.ndarray, slice_range: tuple[int, int] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> Update:
+        """:meth:`set_box` from two opposite corners (2, 3) RAS of a box on one slice of the view."""
+        corners = np.asarray(corners_ras, dtype=float).reshape(2, 3)
+        slices, xy = self.axes.ijk_to_pixel(self.session.volume.to_ijk(corners))
+        index = int(np.rint(slices.mean()))
+        if np.any(np.abs(slices - index) > 0.5):
+            raise PromptError(f"The box's corners lie on different {self.axes.view.value} slices "
+                              f"({np.round(slices, 1).tolist()}); draw it on one slice.")
+        if not 0 <= index <= self._last:
+            raise PromptError(f"The box is outside the volume: on {self.axes.view.value} slice {index}, which runs "
+                              f"0 to {self._last}.")
+        return self.set_box(name, index, np.concatenate([xy.min(axis=0), xy.max(axis=0)]), slice_range, cancel)
+
+    def click_ras(self, name: str, point_ras, positive: bool, cancel: Callable[[], bool] | None = None) -> Update:
+        """:meth:`click` at a RAS point (3,) anywhere in the volume, whichever view it was placed in: it refines
+        the slice of this interaction's view through that point."""
+        ijk = self.session.volume.to_ijk(np.asarray(point_ras, dtype=float).reshape(1, 3))[0]
+        if np.any(ijk < -0.5) or np.any(ijk > np.asarray(self.session.volume.shape_ijk) - 0.5):
+            ras = np.asarray(point_ras, dtype=float).ravel()
+            raise PromptError(f"The click at R={ras[0]:.1f}, A={ras[1]:.1f}, S={ras[2]:.1f} mm is outside the volume.")
+        slices, xy = self.axes.ijk_to_pixel(ijk[None])
+        return self.click(name, int(np.rint(slices[0])), np.rint(xy[0]), positive, cancel)
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def oriented_mask(self, name: str) -> np.ndarray:
+        """Object ``name`` as (slice, rows, cols) bool in the view's orientation."""
+        out = np.zeros((self.axes.num_slices, *self.axes.image_shape), bool)
+        for index, mask in self.objects[name].masks.items():
+            out[index] = mask
+        return out
+
+    def mask(self, name: str) -> np.ndarray:
+        """Object ``name`` as a bool KJI array on the volume's grid."""
+        out = np.zeros(self.session.volume.array.shape, bool)
+        self.axes.oriented(out)[:] = self.oriented_mask(name)
+        return out
+
+    def labelmap(self, names: list[str] | None = None) -> np.ndarray:
+        """uint8 KJI labelmap: the i-th of ``names`` (default: the objects in the order they were started) has
+        value i + 1. Where objects overlap, a key or user slice wins over an engine slice, then the earlier
+        object wins."""
+        names = list(self.objects) if names is None else names
+        if len(names) > 255:
+            raise PromptError(f"A uint8 labelmap holds at most 255 objects, not {len(names)}.")
+        out = np.zeros(self.session.volume.array.shape, np.uint8)
+        oriented = self.axes.oriented(out)
+        for engine_pass in (False, True):
+            for value, name in enumerate(names, start=1):
+                state = self.objects[name]
+                for index, mask in state.masks.items():
+                    if (state.kinds.get(index) is Kind.ENGINE) == engine_pass:
+                        oriented[index][mask & (oriented[index] == 0)] = value
+        return out
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    @property
+    def _last(self) -> int:
+        return self.axes.num_slices - 1
+
+    def _check_index(self, index) -> int:
+        if not 0 <= int(index) <= self._last:
+            raise PromptError(f"Slice {index} is outside the volume: {self.axes.view.value} slices are 0 to "
+                              f"{self._last}.")
+        return int(index)
+
+    def _check_xy(self, xy) -> np.ndarray:
+        xy = np.asarray(xy, dtype=float).ravel()
+        rows, cols = self.axes.image_shape
+        if xy.shape != (2,) or not (-0.5 <= xy[0] <= cols - 0.5 and -0.5 <= xy[1] <= rows - 0.5):
+            raise PromptError(f"The click at pixel {xy.tolist()} is outside the slice ({cols}×{rows} pixels).")
+        return np.rint(xy)
+
+    def _clip_box(self, box, notices: list[str]) -> np.ndarray:
+        box = np.asarray(box, dtype=float).ravel()
+        if box.shape != (4,) or not np.all(np.isfinite(box)) or np.any(box[2:] < box[:2]):
+            raise PromptError(f"A box is x0, y0, x1, y1 with x0 <= x1 and y0 <= y1, not {box.tolist()}.")
+        rows, cols = self.axes.image_shape
+        upper = np.array([cols - 1, rows - 1, cols - 1, rows - 1], float)
+        clipped = np.clip(box, 0, upper)
+        if np.any(clipped[2:] - clipped[:2] < 0) or box[2] < 0 or box[3] < 0 or box[0] > cols - 1 or box[1] > rows - 1:
+            raise PromptError(f"The box {np.round(box, 1).tolist()} misses the slice ({cols}×{rows} pixels).")
+        if not np.allclose(clipped, box):
+            notices.append(f"The box reached past the volume's edge; it was clipped to {np.round(clipped).tolist()}.")
+        return clipped
+
+    def _clip_range(self, slice_range, notices: list[str]) -> tuple[int, int]:
+        low, high = sorted(int(v) for v in slice_range)
+        if high < 0 or low > self._last:
+            raise PromptError(f"The range {low}:{high} is outside the volume: {self.axes.view.value} slices are 0 to "
+                              f"{self._last}.")
+        clipped = (max(low, 0), min(high, self._last))
+        if clipped != (low, high):
+            notices.append(f"The range {low}:{high} was clipped to the volume: {clipped[0]}:{clipped[1]}.")
+        return clipped
+
+    def _clip_to_box(self, state: ObjectState, mask: np.ndarray) -> np.ndarray:
+        if self.box_margin_mm is None or state.box is None:
+            return mask
+        grow = _mm_to_box([self.box_margin_mm], self.axes.pixel_spacing)[0]
+        x0, y0, x1, y1 = state.box[1] + grow
+        rows, cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
+        return mask & (cols >= x0) & (cols <= x1) & (rows >= y0) & (rows <= y1)
+
+    def _base_logits(self, state: ObjectState, base: np.ndarray) -> np.ndarray:
+        """Logits (rows, cols) whose sign is ``base`` exactly, shaped by the model around it: the box prompt that
+        propagation would give this mask (its box + the object's box offset + margin) plus its shape prior, on
+        the current slice."""
+        box = bounding_box(base) + state.offset + self._margin
+        box[2:] = np.maximum(box[2:], box[:2])
+        logits = self.session.predictor.predict(box=box).logits[0] + _shape_prior(base, self.axes.pixel_spacing)
+        logits = np.where(base, np.maximum(logits, _LOGIT_FLOOR), np.minimum(logits, -_LOGIT_FLOOR))
+        return logits.astype(np.float32)
+
+    def _refine(self, state: ObjectState, index: int, base: np.ndarray | None, clicks,
+                removal: float = CENTRED_REMOVAL) -> np.ndarray:
+        """The slice's mask after ``clicks`` (replayed in order) from ``base`` (None: from the first positive
+        click, as in 2D); ``removal``: see :class:`~.refinement.Refiner`'s ``centred_removal``."""
+        self.session.set_slice(self.axes.view, index)
+        logits = self._base_logits(state, base) if base is not None else None
+        refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits, centred_removal=removal)
+        for x, y, positive in clicks:
+            refiner.add_click((x, y), positive)
+        return refiner.mask
+
+    def _propagate(self, state: ObjectState, index: int, seed: np.ndarray, step: int, update: Update, cancel,
+                   replace_all: bool) -> None:
+        """Propagate ``seed`` on slice ``index`` one way (``step`` ±1) into ``state``: through engine and empty
+        slices, up to a key or user slice, the range end or a stop rule; unless ``replace_all``, also up to the
+        first slice where the new mask agrees with the one there. Slices past the stop keep what they had
+        (clearing them after a stop rule, e.g. a shrunken mask's empty neighbours, lost right masks of earlier
+        propagations on Colin27's hippocampus; a click there corrects them)."""
+        label = "up" if step > 0 else "down"
+        keys = {i: m for i, m in state.masks.items() if state.kinds.get(i) in (Kind.KEY, Kind.USER) and i != index}
+        propagator = Propagator(self.session, self.axes.view, state.rules or self.rules)
+        result = PropagationResult(self.axes)
+        boxes = {"object": bounding_box(seed) + state.offset} if state.box is not None else None
+        steps = propagator.steps({"object": (index, seed)}, Direction.UP if step > 0 else Direction.DOWN,
+                                 state.slice_range, {"object": keys}, result, boxes=boxes)
+        reason = None
+        try:
+            for slice_step in steps:
+                if cancel is not None and cancel():
+                    raise Cancelled(f"Cancelled at slice {slice_step.index}; nothing was changed.")
+                new = self._clip_to_box(state, slice_step.masks["object"])
+                old = state.masks.get(slice_step.index)
+                if not replace_all and old is not None and old.any() and dice(new, old) >= self.agree:
+                    reason = f"agrees with slice {slice_step.index}"
+                    break
+                state.masks[slice_step.index], state.kinds[slice_step.index] = new, Kind.ENGINE
+                update.changed[slice_step.index] = new
+        finally:
+            steps.close()
+        update.stopped[label] = reason or result.stopped["object"].get(label, "range end")
+
+    def _depth_mm(self, state: ObjectState, index: int, xy: np.ndarray) -> float:
+        """How deep (mm) the pixel ``xy`` on slice ``index`` lies inside the object's 3D mask (0 outside)."""
+        if index not in state.masks or not state.masks[index][int(xy[1]), int(xy[0])]:
+            return 0.0
+        first, last = min(state.masks), max(state.masks)
+        stack = np.zeros((last - first + 3, *self.axes.image_shape), bool)  # an empty slice past each end
+        for i, mask in state.masks.items():
+            stack[i - first + 1] = mask
+        spacing = (self.axes.spacing_ijk[self.axes.slice_axis], *self.axes.pixel_spacing)
+        depth = ndi.distance_transform_edt(stack, sampling=spacing)
+        return float(depth[index - first + 1, int(xy[1]), int(xy[0])])
+
+    def _carry_negative(self, state: ObjectState, index: int, xy: np.ndarray, depth_mm: float, step: int,
+                        update: Update, cancel) -> None:
+        """A negative click's error region is a 3D blob: the same click corrects the engine's slices beyond it
+        (``step`` ±1) as far as it lay deep in the 3D mask and while it still falls inside their masks, each from
+        its own mask (re-propagating from the corrected slice instead lowered the Dice on Colin27's
+        hippocampus: the neighbours' masks, right elsewhere, were rebuilt from a smaller one)."""
+        spacing = self.axes.spacing_ijk[self.axes.slice_axis]
+        col, row = int(xy[0]), int(xy[1])
+        other = index + step
+        while (other - index) * step * spacing < depth_mm and 0 <= other <= self._last:
+            mask = state.masks.get(other)
+            if state.kinds.get(other) is not Kind.ENGINE or mask is None or not mask[row, col]:
+                break
+            if cancel is not None and cancel():
+                raise Cancelled(f"Cancelled at slice {other}; nothing was changed.")
+            # Only trimmed around the click, never a part removed whole: the click was not placed on this slice.
+            new = self._refine(state, other, mask, [(float(col), float(row), False)], removal=np.inf)
+            state.masks[other] = new
+            update.changed[other] = new
+            other += step
+        update.stopped["up" if step > 0 else "down"] = f"the click corrected slices up to {other - step}"
+
+    def _clear_engine(self, state: ObjectState, start: int, step: int, update: Update) -> None:
+        """Remove the engine's slices from ``start`` on (``step`` ±1) up to the first key or user slice."""
+        index = start
+        while 0 <= index <= self._last and state.kinds.get(index) not in (Kind.KEY, Kind.USER):
+            if state.kinds.get(index) is Kind.ENGINE:
+                update.changed[index] = np.zeros(self.axes.image_shape, bool)
+                del state.masks[index], state.kinds[index]
+            index += step
+
+    def _end_at(self, state: ObjectState, index: int, update: Update) -> None:
+        """Slice ``index`` was emptied by a click: on each side with no non-empty key or user slice, the object
+        ends here, so the engine's slices there go."""
+        for step, label in ((1, "up"), (-1, "down")):
+            anchored = any(state.kinds.get(i) in (Kind.KEY, Kind.USER) and mask.any() and (i - index) * step > 0
+                           for i, mask in state.masks.items())
+            if not anchored:
+                self._clear_engine(state, index + step, step, update)
+            update.stopped[label] = "the object goes on past it" if anchored else f"the object ends at slice {index}"
+
+    def _commit(self, name: str, state: ObjectState, update: Update, start: float) -> None:
+        self.objects[name] = state
+        update.changed = dict(sorted(update.changed.items()))
+        update.seconds = time.perf_counter() - start

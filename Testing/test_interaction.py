@@ -1,0 +1,148 @@
+"""3D interaction on real data: a 3D box fills its range, clicks anywhere correct the 3D mask without touching key
+or user slices, a negative click on an over-segmented end slice removes it for good, a positive click past the
+extent extends it (real LiteMedSAM on Colin27 + AAL and on the head CT)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from SegmentWithSAMLib.data import AAL_STRUCTURES
+from SegmentWithSAMLib.errors import PromptError
+from SegmentWithSAMLib.geometry import bounding_box
+from SegmentWithSAMLib.interaction import Interaction, Kind, ObjectState
+from SegmentWithSAMLib.metrics import dice
+from SegmentWithSAMLib.propagation import Cancelled
+from SegmentWithSAMLib.session import Session
+
+STRUCTURE = "Thalamus_L"
+HALF = 3  # slices on each side of the box's slice: a 7-slice range keeps the encoder's work small
+
+
+@pytest.fixture(scope="module")
+def session(colin, model, cache):
+    return Session(colin, model, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def truth(session, atlas):
+    """The structure in the axial view's (slice, rows, cols) orientation and its middle slice."""
+    oriented = session.axes("axial").oriented(atlas.array == AAL_STRUCTURES[STRUCTURE])
+    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    return oriented, int(slices[len(slices) // 2])
+
+
+def boxed(session, truth, half=HALF) -> Interaction:
+    oriented, mid = truth
+    interaction = Interaction(session, "axial")
+    update = interaction.set_box("thalamus", mid, bounding_box(oriented[mid]), (mid - half, mid + half))
+    assert set(update.changed) == set(range(mid - half, mid + half + 1)) and update.stopped == {
+        "up": "range end", "down": "range end"}
+    return interaction
+
+
+def centre(mask: np.ndarray) -> tuple[float, float]:
+    """The deepest pixel (col, row) of a 2D mask."""
+    row, col = np.unravel_index(np.argmax(ndi.distance_transform_edt(mask)), mask.shape)
+    return float(col), float(row)
+
+
+def test_a_3d_box_fills_its_range_and_lands_on_the_structure(session, truth):
+    oriented, mid = truth
+    interaction = boxed(session, truth)
+    state = interaction.objects["thalamus"]
+    assert state.kinds[mid] is Kind.KEY and all(state.kinds[i] is Kind.ENGINE for i in state.masks if i != mid)
+    band = slice(mid - HALF, mid + HALF + 1)
+    assert dice(interaction.oriented_mask("thalamus")[band], oriented[band]) >= 0.7  # 0.82 measured
+    label = interaction.labelmap()
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+    assert np.array_equal(label > 0, interaction.mask("thalamus"))
+
+
+def test_a_click_corrects_its_slice_and_neighbours_but_not_past_key_or_user_slices(session, truth):
+    oriented, mid = truth
+    interaction = boxed(session, truth)
+    user = np.zeros_like(oriented[mid])
+    user[100:110, 80:90] = True
+    interaction.set_user_slice("thalamus", mid - 2, user)
+    before = {i: m.copy() for i, m in interaction.objects["thalamus"].masks.items()}
+    # A positive click in the largest missed part of slice mid - 1.
+    missed = oriented[mid - 1] & ~before[mid - 1]
+    labels, _ = ndi.label(missed)
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    update = interaction.click("thalamus", mid - 1, centre(largest), True)
+    after = interaction.objects["thalamus"].masks
+    assert set(update.changed) <= {mid - 1}  # mid (the box's key slice) and mid - 2 (the user's) bound it
+    assert np.array_equal(after[mid - 2], user) and np.array_equal(after[mid], before[mid])
+    assert interaction.objects["thalamus"].kinds[mid - 1] is Kind.KEY
+    assert dice(after[mid - 1], oriented[mid - 1]) > dice(before[mid - 1], oriented[mid - 1])
+    # A second click on the same slice accumulates with the first.
+    update = interaction.click("thalamus", mid - 1, centre(largest), True)
+    assert len(interaction.objects["thalamus"].clicks[mid - 1]) == 2
+
+
+def test_a_negative_click_removes_an_over_segmented_end_slice_for_good(session, truth, atlas):
+    oriented, mid = truth
+    last = int(np.flatnonzero(oriented.any(axis=(1, 2)))[-1])
+    interaction = Interaction(session, "axial")
+    interaction.set_box("thalamus", last - 2, bounding_box(oriented[last - 2]), (last - 2, last + 2))
+    state = interaction.objects["thalamus"]
+    assert state.masks[last + 1].any() and not oriented[last + 1].any()  # the range goes past the structure
+    update = interaction.click("thalamus", last + 1, centre(state.masks[last + 1]), False)
+    state = interaction.objects["thalamus"]
+    assert not state.masks[last + 1].any() and state.kinds[last + 1] is Kind.KEY
+    assert last + 2 in update.changed and last + 2 not in state.masks  # the engine's slice beyond it went
+    # A later click between the box and that slice propagates up to it and stops there: nothing grows back.
+    interaction.click("thalamus", last, centre(state.masks[last]), True)
+    state = interaction.objects["thalamus"]
+    assert not state.masks[last + 1].any() and last + 2 not in state.masks
+
+
+def test_a_positive_click_past_the_extent_extends_it(session, truth):
+    oriented, mid = truth
+    interaction = boxed(session, truth, half=1)
+    beyond = mid + 3  # outside the range mid-1 … mid+1, the structure goes on there
+    update = interaction.click("thalamus", beyond, centre(oriented[beyond]), True)
+    state = interaction.objects["thalamus"]
+    assert state.slice_range == (mid - 1, beyond) and any("now spans" in n for n in update.notices)
+    assert state.masks[beyond].any() and state.masks[mid + 2].any()  # the gap is filled from the click
+    assert dice(state.masks[beyond], oriented[beyond]) >= 0.5
+
+
+def test_bad_prompts_are_refused_and_a_cancelled_click_changes_nothing(session, truth):
+    oriented, mid = truth
+    interaction = boxed(session, truth, half=1)
+    before = interaction.oriented_mask("thalamus")
+    with pytest.raises(PromptError, match="outside .* range"):
+        interaction.click("thalamus", mid + 5, (90, 100), False)
+    with pytest.raises(PromptError, match="outside the slice"):
+        interaction.click("thalamus", mid, (-40, 100), True)
+    with pytest.raises(PromptError, match="outside the volume"):
+        interaction.click_ras("thalamus", [400.0, 0, 0], True)
+    with pytest.raises(PromptError, match="misses the slice"):
+        interaction.set_box("other", mid, [-50, -50, -10, -10], (mid - 1, mid + 1))
+    with pytest.raises(PromptError, match="outside the volume"):
+        interaction.set_box("other", mid, [10, 10, 50, 50], (500, 510))
+    with pytest.raises(Cancelled):
+        interaction.set_box("other", mid, bounding_box(oriented[mid]), (mid - 1, mid + 1), cancel=lambda: True)
+    assert np.array_equal(interaction.oriented_mask("thalamus"), before) and "other" not in interaction.objects
+    header, arrays = interaction.objects["thalamus"].to_message()
+    restored = ObjectState.from_message(header, arrays, interaction.axes.image_shape)
+    assert restored.kinds == interaction.objects["thalamus"].kinds and restored.slice_range == (mid - 1, mid + 1)
+    assert all(np.array_equal(restored.masks[i], m) for i, m in interaction.objects["thalamus"].masks.items())
+    with pytest.raises(PromptError, match="malformed"):
+        ObjectState.from_message({"range": [1]}, arrays, interaction.axes.image_shape)
+
+
+def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, model, cache):
+    """Users draw ROIs generously near borders: the head touches the CT's field of view."""
+    session = Session(cranium, model, window="brain", cache=cache)
+    interaction = Interaction(session, "axial")
+    axes = interaction.axes
+    head = axes.oriented(cranium.array > -300)
+    index = axes.num_slices // 2
+    box = bounding_box(head[index]) + [-30, -30, 30, 30]  # past every edge of the 256² slice
+    update = interaction.set_box("head", index, box, (index - 1, index + 1))
+    assert any("clipped" in notice for notice in update.notices)
+    assert dice(interaction.objects["head"].masks[index], head[index]) >= 0.8
