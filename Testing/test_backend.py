@@ -21,6 +21,7 @@ from SegmentWithSAMLib.backend.client import BackendClient
 from SegmentWithSAMLib.backend.protocol import PROTOCOL_VERSION, TOKEN_ENV, StreamReader, encode_bytes
 from SegmentWithSAMLib.backend.scheduler import Task
 from SegmentWithSAMLib.backend.server import Backend
+from SegmentWithSAMLib.errors import BackendError
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.session import Session
 
@@ -298,3 +299,29 @@ def test_tcp_client_round_trip():
         assert status["version"] == PROTOCOL_VERSION
         targets = open_files(backend.pid)
         assert any(t.startswith("socket:") for t in targets)
+
+
+def test_3d_interaction_in_the_backend_equals_in_process_and_a_killed_backend_loses_nothing(client, colin, atlas,
+                                                                                            model, cache):
+    """The client keeps the object's state; the backend is stateless between clicks, so a restart loses nothing."""
+    from SegmentWithSAMLib.interaction import Interaction, Kind, ObjectState
+
+    local = Interaction(Session(colin, model, cache=cache), "axial")
+    index, box = box_ras(colin, atlas, "axial", "Thalamus_L")
+    expected = local.set_box_ras("t", box, (index - 1, index + 1))
+    update, state = client.wait(client.interact(colin, "axial", "t", {"type": "box", "corners_ras": box,
+                                                                      "range": (index - 1, index + 1)}), 300)
+    assert sorted(update.changed) == sorted(expected.changed) == [index - 1, index, index + 1]
+    assert all(np.array_equal(update.changed[i], expected.changed[i]) for i in expected.changed)
+    click = {"type": "click", "point_ras": box.mean(axis=0) + [0, 0, 1.0], "positive": False}  # slice index + 1
+    expected = local.click_ras("t", click["point_ras"], False)
+    os.kill(client.pid, signal.SIGKILL)
+    wait_for(lambda: not client.running, 5, client)
+    client.poll()  # notices the exit: the next request starts a fresh backend
+    update, after = client.wait(client.interact(colin, "axial", "t", click, state), 300)  # a fresh backend
+    assert sorted(update.changed) == sorted(expected.changed) and index + 1 in update.changed
+    assert all(np.array_equal(update.changed[i], expected.changed[i]) for i in expected.changed)
+    assert after.clicks == local.objects["t"].clicks and after.kinds == local.objects["t"].kinds
+    malformed = ObjectState((index - 1, index + 1), {index: np.zeros((3, 3), bool)}, {index: Kind.KEY})
+    with pytest.raises(BackendError, match="missing or not"):
+        client.wait(client.interact(colin, "axial", "t", click, malformed), 60)

@@ -262,6 +262,21 @@ def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray) ->
     return int(indices[0]), xy
 
 
+def clip_box(volume: Volume, axes: SliceAxes, corners_ras: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Two opposite corners (2, 3) RAS of a box on a slice of ``axes``, clipped in-plane to the volume (users draw
+    boxes generously near the edges); returns them and whether anything was cut off. A box that misses the volume
+    in-plane, or lies off its slices, raises :class:`PromptError`."""
+    ijk = volume.to_ijk(np.asarray(corners_ras, dtype=float).reshape(2, 3))
+    upper = np.asarray(volume.shape_ijk, dtype=float) - 1
+    in_plane = [axes.row_axis, axes.col_axis]
+    low, high = ijk[:, in_plane].min(axis=0), ijk[:, in_plane].max(axis=0)
+    if np.any(high < -0.5) or np.any(low > upper[in_plane] + 0.5):
+        raise PromptError(f"The box ({np.round(corners_ras, 1).tolist()} mm) misses the volume: draw it on the image.")
+    clipped = ijk.copy()
+    clipped[:, in_plane] = np.clip(ijk[:, in_plane], 0, upper[in_plane])
+    return volume.to_ras(clipped), not np.allclose(clipped, ijk)
+
+
 def view_for_normal(volume: Volume, normal_ras: np.ndarray, tolerance_deg: float = 1.0) -> View:
     """The view whose slices lie in the plane with RAS normal ``normal_ras`` (a slice view's plane).
 

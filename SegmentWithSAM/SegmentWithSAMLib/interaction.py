@@ -79,11 +79,6 @@ class ObjectState:
     box: tuple[int, np.ndarray] | None = None  # (slice, (x0, y0, x1, y1)) of the box prompt, if any
     rules: StopRules | None = None  # the stop rules of its propagations
 
-    def extent(self) -> tuple[int, int] | None:
-        """First and last slice with voxels, or None."""
-        filled = [i for i, mask in self.masks.items() if mask.any()]
-        return (min(filled), max(filled)) if filled else None
-
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The state as a JSON-able header and named arrays (``mask/<slice>``, ``base/<slice>``), as the backend
         protocol carries it (no pickle): the caller keeps it, so a backend that restarts loses nothing."""
@@ -140,16 +135,16 @@ class Interaction:
     """3D box + clicks on ``view`` of ``session``'s volume for any number of named objects (see module doc).
 
     ``rules``: the stop rules where no range was given (default :class:`~.propagation.StopRules`); ``agree``:
-    the Dice at which a click's re-propagation stops; ``box_margin_mm``: if set, masks are kept within the box's
-    in-plane extent grown by this much on every slice (None: not clipped)."""
+    the Dice at which a click's re-propagation stops. Masks are not held within the box's in-plane extent: on the
+    12 AAL structures (axial, box on the middle slice, the true range) that gave a mean 3D Dice of 0.541–0.542
+    for margins of 2, 5 and 10 mm against 0.543 without."""
 
     def __init__(self, session, view: View | str = View.AXIAL, rules: StopRules | None = None,
-                 agree: float = AGREE_DICE, box_margin_mm: float | None = None) -> None:
+                 agree: float = AGREE_DICE) -> None:
         self.session = session
         self.axes = session.axes(view)
         self.rules = rules or StopRules()
         self.agree = float(agree)
-        self.box_margin_mm = box_margin_mm
         self.objects: dict[str, ObjectState] = {}
         self._margin = _mm_to_box([BOX_MARGIN_MM], self.axes.pixel_spacing)[0]
 
@@ -171,7 +166,6 @@ class Interaction:
         state = ObjectState((low, high), rules=RANGE_RULES if slice_range is not None else self.rules,
                             box=(index, box))
         update = Update(name, notices=notices)
-        seed = self._clip_to_box(state, seed)
         if not seed.any():
             update.notices.append(f"The model found nothing in the box on slice {index}; draw it around the object.")
             self.objects[name] = state
@@ -214,7 +208,7 @@ class Interaction:
         if base is None and not any(c[2] for c in clicks):
             raise PromptError(f"{name!r} has no mask on slice {index}: a negative click there removes nothing.")
         depth = self._depth_mm(work, index, xy) if not positive else 0.0
-        mask = self._clip_to_box(work, self._refine(work, index, base, clicks))
+        mask = self._refine(work, index, base, clicks)
         work.masks[index], work.kinds[index] = mask, Kind.KEY
         work.clicks[index], work.base[index] = clicks, base
         update.changed[index] = mask
@@ -338,14 +332,6 @@ class Interaction:
             notices.append(f"The range {low}:{high} was clipped to the volume: {clipped[0]}:{clipped[1]}.")
         return clipped
 
-    def _clip_to_box(self, state: ObjectState, mask: np.ndarray) -> np.ndarray:
-        if self.box_margin_mm is None or state.box is None:
-            return mask
-        grow = _mm_to_box([self.box_margin_mm], self.axes.pixel_spacing)[0]
-        x0, y0, x1, y1 = state.box[1] + grow
-        rows, cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
-        return mask & (cols >= x0) & (cols <= x1) & (rows >= y0) & (rows <= y1)
-
     def _base_logits(self, state: ObjectState, base: np.ndarray) -> np.ndarray:
         """Logits (rows, cols) whose sign is ``base`` exactly, shaped by the model around it: the box prompt that
         propagation would give this mask (its box + the object's box offset + margin) plus its shape prior, on
@@ -386,7 +372,7 @@ class Interaction:
             for slice_step in steps:
                 if cancel is not None and cancel():
                     raise Cancelled(f"Cancelled at slice {slice_step.index}; nothing was changed.")
-                new = self._clip_to_box(state, slice_step.masks["object"])
+                new = slice_step.masks["object"]
                 old = state.masks.get(slice_step.index)
                 if not replace_all and old is not None and old.any() and dice(new, old) >= self.agree:
                     reason = f"agrees with slice {slice_step.index}"

@@ -14,6 +14,7 @@ from .geometry import (
     View,
     Volume,
     check_segmentable,
+    clip_box,
     paste_slice_mask,
     prompts_to_slice,
     slice_axes,
@@ -40,6 +41,7 @@ class SliceResult:
     low_res_logits: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     box: np.ndarray | None = None  # the box prompt (x0, y0, x1, y1) in slice pixels, if there was one
+    notices: list[str] = field(default_factory=list)  # e.g. that the box was clipped to the volume
 
     def volume_mask(self) -> np.ndarray:
         """The mask as a boolean KJI array on the volume's grid (False off this slice)."""
@@ -105,17 +107,23 @@ class Session:
         self.predictor.embed_many(images, axes.pixel_spacing, [self._slice_key(axes, i) for i in todo])
         return len(todo)
 
-    def _place(self, view: View | str, points_ras, box_ras) -> tuple[SliceAxes, int, np.ndarray, np.ndarray | None]:
-        """The axes and slice index the prompts lie on, the points as pixels (N, 2) XY and the box (4,)."""
+    def _place(self, view: View | str, points_ras, box_ras) -> tuple[SliceAxes, int, np.ndarray, np.ndarray | None,
+                                                                        list[str]]:
+        """The axes and slice index the prompts lie on, the points as pixels (N, 2) XY, the box (4,) clipped to the
+        volume, and notices for the user."""
         axes = self.axes(view)
         points_ras = np.zeros((0, 3)) if points_ras is None else np.asarray(points_ras, dtype=float).reshape(-1, 3)
-        corners = np.zeros((0, 3)) if box_ras is None else np.asarray(box_ras, dtype=float).reshape(2, 3)
+        corners, notices = np.zeros((0, 3)), []
+        if box_ras is not None:
+            corners, clipped = clip_box(self.volume, axes, box_ras)
+            if clipped:
+                notices.append("The box reached past the volume's edge; it was clipped to the volume.")
         index, xy = prompts_to_slice(self.volume, axes, np.concatenate([points_ras, corners]))
         box = None
         if len(corners):
             box_xy = xy[len(points_ras):]
             box = np.concatenate([box_xy.min(axis=0), box_xy.max(axis=0)])
-        return axes, index, xy[: len(points_ras)], box
+        return axes, index, xy[: len(points_ras)], box, notices
 
     def segment(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
                 box_ras: np.ndarray | None = None,
@@ -125,7 +133,7 @@ class Session:
         ``points_ras`` (N, 3) with ``labels`` (N,) (1 positive, 0 negative); ``box_ras`` (2, 3): two opposite
         corners of the box. All prompts must lie on one slice of the view.
         """
-        axes, index, xy, box = self._place(view, points_ras, box_ras)
+        axes, index, xy, box, notices = self._place(view, points_ras, box_ras)
         start = time.perf_counter()
         self.set_slice(axes.view, index)
         encoded = time.perf_counter()
@@ -135,6 +143,7 @@ class Session:
             view=axes.view, index=index, axes=axes, mask2d=prediction.masks[0], score=float(prediction.scores[0]),
             low_res_logits=prediction.low_res_logits[0],
             timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3}, box=box,
+            notices=notices,
         )
 
     def refine(self, view: View | str, points_ras: np.ndarray | None = None, labels: np.ndarray | None = None,
@@ -142,7 +151,7 @@ class Session:
         """Segment like :meth:`segment`, taking the points as clicks in the order they were placed: the box
         (or the first positive click) gives the mask and each later click corrects it where it was placed
         (see :mod:`.refinement`). This is the interactive mode: fewer clicks to a good mask."""
-        axes, index, xy, box = self._place(view, points_ras, box_ras)
+        axes, index, xy, box, notices = self._place(view, points_ras, box_ras)
         labels = np.ones(len(xy), int) if labels is None else np.asarray(labels, dtype=int).ravel()
         if len(labels) != len(xy):
             raise PromptError(f"{len(xy)} points need as many labels, not {len(labels)}.")
@@ -159,4 +168,5 @@ class Session:
             view=axes.view, index=index, axes=axes, mask2d=refiner.mask, score=float(refiner.first.scores[0]),
             low_res_logits=refiner.first.low_res_logits[0],
             timings_ms={"encode": (encoded - start) * 1e3, "decode": (done - encoded) * 1e3}, box=box,
+            notices=notices,
         )

@@ -216,8 +216,9 @@ class SegmentationController:
                 self.preview_result = handle.result
                 self.show_preview(self.preview_volume_node, handle.result.volume_mask())
                 ms = (time.perf_counter() - self._preview_sent) * 1e3
-                self.status = (f"Preview: {int(handle.result.mask2d.sum())} pixels on {handle.result.view.value} "
-                               f"slice {handle.result.index}, quality {handle.result.score:.2f}, {ms:.0f} ms")
+                self.status = " ".join([f"Preview: {int(handle.result.mask2d.sum())} pixels on "
+                                        f"{handle.result.view.value} slice {handle.result.index}, quality "
+                                        f"{handle.result.score:.2f}, {ms:.0f} ms.", *handle.result.notices])
             elif handle.state == "failed":
                 self.status = f"Preview failed: {handle.error}"
         if self.propagation is not None:

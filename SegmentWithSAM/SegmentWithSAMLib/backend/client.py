@@ -255,7 +255,8 @@ class BackendClient:
             h = message.header
             return SliceResult(view=axes.view, index=h["index"], axes=axes, mask2d=message.arrays["mask2d"],
                                score=h["score"], low_res_logits=message.arrays["low_res_logits"],
-                               timings_ms=h["timings_ms"], box=None if h.get("box") is None else np.array(h["box"]))
+                               timings_ms=h["timings_ms"], box=None if h.get("box") is None else np.array(h["box"]),
+                               notices=h.get("notices", []))
 
         return self._request(header, finish=finish)
 

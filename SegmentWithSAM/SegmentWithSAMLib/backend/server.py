@@ -276,7 +276,8 @@ class Backend:
         result = session.refine(*args) if mode == "refine" else session.segment(*args)
         self._plan_prefetch(key, result.view, result.index, result.axes.num_slices)
         return ({"view": result.view.value, "index": result.index, "score": result.score,
-                 "timings_ms": result.timings_ms, "box": None if result.box is None else result.box.tolist()},
+                 "timings_ms": result.timings_ms, "box": None if result.box is None else result.box.tolist(),
+                 "notices": result.notices},
                 {"mask2d": result.mask2d, "low_res_logits": np.asarray(result.low_res_logits, np.float32)})
 
     def _propagate(self, task: Task) -> tuple[dict, None]:
