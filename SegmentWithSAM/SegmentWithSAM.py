@@ -296,7 +296,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p or not p.inputVolume:
             return
-        if self.segmentHasMask():
+        from SegmentWithSAMSlicerLib import mrml
+
+        if mrml.roi_corners(p.box) is None and self.segmentHasMask():  # a box always gives a 2D preview
             self.run(self.sendClicks3D, ask=False)
         elif p.livePreview:
             self.run(lambda: self.requestPreview(ask=False), ask=False)
@@ -306,26 +308,16 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SegmentWithSAMSlicerLib import mrml
 
         p = self._parameterNode
-        segmentation = p.segmentation
-        if not segmentation or not p.segmentID or segmentation.GetSegmentation().GetSegment(p.segmentID) is None:
-            return False
-        return bool(mrml.segment_array(segmentation, p.segmentID, p.inputVolume).any())
+        return mrml.segment_has_mask(p.segmentation, p.segmentID, p.inputVolume)
 
     def sendClicks3D(self) -> None:
         """Send each point placed since the last as a click in 3D on the selected segment, in click order."""
         from SegmentWithSAMSlicerLib import mrml
 
         p = self._parameterNode
-        mrml.stamp_click_order(p.positivePoints, p.negativePoints)
-        placed = sorted(((mrml.click_number(node, i), node.GetNthControlPointID(i), position, node is p.positivePoints)
-                         for node in (p.positivePoints, p.negativePoints) for i, position in mrml.defined_points(node)),
-                        key=lambda click: click[0])
         editor = self.segmentEditor()
         controller = self.logic.controller
-        for _, pointID, position, positive in placed:
-            if pointID in self.sentClicks:
-                continue
-            self.sentClicks.add(pointID)
+        for position, positive in mrml.new_clicks(p.positivePoints, p.negativePoints, self.sentClicks):
             controller.click_3d(p.inputVolume, p.segmentation, p.segmentID, position, positive,
                                 rules=self.logic.stopRules(p), window=controller.window(p.inputVolume, p.window),
                                 model=p.model, device=p.device, editor_node=editor and editor.mrmlSegmentEditorNode(),

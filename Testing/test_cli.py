@@ -135,3 +135,25 @@ def test_demo(tmp_path, capsys, colin):
     assert code == 0 and report["dice"] > 0.5
     assert (tmp_path / "hippocampus_L.nii.gz").is_file() and (tmp_path / "hippocampus_L_axial.png").is_file()
     assert read_volume(tmp_path / "hippocampus_L.nii.gz").array.sum() == report["voxels"]
+
+
+def test_a_3d_box_past_the_head_cts_edge_is_clipped_and_fills_its_range(tmp_path, capsys, cranium):
+    """segment --box … --propagate both --range A:B: the box poking out of the field of view is clipped (a notice,
+    not an error) and, as a 3D box, fills every slice of its range."""
+    path = tmp_path / "head.nrrd"
+    first = np.eye(4)
+    first[2, 3] = 50  # five axial slices from slice 50 on
+    write_volume(Volume(cranium.array[50:55].copy(), cranium.ijk_to_ras @ first), path)
+    volume = read_volume(path)
+    axes = slice_axes(volume, "axial")
+    rows, cols = np.nonzero(axes.oriented(volume.array > -300)[2])
+    pixels = [[cols.min() - 40, rows.min() - 40], [cols.max() + 40, rows.max() + 40]]
+    box = ",".join(f"{v:.2f}" for v in volume.to_ras(axes.pixel_to_ijk(2, pixels)).ravel())
+    out = tmp_path / "head-mask.nii.gz"
+    code, stdout, _ = _run(capsys, "segment", path, "--view", "axial", "--box", box, "--window", "brain",
+                           "--propagate", "both", "--range", "0:4", "--out", out, "--json", "--device", "cpu")
+    assert code == 0
+    report = json.loads(stdout)
+    assert any("clipped" in notice for notice in report["notices"]) and report["slice"] == 2
+    assert report["stopped"] == {"up": "range end", "down": "range end"}
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0).any(axis=(1, 2)).all()  # all 5 slices

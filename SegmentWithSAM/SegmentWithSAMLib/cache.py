@@ -1,4 +1,4 @@
-"""A byte-bounded, least-recently-used cache of image embeddings."""
+"""A byte-bounded, least-recently-used cache of image embeddings, optionally backed by a disk level."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 
+from .disk_cache import DiskEmbeddingCache
 from .errors import SegmentWithSAMError
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB
@@ -38,7 +39,7 @@ class EmbeddingCache:
     larger than ``max_bytes`` is not kept at all.
     """
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+    def __init__(self, max_bytes: int | None = None, disk: DiskEmbeddingCache | None = None) -> None:
         max_bytes = default_cache_bytes() if max_bytes is None else max_bytes
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
@@ -47,20 +48,30 @@ class EmbeddingCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
+        self.disk = disk  # the second level (see .disk_cache): searched on a miss, written on every put
 
     def get(self, key: Hashable):
         """The embedding for ``key`` (marked most recently used), or None."""
         with self._lock:
             value = self._entries.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return value
+            if value is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return value
+            self.misses += 1
+        value = self.disk.get(key) if self.disk is not None else None
+        if value is not None:
+            self._put_memory(key, value)
+        return value
 
     def put(self, key: Hashable, value) -> None:
-        """Store ``value`` (a tensor) under ``key``, evicting old entries to stay within ``max_bytes``."""
+        """Store ``value`` (a tensor) under ``key``, evicting old entries to stay within ``max_bytes``; also on
+        disk when there is a disk level."""
+        self._put_memory(key, value)
+        if self.disk is not None:
+            self.disk.put(key, value)
+
+    def _put_memory(self, key: Hashable, value) -> None:
         size = _nbytes(value)
         with self._lock:
             old = self._entries.pop(key, None)
@@ -77,7 +88,9 @@ class EmbeddingCache:
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
-            return key in self._entries
+            if key in self._entries:
+                return True
+        return self.disk is not None and self.disk.contains(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,4 +104,5 @@ class EmbeddingCache:
         """Counters and sizes, for status displays."""
         with self._lock:
             return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
-                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    **({"disk": self.disk.stats()} if self.disk is not None else {})}

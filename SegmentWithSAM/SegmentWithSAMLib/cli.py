@@ -1,4 +1,4 @@
-"""The ``segmentwithsam`` command line: segment, propagate, evaluate, demo, info.
+"""The ``segmentwithsam`` command line: segment, propagate, evaluate, cvpr25, demo, info.
 
 Every user error prints one line ``segmentwithsam: error: …`` and exits with status 2, leaving no output file.
 """
@@ -53,7 +53,9 @@ def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bo
     if with_direction:
         group.add_argument("--direction", choices=["up", "down", "both"], default="both",
                            help="up = increasing slice index (default both)")
-    group.add_argument("--range", default=None, metavar="A:B", help="slice range to stay in (default: all)")
+    group.add_argument("--range", default=None, metavar="A:B",
+                       help="slice range to stay in (default: all); with --box a 3D box, filled throughout unless "
+                            "the model finds nothing")
     group.add_argument("--min-similarity", type=float, default=defaults.min_similarity,
                        help=f"stop when the mask's appearance similarity to the seed drops below this "
                             f"(default {defaults.min_similarity}; -1 = off)")
@@ -72,25 +74,9 @@ def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bo
 
 
 def _stop_rules(args: argparse.Namespace):
-    from .propagation import StopRules
+    from .segment3d import stop_rules
 
-    return StopRules(min_similarity=None if args.min_similarity < 0 else args.min_similarity,
-                     min_score=None if args.min_score < 0 else args.min_score,
-                     max_area_ratio=None if args.max_area_ratio <= 0 else args.max_area_ratio,
-                     min_overlap=None if args.min_overlap < 0 else args.min_overlap,
-                     max_empty=args.max_empty)
-
-
-def _slice_range(text: str | None) -> tuple[int, int] | None:
-    from .errors import PromptError
-
-    if text is None:
-        return None
-    try:
-        low, high = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise PromptError(f"--range needs A:B with two slice numbers, not {text!r}.") from None
-    return low, high
+    return stop_rules(args.min_similarity, args.min_score, args.max_area_ratio, args.min_overlap, args.max_empty)
 
 
 def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: str, args,
@@ -99,18 +85,13 @@ def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: st
     report."""
     from tqdm import tqdm
 
-    from .geometry import paste_slice_mask
-    from .propagation import Propagator
+    from .segment3d import parse_slice_range, propagate_seed
 
-    propagator = Propagator(session, view, _stop_rules(args), skip=args.skip)
+    slice_range = parse_slice_range(args.range)
     quiet = True if args.json else None  # tqdm: None = show only on a terminal
     with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
-        result = propagator.run({"mask": (index, mask2d)}, direction, _slice_range(args.range),
-                                on_slice=lambda step: bar.update(), boxes={"mask": box} if box is not None else None)
-    seed = paste_slice_mask(session.volume.array.shape, propagator.axes, index, mask2d)
-    volume = result.apply(seed.astype(np.uint8), {"mask": 1}) > 0
-    return volume, {"slices": result.slice_count, "stopped": result.stopped["mask"],
-                    "slices_per_s": round(result.slice_count / max(result.seconds, 1e-9), 2)}
+        return propagate_seed(session, view, index, mask2d, direction, _stop_rules(args), slice_range, args.skip,
+                              box, on_slice=lambda step: bar.update())
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
@@ -179,8 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--json", action="store_true")
 
+    cvpr25 = commands.add_parser("cvpr25", help="CVPR 2025 interactive 3D challenge format: predict every *.npz "
+                                 "of INPUT_DIR (boxes, clicks) into OUTPUT_DIR (segs)")
+    cvpr25.add_argument("input_dir", help="folder of challenge .npz files (imgs, spacing, boxes, clicks, ...)")
+    cvpr25.add_argument("output_dir", help="folder for the predictions: <same name>.npz with segs (D, H, W) uint8")
+    _add_model_options(cvpr25)
+    cvpr25.add_argument("--json", action="store_true", help="print one JSON object on one line")
+
+    from .batch.command import add_arguments as add_batch_arguments
+
+    batch = commands.add_parser("batch", help="segment a cohort: one object per manifest row, as tasks on a Dask "
+                                "cluster (local by default), resumable; writes DIR/report.csv")
+    add_batch_arguments(batch)
+    _add_model_options(batch)
+    _add_propagation_options(batch, with_direction=True)
+
     commands.add_parser("serve", add_help=False,
                         help="run the backend process: stdin/stdout, or --tcp HOST:PORT with a token (--help)")
+    commands.add_parser("web", add_help=False,
+                        help="the same tool in a web browser (pip install segmentwithsam[web]; --help)")
 
     models = commands.add_parser("models", help="the models this knows, and which are installed")
     models.add_argument("--download", metavar="NAME", help="download NAME's checkpoint (SHA-256 checked, resumable)")
@@ -201,6 +199,7 @@ def _progress(total: int, enabled: bool):
 def cmd_segment(args: argparse.Namespace) -> dict:
     from .io import check_writable, read_volume, write_labelmap
     from .models import load_model
+    from .segment3d import segment_prompts
     from .session import Session
 
     if not args.point and args.box is None:
@@ -219,10 +218,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         bar.update()
         bar.set_description("segmenting")
         session = Session(volume, model, window=args.window)
-        points = np.array(args.point + args.negative).reshape(-1, 3)
-        labels = np.array([1] * len(args.point) + [0] * len(args.negative))
-        box = None if args.box is None else args.box.reshape(2, 3)
-        result = session.segment(args.view, points, labels, box)
+        result = segment_prompts(session, args.view, args.point, args.negative, args.box)
         timings.update(result.timings_ms)
         bar.update()
         extra = {}
@@ -240,14 +236,13 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         bar.update()
     return {"voxels": int(mask.sum()), "slice": result.index, "view": result.view.value, "score": result.score,
             "model": model.name, "device": str(model.device), "engine": model.engine, "out": str(Path(args.out)),
-            "ms": {k: round(v, 1) for k, v in timings.items()}, **extra}
+            "ms": {k: round(v, 1) for k, v in timings.items()}, "notices": result.notices, **extra}
 
 
 def cmd_propagate(args: argparse.Namespace) -> dict:
-    from .errors import PromptError
-    from .geometry import slices_with
     from .io import check_writable, read_labelmap_on, read_volume, write_labelmap
     from .models import load_model
+    from .segment3d import seed_slice
     from .session import Session
 
     check_writable(args.out, labelmap=True)
@@ -257,16 +252,10 @@ def cmd_propagate(args: argparse.Namespace) -> dict:
     session = Session(volume, load_model(args.model, args.device, args.engine, args.checkpoint), window=args.window)
     axes = session.axes(args.view)
     selected = seed.array != 0 if args.label is None else seed.array == args.label
-    slices = slices_with(axes, selected)
-    if not len(slices):
-        raise PromptError(f"The seed mask {args.mask} is empty" + (f" for label {args.label}." if args.label else "."))
-    if len(slices) > 1:
-        raise PromptError(f"The seed mask lies on {args.view} slices {slices.min()} to {slices.max()}; it must be on "
-                          "one slice of that view.")
-    oriented = axes.oriented(selected)
-    mask, report = _propagate(session, axes.view.value, int(slices[0]), oriented[slices[0]], args.direction, args)
+    index, mask2d = seed_slice(axes, selected, args.mask, args.label)
+    mask, report = _propagate(session, axes.view.value, index, mask2d, args.direction, args)
     write_labelmap(mask, volume, args.out)
-    report.update({"seed_slice": int(slices[0]), "voxels": int(mask.sum()), "view": axes.view.value,
+    report.update({"seed_slice": index, "voxels": int(mask.sum()), "view": axes.view.value,
                    "model": session.model.name, "device": str(session.model.device), "engine": session.model.engine,
                    "out": str(Path(args.out)),
                    "ms": round((time.perf_counter() - start) * 1e3, 1)})
@@ -318,20 +307,37 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+def _web(argv: list[str]) -> int:
+    """``segmentwithsam web``: the web app, imported only now (the core never imports trame)."""
+    try:
+        from SegmentWithSAMWeb.app import main as web
+    except ImportError as exc:
+        print(f"segmentwithsam: error: the web app needs its extra ({exc.name or exc} is missing): "
+              "pip install segmentwithsam[web]", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return web(argv)
+    except SegmentWithSAMError as exc:
+        print(f"segmentwithsam: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         from .backend.server import main as serve
 
         serve(argv[1:])
+    if argv[:1] == ["web"]:
+        return _web(argv[1:])
     parser = build_parser()
     args = parser.parse_args(_join_coordinates(argv))
     try:
         if args.command == "segment":
             report = cmd_segment(args)
-            text = (f"Segmented {report['voxels']} voxels on {report['view']} slice {report['slice']} "
-                    f"(predicted quality {report['score']:.2f}) in {report['ms']['total']:.0f} ms on "
-                    f"{report['device']}; wrote {report['out']}")
+            text = "\n".join([*report["notices"], f"Segmented {report['voxels']} voxels on {report['view']} slice "
+                               f"{report['slice']} (predicted quality {report['score']:.2f}) in "
+                               f"{report['ms']['total']:.0f} ms on {report['device']}; wrote {report['out']}"])
         elif args.command == "propagate":
             report = cmd_propagate(args)
             text = (f"Propagated from {report['view']} slice {report['seed_slice']} to {report['slices']} more slices "
@@ -343,6 +349,14 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(f"{d:.2f}" for d in report["dice_per_click"])
                     + f"\nNoC@80 {report['noc80']}, NoC@85 {report['noc85']}, NoC@90 {report['noc90']} "
                     f"(budget {report['clicks']}; budget + 1 = never reached)")
+        elif args.command == "cvpr25":
+            from .cvpr25 import cmd_cvpr25
+
+            return cmd_cvpr25(args)
+        elif args.command == "batch":
+            from .batch.command import cmd_batch
+
+            return cmd_batch(args)
         elif args.command == "models":
             report = cmd_models(args)
             text = "\n".join(f"{m['name']:<16} {m['architecture']:<15} {m['input_size']:>5}  {m['status']}"

@@ -5,6 +5,7 @@ Every write is atomic: the file appears complete under its final name, or not at
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -15,12 +16,12 @@ from .errors import OutputError, VolumeError
 from .geometry import LPS_TO_RAS, Volume
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in (SEGMENTATION_SUFFIX, *_IMAGE_SUFFIXES):
+    for suffix in (SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES):
         if name.endswith(suffix):
             return suffix
     return ""
@@ -133,6 +134,17 @@ def atomic_write(path: Path, suffix: str, write) -> None:
         raise
 
 
+def clear_partial_writes(path: str | os.PathLike) -> int:
+    """Remove the temporary files that :func:`atomic_write` calls for ``path`` left behind when their process
+    was killed (SIGKILL, power loss) before it could; call it only while nothing else writes ``path``.
+    Returns how many there were."""
+    path = Path(path)
+    leftovers = list(path.parent.glob(f".{glob.escape(path.name)}.*"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return len(leftovers)
+
+
 def write_volume(volume: Volume, path: str | os.PathLike) -> None:
     """Write a volume with its geometry (NIfTI, NRRD or MHA by file name)."""
     import SimpleITK as sitk
@@ -151,21 +163,40 @@ def write_labelmap(mask: np.ndarray, reference: Volume, path: str | os.PathLike,
 
     A ``.seg.nrrd`` file holds one segment with ``name`` and ``color`` (RGB in 0..1), as Slicer saves it.
     """
-    import SimpleITK as sitk
-
-    path = Path(path)
-    suffix = _check_output(path)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != reference.array.shape:
         raise OutputError(f"Cannot write {path}: the mask shape {mask.shape} differs from the volume's "
                           f"{reference.array.shape}.")
+    write_labels(mask.astype(np.uint8), reference, path, {1: name}, {1: color})
+
+
+# segment colours (RGB in 0..1) of a multi-label .seg.nrrd, by label value, cycled
+_SEGMENT_COLORS = ((0.9, 0.3, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.8, 0.2), (0.7, 0.4, 0.9),
+                   (0.2, 0.8, 0.8), (0.9, 0.5, 0.7), (0.6, 0.6, 0.6))
+
+
+def write_labels(labels: np.ndarray, reference: Volume, path: str | os.PathLike, names: dict[int, str],
+                 colors: dict[int, tuple[float, float, float]] | None = None) -> None:
+    """Write an integer KJI labelmap on ``reference``'s grid: a labelmap image by file name, or a Slicer
+    segmentation (.seg.nrrd) with one segment per value of ``names`` (label value → segment name), coloured by
+    ``colors`` (value → RGB in 0..1; default a palette)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    suffix = _check_output(path)
+    labels = np.asarray(labels)
+    if labels.shape != reference.array.shape or not np.issubdtype(labels.dtype, np.integer):
+        raise OutputError(f"Cannot write {path}: the labelmap (shape {labels.shape}, {labels.dtype}) must be "
+                          f"integer with the volume's shape {reference.array.shape}.")
     if suffix == SEGMENTATION_SUFFIX:
         import slicerio
 
         segmentation = slicerio.create_segmentation(reference.shape_ijk, LPS_TO_RAS @ reference.ijk_to_ras)
-        slicerio.add_segment(segmentation, mask.transpose(2, 1, 0),
-                             {"id": name, "name": name, "color": list(color)})
+        for value, name in names.items():
+            color = (colors or {}).get(value, _SEGMENT_COLORS[(value - 1) % len(_SEGMENT_COLORS)])
+            slicerio.add_segment(segmentation, (labels == value).transpose(2, 1, 0),
+                                 {"id": name, "name": name, "color": list(color)})
         atomic_write(path, suffix, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
     else:
-        image = _to_itk(mask.astype(np.uint8), reference.ijk_to_ras)
+        image = _to_itk(labels, reference.ijk_to_ras)
         atomic_write(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))

@@ -81,6 +81,27 @@ def stamp_click_order(positive_node, negative_node) -> None:
                 following += 1
 
 
+def new_clicks(positive_node, negative_node, sent: set) -> list[tuple[np.ndarray, bool]]:
+    """The placed points not in ``sent`` (control point IDs), as (RAS (3,), positive) in click order; their IDs
+    are added to ``sent``. Both front ends send points placed on a segment with a mask as clicks in 3D this way,
+    each once."""
+    stamp_click_order(positive_node, negative_node)
+    placed = sorted((click_number(node, i), node.GetNthControlPointID(i), position, node is positive_node)
+                    for node in (positive_node, negative_node) if node is not None
+                    for i, position in defined_points(node))
+    fresh = [(position, positive) for _, point_id, position, positive in placed if point_id not in sent]
+    sent.update(point_id for _, point_id, _, _ in placed)
+    return fresh
+
+
+def segment_has_mask(segmentation_node, segment_id: str, volume_node) -> bool:
+    """Whether the segment exists and has voxels (then points placed on it correct it in 3D)."""
+    if segmentation_node is None or not segment_id or volume_node is None \
+            or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        return False
+    return bool(segment_array(segmentation_node, segment_id, volume_node).any())
+
+
 def ordered_clicks(positive_node, negative_node) -> tuple[np.ndarray, np.ndarray]:
     """All placed points (N, 3) RAS and labels (N,) (1 positive, 0 negative) in click order."""
     stamp_click_order(positive_node, negative_node)

@@ -1,0 +1,346 @@
+"""The web app: trame-slicer's ``SlicerApp`` and remote views, the page, and the loop that keeps the page in step
+with the workflow; :func:`main` is ``segmentwithsam web``.
+
+One process serves one scene: every page connected to it sees and edits the same volume and segmentation. The
+trame server's asyncio loop runs everything that touches MRML; reading and writing files runs on worker
+threads, and the model runs in the backend process (its client is polled from the loop every ``POLL_S``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trame.app import get_server
+from trame_server.utils.asynchronous import create_task
+from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+from SegmentWithSAMLib.data import colin27
+from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
+from SegmentWithSAMLib.io import SEGMENTATION_SUFFIX
+from SegmentWithSAMLib.models import DEFAULT_MODEL, registry
+
+from .page import build_page, view_marker
+from .security import DataFolder, UploadedFile, Uploads, access_key, page_url, read_checked
+from .workflow import WebWorkflow
+
+POLL_S = 0.05
+LAYOUT = "SegmentWithSAM"
+
+
+@dataclass
+class WebOptions:
+    """What ``segmentwithsam web`` was started with (see :func:`parse_args`)."""
+
+    volumes: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    key: str | None = None
+    data: str = "."
+    max_upload_mb: float = 1024.0
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    multisamples: int = 0
+
+
+def parse_args(argv: list[str]) -> WebOptions:
+    parser = argparse.ArgumentParser(prog="segmentwithsam web", description="SegmentWithSAM in a web browser.")
+    parser.add_argument("volumes", nargs="*", metavar="VOLUME", help="volumes to offer (the first is opened)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other needs an access key)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = a free one)")
+    parser.add_argument("--key", default=None, help="access key every connection must present (default "
+                        "$SEGMENTWITHSAM_WEB_KEY, else generated for a non-loopback --host)")
+    parser.add_argument("--data", default=".", help="the only folder files are opened from and saved to "
+                        "(default: the current folder)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload (default 1024 MB)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model at start (default {DEFAULT_MODEL})")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--multisamples", type=int, default=0,
+                        help="anti-aliasing samples per view (default 0: about half the render time of 8)")
+    return WebOptions(**vars(parser.parse_args(argv)))
+
+
+def configure_environment() -> None:
+    """Before VTK makes a window and trame reads its options: EGL off-screen rendering without an X display,
+    trame's own command-line parsing off (this app passes it everything), wslink's start-up line silenced."""
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    os.environ["TRAME_ARGS"] = ""
+    os.environ["WSLINK_READY_MSG"] = ""
+
+
+def slice_view_ui(server, view_id: str, view) -> None:
+    create_vertical_slice_view_gutter_ui(server, view_id, view)
+    view_marker(server, view_id, view)
+
+
+def threed_view_ui(server, view_id: str, view) -> None:
+    create_vertical_view_gutter_ui(server, view_id, view)
+    view_marker(server, view_id, view)
+
+
+def action(method):
+    """A page handler: user errors become the page's message, and the page shows the outcome at once."""
+
+    @functools.wraps(method)
+    async def run(self, *args):
+        try:
+            result = method(self, *args)
+            return await result if inspect.isawaitable(result) else result
+        except SegmentWithSAMError as error:
+            self.workflow.message = str(error)
+            return None
+        finally:
+            self.push()
+
+    return run
+
+
+class WebApp:
+    """The app for ``options``; ``client_factory(model, device)`` makes the backend client (tests choose)."""
+
+    def __init__(self, options: WebOptions, server=None, client_factory=None) -> None:
+        configure_environment()
+        self.options = options
+        self.data = DataFolder(options.data)
+        self.uploads = Uploads(int(options.max_upload_mb * 2**20))
+        self.key, self.key_generated = access_key(options.host, options.key)
+        self.server = server or get_server("segmentwithsam", client_type="vue3")
+        self.state = self.server.state
+        self.slicer_app = SlicerApp()
+        register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=slice_view_ui,
+                               three_d_view_ui_f=threed_view_ui)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        column = LayoutDirection.Vertical
+        self.layout_manager.register_layout(LAYOUT, Layout(LayoutDirection.Horizontal, [
+            Layout(column, [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view()]),
+            Layout(column, [ViewLayoutDefinition.threed_view(), ViewLayoutDefinition.sagittal_view()])]))
+        self.layout_manager.set_layout(LAYOUT)
+        self.workflow = WebWorkflow(self.slicer_app, client_factory, multisamples=options.multisamples)
+        self.workflow.settings.model, self.workflow.settings.device = options.model, options.device
+        self.given = {Path(v).name: Path(v) for v in options.volumes}  # offered besides the data folder
+        models = [options.model, *(name for name in registry() if name != options.model)]
+        build_page(self, self.layout_manager, models, self.uploads.max_bytes)
+        self.state.update({"sam": self.workflow.snapshot(), "upload_refused": "", "data_files": self.choices(),
+                           "model_download": "", "trame__title": "SegmentWithSAM"})
+        self.server.cli.set_defaults(authKey=self.key or "wslink-secret")
+        self.state.change("place_kind")(self._on_place_kind)
+        self.state.change("display_window")(self._on_display_window)
+        self.state.change("model")(self._on_model)
+        self.state.change("device", "model_window", "direction", "skip", "auto_accept")(self._on_setting)
+        self.server.controller.on_server_ready.add(self._on_ready)
+        self._shown: dict = {}
+
+    # ---- start-up and the loop -----------------------------------------------------------------------------
+    def start(self, **kwargs) -> None:
+        """Listen on the options' host and port (``kwargs`` go to trame's ``server.start``)."""
+        self.server.start(port=self.options.port, host=self.options.host, open_browser=False,
+                          show_connection_info=False, timeout=0, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return page_url(self.options.host, self.server.port, self.key)
+
+    def _on_ready(self, **_) -> None:
+        print(f"SegmentWithSAM is running at {self.url}", flush=True)
+        if self.key_generated:
+            print(f"Access key (shown once; every connection needs it): {self.key}", flush=True)
+        print(f"Files are opened from and saved to {self.data.root}", flush=True)
+        create_task(self._poll_loop())
+        if self.given:
+            create_task(self.open_choice(next(iter(self.given))))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            self.workflow.poll()
+            with self.state:
+                self.push()
+            await asyncio.sleep(POLL_S)
+
+    def push(self) -> None:
+        """Copy the workflow's snapshot into the page's state when it changed."""
+        workflow = self.workflow
+        if workflow.placing and not workflow.place_mode.active:
+            workflow.placing = None  # a box is placed: Slicer left place mode by itself
+        snapshot = workflow.snapshot()
+        if snapshot != self._shown:
+            self._shown = snapshot
+            self.state.sam = snapshot
+            self.state.place_kind = snapshot["placing"]
+
+    def choices(self) -> list[str]:
+        return [*self.given, *self.data.volumes()]
+
+    # ---- state bindings ------------------------------------------------------------------------------------
+    def _on_place_kind(self, place_kind=None, **_) -> None:
+        if place_kind != self.workflow.placing:
+            self._guarded(lambda: self.workflow.place(place_kind))
+
+    def _on_display_window(self, display_window="volume", **_) -> None:
+        if self.workflow.volume_node is not None:
+            self._guarded(lambda: self.workflow.set_display_window(display_window))
+
+    def _on_setting(self, **_) -> None:
+        settings = self.workflow.settings
+        settings.device, settings.window = self.state.device, self.state.model_window
+        settings.direction, settings.skip = self.state.direction, int(self.state.skip)
+        settings.auto_accept = bool(self.state.auto_accept)
+
+    def _on_model(self, model=DEFAULT_MODEL, **_) -> None:
+        self.workflow.settings.model = model
+        self.state.model_download = ""
+        try:
+            entry = self.workflow.controller.missing_model(model)
+        except SegmentWithSAMError as error:
+            self.workflow.message = str(error)
+            return
+        if entry is not None:
+            self.state.model_download = entry.name
+            self.workflow.message = (f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence "
+                                     f"{entry.licence}): 'Download the model' gets it (SHA-256 checked).")
+
+    def _guarded(self, change) -> None:
+        try:
+            change()
+        except SegmentWithSAMError as error:
+            self.workflow.message = str(error)
+
+    # ---- opening -------------------------------------------------------------------------------------------
+    @action
+    async def open_sample(self) -> None:
+        data = colin27()
+        volume = await asyncio.to_thread(read_checked, data.image, "Colin27")
+        self.workflow.load_volume(volume, "Colin27")
+        self.state.save_name = "Colin27-segment.seg.nrrd"
+
+    @action
+    async def open_data_file(self) -> None:
+        await self.open_choice(self.state.data_choice)
+
+    async def open_choice(self, name: str) -> None:
+        """Open ``name``: a volume given on the command line or in the data folder (a .seg.nrrd there opens as
+        the segmentation of the loaded volume)."""
+        path = self.given.get(name) or self.data.resolve(name)
+        if path.name.lower().endswith(SEGMENTATION_SUFFIX):
+            self.workflow.load_segmentation(path)
+            return
+        volume = await asyncio.to_thread(read_checked, path, name)
+        stem = name.rstrip("/").split("/")[-1].split(".")[0] or "volume"
+        self.workflow.load_volume(volume, stem)
+        self.state.save_name = f"{stem}-segment.seg.nrrd"
+
+    @action
+    async def upload(self, files: list[dict]) -> None:
+        """Files sent by the page: size-checked (from what the browser says, then the bytes), read and checked
+        by the core in a private folder, and only then loaded; a bad upload changes nothing."""
+        self.uploads.check_sizes([int(f.get("size") or 0) for f in files])
+        uploaded = [UploadedFile(str(f.get("name", "")), _content(f)) for f in files]
+        name, volume = await asyncio.to_thread(self.uploads.read, uploaded)
+        self.workflow.load_volume(volume, name)
+        self.state.save_name = f"{name}-segment.seg.nrrd"
+
+    # ---- prompts, accept, undo, propagation ----------------------------------------------------------------
+    @action
+    def accept(self) -> None:
+        self.workflow.accept()
+
+    @action
+    def clear_prompts(self) -> None:
+        self.workflow.clear_prompts()
+
+    @action
+    def undo(self) -> None:
+        self.workflow.undo()
+
+    @action
+    def redo(self) -> None:
+        self.workflow.redo()
+
+    @action
+    def propagate(self) -> None:
+        self.workflow.propagate()
+
+    @action
+    def cancel(self) -> None:
+        self.workflow.cancel()
+
+    @action
+    def whole_range(self) -> None:
+        self.workflow.all_slices = True
+
+    @action
+    def download_model(self) -> None:
+        entry = self.workflow.controller.missing_model(self.workflow.settings.model)
+        if entry is not None:
+            self.workflow.controller.start_download(entry)
+        self.state.model_download = ""
+
+    # ---- segments ------------------------------------------------------------------------------------------
+    @action
+    def select_segment(self, segment_id: str) -> None:
+        self.workflow.editor.set_active_segment_id(segment_id)
+
+    @action
+    def add_segment(self) -> None:
+        self.workflow.add_segment()
+
+    @action
+    def rename_segment(self, segment_id: str, name: str) -> None:
+        self.workflow.set_segment(segment_id, name=name)
+
+    @action
+    def recolor_segment(self, segment_id: str, color_hex: str) -> None:
+        self.workflow.set_segment(segment_id, color_hex=color_hex)
+
+    @action
+    def toggle_segment(self, segment_id: str) -> None:
+        editor = self.workflow.editor
+        editor.set_segment_visibility(segment_id, not editor.get_segment_visibility(segment_id))
+
+    @action
+    def delete_segment(self, segment_id: str) -> None:
+        self.workflow.editor.remove_segment(segment_id)
+
+    # ---- saving --------------------------------------------------------------------------------------------
+    @action
+    async def save(self) -> None:
+        """Save the active segment into the data folder under the page's file name."""
+        path = self.data.output(self.state.save_name or "")
+        voxels = await asyncio.to_thread(self.workflow.export().write, path)
+        self.workflow.message = f"Saved {voxels} voxels to {path.name} in the data folder."
+        self.state.data_files = self.choices()
+
+    @action
+    async def download(self, suffix: str):
+        """The active segment as a file for the browser to save (over the authenticated websocket)."""
+        _name, content = await asyncio.to_thread(self.workflow.export().to_bytes, suffix)
+        return self.server.protocol.addAttachment(content)
+
+
+def _content(file: dict) -> bytes:
+    content = file.get("content")
+    if isinstance(content, list):
+        content = b"".join(content)
+    if not isinstance(content, bytes | bytearray):
+        raise PromptError(f"The upload of {file.get('name', 'a file')} arrived without its content; try again.")
+    return bytes(content)
+
+
+def main(argv: list[str]) -> int:
+    """``segmentwithsam web``: start the app and serve until interrupted."""
+    options = parse_args(argv)
+    app = WebApp(options)
+    try:
+        app.start()
+    finally:
+        app.workflow.close()
+    return 0

@@ -1,0 +1,153 @@
+"""Driving the page in a headless Chromium with Selenium (the browser tests, ``benchmarks/web.py``, scripted
+screenshots): element lookups by the page's ``swsam-…`` ids, real mouse events on the views at RAS positions,
+and waits on what the page shows. Needs selenium and Debian's chromium and chromium-driver.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+from .embedded import EmbeddedApp
+
+# headless Chromium as root, with nothing reaching out to the network
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+VIEW_TAGS = ("Red", "Green", "Yellow", "ThreeD")  # axial, coronal, sagittal, 3D
+
+
+def chromium_available() -> bool:
+    return bool(shutil.which("chromium") and shutil.which("chromedriver"))
+
+
+@contextmanager
+def chromium(downloads: Path | None = None, size: tuple[int, int] = (1500, 950)) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium with a fresh profile (removed afterwards), saving downloads to ``downloads``."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    profile = tempfile.mkdtemp(prefix="segmentwithsam-chromium-")
+    for argument in (*CHROMIUM_ARGS, f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    try:
+        if downloads is not None:
+            driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class Page:
+    """A browser on an :class:`~.embedded.EmbeddedApp`'s page; screenshots go to ``shots`` (numbered)."""
+
+    def __init__(self, driver, running: EmbeddedApp, shots: Path | None = None) -> None:
+        self.driver, self.running, self.shots, self._shot = driver, running, shots, 0
+
+    def by_id(self, element_id: str):
+        return self.driver.find_element(By.ID, element_id)
+
+    def click(self, element_id: str) -> None:
+        self.by_id(element_id).click()
+
+    def text(self, element_id: str) -> str:
+        return self.by_id(element_id).text
+
+    def wait_text(self, element_id: str, part: str, timeout: float = 30.0) -> str:
+        """Wait until the element shows ``part`` (the page follows the server within one poll, ~50 ms)."""
+        deadline = time.monotonic() + timeout
+        while part not in (text := self.text(element_id)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the page shows {text!r}, not {part!r}")
+            time.sleep(0.05)
+        return text
+
+    def wait_for_frames(self, timeout: float = 60.0) -> float:
+        """Seconds until every view has drawn a frame from the server."""
+        began = time.monotonic()
+        while time.monotonic() - began < timeout:
+            markers = self.driver.find_elements(By.CSS_SELECTOR, ".swsam-view")
+            images = [self.view_image(tag) for tag in VIEW_TAGS] if len(markers) == len(VIEW_TAGS) else []
+            if images and all((i.get_attribute("src") or "").startswith(("blob:", "data:")) for i in images):
+                return time.monotonic() - began
+            time.sleep(0.02)
+        raise AssertionError("the views never showed a frame")
+
+    def choose(self, select_id: str, item: str) -> None:
+        """Pick ``item`` in one of the page's drop-down lists, as a user does: open it, click the entry."""
+        self.by_id(select_id).find_element(By.XPATH, "./ancestor::div[contains(@class, 'v-field')][1]").click()
+        entry = f"//div[@role='option'][.//div[contains(@class, 'v-list-item-title')][.='{item}']]"
+        deadline = time.monotonic() + 10
+        while not (found := self.driver.find_elements(By.XPATH, entry)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.4)  # the list slides in
+        found[0].click()
+
+    def type_into(self, element_id: str, text: str) -> None:
+        field = self.by_id(element_id)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.BACKSPACE, text, Keys.TAB)
+
+    def view_image(self, tag: str):
+        """The <img> the server's frames of view ``tag`` (see ``VIEW_TAGS``) are drawn into."""
+        marker = self.by_id(f"swsam-view-{tag}")
+        return marker.find_element(By.XPATH, "./ancestor::div[.//img][1]//img")
+
+    def reset_camera(self, tag: str) -> None:
+        """Click view ``tag``'s own "Reset Camera" button (the first of its toolbar)."""
+        view = self.by_id(f"swsam-view-{tag}").find_element(By.XPATH, "./ancestor::div[.//img][1]")
+        view.find_elements(By.CSS_SELECTOR, ".view-gutter button")[0].click()
+
+    def click_ras(self, tag: str, *points_ras: np.ndarray, settle: float = 0.5) -> float:
+        """Real clicks at RAS points in slice view ``tag``: each point mapped to the view's pixels by its slice
+        node's XY → RAS matrix, then onto the view's image on the page; ``settle`` s after each. Returns the
+        ``time.perf_counter()`` when the last click was sent."""
+        image = self.view_image(tag)
+        actions = ActionChains(self.driver)
+        for ras in points_ras:
+            x, y, width, height = self.running.call(lambda r=ras: ras_to_xy(self.running.app, tag, r))
+            scale_x, scale_y = image.rect["width"] / width, image.rect["height"] / height
+            actions.move_to_element_with_offset(image, (x - width / 2) * scale_x, (height / 2 - y) * scale_y)
+            actions.pause(0.3).click().pause(settle)
+        actions.perform()
+        return time.perf_counter() - settle
+
+    def shot(self, step: str) -> Path | None:
+        if self.shots is None:
+            return None
+        self._shot += 1
+        path = self.shots / f"{self._shot:02d}-{step}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+
+def ras_to_xy(app, tag: str, ras) -> tuple[float, float, int, int]:
+    """Where RAS point ``ras`` is in slice view ``tag``: pixel x, y (origin bottom left), view width, height.
+    Runs on the app's loop."""
+    import slicer
+
+    view = app.slicer_app.view_manager.get_view(tag)
+    xy_to_ras = slicer.util.arrayFromVTKMatrix(view.get_view_node().GetXYToRAS())
+    x, y = (np.linalg.inv(xy_to_ras) @ np.append(ras, 1.0))[:2]
+    width, height = view.render_window().GetSize()
+    return float(x), float(y), int(width), int(height)
+
+
+def show_slice(app, tag: str, ras) -> None:
+    """Move slice view ``tag`` to the slice through ``ras`` (what dragging its slider does). Runs on the loop."""
+    import slicer
+
+    view = app.slicer_app.view_manager.get_view(tag)
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(view.get_view_node().GetSliceToRAS())
+    normal = slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
+    view.set_slice_value(view.get_slice_value() + float(np.dot(np.asarray(ras) - slice_to_ras[:3, 3], normal)))

@@ -1,0 +1,279 @@
+"""The CVPR 2025 interactive 3D protocol on Colin27 (12 AAL deep structures) and the head CT: DSC and NSD after
+the box and after each of 5 clicks, the AUCs, finals and seconds per step; beside them the oracle (a
+ground-truth box on every slice of the range) and one-box propagation.
+
+Each step runs ``segmentwithsam cvpr25`` in a fresh process on a case written as the official script writes it
+(so this scores exactly what a challenge run would); the next click is simulated from that output by
+:func:`SegmentWithSAMLib.challenge.simulate_click_3d`. ``--in-process`` drives one Interaction instead, click
+by click, to separate the process start from the engine's time. Whole volumes, axial (D = the S axis); the
+embeddings of each run go to a fresh disk cache, so the first structure on an image pays its encoding.
+
+    python benchmarks/interactive3d.py [--structures Hippocampus_L,Skull] [--steps 5] [--in-process] [--json]
+
+Writes results/interactive3d.json (results/interactive3d-in-process.json with ``--in-process``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from SegmentWithSAMLib.challenge import CLICK_STEPS, auc, box_from_truth, score, simulate_click_3d
+from SegmentWithSAMLib.cvpr25 import challenge_layout, write_case
+from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27, read_cranium_ct
+from SegmentWithSAMLib.geometry import paste_slice_mask, slice_axes
+from SegmentWithSAMLib.io import read_volume
+
+from common import print_table, write_json
+
+CT_STRUCTURES = {"Skull": "HU > 300, largest 26-connected component (bone window)",
+                 "Head": "HU > -400, largest 26-connected component, holes filled per slice (soft-tissue window)"}
+
+
+def ct_cases():
+    """(name, image, spacing, truth) for the head CT's structures defined from HU."""
+    import cc3d
+    from scipy.ndimage import binary_fill_holes
+
+    ct = read_cranium_ct()
+    hu = slice_axes(ct, "axial").oriented(ct.array)
+    for name, threshold, window in (("Skull", 300, "bone"), ("Head", -400, "400,40")):
+        labels = cc3d.connected_components((hu > threshold).astype(np.uint8), connectivity=26)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        truth = labels == np.argmax(sizes)
+        if name == "Head":
+            truth = np.stack([binary_fill_holes(s) for s in truth])
+        image, spacing = challenge_layout(ct, window)
+        yield name, image, spacing, truth
+
+
+def colin_cases(names):
+    data = colin27()
+    volume, atlas = read_volume(data.image), read_volume(data.atlas)
+    image, spacing = challenge_layout(volume)
+    labels = slice_axes(atlas, "axial").oriented(atlas.array)
+    for name in names:
+        yield name, image, spacing, labels == AAL_STRUCTURES[name]
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far: a step's cost apart from other
+    processes' load on a shared machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _corners(box) -> list[list[int]]:
+    """The two corners (i, j, k) = (x, y, z) of a challenge box's 2D box on its slice z_mid."""
+    return [[box.z_mid_x_min, box.z_mid_y_min, box.z_mid], [box.z_mid_x_max, box.z_mid_y_max, box.z_mid]]
+
+
+class Subprocess:
+    """Each step: ``segmentwithsam cvpr25`` in a fresh process, as the challenge runs its container."""
+
+    def __init__(self, folder: Path, cache_dir: Path) -> None:
+        self.inputs, self.outputs = folder / "inputs", folder / "outputs"
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "SEGMENTWITHSAM_EMBEDDING_CACHE": str(cache_dir)}
+
+    def step(self, image, spacing, box, clicks, prev):
+        write_case(self.inputs / "case.npz", image, spacing, [box], [clicks], prev_pred=prev)
+        start, cpu = time.perf_counter(), _children_cpu()
+        done = subprocess.run([sys.executable, "-m", "SegmentWithSAMLib.cli", "cvpr25", str(self.inputs),
+                               str(self.outputs), "--json"], capture_output=True, text=True, env=self.env)
+        seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
+        if done.returncode:
+            raise RuntimeError(f"segmentwithsam cvpr25 failed: {done.stderr.strip()}")
+        report = json.loads(done.stdout)
+        with np.load(self.outputs / "case.npz", allow_pickle=False) as result:
+            segs = result["segs"]
+        return segs == 1, {"seconds": seconds, "cpu_s": cpu, "load_s": report["load_model_s"],
+                           "engine_s": report["files"][0]["seconds"], "encoded": report["files"][0]["encoded"]}
+
+
+class InProcess:
+    """One Interaction for the whole run of a structure: the box, then each click as the user gives it."""
+
+    def __init__(self, model, cache) -> None:
+        self.model, self.cache = model, cache
+        self.interaction = self.volume = None
+        self.applied = 0  # clicks given to the interaction so far
+
+    def step(self, image, spacing, box, clicks, prev):
+        from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case
+        from SegmentWithSAMLib.interaction import Interaction
+        from SegmentWithSAMLib.session import Session
+
+        encoded, start, cpu = self.model.encoder_runs, time.perf_counter(), time.process_time()
+        if not clicks:
+            self.volume = Case("case.npz", image, spacing, [box], [[]]).volume()
+            self.interaction = Interaction(Session(self.volume, self.model, WINDOW, self.cache), view=VIEW)
+            self.interaction.set_box_ras("object", self.volume.to_ras(_corners(box)),
+                                         slice_range=(box.z_min, box.z_max))
+            self.applied = 0
+        for (d, h, w), positive in clicks[self.applied:]:
+            self.interaction.click_ras("object", self.volume.to_ras([w, h, d])[0], positive)
+        self.applied = len(clicks)
+        seconds = time.perf_counter() - start
+        return self.interaction.mask("object"), {"seconds": seconds, "cpu_s": time.process_time() - cpu,
+                                                 "engine_s": seconds, "encoded": self.model.encoder_runs - encoded}
+
+
+def protocol(driver, image, spacing, truth, steps: int) -> dict:
+    """The box step and ``steps`` click steps of the protocol: DSC, NSD and timing per step, AUCs, finals."""
+    box, clicks, prev = box_from_truth(truth), [], None
+    dscs, nsds, timing = [], [], []
+    for step in range(steps + 1):
+        prediction, times = driver.step(image, spacing, box, clicks, prev)
+        dsc, nsd = score(truth, prediction, spacing)
+        dscs.append(dsc)
+        nsds.append(nsd)
+        timing.append(times)
+        prev = prediction.astype(np.uint8)
+        click = simulate_click_3d(truth, prediction) if step < steps else None
+        if click is not None:
+            clicks.append(click)
+    return {"box": box.as_dict(), "clicks": [[list(index), positive] for index, positive in clicks],
+            "dsc": dscs, "nsd": nsds, "dsc_auc": auc(dscs[1:]), "nsd_auc": auc(nsds[1:]),
+            "final_dsc": dscs[-1], "final_nsd": nsds[-1], "timing": timing}
+
+
+def baselines(model, cache, image, spacing, truth) -> dict:
+    """The oracle (the truth's box, grown as the challenge grows it, on every slice of the range) and one-box
+    propagation (the challenge's box on z_mid, propagated both ways within z_min..z_max, boxes chained)."""
+    from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case
+    from SegmentWithSAMLib.propagation import Propagator
+    from SegmentWithSAMLib.session import Session
+
+    box = box_from_truth(truth)
+    volume = Case("case.npz", image, spacing, [box], [[]]).volume()
+    session = Session(volume, model, WINDOW, cache)
+    axes = session.axes(VIEW)
+    oracle = np.zeros(truth.shape, bool)
+    for z in range(box.z_min, box.z_max + 1):
+        if truth[z].any():
+            corners = np.array(_corners(box_from_truth(truth[z: z + 1])))
+            corners[:, 2] = z
+            oracle[z] = session.segment(VIEW, box_ras=volume.to_ras(corners)).mask2d
+    seed = session.segment(VIEW, box_ras=volume.to_ras(_corners(box)))
+    result = Propagator(session, VIEW).run({"object": (seed.index, seed.mask2d)}, "both", (box.z_min, box.z_max),
+                                           boxes={"object": seed.box})
+    seeded = paste_slice_mask(truth.shape, axes, seed.index, seed.mask2d).astype(np.uint8)
+    propagated = result.apply(seeded, {"object": 1}) > 0
+    return {"oracle": dict(zip(("dsc", "nsd"), score(truth, oracle, spacing), strict=True)),
+            "propagation": dict(zip(("dsc", "nsd"), score(truth, propagated, spacing), strict=True))}
+
+
+def _mean(results: dict) -> dict:
+    """The mean over structures of every figure in the table."""
+    rows = list(results.values())
+    average = lambda values: np.mean(values, axis=0).tolist()  # noqa: E731
+    mean = {"slices": "", **{key: average([r[key] for r in rows]) for key in
+                             ("dsc", "nsd", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")},
+            "timing": [{key: average([r["timing"][s][key] for r in rows]) for key in ("seconds", "cpu_s")}
+                       for s in range(len(rows[0]["timing"]))]}
+    for key in ("oracle", "propagation"):
+        if all(key in r for r in rows):
+            mean[key] = {"dsc": average([r[key]["dsc"] for r in rows]), "nsd": average([r[key]["nsd"] for r in rows])}
+    return mean
+
+
+def _row(name: str, r: dict) -> list:
+    clicks = [t["seconds"] for t in r["timing"][1:]]
+    cpu = [t["cpu_s"] for t in r["timing"][1:]]
+    return [name, r["slices"], *r["dsc"], r["dsc_auc"], r["final_nsd"], r["nsd_auc"],
+            round(r["timing"][0]["seconds"], 1), round(float(np.mean(clicks)), 1) if clicks else "",
+            round(float(np.mean(cpu)), 1) if cpu else "", r.get("oracle", {}).get("dsc", ""),
+            r.get("propagation", {}).get("dsc", "")]
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, each with its measured value and whether it is met."""
+    rows = list(results.values())
+    step0 = np.mean([r["dsc"][0] for r in rows])
+    final = np.mean([r["final_dsc"] for r in rows])
+    worst_click = min(min(np.diff(r["dsc"]), default=0.0) for r in rows)
+    oracle = np.mean([r["oracle"]["dsc"] for r in rows if "oracle" in r]) if all("oracle" in r for r in rows) else None
+    small = [t["seconds"] for r in rows if r["slices"] <= 40 for t in r["timing"][1:]]
+    small_cpu = [t["cpu_s"] for r in rows if r["slices"] <= 40 for t in r["timing"][1:]]
+    return {
+        "final_minus_step0": {"value": float(final - step0), "target": 0.08, "moonshot": 0.15,
+                              "met": bool(final - step0 >= 0.08)},
+        "no_structure_lower_after_clicks": {"value": [n for n, r in results.items() if r["final_dsc"] < r["dsc"][0]],
+                                            "met": all(r["final_dsc"] >= r["dsc"][0] for r in rows)},
+        "worst_single_click_change": {"value": float(worst_click), "target": -0.01, "met": bool(worst_click >= -0.01)},
+        "step0_over_oracle": {"value": None if oracle is None else float(step0 / oracle), "target": 0.85,
+                              "met": None if oracle is None else bool(step0 >= 0.85 * oracle)},
+        "click_step_seconds_max_40_slices": {"value": float(max(small)) if small else None, "target": 10.0,
+                                             "met": bool(small) and max(small) < 10.0},
+        "click_step_cpu_seconds_max_40_slices": {"value": float(max(small_cpu)) if small_cpu else None,
+                                                 "met": None, "note": "the step's CPU time, apart from other load"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--structures", default="all",
+                        help=f"comma-separated, from {', '.join([*AAL_STRUCTURES, *CT_STRUCTURES])} (default all)")
+    parser.add_argument("--steps", type=int, default=CLICK_STEPS, help="click steps after the box (default 5)")
+    parser.add_argument("--in-process", action="store_true", help="drive one Interaction, no process per step")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the oracle and one-box propagation")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    args = parser.parse_args()
+    names = [*AAL_STRUCTURES, *CT_STRUCTURES] if args.structures == "all" else args.structures.split(",")
+    unknown = set(names) - set(AAL_STRUCTURES) - set(CT_STRUCTURES)
+    if unknown:
+        parser.error(f"unknown structures: {', '.join(sorted(unknown))}")
+
+    from SegmentWithSAMLib.cache import EmbeddingCache
+    from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
+    from SegmentWithSAMLib.models import load_model
+
+    model = load_model()
+    work = Path(tempfile.mkdtemp(prefix="interactive3d-"))
+    cache = EmbeddingCache(disk=DiskEmbeddingCache.for_model(model, work / "embeddings"))
+    driver = InProcess(model, cache) if args.in_process else Subprocess(work, work / "embeddings")
+    cases = [*colin_cases([n for n in names if n in AAL_STRUCTURES]),
+             *(c for c in (ct_cases() if set(names) & set(CT_STRUCTURES) else []) if c[0] in names)]
+    results = {}
+    for name, image, spacing, truth in cases:
+        result = protocol(driver, image, spacing, truth, args.steps)
+        result["slices"] = int(result["box"]["z_max"] - result["box"]["z_min"] + 1)
+        if not args.no_baselines:
+            result.update(baselines(model, cache, image, spacing, truth))
+        results[name] = result
+        print(f"{name}: DSC " + " ".join(f"{d:.3f}" for d in result["dsc"])
+              + "; s/step " + " ".join(f"{t['seconds']:.1f}" for t in result["timing"]), flush=True)
+
+    rows = [_row(name, r) for name, r in results.items()]
+    rows.append(_row("mean", _mean(results)))
+    headers = ["structure", "slices", *(f"DSC{s}" for s in range(args.steps + 1)), "DSC_AUC", "NSD final",
+               "NSD_AUC", "s step0", "s/click", "CPU s/click", "oracle DSC", "1-box prop DSC"]
+    mode = "in process (one Interaction)" if args.in_process else "segmentwithsam cvpr25, a fresh process per step"
+    print(f"\nCVPR 2025 interactive 3D protocol, {mode}; model {model.name} ({model.engine}, {model.device}); "
+          "whole volumes, axial\n")
+    print_table(headers, rows)
+    print("\nNSD per step: " + "; ".join(f"{n} " + " ".join(f"{v:.3f}" for v in r["nsd"]) for n, r in results.items()))
+    goals = targets(results)
+    verdict = {True: "met", False: "not met", None: "for information"}
+    print("\nTargets: " + "; ".join(
+        f"{key} = {round(goal['value'], 3) if isinstance(goal['value'], float) else goal['value']} "
+        f"({verdict[goal['met']]})" for key, goal in goals.items()))
+    payload = {"mode": mode, "model": model.name, "engine": model.engine, "device": str(model.device),
+               "steps": args.steps, "ct_structures": CT_STRUCTURES, "structures": results, "targets": goals}
+    write_json("interactive3d-in-process" if args.in_process else "interactive3d", payload, one_line=args.json)
+
+
+if __name__ == "__main__":
+    main()
