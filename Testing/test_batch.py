@@ -137,7 +137,7 @@ def _assert_outputs_match(cohort, out: Path) -> None:
 
 
 def _rows(folder: Path) -> list[dict]:
-    with open(folder / "report.csv") as stream:
+    with open(folder / "report.csv", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
 
 
@@ -163,7 +163,7 @@ def test_cohort_on_a_local_cluster_then_a_second_run_does_nothing(cohort, capsys
     assert float(hippo["volume_ml"]) == pytest.approx(int(hippo["voxels"]) / 1000)  # 1 mm voxels
     assert hippo["slices"] == "2" and "range end" in hippo["stopped"] and 0 < float(hippo["dice"]) < 1
     assert rows["Amygdala_L"]["label"] == "2" and rows["Amygdala_L"]["dice"] == ""
-    summary = json.loads((folder / "out" / "report.json").read_text())["summary"]
+    summary = json.loads((folder / "out" / "report.json").read_text(encoding="utf-8"))["summary"]
     assert summary["workers"] == 2 and summary["model_loads"] >= 1 and summary["encoder_runs"] > 0
 
     before = _state(folder / "out")
@@ -180,7 +180,7 @@ def _living(group: int) -> list[int]:
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            state, _, pgrp = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()[:3]
         except (OSError, ValueError):
             continue
         if int(pgrp) == group and state != "Z":

@@ -13,7 +13,7 @@ from SegmentWithSAMSlicerLib import dependencies
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SegmentWithSAM"
-SOURCE = (MODULE / "SegmentWithSAM.py").read_text()
+SOURCE = (MODULE / "SegmentWithSAM.py").read_text(encoding="utf-8")
 TREE = ast.parse(SOURCE)
 UI = ET.parse(MODULE / "Resources" / "UI" / "SegmentWithSAM.ui").getroot()
 
@@ -43,7 +43,7 @@ def test_module_imports_no_model_code_at_import_time():
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui|txt|json|nii\.gz))\s*$", text, re.M))
     listed = {name.replace("${MODULE_NAME}", "SegmentWithSAM") for name in listed}
     present = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "Lib" in p.parts[len(MODULE.parts)]}
@@ -56,7 +56,7 @@ def test_extension_metadata_passes_the_extensions_index_checks():
     against schema v1.0.1 (required and allowed keys, their types), the category, the SCM URL's scheme, the
     top-level CMake project named as the entry, icon and screenshot URLs, the licence file at the root. (Its
     repository-name check needs a repository named Slicer…; the README says what the submission needs.)"""
-    catalog = json.loads((ROOT / "SegmentWithSAM.json").read_text())
+    catalog = json.loads((ROOT / "SegmentWithSAM.json").read_text(encoding="utf-8"))
     types = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
              "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
     assert {"$schema", "category", "scm_url"} <= set(catalog) <= set(types), sorted(catalog)
@@ -66,19 +66,19 @@ def test_extension_metadata_passes_the_extensions_index_checks():
                                          "slicer-extension-catalog-entry-schema-v1.0.1.json")
     assert catalog["category"] == "Segmentation" and catalog["build_dependencies"] == ["PyTorch"]
     assert catalog["scm_url"].split("://")[0] in ("git", "https")
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.findall(r"project\s*\(\s*([^\s)]+)", cmake, re.I)[0] == "SegmentWithSAM"  # = the entry's file name
     assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in cmake  # as Slicer 5.10's template
     for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         urls = re.findall(rf'set\s*\({key}\s*"([^"]+)"\s*\)', cmake)[0].split()
         assert urls and all(url.startswith("https://") for url in urls), key
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake and 'set(EXTENSION_CATEGORY "Segmentation")' in cmake
-    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")[:200]
     assert (ROOT / "Resources" / "Icons" / "SegmentWithSAM.png").is_file()
 
 
 def test_requirements_file_installs_what_the_dependency_check_looks_for():
-    text = dependencies.requirements_file().read_text()
+    text = dependencies.requirements_file().read_text(encoding="utf-8")
     lines = [line.split(">")[0].split("=")[0].strip() for line in text.splitlines()
              if line.strip() and not line.startswith("#")]
     assert sorted(lines) == sorted(dependencies.OTHERS.values())

@@ -114,7 +114,7 @@ def test_the_command_says_how_to_get_the_web_extra_when_it_is_missing():
 
 def test_the_core_never_imports_trame_and_imports_the_web_app_only_when_asked():
     for path in (ROOT / "SegmentWithSAM" / "SegmentWithSAMLib").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             for top in (name.split(".")[0] for name in names):

@@ -494,7 +494,7 @@ def _json_window(window):
 
 def _log_tail(path: Path, lines: int = 5) -> str:
     try:
-        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+        text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-lines:]
     except OSError:
         return ""
     return ("\nBackend log (" + str(path) + "):\n" + "\n".join(text)) if text else ""

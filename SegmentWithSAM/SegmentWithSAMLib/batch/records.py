@@ -80,7 +80,7 @@ def record_path(records: Path, key: str) -> Path:
 def finished(records: Path, key: str, output: str) -> dict | None:
     """The record of the row with ``key`` if it was done and its ``output`` is as then, else None."""
     try:
-        record = json.loads(record_path(records, key).read_text())
+        record = json.loads(record_path(records, key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("key") != key or not Path(output).is_file():
@@ -93,7 +93,7 @@ def write_record(records: Path, key: str, result: dict, output_sha256: str) -> N
     path = record_path(records, key)
     clear_partial_writes(path)
     payload = json.dumps({**result, "key": key, "output_sha256": output_sha256}, indent=1)
-    atomic_write(path, ".json", lambda tmp: Path(tmp).write_text(payload))
+    atomic_write(path, ".json", lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
 
 
 def write_report(out_dir: Path, rows: list[dict], summary: dict) -> tuple[Path, Path]:
@@ -106,5 +106,5 @@ def write_report(out_dir: Path, rows: list[dict], summary: dict) -> tuple[Path, 
     for path, text in zip(paths, (table.getvalue(), json.dumps({"summary": summary, "rows": rows}, indent=1)),
                           strict=True):
         clear_partial_writes(path)
-        atomic_write(path, path.suffix, lambda tmp, text=text: Path(tmp).write_text(text))
+        atomic_write(path, path.suffix, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     return paths

@@ -86,7 +86,7 @@ def check_entry(raw: dict) -> ModelEntry:
 @cache
 def registry() -> dict[str, ModelEntry]:
     """Every model of ``registry.json`` by name."""
-    data = json.loads(Path(__file__).with_name("registry.json").read_text())
+    data = json.loads(Path(__file__).with_name("registry.json").read_text(encoding="utf-8"))
     if data.get("schema") != 1 or not isinstance(data.get("models"), list):
         raise ModelError("registry.json has an unknown schema.")
     entries = [check_entry(raw) for raw in data["models"]]
