@@ -77,12 +77,10 @@ class Refinement:
     handle: object = None
     waiting: list[tuple[np.ndarray, bool]] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)
-    notices: list[str] = field(default_factory=list)
 
     def add(self, update: Update, state: ObjectState) -> None:
         self.state = state
         self.changed |= set(update.changed)
-        self.notices += update.notices
 
     def result(self) -> np.ndarray:
         """The segment (KJI bool) with the changed slices as the clicks made them."""
