@@ -88,15 +88,43 @@ def test_a_negative_click_removes_an_over_segmented_end_slice_for_good(session, 
     interaction = Interaction(session, "axial")
     interaction.set_box("thalamus", last - 2, bounding_box(oriented[last - 2]), (last - 2, last + 2))
     state = interaction.objects["thalamus"]
-    assert state.masks[last + 1].any() and not oriented[last + 1].any()  # the range goes past the structure
-    update = interaction.click("thalamus", last + 1, centre(state.masks[last + 1]), False)
-    state = interaction.objects["thalamus"]
-    assert not state.masks[last + 1].any() and state.kinds[last + 1] is Kind.KEY
-    assert last + 2 in update.changed and last + 2 not in state.masks  # the engine's slice beyond it went
-    # A later click between the box and that slice propagates up to it and stops there: nothing grows back.
+    past = [i for i in (last + 2, last + 1) if state.masks.get(i, np.zeros(1, bool)).any()]
+    assert last + 1 in past and not oriented[last + 1].any()  # the range goes past the structure
+    for index in past:  # the outermost first: each is the end slice when it is clicked
+        interaction.click("thalamus", index, centre(interaction.objects["thalamus"].masks[index]), False)
+        state = interaction.objects["thalamus"]
+        assert not state.masks[index].any() and state.kinds[index] is Kind.KEY
+        assert not any(m.any() for i, m in state.masks.items() if i > index)  # nothing beyond it either
+    # A later click between the box and those slices propagates up to them and stops there: nothing grows back.
     interaction.click("thalamus", last, centre(state.masks[last]), True)
     state = interaction.objects["thalamus"]
-    assert not state.masks[last + 1].any() and last + 2 not in state.masks
+    assert not any(state.masks[i].any() for i in past)
+
+
+def test_a_negative_click_inside_the_object_trims_it_and_never_empties_slices(session, truth):
+    """The centre of the largest 3D error can lie deep in a slice's mask that is mostly right (Colin27's putamen):
+    inside the object's extent a negative click trims around itself, it never removes the slice's mask whole."""
+    oriented, mid = truth
+    interaction = boxed(session, truth)
+    before = {i: m.copy() for i, m in interaction.objects["thalamus"].masks.items()}
+    update = interaction.click("thalamus", mid + 1, centre(before[mid + 1]), False)
+    after = interaction.objects["thalamus"].masks
+    assert after[mid + 1].any() and after[mid + 1].sum() < before[mid + 1].sum()
+    assert all(after[i].any() and not (after[i] & ~before[i]).any() for i in update.changed)  # only removed
+
+
+def test_a_positive_click_adds_to_the_engines_slices_and_takes_nothing_away(session, truth):
+    oriented, mid = truth
+    interaction = boxed(session, truth)
+    before = {i: m.copy() for i, m in interaction.objects["thalamus"].masks.items()}
+    missed = oriented[mid + 2] & ~before[mid + 2]
+    labels, _ = ndi.label(missed)
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    col, row = centre(largest)
+    update = interaction.click("thalamus", mid + 2, (col, row), True)
+    after = interaction.objects["thalamus"].masks
+    assert mid + 2 in update.changed and after[mid + 2][int(row), int(col)] and np.array_equal(after[mid], before[mid])
+    assert all(not (before[i] & ~after[i]).any() for i in update.changed if i != mid + 2)
 
 
 def test_a_positive_click_past_the_extent_extends_it(session, truth):
@@ -153,3 +181,12 @@ def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, model, c
     assert np.array_equal(result.mask2d, interaction.objects["head"].masks[index])
     with pytest.raises(PromptError, match="misses the volume"):
         session.segment("axial", box_ras=corners + [600.0, 0, 0])
+    # A positive click in the largest missed part of the head reaches as far as the object is large: more than
+    # the 4 mm cap of small structures could ever add (a disk of twice that radius).
+    before = interaction.objects["head"].masks[index].copy()
+    labels, _ = ndi.label(head[index] & ~before)
+    missed = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    interaction.click("head", index, centre(missed), True)
+    added = interaction.objects["head"].masks[index] & ~before
+    assert added.sum() > np.pi * (2 * 4.0 / min(axes.pixel_spacing)) ** 2
+    assert dice(interaction.objects["head"].masks[index], head[index]) > dice(before, head[index]) + 0.02

@@ -63,18 +63,20 @@ class Refiner:
     interaction passes one for a slice that already has a mask). ``centred_removal``: None removes a part of
     the mask holding a negative click whole wherever the click is (the 2D loop); a fraction removes it only when
     the click is at least that deep in the part relative to its deepest point (a click in the middle of a wrong
-    blob removes it, a click near the edge of a right one trims it). :meth:`add_click` returns the new mask
-    (rows, cols) bool.
+    blob removes it, a click near the edge of a right one trims it). ``max_radius_mm``: the cap on a click's
+    radius (default ``MAX_RADIUS_MM``; the 3D interaction scales it with the object's size). :meth:`add_click`
+    returns the new mask (rows, cols) bool.
     """
 
     def __init__(self, predictor: SlicePredictor, pixel_spacing: tuple[float, float] = (1.0, 1.0),
                  box: np.ndarray | None = None, logits: np.ndarray | None = None,
-                 centred_removal: float | None = None) -> None:
+                 centred_removal: float | None = None, max_radius_mm: float = MAX_RADIUS_MM) -> None:
         if not predictor.is_image_set:
             raise RuntimeError("Set the slice image on the predictor before refining.")
         self.predictor = predictor
         self.pixel_spacing = pixel_spacing
         self.centred_removal = centred_removal
+        self.max_radius_mm = float(max_radius_mm)
         self.shape = predictor.transform.image_shape
         self.clicks: list[Click] = []
         self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
@@ -101,7 +103,7 @@ class Refiner:
         if self.logits is None and positive:
             self._set_logits(predict_prompts(self.predictor, np.array([xy], float), [1],
                                              pixel_spacing=self.pixel_spacing))
-        max_radius = MAX_RADIUS_MM / float(np.mean(self.pixel_spacing))
+        max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
         radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))
         self.mask = self._apply_clicks() if self.logits is not None else self.mask
