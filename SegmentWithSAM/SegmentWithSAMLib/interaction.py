@@ -74,11 +74,7 @@ _LOGIT_FLOOR = 1e-3  # |logit| given to pixels whose sign is forced to the slice
 def _continuing(grown: np.ndarray, added: np.ndarray) -> np.ndarray:
     """The parts of ``grown`` (rows, cols) that touch ``added`` (the addition on the slice before) within
     ``_ADDED_NEAR_PX`` pixels."""
-    if not added.any() or not grown.any():
-        return np.zeros_like(grown)
-    parts, _ = ndi.label(grown)
-    touching = np.unique(parts[ndi.binary_dilation(added, iterations=_ADDED_NEAR_PX) & grown])
-    return np.isin(parts, touching[touching > 0])
+    return ndi.binary_propagation(ndi.binary_dilation(added, iterations=_ADDED_NEAR_PX) & grown, mask=grown)
 
 
 class Kind(str, Enum):
