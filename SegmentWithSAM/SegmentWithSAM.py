@@ -289,7 +289,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.logic.controller.request_preview(p.inputVolume, p.positivePoints, p.negativePoints, p.box,
                                               self.promptView(p), self.logic.controller.window(p.inputVolume, p.window),
-                                              p.model, p.device)
+                                              p.model, p.device, p.segmentation, p.segmentID)
         self.setStatus("Segmenting…")
 
     def onPromptsChanged(self, caller=None, event=None) -> None:
@@ -319,7 +319,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         controller = self.logic.controller
         for position, positive in mrml.new_clicks(p.positivePoints, p.negativePoints, self.sentClicks):
             controller.click_3d(p.inputVolume, p.segmentation, p.segmentID, position, positive,
-                                rules=self.logic.stopRules(p), window=controller.window(p.inputVolume, p.window),
+                                window=controller.window(p.inputVolume, p.window),
                                 model=p.model, device=p.device, editor_node=editor and editor.mrmlSegmentEditorNode(),
                                 save_state=editor and editor.saveStateForUndo, auto_accept=p.autoAccept3D)
 

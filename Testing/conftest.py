@@ -53,18 +53,18 @@ def engine_cache():
 
 @pytest.fixture(autouse=True)
 def torch_on_every_core():
-    """Loading a model for OpenVINO leaves PyTorch one thread (see device.configure_cpu_threads); the
-    session's PyTorch reference shares this process, so every test starts with PyTorch on every core."""
-    from SegmentWithSAMLib.device import configure_cpu_threads
+    """The command line sets PyTorch's threads for its model's engine (one beside OpenVINO), and tests call it in
+    this process, which the session's PyTorch reference shares: every test starts with PyTorch on every core."""
+    from SegmentWithSAMLib.loading import configure_process_threads
 
-    configure_cpu_threads("torch")
+    configure_process_threads()
     yield
 
 
 @pytest.fixture(scope="session")
 def model():
     """The reference: LiteMedSAM in eager PyTorch (tests of the fast engine compare against it)."""
-    from SegmentWithSAMLib.models import load_model
+    from SegmentWithSAMLib.loading import load_model
 
     return load_model("litemedsam", "cpu", engine="torch")
 

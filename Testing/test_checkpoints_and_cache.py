@@ -11,7 +11,8 @@ import torch
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.checkpoints import load_state_dict
 from SegmentWithSAMLib.errors import CheckpointError, ModelError
-from SegmentWithSAMLib.models import LiteMedSAM, load_model
+from SegmentWithSAMLib.loading import load_model
+from SegmentWithSAMLib.models import LiteMedSAM
 from SegmentWithSAMLib.models.litemedsam import bundled_checkpoint
 
 

@@ -41,7 +41,7 @@ def test_segment_writes_labelmap_on_the_input_grid(tmp_path, capsys, hippocampus
     report = json.loads(stdout)
     assert stdout.count("\n") == 1
     assert report["slice"] == index and report["model"] == "litemedsam" and report["device"] == "cpu"
-    assert report["voxels"] > 100 and {"encode", "decode", "total"} <= set(report["ms"])
+    assert report["voxels"] > 100 and {"load_model", "segment", "total"} <= set(report["ms"])
     written, source = sitk.ReadImage(str(out)), sitk.ReadImage(str(colin27().image))
     assert written.GetSize() == source.GetSize()
     np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)

@@ -3,7 +3,6 @@ cache, the click simulator and metrics, and ``segmentwithsam cvpr25`` end to end
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -26,8 +25,6 @@ from SegmentWithSAMLib.geometry import Volume, slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.preprocessing import SliceTransform, resolve_window
 
-HAS_ENGINE = importlib.util.find_spec("SegmentWithSAMLib.interaction") is not None
-needs_engine = pytest.mark.skipif(not HAS_ENGINE, reason="the 3D interaction engine (interaction.py) is not there yet")
 OBJECTS = ("Hippocampus_L", "Amygdala_L")
 
 
@@ -287,7 +284,6 @@ def test_the_metrics_are_the_challenge_s():
     assert auc([0.5, 0.6, 0.7, 0.8, 0.9]) == pytest.approx(2.8) and auc([1.0] * 5) == 4.0
 
 
-@needs_engine
 def test_the_command_predicts_a_colin27_case_and_a_second_call_encodes_nothing(tmp_path, colin_case):
     image, spacing, truths = colin_case
     inputs, outputs, flag = tmp_path / "in", tmp_path / "out", tmp_path / "pwned"
@@ -323,8 +319,8 @@ def test_the_command_predicts_a_colin27_case_and_a_second_call_encodes_nothing(t
 
 
 def test_interaction_states_round_trip_on_disk_by_prompts(tmp_path):
-    from SegmentWithSAMLib.interaction import Kind, ObjectState
     from SegmentWithSAMLib.interaction_store import InteractionStore
+    from SegmentWithSAMLib.state import Kind, ObjectState
 
     class Model:
         name, engine = "litemedsam", "openvino"

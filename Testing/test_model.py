@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.preprocessing import resolve_window
@@ -28,17 +29,25 @@ def _ras(volume, axes, index, xy):
     return volume.to_ras(axes.pixel_to_ijk(index, np.asarray(xy, dtype=float).reshape(-1, 2)))
 
 
+def _prompt(session, view, points_ras=None, labels=None, box_ras=None) -> tuple[int, np.ndarray, Segmenter]:
+    """A 2D prompt through the engine on a new object: its slice, its mask there, and the segmenter holding it."""
+    seg = Segmenter(session.volume, session.model, view, session=session)
+    update = seg.prompt("object", points_ras, labels, box_ras)
+    (index, mask), = update.changed.items()
+    return index, mask, seg
+
+
 @pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
 def test_box_on_left_hippocampus(session, colin, atlas, view):
     axes = slice_axes(colin, view)
     index, truth = middle_slice(atlas, axes, "Hippocampus_L")
-    result = session.segment(view, box_ras=_ras(colin, axes, index, tight_box(truth)))
-    assert result.index == index
-    assert dice(result.mask2d, truth) >= BOX_DICE_FLOOR[view]
-    volume_mask = result.volume_mask()
+    found, mask, seg = _prompt(session, view, box_ras=_ras(colin, axes, index, tight_box(truth)))
+    assert found == index
+    assert dice(mask, truth) >= BOX_DICE_FLOOR[view]
+    volume_mask = seg.mask("object")
     assert volume_mask.shape == colin.array.shape
-    assert volume_mask.sum() == result.mask2d.sum()
-    np.testing.assert_array_equal(axes.oriented(volume_mask)[index], result.mask2d)
+    assert volume_mask.sum() == mask.sum()
+    np.testing.assert_array_equal(axes.oriented(volume_mask)[index], mask)
 
 
 @pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
@@ -49,17 +58,17 @@ def test_one_click_on_left_hippocampus(session, colin, atlas, view):
     index, truth = middle_slice(atlas, axes, "Hippocampus_L")
     distance = ndi.distance_transform_edt(np.pad(truth, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(np.argmax(distance), truth.shape)
-    result = session.segment(view, points_ras=_ras(colin, axes, index, [col, row]), labels=[1])
-    assert dice(result.mask2d, truth) >= CLICK_DICE_FLOOR[view]
+    found, mask, _ = _prompt(session, view, points_ras=_ras(colin, axes, index, [col, row]), labels=[1])
+    assert found == index and dice(mask, truth) >= CLICK_DICE_FLOOR[view]
 
 
 def test_negative_click_removes_the_region_it_falls_in(session, colin, atlas):
     axes = slice_axes(colin, "axial")
     index, truth = middle_slice(atlas, axes, "Hippocampus_L")
     box = _ras(colin, axes, index, tight_box(truth))
-    mask = session.segment("axial", box_ras=box).mask2d
+    mask = _prompt(session, "axial", box_ras=box)[1]
     row, col = np.argwhere(mask)[0]
-    cut = session.segment("axial", points_ras=_ras(colin, axes, index, [col, row]), labels=[0], box_ras=box).mask2d
+    cut = _prompt(session, "axial", points_ras=_ras(colin, axes, index, [col, row]), labels=[0], box_ras=box)[1]
     assert not cut[row, col] and cut.sum() < mask.sum()
 
 
@@ -67,13 +76,13 @@ def test_second_prediction_on_a_slice_runs_no_encoder(session, colin, atlas):
     axes = slice_axes(colin, "coronal")
     index, truth = middle_slice(atlas, axes, "Putamen_L")
     box = _ras(colin, axes, index, tight_box(truth))
-    session.segment("coronal", box_ras=box)
+    _prompt(session, "coronal", box_ras=box)
     runs = session.model.encoder_runs
     hits = session.cache.hits
-    session.segment("coronal", box_ras=box)
+    _prompt(session, "coronal", box_ras=box)
     session.set_slice("axial", 10)  # move away, then come back: the cache must serve it
     runs_after_away = session.model.encoder_runs
-    session.segment("coronal", box_ras=box)
+    _prompt(session, "coronal", box_ras=box)
     assert runs_after_away == runs + 1
     assert session.model.encoder_runs == runs_after_away
     assert session.cache.hits > hits
@@ -87,9 +96,9 @@ def test_ct_windows_and_thick_slices(cranium, model, cache):
     assert axes.pixel_spacing == pytest.approx((1.5, 0.957), abs=1e-3)
     index = axes.num_slices // 2
     box_xy = np.array([60.0, 30.0, 200.0, 90.0])
-    result = session.segment("sagittal", box_ras=_ras(cranium, axes, index, box_xy.reshape(2, 2)))
+    found, mask, _ = _prompt(session, "sagittal", box_ras=_ras(cranium, axes, index, box_xy.reshape(2, 2)))
     transform = session.predictor.transform
-    assert transform.resized_shape == (round(108 * 1.5 * 256 / (256 * 0.957)), 256)
-    rows, cols = np.nonzero(result.mask2d)
+    assert found == index and transform.resized_shape == (round(108 * 1.5 * 256 / (256 * 0.957)), 256)
+    rows, cols = np.nonzero(mask)
     assert len(rows) > 500  # the brain inside the box
     assert cols.min() >= 55 and cols.max() <= 205 and rows.min() >= 25 and rows.max() <= 95

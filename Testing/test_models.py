@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.cli import main as cli
 from SegmentWithSAMLib.download import download
 from SegmentWithSAMLib.errors import CheckpointError, ModelError
-from SegmentWithSAMLib.models import load_model, registry
+from SegmentWithSAMLib.loading import load_model
+from SegmentWithSAMLib.models import registry
 from SegmentWithSAMLib.models.catalog import check_entry
 from SegmentWithSAMLib.session import Session
 
@@ -59,9 +61,10 @@ def test_sam_and_medsam_load_through_the_real_loader_and_predict(vit_b_checkpoin
     session = Session(colin, sam)
     axes = session.axes("coronal")
     index, box = structure_box_ras(colin, atlas, axes, "Putamen_L")
-    result = session.refine("coronal", box_ras=box)
-    assert result.index == index and result.mask2d.shape == axes.image_shape
-    assert result.volume_mask().shape == colin.array.shape
+    seg = Segmenter(colin, sam, "coronal", session=session)
+    update = seg.prompt("putamen", box_ras=box)  # a box prompt through the engine, as every front end sends it
+    assert list(update.changed) == [index] and update.changed[index].shape == axes.image_shape
+    assert seg.mask("putamen").shape == colin.array.shape
     assert session.predictor._embedding.shape == (1, 256, 64, 64)
     image = torch.rand(1, 3, 1024, 1024)
     assert not torch.allclose(sam.normalize(image), medsam.normalize(image))
@@ -82,6 +85,12 @@ def test_a_checkpoint_of_another_variant_is_refused_by_name(vit_b_checkpoint):
         load_model("sam_vit_l", "cpu", engine="torch", checkpoint=vit_b_checkpoint)
     with pytest.raises(CheckpointError, match="sam_vit_h is not installed: run `segmentwithsam models --download"):
         load_model("sam_vit_h", "cpu", engine="torch")
+
+
+def test_the_registry_input_size_is_checked_against_the_network(monkeypatch):
+    monkeypatch.setitem(registry(), "litemedsam", replace(registry()["litemedsam"], input_size=1024))
+    with pytest.raises(ModelError, match="litemedsam takes 256² images, but the registry says 1024²"):
+        load_model("litemedsam", "cpu", engine="torch")
 
 
 def test_download_resumes_after_an_interruption_and_checks_sha256(tmp_path):

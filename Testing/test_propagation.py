@@ -1,4 +1,5 @@
-"""Propagation on Colin27 + AAL with real LiteMedSAM: quality and stops, cancel, key slices, several objects."""
+"""Propagation of one object on Colin27 + AAL with real LiteMedSAM: quality and stops, cancel, key slices, skip,
+encoding ahead, and the command line."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import json
 import numpy as np
 import pytest
 
+from SegmentWithSAMLib.actions import Prompt, Propagate, UserEdit
+from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.cli import main
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
+from SegmentWithSAMLib.engine import Engine
 from SegmentWithSAMLib.errors import PromptError
 from SegmentWithSAMLib.io import read_volume, write_labelmap
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules, interpolate_masks
 from SegmentWithSAMLib.session import Session
+from SegmentWithSAMLib.state import Kind
 
 from conftest import tight_box
 
@@ -34,6 +39,14 @@ def seed_from_box(session, atlas, view, structure):
     return index, session.predictor.predict(box=tight_box(truth[index])).masks[0], truth, extent
 
 
+def propagated(propagator, *args, **kwargs) -> dict[int, np.ndarray]:
+    """The masks of ``propagator.steps(...)``, slice → mask (each slice at most once)."""
+    steps = list(propagator.steps(*args, **kwargs))
+    masks = {step.index: step.mask for step in steps}
+    assert len(masks) == len(steps) and all(mask.any() for mask in masks.values())
+    return masks
+
+
 # Measured with benchmarks/propagation.py (range = extent ± 12 slices, the seed's box given): 3D Dice 0.425 for the
 # left hippocampus in coronal slices and 0.639 for the left putamen in axial slices (naive box chaining: 0.377,
 # 0.426); reached slices 91-119 and 58-89 for true extents 85-125 and 61-87.
@@ -45,86 +58,67 @@ END_TOLERANCE = 7
 def test_propagation_from_one_box_follows_the_structure_and_stops_near_its_ends(session, atlas, structure, view):
     index, seed, truth, extent = seed_from_box(session, atlas, view, structure)
     low, high = int(extent[0]) - 12, int(extent[-1]) + 12
-    result = Propagator(session, view).run({"s": (index, seed)}, "both", (low, high),
-                                           boxes={"s": tight_box(truth[index])})
+    propagator = Propagator(session, view)
+    masks = propagated(propagator, (index, seed), "both", (low, high), box=tight_box(truth[index]))
+    assert index not in masks
     volume = np.zeros_like(truth)
-    for i, mask in {**result.masks["s"], index: seed}.items():
+    for i, mask in {**masks, index: seed}.items():
         volume[i] = mask
     assert dice(volume, truth) >= DICE3D_FLOOR[structure, view]
-    reached = sorted({*result.masks["s"], index})
+    reached = sorted({*masks, index})
     assert abs(reached[0] - extent[0]) <= END_TOLERANCE and abs(reached[-1] - extent[-1]) <= END_TOLERANCE
-    assert set(result.stopped["s"]) == {"up", "down"} and "range end" not in result.stopped["s"].values()
+    assert set(propagator.stopped) == {"up", "down"} and "range end" not in propagator.stopped.values()
 
 
-def test_cancel_after_five_slices_applies_nothing(session, atlas):
+def test_cancel_after_five_slices_changes_nothing(session, atlas):
     index, seed, _, _ = seed_from_box(session, atlas, "axial", "Putamen_L")
-    labelmap = np.zeros(session.volume.array.shape, np.uint8)
-    labelmap[10:12, 20:30, 40:50] = 3  # an existing segment
-    before = labelmap.copy()
+    seg = Segmenter(session.volume, session.model, "axial", session=session)
+    seg.step("s", UserEdit({index: seed}))
+    state = seg.states["s"]
     seen = []
-    with pytest.raises(Cancelled, match="nothing was applied"):
-        Propagator(session, "axial").run({"s": (index, seed)}, "up", on_slice=seen.append,
-                                         cancel=lambda: len(seen) >= 5)
-    assert len(seen) == 5
-    np.testing.assert_array_equal(labelmap, before)
+    with pytest.raises(Cancelled, match="nothing was changed"):
+        seg.propagate("s", index, "up", cancel=lambda: len(seen) >= 5, on_slice=lambda i, mask: seen.append(i))
+    assert seen == list(range(index + 1, index + 6))  # streamed as they were done, then cancelled
+    assert seg.states["s"] is state and set(state.masks) == {index} and np.array_equal(state.masks[index], seed)
+    assert set(np.flatnonzero(seg.axes.oriented(seg.mask("s")).any(axis=(1, 2)))) == {index}
 
 
 def test_a_corrected_slice_is_kept_and_only_slices_beyond_it_recomputed(session, atlas):
-    index, seed, truth, _ = seed_from_box(session, atlas, "axial", "Putamen_L")
-    propagator = Propagator(session, "axial")
-    first = propagator.run({"s": (index, seed)}, "both", (index - 6, index + 6)).masks["s"]
+    index, _, truth, _ = seed_from_box(session, atlas, "axial", "Putamen_L")
+    engine = Engine(session, "axial")
+    state, _ = engine.step(None, Prompt(index, tuple(float(v) for v in tight_box(truth[index]))))
+    first, _ = engine.step(state, Propagate(index, "both", (index - 6, index + 6)))
     j = index + 3
+    assert {index - 1, index + 1, index + 2, j} <= set(first.masks)  # slices on both sides of j to keep or redo
     corrected = truth[j]  # the user's edit of slice j
-    again = propagator.run({"s": (j, corrected)}, "up", (index - 6, index + 6), keys={"s": {index: seed}}).masks["s"]
-    assert j not in again and set(again) <= set(range(j + 1, index + 7))
-    merged = {**first, **again, j: corrected}
+    edited, _ = engine.step(first, UserEdit({j: corrected}))
+    again, update = engine.step(edited, Propagate(j, "up"))
+    assert update.changed and j not in update.changed and set(update.changed) <= set(range(j + 1, index + 7))
+    assert np.array_equal(again.masks[j], corrected) and again.kinds[j] is Kind.USER
     for i in range(index - 6, j):  # the other side of j is unchanged
-        if i in first:
-            np.testing.assert_array_equal(merged[i], first[i])
+        assert (i in again.masks) == (i in first.masks) and (i not in first.masks or again.masks[i] is first.masks[i])
     # Going down from j stops at the accepted seed slice and never overwrites it.
-    down = propagator.run({"s": (j, corrected)}, "down", None, keys={"s": {index: seed}})
-    assert index not in down.masks["s"] and down.stopped["s"]["down"] == f"key slice {index}"
-
-
-def test_fill_between_two_key_slices(session, atlas):
-    index, seed, truth, _ = seed_from_box(session, atlas, "axial", "Putamen_L")
-    keys = {index - 4: truth[index - 4], index + 4: truth[index + 4]}
-    filled = Propagator(session, "axial").fill_between("s", keys)
-    assert set(filled.masks["s"]) <= set(range(index - 3, index + 4)) and len(filled.masks["s"]) >= 5
-    assert all(dice(mask, truth[i]) > 0.4 for i, mask in filled.masks["s"].items())
-
-
-def test_two_objects_in_one_pass_encode_each_slice_once(colin, atlas, model):
-    session = Session(colin, model, cache=EmbeddingCache())  # fresh cache: every visit to a new slice encodes
-    visited = []
-    set_slice = session.set_slice
-    session.set_slice = lambda view, i: visited.append(i) or set_slice(view, i)
-    seeds = {}
-    for name in ("Putamen_L", "Putamen_R"):
-        index, seed, _, _ = seed_from_box(session, atlas, "axial", name)
-        seeds[name] = (index, seed)
-    visited.clear()
-    runs = model.encoder_runs
-    result = Propagator(session, "axial").run(seeds, "up", (0, max(i for i, _ in seeds.values()) + 5))
-    assert model.encoder_runs - runs == len(set(visited) - {i for i, _ in seeds.values()})
-    assert set(result.masks) == {"Putamen_L", "Putamen_R"} and all(result.masks.values())
-    for i in set(result.masks["Putamen_L"]) & set(result.masks["Putamen_R"]):
-        assert not (result.masks["Putamen_L"][i] & result.masks["Putamen_R"][i]).any()
+    down, update = engine.step(again, Propagate(j, "down"))
+    assert index not in update.changed and update.stopped["down"] == f"key slice {index}"
+    assert down.masks[index] is first.masks[index] and down.kinds[index] is Kind.KEY
 
 
 def test_bad_seeds_are_refused(session):
     propagator = Propagator(session, "axial")
     empty = np.zeros(propagator.axes.image_shape, bool)
     with pytest.raises(PromptError, match="is empty"):
-        propagator.run({"s": (50, empty)})
+        next(propagator.steps((50, empty)))
     some = empty.copy()
     some[100, 90] = True
     with pytest.raises(PromptError, match="outside the volume"):
-        propagator.run({"s": (50, some)}, slice_range=(10, 400))
+        next(propagator.steps((50, some), slice_range=(10, 400)))
     with pytest.raises(PromptError, match="has shape"):
-        propagator.run({"s": (50, some[:10])})
-    with pytest.raises(PromptError, match="box of 's' must be 4 numbers"):
-        propagator.run({"s": (50, some)}, boxes={"s": [1.0, 2.0]})
+        next(propagator.steps((50, some[:10])))
+    with pytest.raises(PromptError, match="seed slice 50 is outside the range 60:70"):
+        next(propagator.steps((50, some), slice_range=(60, 70)))
+    # A box enters through a prompt, which refuses one that is not four numbers before anything is encoded.
+    with pytest.raises(PromptError, match="A box is x0, y0, x1, y1"):
+        Engine(session, "axial").step(None, Prompt(50, (1.0, 2.0)))
 
 
 def test_propagate_command(tmp_path, capsys, session, atlas):
@@ -135,7 +129,11 @@ def test_propagate_command(tmp_path, capsys, session, atlas):
                  "--range", f"{index - 3}:{index + 3}", "--out", str(out), "--json", "--device", "cpu"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and 1 <= report["slices"] <= 6 and set(report["stopped"]) == {"up", "down"}
-    assert out.is_file()
+    assert report["seed_slice"] == index and report["slices_per_s"] > 0
+    written = session.axes("axial").oriented(read_volume(out).array > 0)
+    assert np.array_equal(written[index], seed) and written.sum() == report["voxels"]
+    present = set(np.flatnonzero(written.any(axis=(1, 2))))  # the seed and each slice it reports, in the range
+    assert index in present and len(present) == report["slices"] + 1 and present <= set(range(index - 3, index + 4))
     bad = tmp_path / "bad.nii.gz"
     volume = _seed_volume(session, index, seed)
     volume[index + 5] = volume[index]  # a second axial slice
@@ -157,7 +155,7 @@ def test_segment_then_propagate_in_one_command(tmp_path, capsys):
     code = main(["segment", str(colin27().image), "--view", "axial", "--box", "-38,-37,-7,-13,-21,-7",
                  "--propagate", "both", "--range", "62:66", "--out", str(out), "--json", "--device", "cpu"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and report["slice"] == 64 and report["slices"] == 4
+    assert code == 0 and report["slice"] == 64 and report["slices"] == 4 and report["slices_per_s"] > 0
     assert report["stopped"] == {"up": "range end", "down": "range end"}
     written = read_volume(out).array > 0
     assert set(np.flatnonzero(written.any(axis=(1, 2)))) == {62, 63, 64, 65, 66}
@@ -175,7 +173,7 @@ def test_encoding_ahead_in_batches_never_encodes_a_slice_twice(model, colin, atl
         propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules)
         propagator.batch = batch
         before = model.encoder_runs
-        results.append(propagator.run({"p": (index, truth)}, "up", (index, index + 4)).masks["p"])
+        results.append(propagated(propagator, (index, truth), "up", (index, index + 4)))
         assert model.encoder_runs - before == 5  # the seed and four slices, once each
     assert sorted(results[0]) == sorted(results[1]) == [index + 1, index + 2, index + 3, index + 4]
     assert min(dice(results[0][i], results[1][i]) for i in results[0]) >= 0.99
@@ -214,11 +212,10 @@ def test_skipping_slices_encodes_fewer_and_fills_every_slice(colin, atlas, model
     masks = {}
     for skip in (0, 2):
         before = model.encoder_runs
-        result = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", NEVER_STOP, skip=skip).run(
-            {"p": (index, truth)}, "up", (index, index + 8))
-        masks[skip] = result.masks["p"]
+        propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", NEVER_STOP, skip=skip)
+        masks[skip] = propagated(propagator, (index, truth), "up", (index, index + 8))
         assert sorted(masks[skip]) == list(range(index + 1, index + 9))
-        assert result.stopped["p"] == {"up": "range end"}
+        assert propagator.stopped == {"up": "range end"}
         # skip 2: the seed and slices +3, +6, then +7 and +8 one by one (no room to skip before the range end)
         assert model.encoder_runs - before == {0: 9, 2: 5}[skip]
     assert np.mean([dice(masks[0][i], masks[2][i]) for i in masks[0]]) >= 0.85
@@ -230,10 +227,10 @@ def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, mode
     index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
     rules = RefuseCalls({2, 5})  # the step to +6 is refused, then +4, +5 pass and +6 is refused again
     before = model.encoder_runs
-    result = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules, skip=2).run(
-        {"p": (index, truth)}, "up", (index, index + 20))
-    assert sorted(result.masks["p"]) == list(range(index + 1, index + 6))
-    assert result.stopped["p"] == {"up": "refused"}
+    propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules, skip=2)
+    masks = propagated(propagator, (index, truth), "up", (index, index + 20))
+    assert sorted(masks) == list(range(index + 1, index + 6))
+    assert propagator.stopped == {"up": "refused"}
     assert model.encoder_runs - before == 5  # the seed, +3, +6, +4, +5: nothing encoded twice
 
 

@@ -164,3 +164,113 @@ def test_fuzz_random_bytes_never_crash_or_hang(noise, json_noise):
 def test_header_lengths_are_little_endian_fixed_width():
     assert PREFIX.size == 16 and struct.unpack("<I", FRAME[4:8])[0] == len(FRAME) - 16 - sum(
         a.nbytes for a in ARRAYS.values())
+
+
+# ---- what a step carries: actions and object states (SegmentWithSAMLib.actions, .state) ----------------------
+def _over_the_wire(header: dict, arrays: dict) -> Message:
+    return decode(encode_bytes({"op": "step", "id": 1, "body": header}, arrays))
+
+
+def test_actions_cross_the_wire_unchanged():
+    from SegmentWithSAMLib.actions import Box3D, Click, Prompt, Propagate, UserEdit, from_message, to_message
+    from SegmentWithSAMLib.propagation import StopRules
+
+    for action in (Prompt(2, (1.0, 2.0, 3.5, 4.0), ((1.0, 2.0, True), (3.0, 1.0, False)), (0, 5)),
+                   Prompt(1, None, ((1.5, 1.0, True),)), Box3D(3, (0.0, 0.0, 9.0, 7.0), (1, 5)),
+                   Click(4, (1.0, 2.0), False), Propagate(3), Propagate(3, "up", (1, 6), StopRules(min_similarity=None),
+                                                                       1)):
+        message = _over_the_wire(*to_message(action))
+        assert from_message(message.header["body"], message.arrays) == action
+    edit = UserEdit({3: np.eye(4, dtype=bool), 5: np.zeros((4, 4), bool)})
+    header, arrays = to_message(edit)
+    message = _over_the_wire(header, arrays)
+    back = from_message(message.header["body"], message.arrays)
+    assert sorted(back.masks) == [3, 5] and all(np.array_equal(back.masks[i], edit.masks[i]) for i in edit.masks)
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ({"type": "nope"}, "An action needs a type"),
+    ("click", "An action needs a type"),
+    ({"type": "click", "index": 1}, "The click action is malformed"),
+    ({"type": "prompt", "index": 1, "box": [1, 2]}, "A box is x0, y0, x1, y1"),
+    ({"type": "box3d", "index": 1, "box": [0, 0, 1, 1]}, "A 3D box needs its box and its slice_range"),
+    ({"type": "propagate", "index": 1, "skip": 1.5}, "skip must be a whole number"),
+    ({"type": "propagate", "index": 1, "slice_range": [1]}, "slice_range must be two numbers"),
+    ({"type": "propagate", "index": 1, "direction": "sideways"}, "The propagate action is malformed"),
+    ({"type": "user_edit", "slices": [2]}, "The user_edit action is malformed"),
+])
+def test_malformed_actions_are_refused_with_a_reason(header, message):
+    from SegmentWithSAMLib.actions import from_message
+    from SegmentWithSAMLib.errors import PromptError
+
+    with pytest.raises(PromptError, match=message):
+        from_message(header, {})
+
+
+def _state():
+    from SegmentWithSAMLib.state import Kind, ObjectState
+
+    rng = np.random.default_rng(0)
+    masks = {i: rng.random((4, 5)) > 0.5 for i in range(2, 7)}
+    kinds = {i: Kind.KEY if i == 4 else Kind.ENGINE for i in masks}
+    return ObjectState((1, 8), masks, kinds, clicks={4: [(1.0, 2.0, True)]}, base={4: masks[4] & False},
+                       offset=np.array([-1.0, -2.0, 1.5, 2.0]), box=(4, np.array([0.0, 1.0, 3.0, 3.5])))
+
+
+def _assert_same(got, expected) -> None:
+    assert got.slice_range == expected.slice_range and got.kinds == expected.kinds and got.clicks == expected.clicks
+    assert sorted(got.masks) == sorted(expected.masks)
+    assert all(np.array_equal(got.masks[i], m) for i, m in expected.masks.items())
+    assert sorted(got.base) == sorted(expected.base)
+    assert all((got.base[i] is None and b is None) or np.array_equal(got.base[i], b) for i, b in expected.base.items())
+    assert np.array_equal(got.offset, expected.offset) and got.box[0] == expected.box[0]
+    assert np.array_equal(got.box[1], expected.box[1]) and got.rules == expected.rules
+
+
+def test_a_state_crosses_the_wire_whole_and_as_a_delta_of_the_slices_that_changed():
+    from SegmentWithSAMLib.propagation import StopRules
+    from SegmentWithSAMLib.state import Kind, ObjectState
+
+    old = _state()
+    message = _over_the_wire(*old.to_message())
+    _assert_same(ObjectState.from_message(message.header["body"], message.arrays, (4, 5)), old)
+    # A step: slice 5 gets a click (a key slice now, its old mask the base), slice 6 goes, slice 7 comes.
+    new = old.copy()
+    new.masks[5], new.kinds[5] = ~old.masks[5], Kind.KEY
+    new.clicks[5], new.base[5] = [(3.0, 1.0, False)], old.masks[5]
+    del new.masks[6], new.kinds[6]
+    new.masks[7], new.kinds[7] = old.masks[2] | old.masks[3], Kind.ENGINE
+    new.slice_range, new.rules = (0, 8), StopRules(min_similarity=None)
+    changed = new.changed_since(old)
+    assert changed == {5, 6, 7}
+    header, arrays = new.to_message(changed)
+    assert sorted(arrays) == ["base/5", "mask/5", "mask/7"] and header["slices"]["6"] is None
+    message = _over_the_wire(header, arrays)
+    applied = old.apply_message(message.header["body"], message.arrays, (4, 5))
+    _assert_same(applied, new)
+    assert all(applied.masks[i] is old.masks[i] for i in (2, 3, 4))  # the slices not sent are the receiver's own
+    assert old.masks.keys() == {2, 3, 4, 5, 6} and 5 not in old.clicks  # and the old state is untouched
+    # A slice the receiver has already (a propagation streamed it) comes as "kept", without its array.
+    header["slices"]["7"]["kept"] = True
+    del arrays["mask/7"]
+    streamed = {7: new.masks[7].copy()}
+    kept = old.apply_message(header, arrays, (4, 5), keep=streamed)
+    assert kept.masks[7] is streamed[7]
+
+
+@pytest.mark.parametrize("damage", ["no mask", "wrong shape", "no range", "bad kind"])
+def test_malformed_states_are_refused_with_a_reason(damage):
+    from SegmentWithSAMLib.errors import PromptError
+    from SegmentWithSAMLib.state import ObjectState
+
+    header, arrays = _state().to_message()
+    if damage == "no mask":
+        del arrays["mask/3"]
+    elif damage == "wrong shape":
+        arrays["mask/3"] = np.zeros((3, 3), bool)
+    elif damage == "no range":
+        del header["range"]
+    else:
+        header["slices"]["3"]["kind"] = "alien"
+    with pytest.raises(PromptError, match="The object state"):
+        ObjectState.from_message(header, arrays, (4, 5))

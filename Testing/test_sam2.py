@@ -1,7 +1,7 @@
 """SAM 2.1 and MedSAM2: checkpoints the test builds (random weights; real ones are not available offline) loaded
 through the real loader, single-slice prediction that matches the sam2 package's own image predictor, and
-propagation with SAM 2's video predictor fed from memory on a small Colin27 crop: both directions, several
-objects in one pass, streaming, cancel, range and key slices."""
+propagation with SAM 2's video predictor fed from memory on a small Colin27 crop: both directions, streaming,
+and through the engine cancel (which changes nothing), range and key slices."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from SegmentWithSAMLib.actions import UserEdit
+from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.errors import CheckpointError, ModelError, PromptError
 from SegmentWithSAMLib.geometry import Volume
-from SegmentWithSAMLib.models import load_model
+from SegmentWithSAMLib.loading import load_model
 from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules
 from SegmentWithSAMLib.session import Session
+from SegmentWithSAMLib.state import Kind
 
 from conftest import structure_box_ras
 
@@ -103,55 +106,67 @@ def test_a_box_on_a_colin27_slice_gives_a_mask_on_that_slice(medsam2, colin, atl
     session = Session(colin, medsam2)
     axes = session.axes("sagittal")
     index, box = structure_box_ras(colin, atlas, axes, "Putamen_L")
-    result = session.refine("sagittal", box_ras=box)
-    assert result.index == index and result.mask2d.shape == axes.image_shape
+    seg = Segmenter(colin, medsam2, "sagittal", session=session)
+    update = seg.prompt("putamen", box_ras=box)
+    assert list(update.changed) == [index] and update.changed[index].shape == axes.image_shape
     assert session.predictor._embedding.shape == (1, 1024, 32, 32)
-    volume_mask = result.volume_mask()
+    volume_mask = seg.mask("putamen")
     assert volume_mask.shape == colin.array.shape and not axes.oriented(volume_mask)[index + 1].any()
 
 
-def test_video_propagation_both_ways_with_two_objects_streams_and_encodes_each_slice_once(medsam2, crop):
-    image, labels = crop
-    session = Session(image, medsam2)
-    axes = session.axes("axial")
-    middle = axes.num_slices // 2
-    seeds = {"putamen": (middle, axes.oriented(labels == 73)[middle]),
-             "pallidum": (middle, axes.oriented(labels == 75)[middle])}
-    assert all(seed.any() for _, seed in seeds.values())
-    streamed = []
-    before = medsam2.encoder_runs
-    result = Propagator(session, "axial", NEVER_STOP).run(seeds, "both", on_slice=streamed.append)
-    # each direction is one pass over its slices (the seed slice opens both): one encoder run per slice
-    assert medsam2.encoder_runs - before == axes.num_slices + 1
-    indices = [step.index for step in streamed]
-    assert indices == sorted(indices, key=lambda i: (i < middle, abs(i - middle))) and middle not in indices
-    assert result.stopped == {name: {"up": "range end", "down": "range end"} for name in seeds}
-    for step in streamed:
-        masks = list(step.masks.values())
-        assert all(m.shape == axes.image_shape and m.dtype == bool for m in masks)
-        if len(masks) == 2:
-            assert not (masks[0] & masks[1]).any()  # no overlaps unless asked
-    assert set(result.masks) == set(seeds)
-
-
-def test_video_propagation_cancels_within_a_slice_and_keeps_range_and_key_slices(medsam2, crop):
+def test_video_propagation_both_ways_streams_and_encodes_each_slice_once(medsam2, crop):
     image, labels = crop
     session = Session(image, medsam2)
     axes = session.axes("axial")
     middle = axes.num_slices // 2
     seed = axes.oriented(labels == 73)[middle]
+    assert seed.any()
     propagator = Propagator(session, "axial", NEVER_STOP)
+    before = medsam2.encoder_runs
+    streamed = []
+    for step in propagator.steps((middle, seed), "both"):
+        streamed.append(step)
+        if len(streamed) == 1:  # streamed: the first slice comes before the rest are tracked
+            assert medsam2.encoder_runs - before <= 2
+    # each direction is one pass over its slices (the seed slice opens both): one encoder run per slice
+    assert medsam2.encoder_runs - before == axes.num_slices + 1
+    indices = [step.index for step in streamed]
+    assert indices == sorted(indices, key=lambda i: (i < middle, abs(i - middle))) and middle not in indices
+    assert set(indices) == set(range(axes.num_slices)) - {middle}
+    assert propagator.stopped == {"up": "range end", "down": "range end"}
+    assert all(step.mask.shape == axes.image_shape and step.mask.dtype == bool for step in streamed)
+    assert all(0.0 <= step.score <= 1.0 for step in streamed)  # SAM 2's object-presence probability
+
+
+def test_video_propagation_cancels_within_a_slice_and_keeps_range_and_key_slices(medsam2, crop):
+    """Through the engine, as every front end propagates: a cancelled step changes nothing; a key slice ends its
+    direction and is never overwritten, nor is anything written outside the range."""
+    image, labels = crop
+    session = Session(image, medsam2)
+    axes = session.axes("axial")
+    middle = axes.num_slices // 2
+    seed = axes.oriented(labels == 73)[middle]
+    seg = Segmenter(image, medsam2, "axial", rules=NEVER_STOP, session=session)
+    seg.step("p", UserEdit({middle: seed}))
+    state = seg.states["p"]
     seen, before = [], medsam2.encoder_runs
     with pytest.raises(Cancelled):
-        propagator.run({"p": (middle, seed)}, "up", on_slice=seen.append, cancel=lambda: len(seen) >= 3)
-    assert len(seen) == 3 and medsam2.encoder_runs - before <= 1 + 3 + 1
+        seg.propagate("p", middle, "up", on_slice=lambda index, mask: seen.append(index),
+                      cancel=lambda: len(seen) >= 3)
+    assert seen == [middle + 1, middle + 2, middle + 3] and medsam2.encoder_runs - before <= 1 + 3 + 1
+    assert seg.states["p"] is state and list(state.masks) == [middle]
 
-    key = {middle + 3: seed}
-    result = propagator.run({"p": (middle, seed)}, "both", (middle - 2, middle + 5), keys={"p": key})
-    assert set(result.masks["p"]) <= {middle - 2, middle - 1, middle + 1, middle + 2}
-    assert result.stopped["p"] == {"up": f"key slice {middle + 3}", "down": "range end"}
+    seg.step("p", UserEdit({middle + 3: seed}))
+    update = seg.propagate("p", middle, "both", (middle - 2, middle + 5))
+    assert set(update.changed) == {middle - 2, middle - 1, middle + 1, middle + 2}
+    assert update.stopped == {"up": f"key slice {middle + 3}", "down": "range end"}
+    kept = seg.states["p"]
+    assert all(np.array_equal(kept.masks[i], seed) and kept.kinds[i] is Kind.USER for i in (middle, middle + 3))
+    assert set(kept.masks) == {middle - 2, middle - 1, middle, middle + 1, middle + 2, middle + 3}
     with pytest.raises(PromptError, match="skip works with models without a memory"):
         Propagator(session, "axial", NEVER_STOP, skip=2)
+    with pytest.raises(PromptError, match="skip works with models without a memory"):
+        seg.propagate("p", middle, "up", skip=2)
 
 
 def test_propagate_command_picks_sam2_by_name(medsam2, crop, checkpoints, tmp_path, capsys):
@@ -197,4 +212,5 @@ def test_every_other_architecture_loads_through_the_real_loader_and_predicts(nam
     session = Session(colin, model)
     axes = session.axes("axial")
     index, box = structure_box_ras(colin, atlas, axes, "Putamen_L")
-    assert session.refine("axial", box_ras=box).mask2d.shape == axes.image_shape
+    update = Segmenter(colin, model, "axial", session=session).prompt("putamen", box_ras=box)
+    assert list(update.changed) == [index] and update.changed[index].shape == axes.image_shape

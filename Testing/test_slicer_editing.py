@@ -13,6 +13,7 @@ slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pi
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module here is not Slicer's core", allow_module_level=True)
 
+from SegmentWithSAMLib.actions import Prompt  # noqa: E402
 from SegmentWithSAMSlicerLib import dependencies, mrml  # noqa: E402
 from SegmentWithSAMSlicerLib.editing import SegmentEditing  # noqa: E402
 from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher  # noqa: E402
@@ -109,8 +110,8 @@ def test_a_moving_preview_point_and_the_click_order_request_no_preview(scene, co
 
     client = controller.engine()
     sent = []
-    real_predict = client.predict
-    monkeypatch.setattr(client, "predict", lambda *args, **kwargs: sent.append(args) or real_predict(*args, **kwargs))
+    real_step = client.step  # a preview is one engine step in the backend
+    monkeypatch.setattr(client, "step", lambda *args, **kwargs: sent.append(args) or real_step(*args, **kwargs))
     watcher = PromptWatcher(lambda: controller.request_preview(colin_node, positive, negative, roi, "axial"))
     watcher.watch([positive, negative, roi])
     try:
@@ -123,6 +124,9 @@ def test_a_moving_preview_point_and_the_click_order_request_no_preview(scene, co
         negative.AddControlPoint(*(centre + [6.0, 0, 0]))  # a negative click
         positive.SetNthControlPointPositionWorld(preview, *(centre + [1.0, 0, 0]))  # the positive point dragged
         assert len(sent) == 3
+        actions = [args[4] for args in sent]  # (volume, view, key, state, action, window, target)
+        assert all(isinstance(a, Prompt) and a.box is None for a in actions)
+        assert [[positive for _, _, positive in a.clicks] for a in actions] == [[True], [True, False], [True, False]]
         with watcher.paused():  # Clear: all prompts at once, no preview of what is left in between
             positive.RemoveAllControlPoints()
             negative.RemoveAllControlPoints()

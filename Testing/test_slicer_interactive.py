@@ -1,6 +1,8 @@
-"""The 3D flow of the module against real MRML (``slicer-core``) and the real backend: an ROI spanning slices
-gives the propagation range, a click after propagation corrects the segment in 3D as a preview, Accept writes it
-as one undoable step and one undo restores the segment bit for bit."""
+"""The 3D flow of the module against real MRML (``slicer-core``) and the real backend: an ROI spanning slices,
+previewed for the segment, gives the range of the segment's state for propagation and clicks; a click after
+propagation corrects the segment in 3D as a preview, Accept writes it as one undoable step and one undo
+restores the segment bit for bit; a click on a segment nobody edited sends only the action to the backend, and
+after a hand edit the whole state, with the edited slice the user's."""
 
 from __future__ import annotations
 
@@ -13,24 +15,53 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 from test_slicer_logic import HIPPOCAMPUS, hippocampus_roi, new_segmentation  # noqa: E402
 
+from SegmentWithSAMLib.engine import RANGE_RULES  # noqa: E402
 from SegmentWithSAMLib.errors import PromptError  # noqa: E402
 from SegmentWithSAMLib.geometry import View, slice_axes  # noqa: E402
 from SegmentWithSAMLib.metrics import dice  # noqa: E402
+from SegmentWithSAMLib.state import Kind  # noqa: E402
 from SegmentWithSAMSlicerLib import mrml  # noqa: E402
 from SegmentWithSAMSlicerLib.logic import PREVIEW_NODE_NAME  # noqa: E402
+
+# What a click sends when the backend holds the segment's state: the action and the state's version (a JSON
+# header of a few hundred bytes), against a few KB per mask when the state goes whole.
+ACTION_ONLY_BYTES = 4096
+
+
+def accepted_3d_box(scene, controller, colin_node, atlas):
+    """The hippocampus ROI made 5 slices thick, previewed for a new segment and accepted: the segment's state
+    keeps the ROI's range. Returns the segmentation, the segment ID and the ROI's middle slice."""
+    volume = controller.volume(colin_node)
+    roi, index, _ = hippocampus_roi(scene, atlas, volume)
+    size = list(roi.GetSize())
+    roi.SetSize(size[0], size[1], 4.0)  # 1 mm slices: the ROI spans index-2 … index+2
+    assert mrml.roi_slice_range(roi, volume, View.AXIAL) == (index - 2, index + 2)
+    segmentation = new_segmentation(scene, colin_node)
+    segment_id = controller.ensure_segment(segmentation, None, colin_node)
+    controller.request_preview(colin_node, None, None, roi, "axial", segmentation_node=segmentation,
+                               segment_id=segment_id)
+    controller.wait()
+    assert controller.preview_result is not None, controller.status
+    assert controller.accept(segmentation, segment_id) == segment_id
+    return segmentation, segment_id, index
+
+
+def state_bytes(state) -> int:
+    """The bytes of a state's arrays as they go to the backend when it is sent whole (its 5 masks here)."""
+    return sum(np.asarray(array).nbytes for array in state.to_message()[1].values())
+
+
+def remembered(controller, segmentation, segment_id):
+    return controller._remembered[(segmentation.GetID(), segment_id, View.AXIAL)]
 
 
 def test_roi_range_then_a_click_in_3d_is_one_undoable_step(scene, controller, colin_node, atlas):
     volume = controller.volume(colin_node)
     axes = slice_axes(volume, "axial")
-    roi, index, _ = hippocampus_roi(scene, atlas, volume)
-    size = list(roi.GetSize())
-    roi.SetSize(size[0], size[1], 4.0)  # 1 mm slices: the ROI spans index-2 … index+2
-    assert mrml.roi_slice_range(roi, volume, View.AXIAL) == (index - 2, index + 2)
-    controller.request_preview(colin_node, None, None, roi, "axial")
-    controller.wait()
-    segmentation = new_segmentation(scene, colin_node)
-    segment_id = controller.accept(segmentation, None)
+    segmentation, segment_id, index = accepted_3d_box(scene, controller, colin_node, atlas)
+    assert controller.last_accepted_range == (index - 2, index + 2)
+    state = remembered(controller, segmentation, segment_id)  # the 3D box: its range, only empty masks stop
+    assert state.slice_range == (index - 2, index + 2) and state.rules == RANGE_RULES and state.box[0] == index
     controller.propagate(colin_node, segmentation, segment_id)  # no range given: the ROI's
     controller.wait()
     assert controller.status.startswith("Propagated"), controller.status
@@ -42,12 +73,21 @@ def test_roi_range_then_a_click_in_3d_is_one_undoable_step(scene, controller, co
     missed = truth[index + 1] & ~axes.oriented(propagated)[index + 1]
     rows, cols = np.nonzero(missed)
     point = volume.to_ras(axes.pixel_to_ijk(index + 1, [[cols[len(cols) // 2], rows[len(rows) // 2]]]))[0]
-    with pytest.raises(PromptError, match="outside Colin27"):
+    with pytest.raises(PromptError, match=r"outside the volume.*\(Colin27\)"):  # refused at once
         controller.click_3d(colin_node, segmentation, segment_id, [400.0, 0, 0], True)
-    far = volume.to_ras(axes.pixel_to_ijk(index + 20, [[90, 100]]))[0]
-    with pytest.raises(PromptError, match="nothing to remove"):
-        controller.click_3d(colin_node, segmentation, segment_id, far, False)
     assert controller.refinement is None
+    # A negative click past the range (the state's, from the 3D box): the engine refuses it, as the step's
+    # outcome; the segment and the preview stay as they were.
+    far = volume.to_ras(axes.pixel_to_ijk(index + 20, [[90, 100]]))[0]
+    handle = controller.click_3d(colin_node, segmentation, segment_id, far, False)
+    assert handle is not None
+    controller.wait()
+    assert handle.state == "failed", handle.state
+    assert controller.status.startswith("The 3D click failed:") and "nothing to remove" in controller.status, \
+        controller.status
+    assert controller.refinement is None
+    assert scene.GetFirstNodeByName(PREVIEW_NODE_NAME) is None
+    assert np.array_equal(mrml.segment_array(segmentation, segment_id, colin_node), propagated)
 
     controller.click_3d(colin_node, segmentation, segment_id, point, True)
     controller.wait()
@@ -62,3 +102,59 @@ def test_roi_range_then_a_click_in_3d_is_one_undoable_step(scene, controller, co
         dice(axes.oriented(propagated)[index + 1], truth[index + 1])
     controller.undo()
     assert np.array_equal(mrml.segment_array(segmentation, segment_id, colin_node), propagated)
+
+
+def test_a_click_sends_only_the_action_until_the_segment_is_edited_by_hand(scene, controller, colin_node, atlas):
+    volume = controller.volume(colin_node)
+    axes = slice_axes(volume, "axial")
+    segmentation, segment_id, index = accepted_3d_box(scene, controller, colin_node, atlas)
+    controller.propagate(colin_node, segmentation, segment_id)
+    controller.wait()
+    assert controller.status.startswith("Propagated"), controller.status
+    propagated = mrml.segment_array(segmentation, segment_id, colin_node)
+    after_propagation = remembered(controller, segmentation, segment_id)
+    assert {i for i, kind in after_propagation.kinds.items() if kind is Kind.ENGINE} == \
+        {index - 2, index - 1, index + 1, index + 2}
+
+    # The segment is as the propagation left it: its state is the remembered one itself, which the backend
+    # holds under a version, so the click goes out as the action alone.
+    truth = axes.oriented(atlas.array == HIPPOCAMPUS)
+    missed = truth[index + 1] & ~axes.oriented(propagated)[index + 1]
+    rows, cols = np.nonzero(missed)
+    point = volume.to_ras(axes.pixel_to_ijk(index + 1, [[cols[len(cols) // 2], rows[len(rows) // 2]]]))[0]
+    handle = controller.click_3d(colin_node, segmentation, segment_id, point, True)
+    assert controller.refinement.state is after_propagation
+    controller.wait()
+    assert handle.state == "done", controller.status
+    assert 0 < handle.sent <= ACTION_ONLY_BYTES < state_bytes(after_propagation), handle.sent
+    controller.accept(segmentation, segment_id)
+    clicked = mrml.segment_array(segmentation, segment_id, colin_node)
+    assert not np.array_equal(clicked, propagated)
+
+    # The user edits slice index+2 (an engine slice) with another tool: half of its mask erased.
+    edited = clicked.copy()
+    mask = axes.oriented(edited)[index + 2]
+    assert mask.any()
+    mask &= np.arange(mask.shape[1]) < np.flatnonzero(mask.any(axis=0)).mean()
+    user_slice = mask.copy()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), segmentation, segment_id, colin_node)
+    assert np.array_equal(mrml.segment_array(segmentation, segment_id, colin_node), edited)
+
+    # The next click (next to it, where the segment misses the hippocampus) is a step on a state rebuilt from the
+    # segment, which goes whole; the edited slice is the user's and stays as the user left it.
+    missed = truth[index + 1] & ~axes.oriented(edited)[index + 1]
+    rows, cols = np.nonzero(missed)
+    point = volume.to_ras(axes.pixel_to_ijk(index + 1, [[cols[len(cols) // 2], rows[len(rows) // 2]]]))[0]
+    handle = controller.click_3d(colin_node, segmentation, segment_id, point, True)
+    rebuilt = controller.refinement.state
+    assert rebuilt is not remembered(controller, segmentation, segment_id)
+    assert rebuilt.kinds[index + 2] is Kind.USER and np.array_equal(rebuilt.masks[index + 2], user_slice)
+    controller.wait()
+    assert handle.state == "done", controller.status
+    assert handle.sent >= state_bytes(rebuilt) > ACTION_ONLY_BYTES, handle.sent  # the state's masks went along
+    after = controller.refinement.state
+    assert after.kinds[index + 2] is Kind.USER and np.array_equal(after.masks[index + 2], user_slice)
+    controller.accept(segmentation, segment_id)
+    final = axes.oriented(mrml.segment_array(segmentation, segment_id, colin_node))
+    assert np.array_equal(final[index + 2], user_slice)
+    assert remembered(controller, segmentation, segment_id).kinds[index + 2] is Kind.USER

@@ -11,6 +11,7 @@ from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.errors import PromptError
 from SegmentWithSAMLib.geometry import View, slice_axes
 from SegmentWithSAMLib.metrics import dice
+from SegmentWithSAMLib.state import Kind
 
 from conftest import reoriented_volume
 
@@ -53,6 +54,7 @@ def test_roi_box_preview_and_accept_land_on_the_hippocampus(scene, controller, c
     controller.request_preview(colin_node, None, None, roi, "axial")
     controller.wait()
     assert controller.preview_result is not None, controller.status
+    assert list(controller.preview_result.changed) == [index]  # the preview's Update: the prompted slice only
     assert scene.GetFirstNodeByName(PREVIEW_NODE_NAME) is not None
     segmentation = new_segmentation(scene, colin_node)
     segment_id = controller.accept(segmentation, None)
@@ -61,10 +63,24 @@ def test_roi_box_preview_and_accept_land_on_the_hippocampus(scene, controller, c
     axes = slice_axes(volume, "axial")
     assert set(np.flatnonzero(axes.oriented(mask).any(axis=(1, 2)))) == {index}
     assert dice(axes.oriented(mask)[index], truth) >= DICE_FLOOR
-    # The box is kept for propagation from this slice: the ROI's box in slice pixels, around the hippocampus.
-    box = controller.last_accepted_box
+    assert controller.last_accepted == (segmentation.GetID(), segment_id, View.AXIAL, index)
+    assert controller.last_accepted_range is None  # a 2D box: no range across slices
+
+    # A preview made for the segment is a step on its state: on Accept the state keeps the box for propagation
+    # from this slice and for clicks: the ROI's box in slice pixels, around the hippocampus.
+    controller.request_preview(colin_node, None, None, roi, "axial", segmentation_node=segmentation,
+                               segment_id=segment_id)
+    controller.wait()
+    assert list(controller.preview_result.changed) == [index], controller.status
+    assert controller.accept(segmentation, segment_id) == segment_id
+    state = controller._remembered[(segmentation.GetID(), segment_id, View.AXIAL)]
+    assert state.box is not None and state.box[0] == index
+    box = state.box[1]
     rows, cols = np.nonzero(truth)
-    assert box is not None and abs(box[0] - cols.min()) <= 3 and abs(box[3] - rows.max()) <= 3
+    assert abs(box[0] - cols.min()) <= 3 and abs(box[3] - rows.max()) <= 3
+    assert state.kinds == {index: Kind.KEY} and state.slice_range == (0, axes.num_slices - 1)
+    assert np.array_equal(state.masks[index], axes.oriented(mrml.segment_array(segmentation, segment_id,
+                                                                               colin_node))[index])
 
 
 @pytest.mark.parametrize(("perm", "flips"), [((0, 1, 2), (False, True, True)), ((1, 0, 2), (True, False, True))],
@@ -230,6 +246,7 @@ def test_in_app_self_test_workflow_passes_on_slicer_core(scene, controller):
 
     measured = run_workflow(scene, controller, log=lambda message: None)
     assert measured["dice"] >= DICE_FLOOR and measured["propagated_voxels"] > measured["seed_voxels"]
+    assert measured["click_changed_slices"] >= 1
 
 
 def test_a_model_download_runs_in_the_background_after_consent(controller, tmp_path, monkeypatch):

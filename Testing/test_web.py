@@ -117,13 +117,15 @@ def test_a_box_on_the_hippocampus_previews_at_least_as_well_as_the_cli(running, 
     page.click("swsam-box")
     running.until(lambda: app.workflow.placing == "box", what="box mode")
     page.click_ras("Red", corners[0], corners[1])
-    result = running.until(lambda: app.workflow.controller.preview_result, 180, "the preview")
+    result = running.until(lambda: app.workflow.controller.preview_result, 180, "the preview")  # its Update
+    view = running.call(lambda: app.workflow.controller.preview.view)
     page.wait_text("swsam-message", "Preview:")
     page.shot("box-preview")
-    assert result.view.value == "axial" and result.index == index
-    web_dice = dice(result.mask2d, truth[index])
+    (preview_index, mask2d), = result.changed.items()
+    assert view.value == "axial" and preview_index == index
+    web_dice = dice(mask2d, truth[index])
     box = running.call(lambda: mrml.roi_box(app.workflow.prompts["box"], app.workflow.controller.volume(
-        app.workflow.volume_node), result.view))
+        app.workflow.volume_node), view))
     width, level = running.call(lambda: mrml.display_window(app.workflow.volume_node))
     out = tmp_path / "cli.nii.gz"
     assert cli(["segment", str(colin27().image), "--view", "axial", "--box", ",".join(f"{v:.4f}" for v in box.ravel()),

@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 from SegmentWithSAMLib.data import AAL_STRUCTURES
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import clicks_to_reach
-from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.refinement import Refiner, run_clicks
 from SegmentWithSAMLib.session import Session
 
@@ -48,7 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     structures = {n: AAL_STRUCTURES[n] for n in args.structures.split(",")}
     volume, atlas = load_colin27()
-    session = Session(volume, load_model("litemedsam"))
+    model = load_model("litemedsam")
+    configure_process_threads(model)  # this script is the process's entry point
+    session = Session(volume, model)
     records, start = [], time.perf_counter()
     for view in VIEWS:
         axes = session.axes(view)

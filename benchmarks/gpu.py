@@ -23,8 +23,8 @@ import torch
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.device import encoder_dtype
 from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.predictor import normalize_slice
 from SegmentWithSAMLib.preprocessing import SliceTransform
 from SegmentWithSAMLib.session import Session
@@ -82,7 +82,9 @@ def main() -> None:
     gpu = Session(volume, load_model("litemedsam", args.device, engine="torch"), cache=EmbeddingCache())
     device, sync = gpu.model.device, synchronizer(gpu.model.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    reference = box_masks(Session(volume, load_model("litemedsam", "cpu", engine="torch")), cases)
+    cpu = load_model("litemedsam", "cpu", engine="torch")
+    configure_process_threads(cpu)  # this script is the process's entry point: PyTorch on every core for the CPU's
+    reference = box_masks(Session(volume, cpu), cases)
     gpu_masks = box_masks(gpu, cases)
     agreement = float(np.mean([dice(a, b) for a, b in zip(reference, gpu_masks, strict=True)]))
 

@@ -4,7 +4,7 @@ ground-truth box on every slice of the range) and one-box propagation.
 
 Each step runs ``segmentwithsam cvpr25`` in a fresh process on a case written as the official script writes it
 (so this scores exactly what a challenge run would); the next click is simulated from that output by
-:func:`SegmentWithSAMLib.challenge.simulate_click_3d`. ``--in-process`` drives one Interaction instead, click
+:func:`SegmentWithSAMLib.challenge.simulate_click_3d`. ``--in-process`` drives one Segmenter instead, click
 by click, to separate the process start from the engine's time. Whole volumes, axial (D = the S axis); the
 embeddings of each run go to a fresh disk cache, so the first structure on an image pays its encoding.
 
@@ -29,7 +29,7 @@ import numpy as np
 from SegmentWithSAMLib.challenge import CLICK_STEPS, auc, box_from_truth, score, simulate_click_3d
 from SegmentWithSAMLib.cvpr25 import challenge_layout, write_case
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27, read_cranium_ct
-from SegmentWithSAMLib.geometry import paste_slice_mask, slice_axes
+from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.io import read_volume
 
 from common import print_table, write_json
@@ -103,31 +103,29 @@ class Subprocess:
 
 
 class InProcess:
-    """One Interaction for the whole run of a structure: the box, then each click as the user gives it."""
+    """One Segmenter for the whole run of a structure: the box, then each click as the user gives it."""
 
     def __init__(self, model, cache) -> None:
         self.model, self.cache = model, cache
-        self.interaction = self.volume = None
-        self.applied = 0  # clicks given to the interaction so far
+        self.segmenter = self.volume = None
+        self.applied = 0  # clicks given to the engine so far
 
     def step(self, image, spacing, box, clicks, prev):
+        from SegmentWithSAMLib.api import Segmenter
         from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case
-        from SegmentWithSAMLib.interaction import Interaction
-        from SegmentWithSAMLib.session import Session
 
         encoded, start, cpu = self.model.encoder_runs, time.perf_counter(), time.process_time()
         if not clicks:
             self.volume = Case("case.npz", image, spacing, [box], [[]]).volume()
-            self.interaction = Interaction(Session(self.volume, self.model, WINDOW, self.cache), view=VIEW)
-            self.interaction.set_box_ras("object", self.volume.to_ras(_corners(box)),
-                                         slice_range=(box.z_min, box.z_max))
+            self.segmenter = Segmenter(self.volume, self.model, VIEW, WINDOW, self.cache)
+            self.segmenter.box3d("object", self.volume.to_ras(_corners(box)), (box.z_min, box.z_max))
             self.applied = 0
         for (d, h, w), positive in clicks[self.applied:]:
-            self.interaction.click_ras("object", self.volume.to_ras([w, h, d])[0], positive)
+            self.segmenter.click("object", self.volume.to_ras([w, h, d])[0], positive)
         self.applied = len(clicks)
         seconds = time.perf_counter() - start
-        return self.interaction.mask("object"), {"seconds": seconds, "cpu_s": time.process_time() - cpu,
-                                                 "engine_s": seconds, "encoded": self.model.encoder_runs - encoded}
+        return self.segmenter.mask("object"), {"seconds": seconds, "cpu_s": time.process_time() - cpu,
+                                               "engine_s": seconds, "encoded": self.model.encoder_runs - encoded}
 
 
 def protocol(driver, image, spacing, truth, steps: int) -> dict:
@@ -152,25 +150,23 @@ def protocol(driver, image, spacing, truth, steps: int) -> dict:
 def baselines(model, cache, image, spacing, truth) -> dict:
     """The oracle (the truth's box, grown as the challenge grows it, on every slice of the range) and one-box
     propagation (the challenge's box on z_mid, propagated both ways within z_min..z_max, boxes chained)."""
+    from SegmentWithSAMLib.actions import Prompt
+    from SegmentWithSAMLib.api import Segmenter
     from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case
-    from SegmentWithSAMLib.propagation import Propagator
-    from SegmentWithSAMLib.session import Session
 
     box = box_from_truth(truth)
     volume = Case("case.npz", image, spacing, [box], [[]]).volume()
-    session = Session(volume, model, WINDOW, cache)
-    axes = session.axes(VIEW)
+    segmenter = Segmenter(volume, model, VIEW, WINDOW, cache)
     oracle = np.zeros(truth.shape, bool)
     for z in range(box.z_min, box.z_max + 1):
         if truth[z].any():
-            corners = np.array(_corners(box_from_truth(truth[z: z + 1])))
-            corners[:, 2] = z
-            oracle[z] = session.segment(VIEW, box_ras=volume.to_ras(corners)).mask2d
-    seed = session.segment(VIEW, box_ras=volume.to_ras(_corners(box)))
-    result = Propagator(session, VIEW).run({"object": (seed.index, seed.mask2d)}, "both", (box.z_min, box.z_max),
-                                           boxes={"object": seed.box})
-    seeded = paste_slice_mask(truth.shape, axes, seed.index, seed.mask2d).astype(np.uint8)
-    propagated = result.apply(seeded, {"object": 1}) > 0
+            b = box_from_truth(truth[z: z + 1])
+            update = segmenter.step(f"oracle {z}", Prompt(z, (b.z_mid_x_min, b.z_mid_y_min, b.z_mid_x_max,
+                                                              b.z_mid_y_max)))
+            oracle[z] = update.changed[z]
+    segmenter.prompt("object", box_ras=volume.to_ras(_corners(box)))  # one box, propagated without the 3D rules
+    segmenter.propagate("object", box.z_mid, "both", (box.z_min, box.z_max))
+    propagated = segmenter.states["object"].oriented_mask(*truth.shape[:1], truth.shape[1:])
     return {"oracle": dict(zip(("dsc", "nsd"), score(truth, oracle, spacing), strict=True)),
             "propagation": dict(zip(("dsc", "nsd"), score(truth, propagated, spacing), strict=True))}
 
@@ -227,7 +223,7 @@ def main() -> None:
     parser.add_argument("--structures", default="all",
                         help=f"comma-separated, from {', '.join([*AAL_STRUCTURES, *CT_STRUCTURES])} (default all)")
     parser.add_argument("--steps", type=int, default=CLICK_STEPS, help="click steps after the box (default 5)")
-    parser.add_argument("--in-process", action="store_true", help="drive one Interaction, no process per step")
+    parser.add_argument("--in-process", action="store_true", help="drive one Segmenter, no process per step")
     parser.add_argument("--no-baselines", action="store_true", help="skip the oracle and one-box propagation")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
@@ -238,7 +234,7 @@ def main() -> None:
 
     from SegmentWithSAMLib.cache import EmbeddingCache
     from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
-    from SegmentWithSAMLib.models import load_model
+    from SegmentWithSAMLib.loading import load_model
 
     model = load_model()
     work = Path(tempfile.mkdtemp(prefix="interactive3d-"))

@@ -29,7 +29,7 @@ def build(name: str, device):
     """The model ``name`` on ``device``: LiteMedSAM from its real checkpoint, the others with random weights."""
     import torch
 
-    from SegmentWithSAMLib.models import load_model
+    from SegmentWithSAMLib.loading import load_model
 
     torch.manual_seed(0)
     if name.startswith("litemedsam"):
@@ -52,6 +52,7 @@ def measure(name: str, device_name: str, repeat: int) -> dict:
 
     from SegmentWithSAMLib.cache import EmbeddingCache
     from SegmentWithSAMLib.device import select_device
+    from SegmentWithSAMLib.loading import configure_process_threads
     from SegmentWithSAMLib.session import Session
 
     from common import load_colin27, structure_slices, tight_box, timed_ms
@@ -62,6 +63,7 @@ def measure(name: str, device_name: str, repeat: int) -> dict:
     start = time.perf_counter()
     model = build(name, device)
     load_s = time.perf_counter() - start
+    configure_process_threads(model)  # the child is its own process: its threads for its model's engine
     session = Session(volume, model, cache=EmbeddingCache())
     axes = session.axes("axial")
     _, index, truth = next(s for s in structure_slices(atlas, axes) if s[0] == "Putamen_L")

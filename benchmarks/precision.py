@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.session import Session
 
 from common import load_colin27, print_table, structure_slices, tight_box, write_json
@@ -80,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     volume, atlas = load_colin27()
     model = load_model(engine="torch")
+    configure_process_threads(model)  # this script is the process's entry point
     cases = [(view, index, tight_box(truth)) for view in ("axial", "coronal", "sagittal")
              for _, index, truth in structure_slices(atlas, slice_axes(volume, view))]
 

@@ -22,8 +22,8 @@ import numpy as np
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.geometry import bounding_box
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.models import load_model
 from SegmentWithSAMLib.propagation import Propagator
 from SegmentWithSAMLib.session import Session
 
@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--pad", type=int, default=12)
     args = parser.parse_args()
     volume, atlas = load_colin27()
-    session = Session(volume, load_model("litemedsam"), cache=EmbeddingCache(8 << 30))
+    model = load_model("litemedsam")
+    configure_process_threads(model)  # this script is the process's entry point
+    session = Session(volume, model, cache=EmbeddingCache(8 << 30))
     records, rows, start, cold = [], [], time.perf_counter(), {}
     for view in args.views.split(","):
         axes = session.axes(view)
@@ -88,11 +90,12 @@ def main() -> None:
                 if number == 0:
                     session.cache.clear()  # each is timed with encoding
                 t = time.perf_counter()
-                result = Propagator(session, view, skip=skip).run({name: (seed_index, seed)}, "both", (low, high),
-                                                                  boxes={name: box})
-                speed = result.slice_count / max(time.perf_counter() - t, 1e-9)
-                record[method] = score(result.masks[name], seed_index, seed, truth, low, high)
-                record[method]["stopped"] = result.stopped[name]
+                propagator = Propagator(session, view, skip=skip)
+                masks = {step.index: step.mask
+                         for step in propagator.steps((seed_index, seed), "both", (low, high), box=box)}
+                speed = len(masks) / max(time.perf_counter() - t, 1e-9)
+                record[method] = score(masks, seed_index, seed, truth, low, high)
+                record[method]["stopped"] = dict(propagator.stopped)
                 record[method]["slices_per_s"] = speed
                 if number == 0:
                     cold.setdefault(method, []).append(speed)

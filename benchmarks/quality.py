@@ -1,5 +1,6 @@
 """2D Dice of LiteMedSAM against the AAL atlas on Colin27, per structure and view, for a box prompt and for
-point-only prompts (plain SAM point prompt vs the box ensemble), side by side in one run.
+point-only prompts (plain SAM point prompt vs the box ensemble), side by side in one run; also one click as the
+engine takes it (``Prompt`` with that click: the box ensemble refined by the click, as every front end sends it).
 
     python benchmarks/quality.py [--structures Hippocampus_L,Putamen_L]
 """
@@ -12,15 +13,17 @@ import time
 import numpy as np
 from scipy import ndimage as ndi
 
+from SegmentWithSAMLib.actions import Prompt
 from SegmentWithSAMLib.data import AAL_STRUCTURES
+from SegmentWithSAMLib.engine import Engine
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.models import load_model
-from SegmentWithSAMLib.prompts import PointStrategy, predict_prompts
+from SegmentWithSAMLib.prompts import ensemble_boxes, predict_box_ensemble
 from SegmentWithSAMLib.session import Session
 
 from common import VIEWS, load_colin27, print_table, structure_slices, write_json
 
-METHODS = ("box", "box+2px", "click:points", "click:box-ensemble")
+METHODS = ("box", "box+2px", "click:points", "click:box-ensemble", "click:engine")
 
 
 def interior_point(mask: np.ndarray) -> np.ndarray:
@@ -35,23 +38,25 @@ def main() -> None:
     args = parser.parse_args()
     structures = {n: AAL_STRUCTURES[n] for n in args.structures.split(",")}
     volume, atlas = load_colin27()
-    session = Session(volume, load_model("litemedsam"))
+    model = load_model("litemedsam")
+    configure_process_threads(model)  # this script is the process's entry point
+    session = Session(volume, model)
     rows, records = [], []
     start = time.perf_counter()
     for view in VIEWS:
-        axes = session.axes(view)
+        axes, engine = session.axes(view), Engine(session, view)
         for name, index, truth in structure_slices(atlas, axes, structures):
             session.set_slice(view, index)
             r, c = np.nonzero(truth)
             box = np.array([c.min(), r.min(), c.max(), r.max()], dtype=float)
             click = interior_point(truth)
-            predictor = session.predictor
+            predictor, boxes = session.predictor, ensemble_boxes(click, axes.pixel_spacing)
             masks = {
                 "box": predictor.predict(box=box).masks[0],
                 "box+2px": predictor.predict(box=box + [-2, -2, 2, 2]).masks[0],
-                "click:points": predict_prompts(predictor, click, [1], strategy=PointStrategy.POINTS).masks[0],
-                "click:box-ensemble": predict_prompts(predictor, click, [1], pixel_spacing=axes.pixel_spacing,
-                                                      strategy=PointStrategy.BOX_ENSEMBLE).masks[0],
+                "click:points": predictor.predict(click, [1]).masks[0],
+                "click:box-ensemble": predict_box_ensemble(predictor, boxes).masks[0],
+                "click:engine": engine.step(None, Prompt(index, None, ((*click[0], True),)))[1].changed[index],
             }
             scores = {m: dice(masks[m], truth) for m in METHODS}
             records.append({"structure": name, "view": view, "slice": index, **scores})

@@ -2,8 +2,8 @@
 slice, ms per point click (the default box ensemble), propagation slices/s (encoding included; also with
 ``skip=2``: the model on every third slice, the two between interpolated), and the masks' Dice against eager
 PyTorch fp32 (the reference); the clicks and the encoder are timed engines in turns, so that the machine's drifts
-fall on every engine alike, each with PyTorch's threads set as loading it sets them in a process of its own
-(``device.configure_cpu_threads``); also the command line end to end and peak memory.
+fall on every engine alike, each with PyTorch's threads set as a process of its own sets them for it
+(``loading.configure_process_threads``); also the command line end to end and peak memory.
 
     python benchmarks/speed.py [--json] [--slices 4]
 
@@ -25,12 +25,11 @@ import numpy as np
 
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.data import colin27
-from SegmentWithSAMLib.device import configure_cpu_threads
 from SegmentWithSAMLib.engines import available_engines
 from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.models import load_model
-from SegmentWithSAMLib.prompts import predict_prompts
+from SegmentWithSAMLib.prompts import ensemble_boxes, predict_box_ensemble
 from SegmentWithSAMLib.session import Session
 
 from common import (
@@ -51,7 +50,7 @@ def encoder_ms(sessions: dict[str, Session], view: str, index: int, slices: int)
     times = {engine: [] for engine in sessions}
     for i in range(-1, slices):
         for engine, session in sessions.items():
-            configure_cpu_threads(engine)
+            configure_process_threads(session.model)
             times[engine].append(timed_ms(lambda s=session, i=i: s.set_slice(view, index + i), 1)[0])
     return {engine: statistics.median(t[1:]) for engine, t in times.items()}  # the first one warms up
 
@@ -63,17 +62,17 @@ def click_ms(sessions: dict[str, Session], case, rounds: int = 15) -> dict[str, 
     process that runs one engine."""
     view, index, box = case
     point = ((box[:2] + box[2:]) / 2)[None]
-    spacing = next(iter(sessions.values())).axes(view).pixel_spacing
+    boxes = ensemble_boxes(point, next(iter(sessions.values())).axes(view).pixel_spacing)
     times = {engine: {"decoder_ms": [], "point_click_ms": []} for engine in sessions}
     for session in sessions.values():
         session.set_slice(view, index)
     for _ in range(rounds):
         for engine, session in sessions.items():
-            configure_cpu_threads(engine)
+            configure_process_threads(session.model)
             session.predictor.predict(box=box)
             times[engine]["decoder_ms"] += timed_ms(lambda s=session: s.predictor.predict(box=box), 1)
             times[engine]["point_click_ms"] += timed_ms(
-                lambda s=session: predict_prompts(s.predictor, point, [1], pixel_spacing=spacing), 1)
+                lambda s=session: predict_box_ensemble(s.predictor, boxes), 1)
     return {engine: {key: statistics.median(t[2:]) for key, t in figures.items()}  # the first ones warm up
             for engine, figures in times.items()}
 
@@ -127,7 +126,7 @@ def main() -> None:
     clicks = click_ms(sessions, cases[0])
     rows, reference = [], None
     for engine, session in sessions.items():
-        configure_cpu_threads(engine)
+        configure_process_threads(session.model)
         row, masks = measure(session, cases, args.slices)
         row.update(engine=engine, load_ms=loads[engine], encoder_ms=encoders[engine], **clicks[engine])
         reference = masks if reference is None else reference
@@ -138,7 +137,7 @@ def main() -> None:
         row["encoder_speedup"] = base / row["encoder_ms"]
     faithful = [r for r in rows if r["dice_vs_reference"] >= 0.99]
     best = min(faithful, key=lambda r: r["encoder_ms"])
-    cores = configure_cpu_threads("torch")
+    cores = configure_process_threads()
     print(f"\nLiteMedSAM engines on {platform.processor() or platform.machine()}, CPU ({cores} cores), "
           f"{len(cases)} Colin27 slices:\n")
     headers = ["engine", "encoder_ms", "encoder_speedup", "decoder_ms", "point_click_ms", "propagation_slices_per_s",

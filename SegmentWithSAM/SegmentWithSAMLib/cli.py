@@ -16,6 +16,7 @@ import numpy as np
 from .errors import SegmentWithSAMError
 
 EXIT_USAGE = 2
+OBJECT = "segment"  # the one object that segment and propagate make
 
 
 def _floats(count: int, what: str):
@@ -29,6 +30,17 @@ def _floats(count: int, what: str):
         return np.array(values)
 
     return parse
+
+
+class _Ordered(argparse.Action):
+    """Append ``(value, positive)`` to one list for several options, so clicks keep the order they were given."""
+
+    def __init__(self, *args, positive: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.positive = positive
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        getattr(namespace, self.dest).append((values, self.positive))
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -73,25 +85,33 @@ def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bo
                             "1.9x faster with N=2 on a CPU, slightly lower Dice (default 0: every slice)")
 
 
+def _load_model(args: argparse.Namespace):
+    """The model the options name; the command is a process's entry point, so it sets PyTorch's threads for
+    the engine the model runs on (here and nowhere else in the command)."""
+    from .loading import configure_process_threads, load_model
+
+    model = load_model(args.model, args.device, args.engine, args.checkpoint)
+    configure_process_threads(model)
+    return model
+
+
 def _stop_rules(args: argparse.Namespace):
-    from .segment3d import stop_rules
+    from .propagation import StopRules
 
-    return stop_rules(args.min_similarity, args.min_score, args.max_area_ratio, args.min_overlap, args.max_empty)
+    return StopRules.from_options(args.min_similarity, args.min_score, args.max_area_ratio, args.min_overlap,
+                                  args.max_empty)
 
 
-def _propagate(session, view: str, index: int, mask2d: np.ndarray, direction: str, args,
-               box: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Propagate ``mask2d`` on slice ``index`` (made from ``box``, if given); the 3D mask (seed included) and a
-    report."""
+def _propagate(segmenter, index: int, direction: str, args, slice_range=None) -> dict:
+    """Propagate the object from slice ``index``; a report of what happened."""
     from tqdm import tqdm
 
-    from .segment3d import parse_slice_range, propagate_seed
-
-    slice_range = parse_slice_range(args.range)
     quiet = True if args.json else None  # tqdm: None = show only on a terminal
     with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
-        return propagate_seed(session, view, index, mask2d, direction, _stop_rules(args), slice_range, args.skip,
-                              box, on_slice=lambda step: bar.update())
+        update = segmenter.propagate(OBJECT, index, direction, slice_range, _stop_rules(args), args.skip,
+                                     on_slice=lambda *_: bar.update())
+    return {"slices": len(update.changed), "stopped": update.stopped,
+            "slices_per_s": round(len(update.changed) / max(update.seconds, 1e-9), 2)}
 
 
 def cmd_models(args: argparse.Namespace) -> dict:
@@ -121,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser("segment", help="segment one slice from points and/or a box in RAS millimetres")
     seg.add_argument("volume", help="NIfTI, NRRD or MHA file, or a DICOM series folder")
     seg.add_argument("--view", required=True, choices=["axial", "coronal", "sagittal"])
-    seg.add_argument("--point", action="append", default=[], type=_floats(3, "--point"), metavar="R,A,S",
-                     help="positive point (repeatable)")
-    seg.add_argument("--negative", action="append", default=[], type=_floats(3, "--negative"), metavar="R,A,S",
-                     help="negative point (repeatable)")
+    seg.add_argument("--point", dest="points", action=_Ordered, default=[], type=_floats(3, "--point"),
+                     metavar="R,A,S", help="positive point (repeatable; points are clicks in the order given)")
+    seg.add_argument("--negative", dest="points", action=_Ordered, positive=False, type=_floats(3, "--negative"),
+                     metavar="R,A,S", help="negative point (repeatable)")
     seg.add_argument("--box", type=_floats(6, "--box"), metavar="R1,A1,S1,R2,A2,S2",
                      help="two opposite corners of a box")
     _add_model_options(seg)
@@ -132,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd file")
     seg.add_argument("--propagate", choices=["up", "down", "both"], default=None,
                      help="then propagate the mask through the volume this way")
+    seg.add_argument("--click", dest="clicks", action=_Ordered, default=[], type=_floats(3, "--click"),
+                     metavar="R,A,S", help="then a positive click anywhere, correcting the 3D mask (repeatable, "
+                                           "in order)")
+    seg.add_argument("--click-negative", dest="clicks", action=_Ordered, positive=False,
+                     type=_floats(3, "--click-negative"), metavar="R,A,S", help="then a negative click anywhere")
     seg.add_argument("--json", action="store_true", help="print one JSON object on one line")
 
     prop = commands.add_parser("propagate", help="propagate a mask on one slice through the volume")
@@ -197,13 +222,13 @@ def _progress(total: int, enabled: bool):
 
 
 def cmd_segment(args: argparse.Namespace) -> dict:
+    from .actions import parse_slice_range
+    from .api import Segmenter
     from .io import check_writable, read_volume, write_labelmap
-    from .models import load_model
-    from .segment3d import segment_prompts
-    from .session import Session
 
-    if not args.point and args.box is None:
+    if not any(positive for _, positive in args.points) and args.box is None:
         raise SegmentWithSAMError("Give at least one --point or a --box (negative points alone select nothing).")
+    slice_range = parse_slice_range(args.range)
     check_writable(args.out, labelmap=True)
     timings: dict[str, float] = {}
     with _progress(4, not args.json) as bar:
@@ -213,56 +238,63 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         bar.update()
         bar.set_description("loading model")
         t = time.perf_counter()
-        model = load_model(args.model, args.device, args.engine, args.checkpoint)
+        model = _load_model(args)
         timings["load_model"] = (time.perf_counter() - t) * 1e3
         bar.update()
         bar.set_description("segmenting")
-        session = Session(volume, model, window=args.window)
-        result = segment_prompts(session, args.view, args.point, args.negative, args.box)
-        timings.update(result.timings_ms)
+        segmenter = Segmenter(volume, model, args.view, window=args.window)
+        points = np.array([p for p, _ in args.points]).reshape(-1, 3)
+        labels = np.array([int(positive) for _, positive in args.points])
+        first = segmenter.prompt(OBJECT, points, labels, None if args.box is None else args.box.reshape(2, 3),
+                                 slice_range if args.propagate else None)
+        index = segmenter.last_slice[OBJECT]
+        timings["segment"] = first.seconds * 1e3
         bar.update()
-        extra = {}
-        mask = result.volume_mask()
+        extra: dict = {"notices": list(first.notices)}
         if args.propagate:
             t = time.perf_counter()
-            mask, extra = _propagate(session, result.view.value, result.index, result.mask2d, args.propagate, args,
-                                     result.box)
+            extra.update(_propagate(segmenter, index, args.propagate, args))
             timings["propagate"] = (time.perf_counter() - t) * 1e3
+        for point, positive in args.clicks:
+            extra["notices"] += segmenter.click(OBJECT, point, positive).notices
+        mask = segmenter.mask(OBJECT)
         bar.set_description("writing")
         t = time.perf_counter()
         write_labelmap(mask, volume, args.out, name=args.name)
         timings["write"] = (time.perf_counter() - t) * 1e3
         timings["total"] = (time.perf_counter() - start) * 1e3
         bar.update()
-    return {"voxels": int(mask.sum()), "slice": result.index, "view": result.view.value, "score": result.score,
+    return {"voxels": int(mask.sum()), "slice": index, "view": segmenter.axes.view.value,
             "model": model.name, "device": str(model.device), "engine": model.engine, "out": str(Path(args.out)),
-            "ms": {k: round(v, 1) for k, v in timings.items()}, "notices": result.notices, **extra}
+            "ms": {k: round(v, 1) for k, v in timings.items()}, **extra}
 
 
 def cmd_propagate(args: argparse.Namespace) -> dict:
+    from .actions import UserEdit, parse_slice_range
+    from .api import Segmenter
+    from .geometry import seed_slice
     from .io import check_writable, read_labelmap_on, read_volume, write_labelmap
-    from .models import load_model
-    from .segment3d import seed_slice
-    from .session import Session
 
     check_writable(args.out, labelmap=True)
+    slice_range = parse_slice_range(args.range)
     start = time.perf_counter()
     volume = read_volume(args.volume)
     seed = read_labelmap_on(args.mask, volume, args.volume)
-    session = Session(volume, load_model(args.model, args.device, args.engine, args.checkpoint), window=args.window)
-    axes = session.axes(args.view)
+    model = _load_model(args)
+    segmenter = Segmenter(volume, model, args.view, window=args.window)
     selected = seed.array != 0 if args.label is None else seed.array == args.label
-    index, mask2d = seed_slice(axes, selected, args.mask, args.label)
-    mask, report = _propagate(session, axes.view.value, index, mask2d, args.direction, args)
+    index, mask2d = seed_slice(segmenter.axes, selected, args.mask, args.label)
+    segmenter.step(OBJECT, UserEdit({index: mask2d}))
+    report = _propagate(segmenter, index, args.direction, args, slice_range)
+    mask = segmenter.mask(OBJECT)
     write_labelmap(mask, volume, args.out)
-    report.update({"seed_slice": index, "voxels": int(mask.sum()), "view": axes.view.value,
-                   "model": session.model.name, "device": str(session.model.device), "engine": session.model.engine,
-                   "out": str(Path(args.out)),
-                   "ms": round((time.perf_counter() - start) * 1e3, 1)})
+    report.update({"seed_slice": index, "voxels": int(mask.sum()), "view": segmenter.axes.view.value,
+                   "model": model.name, "device": str(model.device), "engine": model.engine,
+                   "out": str(Path(args.out)), "ms": round((time.perf_counter() - start) * 1e3, 1)})
     return report
 
 
-_COORDINATE_OPTIONS = ("--point", "--negative", "--box")
+_COORDINATE_OPTIONS = ("--point", "--negative", "--box", "--click", "--click-negative")
 
 
 def _join_coordinates(argv: list[str]) -> list[str]:
@@ -275,20 +307,20 @@ def _join_coordinates(argv: list[str]) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .actions import Prompt
+    from .api import Segmenter
     from .errors import PromptError
     from .geometry import slices_with
     from .io import read_labelmap_on, read_volume
     from .metrics import clicks_to_reach
-    from .models import load_model
-    from .refinement import Refiner, run_clicks
-    from .session import Session
+    from .refinement import run_clicks
 
     if args.clicks < 1:
         raise PromptError(f"--clicks must be at least 1, not {args.clicks}.")
     volume = read_volume(args.volume)
     labels = read_labelmap_on(args.labels, volume, args.volume)
-    session = Session(volume, load_model(args.model, args.device, args.engine, args.checkpoint), window=args.window)
-    axes = session.axes(args.view)
+    segmenter = Segmenter(volume, _load_model(args), args.view, window=args.window)
+    axes = segmenter.axes
     truth = axes.oriented(labels.array == args.label)
     present = slices_with(axes, labels.array == args.label)
     if not len(present):
@@ -298,11 +330,16 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         raise PromptError(f"Label {args.label} is not on {args.view} slice {index}; it is on slices "
                           f"{present.min()} to {present.max()}.")
     start = time.perf_counter()
-    session.set_slice(axes.view, index)
-    dices = run_clicks(Refiner(session.predictor, axes.pixel_spacing).add_click, truth[index], args.clicks)
+    clicks: list[tuple[float, float, bool]] = []
+
+    def click(xy, positive: bool) -> np.ndarray:  # each click one 2D prompt step: all clicks so far, in order
+        clicks.append((float(xy[0]), float(xy[1]), bool(positive)))
+        return segmenter.step(OBJECT, Prompt(index, None, tuple(clicks))).changed[index]
+
+    dices = run_clicks(click, truth[index], args.clicks)
     report = {f"noc{t}": clicks_to_reach(dices, t / 100) for t in (80, 85, 90)}
     report.update({"dice_per_click": [round(d, 4) for d in dices], "label": args.label, "view": axes.view.value,
-                   "slice": index, "clicks": args.clicks, "model": session.model.name,
+                   "slice": index, "clicks": args.clicks, "model": segmenter.session.model.name,
                    "ms": round((time.perf_counter() - start) * 1e3, 1)})
     return report
 
@@ -336,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "segment":
             report = cmd_segment(args)
             text = "\n".join([*report["notices"], f"Segmented {report['voxels']} voxels on {report['view']} slice "
-                               f"{report['slice']} (predicted quality {report['score']:.2f}) in "
+                               f"{report['slice']} in "
                                f"{report['ms']['total']:.0f} ms on {report['device']}; wrote {report['out']}"])
         elif args.command == "propagate":
             report = cmd_propagate(args)

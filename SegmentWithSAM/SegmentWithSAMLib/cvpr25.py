@@ -249,18 +249,17 @@ def read_case(path: str | os.PathLike) -> Case:
 
 def predict_case(case: Case, model, cache, window: str | None = None, store: bool = True) -> tuple[np.ndarray, int]:
     """``segs`` (D, H, W) uint8 for ``case``: the boxes in order, then the clicks round by round (each object's
-    k-th click in round k, as the challenge adds them), through the 3D interaction engine. A background click
-    where its object has no mask (outside its range, or before any mask) changes nothing. With ``store``, the
-    states after the longest prefix of these prompts seen before are read from disk
+    k-th click in round k, as the challenge adds them), through the engine (:class:`~.api.Segmenter`). A
+    background click where its object has no mask (outside its range, or before any mask) changes nothing. With
+    ``store``, the states after the longest prefix of these prompts seen before are read from disk
     (:mod:`.interaction_store`) and only the prompts after it are applied: each challenge step, a new process
     with one click more, then costs one click. Returns ``segs`` and how many prompts were applied."""
-    from .interaction import Interaction
+    from .api import Segmenter
     from .interaction_store import InteractionStore
-    from .session import Session
 
     volume = case.volume()
     window = window or WINDOW
-    interaction = Interaction(Session(volume, model, window=window, cache=cache), view=VIEW)
+    segmenter = Segmenter(volume, model, VIEW, window=window, cache=cache)
     names = [f"object_{i + 1}" for i in range(case.objects)]
     prompts: list = [["box", name, box.as_dict()] for name, box in zip(names, case.boxes or [], strict=False)]
     for round_ in range(max((len(c) for c in case.clicks), default=0)):
@@ -269,28 +268,28 @@ def predict_case(case: Case, model, cache, window: str | None = None, store: boo
     states = InteractionStore(model, volume.identity, window, VIEW) if store else None
     done = 0
     for count in range(len(prompts), 0, -1) if states is not None else ():
-        found = states.get(prompts[:count], interaction.axes.image_shape)
+        found = states.get(prompts[:count], segmenter.axes.image_shape)
         if found is not None:
-            interaction.objects.update(found)
+            segmenter.states.update(found)
             done = count
             break
     for kind, name, *args in prompts[done:]:
         if kind == "box":
             box = ChallengeBox(**args[0])
             corners_ijk = [[box.z_mid_x_min, box.z_mid_y_min, box.z_mid], [box.z_mid_x_max, box.z_mid_y_max, box.z_mid]]
-            interaction.set_box_ras(name, volume.to_ras(corners_ijk), slice_range=(box.z_min, box.z_max))
+            segmenter.box3d(name, volume.to_ras(corners_ijk), (box.z_min, box.z_max))
             continue
         (d, h, w), positive = args
         try:
-            interaction.click_ras(name, volume.to_ras([w, h, d])[0], positive)
+            segmenter.click(name, volume.to_ras([w, h, d])[0], positive)
         except PromptError:
             if positive:
                 raise
             # A background click where the object has no mask removes nothing; the challenge has no way to hear
             # an error, and failing the file would score every object as empty.
     if states is not None and done < len(prompts):
-        states.put(prompts, interaction.objects)
-    return np.asarray(interaction.labelmap(names), dtype=np.uint8), len(prompts) - done
+        states.put(prompts, segmenter.states)
+    return segmenter.labelmap(names), len(prompts) - done
 
 
 def challenge_layout(volume: Volume, window=None) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -399,9 +398,9 @@ def cmd_cvpr25(args) -> int:
         print(f"segmentwithsam: error: {name}: {message}.", file=sys.stderr)
 
     def load():  # PyTorch and the model only once a file is good
-        from .models import load_model
+        from .cli import _load_model
 
-        return load_model(args.model, args.device, args.engine, args.checkpoint)
+        return _load_model(args)
 
     start = time.perf_counter()
     report = run(args.input_dir, args.output_dir, load, complain, args.window)

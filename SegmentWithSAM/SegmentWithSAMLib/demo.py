@@ -20,11 +20,11 @@ DEMO_MARGIN_PX = 2  # the demo's box is the atlas label's bounding box plus this
 def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     """Segment the left hippocampus of Colin27 on its middle axial slice from a box; write the labelmap and
     a PNG picture; report Dice against the AAL atlas label."""
+    from .api import Segmenter
     from .geometry import bounding_box, slices_with
     from .io import read_volume, write_labelmap
-    from .models import load_model
+    from .loading import load_model
     from .render import save_overlay_png
-    from .session import Session
 
     data = colin27()
     out_dir = Path(out_dir)
@@ -36,30 +36,30 @@ def run_demo(out_dir: Path, device: str | None = "auto") -> dict:
     label = atlas.array == AAL_STRUCTURES[DEMO_STRUCTURE]
     start = time.perf_counter()
     model = load_model("litemedsam", device)
-    session = Session(volume, model)
-    axes = session.axes("axial")
+    segmenter = Segmenter(volume, model, "axial")
+    axes = segmenter.axes
     oriented = axes.oriented(label)
     slices = slices_with(axes, label)
     index = int(slices[len(slices) // 2])
     box_xy = bounding_box(oriented[index], DEMO_MARGIN_PX)
     box_ras = volume.to_ras(axes.pixel_to_ijk(index, box_xy.reshape(2, 2)))
-    result = session.segment("axial", box_ras=box_ras)
+    mask2d = segmenter.prompt(DEMO_STRUCTURE, box_ras=box_ras).changed[index]
     elapsed = (time.perf_counter() - start) * 1e3
     labelmap = out_dir / "hippocampus_L.nii.gz"
     picture = out_dir / "hippocampus_L_axial.png"
-    write_labelmap(result.volume_mask(), volume, labelmap, name=DEMO_STRUCTURE)
-    image = session.windowed_slice(axes, index)
-    save_overlay_png(image, result.mask2d, picture, pixel_spacing=axes.pixel_spacing, box=box_xy,
+    write_labelmap(segmenter.mask(DEMO_STRUCTURE), volume, labelmap, name=DEMO_STRUCTURE)
+    image = segmenter.session.windowed_slice(axes, index)
+    save_overlay_png(image, mask2d, picture, pixel_spacing=axes.pixel_spacing, box=box_xy,
                      reference=oriented[index])
-    score = dice(result.mask2d, oriented[index])
+    score = dice(mask2d, oriented[index])
     source = "shipped Colin27 crop" if data.shipped else str(data.image)
     text = (f"LiteMedSAM on {source}: left hippocampus, axial slice {index}, box prompt\n"
-            f"  mask: {int(result.mask2d.sum())} voxels, Dice vs AAL atlas {score:.3f}, "
+            f"  mask: {int(mask2d.sum())} voxels, Dice vs AAL atlas {score:.3f}, "
             f"{elapsed:.0f} ms (model load + encode + decode) on {model.device}\n"
             f"  labelmap: {labelmap.resolve()}\n"
             f"  picture:  {picture.resolve()} (orange: LiteMedSAM, cyan: atlas, yellow: box)")
     return {"text": text, "structure": DEMO_STRUCTURE, "slice": index, "dice": round(score, 4),
-            "voxels": int(result.mask2d.sum()), "ms": round(elapsed, 1), "device": str(model.device),
+            "voxels": int(mask2d.sum()), "ms": round(elapsed, 1), "device": str(model.device),
             "labelmap": str(labelmap.resolve()), "picture": str(picture.resolve()), "data": source}
 
 

@@ -188,12 +188,13 @@ def _export(module, inputs: tuple, path: Path, input_names: list[str], output_na
 
 
 class DeferredModel(NamedTuple):
-    """A PyTorch model not built yet: its class, name, checkpoint and device, and how to build it."""
+    """A PyTorch model not built yet: its class, name, checkpoint, device and input size, and how to build it."""
 
     architecture: type[SamLikeAdapter]
     name: str
     checkpoint: str
     device: object
+    input_size: int
     load: Callable[[], SamLikeAdapter]
 
 
@@ -214,8 +215,8 @@ class OpenVINOModel(SamLikeAdapter):
         deferred = isinstance(reference, DeferredModel)
         self._reference, self._load_reference = (None, reference.load) if deferred else (reference, None)
         self.name, self.checkpoint, self.device = reference.name, reference.checkpoint, reference.device
-        traits = reference.architecture if deferred else reference  # sizes and stages: the class's or the model's
-        self.input_size, self.low_res_size = traits.input_size, traits.low_res_size
+        traits = reference.architecture if deferred else reference  # stages: the class's or the model's
+        self.input_size, self.low_res_size = reference.input_size, traits.low_res_size
         self.encoder_runs = self.decoder_runs = 0
         core = ov.Core()
         # "mixed" (the faithful default) runs in bf16 the encoder stages measured faithful in it, where the CPU

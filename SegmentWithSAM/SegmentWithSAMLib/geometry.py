@@ -240,41 +240,42 @@ def paste_slice_mask(shape_kji: tuple[int, int, int], axes: SliceAxes, index: in
     return out
 
 
-def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray) -> tuple[int, np.ndarray]:
-    """Map RAS prompt points (N, 3) to one slice index and pixel XY (N, 2) on it.
+def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray,
+                     corners_ras: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """Map RAS prompt points (N, 3) and a box's two opposite corners (2, 3) to one slice index, the points as
+    pixel XY (N, 2) and the box (4,) x0, y0, x1, y1 in pixels (None without corners). The one home of "which
+    slice do these prompts lie on".
 
-    Raises :class:`PromptError` if a point is outside the volume or the points are on different slices.
+    Raises :class:`PromptError` if a point is outside the volume, the box lies off the volume's slices (it may
+    reach past the volume in-plane: the engine clips it) or the prompts are on different slices.
     """
-    ras_points = np.atleast_2d(np.asarray(ras_points, dtype=float))
-    ijk = volume.to_ijk(ras_points)
+    points = np.asarray(ras_points, dtype=float).reshape(-1, 3)
+    corners = np.zeros((0, 3)) if corners_ras is None else np.asarray(corners_ras, dtype=float).reshape(2, 3)
+    every = np.concatenate([points, corners])
+    if not len(every) or not np.all(np.isfinite(every)):
+        raise PromptError("Prompts need finite RAS coordinates (millimetres): give at least one point or a box.")
+    ijk = volume.to_ijk(every)
     upper = np.asarray(volume.shape_ijk) - 0.5
-    for ras, p in zip(ras_points, ijk, strict=True):
+    for ras, p in zip(points, ijk, strict=False):
         if np.any(p < -0.5) or np.any(p > upper):
             raise PromptError(
                 f"The point R={ras[0]:.1f}, A={ras[1]:.1f}, S={ras[2]:.1f} mm is outside the volume "
                 f"(voxel {np.round(p, 1).tolist()}, volume size {list(volume.shape_ijk)}).")
     slice_coords, xy = axes.ijk_to_pixel(ijk)
+    xy = np.round(xy, 6)  # RAS round trips (a Slicer ROI, a command line) agree to the micro-pixel: one mask
+    if np.any(slice_coords < -0.5) or np.any(slice_coords > axes.num_slices - 0.5):
+        raise PromptError(f"The box lies off the volume's {axes.view.value} slices (0 to {axes.num_slices - 1}): "
+                          "draw it on the image.")
     indices = np.clip(np.rint(slice_coords), 0, axes.num_slices - 1).astype(int)
     if np.any(indices != indices[0]):
         raise PromptError(
             f"The prompts are on different {axes.view.value} slices ({sorted(set(indices.tolist()))}); "
             "place all points and the box on one slice.")
-    return int(indices[0]), xy
-
-
-def clip_box(volume: Volume, axes: SliceAxes, corners_ras: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Two opposite corners (2, 3) RAS of a box on a slice of ``axes``, clipped in-plane to the volume (users draw
-    boxes generously near the edges); returns them and whether anything was cut off. A box that misses the volume
-    in-plane, or lies off its slices, raises :class:`PromptError`."""
-    ijk = volume.to_ijk(np.asarray(corners_ras, dtype=float).reshape(2, 3))
-    upper = np.asarray(volume.shape_ijk, dtype=float) - 1
-    in_plane = [axes.row_axis, axes.col_axis]
-    low, high = ijk[:, in_plane].min(axis=0), ijk[:, in_plane].max(axis=0)
-    if np.any(high < -0.5) or np.any(low > upper[in_plane] + 0.5):
-        raise PromptError(f"The box ({np.round(corners_ras, 1).tolist()} mm) misses the volume: draw it on the image.")
-    clipped = ijk.copy()
-    clipped[:, in_plane] = np.clip(ijk[:, in_plane], 0, upper[in_plane])
-    return volume.to_ras(clipped), not np.allclose(clipped, ijk)
+    box = None
+    if len(corners):
+        box_xy = xy[len(points):]
+        box = np.concatenate([box_xy.min(axis=0), box_xy.max(axis=0)])
+    return int(indices[0]), xy[: len(points)], box
 
 
 def view_for_normal(volume: Volume, normal_ras: np.ndarray, tolerance_deg: float = 1.0) -> View:
@@ -309,3 +310,15 @@ def box_on_slice(volume: Volume, view: View | str, corners_ras: np.ndarray, cent
     _, xy = axes.ijk_to_pixel(volume.to_ijk(corners_ras))
     extent = np.array([xy.min(axis=0), xy.max(axis=0)])
     return volume.to_ras(axes.pixel_to_ijk(np.rint(slice_coord[0]), extent))
+
+
+def seed_slice(axes: SliceAxes, selected: np.ndarray, source: str, label: int | None = None) -> tuple[int, np.ndarray]:
+    """The slice index and its 2D mask (rows, cols) of a seed, ``selected`` (bool, KJI) read from ``source``;
+    :class:`PromptError` unless it is non-empty and on one slice of ``axes``' view."""
+    slices = slices_with(axes, selected)
+    if not len(slices):
+        raise PromptError(f"The seed mask {source} is empty" + (f" for label {label}." if label else "."))
+    if len(slices) > 1:
+        raise PromptError(f"The seed mask lies on {axes.view.value} slices {slices.min()} to {slices.max()}; it "
+                          "must be on one slice of that view.")
+    return int(slices[0]), axes.oriented(selected)[slices[0]]

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from .disk_cache import default_disk_cache_dir, model_identity
-from .interaction import ObjectState
+from .state import ObjectState
 
 MAX_FILES = 256
-_ENGINE_CODE = ("interaction.py", "refinement.py", "propagation.py", "prompts.py", "predictor.py")
+_ENGINE_CODE = ("engine.py", "actions.py", "state.py", "refinement.py", "propagation.py", "prompts.py",
+                "predictor.py")
 
 
 def _engine_digest() -> str:

@@ -1,5 +1,5 @@
-"""Turning a user's prompts (any mix of positive points, negative points and one box) into model calls that a
-box-trained model such as LiteMedSAM handles well.
+"""A first positive click as model calls that a box-trained model such as LiteMedSAM handles well, and the
+removal of the parts a negative click falls in.
 
 Measured on Colin27 + AAL (36 structure/view pairs, one click at the structure's interior point; see
 ``benchmarks/quality.py``): LiteMedSAM given the click as a point prompt reaches a mean 2D Dice of 0.02 — its
@@ -9,27 +9,17 @@ low-res logits averaged ("box ensemble"), reach 0.65: as good as a tight ground-
 
 from __future__ import annotations
 
-from enum import Enum
-
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import PromptError
 from .predictor import Prediction, SlicePredictor
 
 # Side lengths (mm) of the candidate boxes around positive clicks, chosen by the benchmark above.
 ENSEMBLE_BOX_MM = (14.0, 20.0, 28.0, 40.0)
 
 
-class PointStrategy(str, Enum):
-    """How positive/negative clicks without a box become model prompts."""
-
-    BOX_ENSEMBLE = "box-ensemble"  # default: multi-scale boxes around the clicks, logits averaged
-    POINTS = "points"  # the clicks as SAM point prompts (the plain reference pipeline)
-
-
-def _ensemble_boxes(positive_xy: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
-    """Boxes (B, 4) around the positive points' bounding box, one per size in ``ENSEMBLE_BOX_MM``."""
+def ensemble_boxes(positive_xy: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """Boxes (B, 4) around the positive points' (N, 2) bounding box, one per size in ``ENSEMBLE_BOX_MM``."""
     low, high = positive_xy.min(axis=0), positive_xy.max(axis=0)
     half_px = np.array(ENSEMBLE_BOX_MM)[:, None] / 2.0 / np.array([pixel_spacing[1], pixel_spacing[0]])
     return np.concatenate([low - half_px, high + half_px], axis=1)
@@ -58,34 +48,3 @@ def remove_clicked_regions(mask: np.ndarray, negative_xy: np.ndarray, keep_xy: n
 
     hit = labels_at(negative_xy) - labels_at(keep_xy)
     return mask & ~np.isin(components, list(hit)) if hit else mask
-
-
-def predict_prompts(predictor: SlicePredictor, point_coords: np.ndarray | None = None,
-                    point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
-                    pixel_spacing: tuple[float, float] = (1.0, 1.0),
-                    strategy: PointStrategy | str = PointStrategy.BOX_ENSEMBLE) -> Prediction:
-    """One mask (1, rows, cols) for any mix of points (N, 2) XY with labels (N,) and a box (4,) on the slice
-    set in ``predictor``.
-
-    With a box, the box is the prompt and positive points outside it widen it; without one, positive points
-    are prompted by ``strategy``. Negative points remove the connected parts of the mask they fall in.
-    """
-    strategy = PointStrategy(strategy)
-    points = np.zeros((0, 2)) if point_coords is None else np.asarray(point_coords, dtype=float).reshape(-1, 2)
-    labels = np.ones(len(points), int) if point_labels is None else np.asarray(point_labels, dtype=int).ravel()
-    if len(labels) != len(points):
-        raise PromptError(f"{len(points)} points need as many labels, not {len(labels)}.")
-    positive, negative = points[labels == 1], points[labels == 0]
-    if box is not None:
-        box = np.asarray(box, dtype=float).ravel()
-        if len(positive):
-            box = np.concatenate([np.minimum(box[:2], positive.min(axis=0)), np.maximum(box[2:], positive.max(axis=0))])
-        prediction = predictor.predict(box=box)
-    elif not len(positive):
-        raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
-    elif strategy is PointStrategy.POINTS:
-        prediction = predictor.predict(points, labels)
-    else:
-        prediction = predict_box_ensemble(predictor, _ensemble_boxes(positive, pixel_spacing))
-    prediction.masks = np.stack([remove_clicked_regions(prediction.masks[0], negative, positive)])
-    return prediction

@@ -1,5 +1,5 @@
-"""Slice-to-slice propagation of accepted masks through a volume, with range, stop rules, key slices,
-several objects in one pass, streaming and cancel.
+"""Slice-to-slice propagation of one object's mask through a volume, with range, stop rules, key slices,
+streaming and cancel.
 
 With models that have no memory of earlier slices (:class:`BoxChain`), each step prompts slice k±1 from the
 mask on slice k. What matters, measured on Colin27 + AAL (``benchmarks/propagation.py``): the box of the
@@ -11,19 +11,18 @@ LiteMedSAM's predicted quality, the area and the overlap with the previous slice
 drifts off the structure onto its neighbour; the mean image-embedding feature of the mask does, so each
 object's mask is compared with its seed's (cosine similarity) to stop.
 SAM 2 models track the objects with their memory instead (:mod:`.video_propagation`); range, stop rules, key
-slices, several objects, streaming and cancel work the same for both.
+slices, streaming and cancel work the same for both; :class:`Propagator` chooses between them, nowhere else.
 With ``skip`` the model segments every (skip + 1)-th slice and the slices between are interpolated: on a
 2-core CPU, where encoding bounds propagation, skip 2 took it from 1.5 to 3.2 slices/s for 0.01 of mean 3D Dice.
 
-Nothing is written anywhere: the caller gets a :class:`PropagationResult` and applies it in one step, so a
-cancelled or failed propagation changes nothing.
+Nothing is written anywhere: the caller (:mod:`.engine`) takes the slices as they come and commits them only
+when the step completed, so a cancelled or failed propagation changes nothing.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -31,7 +30,7 @@ from scipy import ndimage as ndi
 
 from .device import encode_batch
 from .errors import PromptError, SegmentWithSAMError
-from .geometry import SliceAxes, bounding_box
+from .geometry import bounding_box
 from .metrics import dice
 
 # Margin (mm) added on every side to the box prompted on each slice. Measured (benchmarks/propagation.py, cached
@@ -72,6 +71,16 @@ class StopRules:
     min_overlap: float | None = 0.2  # Dice with the previous slice's mask below this
     max_empty: int = 1  # this many consecutive empty slices
 
+    @classmethod
+    def from_options(cls, min_similarity: float, min_score: float, max_area_ratio: float, min_overlap: float,
+                     max_empty: int) -> StopRules:
+        """The rules from the command line's (or a manifest's) values, where a negative threshold (0 for
+        ``max_area_ratio``) switches that rule off."""
+        return cls(min_similarity=None if min_similarity < 0 else min_similarity,
+                   min_score=None if min_score < 0 else min_score,
+                   max_area_ratio=None if max_area_ratio <= 0 else max_area_ratio,
+                   min_overlap=None if min_overlap < 0 else min_overlap, max_empty=max_empty)
+
     def check(self, mask: np.ndarray, score: float, previous: np.ndarray, similarity: float | None) -> str | None:
         """The reason to stop at this slice, or None to accept it (empty masks are counted by the caller;
         ``similarity`` None: the model has no such check)."""
@@ -93,36 +102,11 @@ class StopRules:
 
 @dataclass
 class SliceStep:
-    """One propagated slice: ``masks`` maps object name → mask (rows, cols) on slice ``index``."""
+    """One propagated slice: the ``mask`` (rows, cols) on slice ``index`` and its predicted quality."""
 
     index: int
-    masks: dict[str, np.ndarray]
-    scores: dict[str, float]
-
-
-@dataclass
-class PropagationResult:
-    """Propagated masks per object and slice (seed and key slices not included), and why each object's
-    directions stopped (``stopped[object]["up"|"down"]``)."""
-
-    axes: SliceAxes
-    masks: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
-    stopped: dict[str, dict[str, str]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def slice_count(self) -> int:
-        return len({i for per_object in self.masks.values() for i in per_object})
-
-    def apply(self, labelmap: np.ndarray, labels: dict[str, int]) -> np.ndarray:
-        """A copy of ``labelmap`` (KJI) with each object's propagated slices written as its label value;
-        ``labelmap`` itself is never modified."""
-        out = np.array(labelmap, copy=True)
-        oriented = self.axes.oriented(out)
-        for name, per_slice in self.masks.items():
-            for index, mask in per_slice.items():
-                oriented[index][mask] = labels[name]
-        return out
+    mask: np.ndarray
+    score: float
 
 
 def _mm_to_box(margins_mm, pixel_spacing: tuple[float, float]) -> np.ndarray:
@@ -143,6 +127,18 @@ def _shape_prior(mask: np.ndarray, pixel_spacing: tuple[float, float]) -> np.nda
     return PRIOR_WEIGHT * np.clip(_signed_distance(mask, pixel_spacing) / PRIOR_SCALE_MM, -3.0, 3.0)
 
 
+def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray,
+                   pixel_spacing: tuple[float, float]) -> tuple[np.ndarray, float]:
+    """Logits (rows, cols) and the predicted quality on the predictor's current slice, prompted from a mask
+    ``neighbour`` (rows, cols): its bounding box plus ``offset`` (4,) (how the object's box sat around its mask)
+    plus BOX_MARGIN_MM as the box, and the mask as a shape prior. The one home of a propagated slice's prompt:
+    propagation chains it from slice to slice, and a click refines a slice from its own mask with it."""
+    box = bounding_box(neighbour) + offset + _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0]
+    box[2:] = np.maximum(box[2:], box[:2])
+    prediction = predictor.predict(box=box)
+    return prediction.logits[0] + _shape_prior(neighbour, pixel_spacing), float(prediction.scores[0])
+
+
 def interpolate_masks(first: np.ndarray, last: np.ndarray, count: int,
                       pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> list[np.ndarray]:
     """``count`` masks evenly between the non-empty masks ``first`` and ``last`` (rows, cols), shape-based:
@@ -160,23 +156,20 @@ def interpolate_masks(first: np.ndarray, last: np.ndarray, count: int,
 
 
 class BoxChain:
-    """Masks for :class:`Propagator` from models without a memory: slice k±1 is prompted with the box of the
-    mask on slice k plus the seed's box-to-mask offset and BOX_MARGIN_MM, with the mask on
-    slice k as a shape prior; each object's appearance (mean image feature) is compared with its seed's for the
-    similarity stop. ``boxes`` maps object name → the box (x0, y0, x1, y1 pixels) its seed came from, if known."""
+    """Masks for :class:`Propagator` from models without a memory: slice k±1 is prompted from the mask on slice k
+    (:func:`chained_logits`), with the seed's box-to-mask offset; the mask's appearance (mean image feature) is
+    compared with the seed's for the similarity stop. ``box``: the box (x0, y0, x1, y1 pixels) the seed came
+    from, if known (else the offset is calibrated on the seed)."""
 
-    def __init__(self, propagator: Propagator, seeds: dict, low: int, high: int,
-                 boxes: dict[str, np.ndarray] | None = None) -> None:
-        self.propagator, self.session, self.axes = propagator, propagator.session, propagator.axes
+    def __init__(self, propagator: Propagator, seed: tuple[int, np.ndarray], low: int, high: int,
+                 box: np.ndarray | None = None) -> None:
+        self.session, self.axes = propagator.session, propagator.axes
+        self.skip, self.batch = propagator.skip, propagator.batch
         self.low, self.high, self.step = low, high, 1
-        self.batch = propagator.batch
-        self.margin = _mm_to_box([BOX_MARGIN_MM], self.axes.pixel_spacing)[0]
-        self.signatures, self.offsets = {}, {}
-        for name, (index, mask) in seeds.items():
-            self.session.set_slice(self.axes.view, index)
-            self.signatures[name] = self.session.predictor.region_feature(mask)
-            box = (boxes or {}).get(name)
-            self.offsets[name] = box - bounding_box(mask) if box is not None else self._calibrated_offset(mask)
+        index, mask = seed
+        self.session.set_slice(self.axes.view, index)
+        self.signature = self.session.predictor.region_feature(mask)
+        self.offset = box - bounding_box(mask) if box is not None else self._calibrated_offset(mask)
 
     def _calibrated_offset(self, seed: np.ndarray) -> np.ndarray:
         """The offset, among CALIBRATION_MM on every side, whose box around the seed (current slice) best
@@ -186,7 +179,7 @@ class BoxChain:
         return offsets[int(np.argmax([dice(mask, seed) for mask in prediction.masks]))]
 
     def start(self, step: int, start: int) -> None:
-        self.step = step * (self.propagator.skip + 1)  # encoding ahead follows the slices the model sees
+        self.step = step * (self.skip + 1)  # encoding ahead follows the slices the model sees
 
     def _encode_ahead(self, index: int) -> None:
         """Encode the next ``batch`` slices in one go when ``index`` is not cached yet (GPU: one batch of 8)."""
@@ -194,31 +187,27 @@ class BoxChain:
             ahead = [i for i in range(index, index + self.step * self.batch, self.step) if self.low <= i <= self.high]
             self.session.prefetch_many(self.axes.view, ahead)
 
-    def predict(self, name: str, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
+    def predict(self, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
         self._encode_ahead(index)
         self.session.set_slice(self.axes.view, index)
-        box = bounding_box(previous) + self.offsets[name] + self.margin
-        box[2:] = np.maximum(box[2:], box[:2])
-        prediction = self.session.predictor.predict(box=box)
-        return prediction.logits[0] + _shape_prior(previous, self.axes.pixel_spacing) > 0, float(prediction.scores[0])
+        logits, score = chained_logits(self.session.predictor, previous, self.offset, self.axes.pixel_spacing)
+        return logits > 0, score
 
-    def similarity(self, name: str, mask: np.ndarray) -> float:
-        return float(self.session.predictor.region_feature(mask) @ self.signatures[name]) if mask.any() else 0.0
+    def similarity(self, mask: np.ndarray) -> float:
+        return float(self.session.predictor.region_feature(mask) @ self.signature) if mask.any() else 0.0
 
     def close(self) -> None:
         pass
 
 
 class Propagator:
-    """Propagate masks on slices of one view of a :class:`~.session.Session`'s volume.
+    """Propagate one object's mask on slices of one view of a :class:`~.session.Session`'s volume.
 
-    ``seeds`` maps object name → (slice index, mask (rows, cols)); ``keys`` maps object name → {slice index:
-    mask} of accepted or user-edited slices, which are never overwritten and end a direction when reached.
     ``skip`` > 0 (models without a memory): the model segments every (skip + 1)-th slice and the slices between
     are interpolated from the two masks around them (:func:`interpolate_masks`), so each slice skipped saves an
     encoder run; where a stop rule refuses a skipping step, that stretch is done again slice by slice, so
-    directions stop where they would without skipping. Near key slices, seeds and the range end it goes slice
-    by slice too.
+    directions stop where they would without skipping. Near key slices and the range end it goes slice by slice
+    too. ``stopped`` says why each direction ("up", "down") of the last :meth:`steps` stopped.
     """
 
     def __init__(self, session, view, rules: StopRules | None = None, skip: int = 0) -> None:
@@ -226,33 +215,14 @@ class Propagator:
         self.axes = session.axes(view)
         self.rules = rules or StopRules()
         self.batch = encode_batch(session.model.device)  # slices encoded at once, ahead of the decoder (BoxChain)
-        if not isinstance(skip, int | np.integer) or not 0 <= skip <= MAX_SKIP:
+        if not isinstance(skip, int | np.integer) or isinstance(skip, bool) or not 0 <= skip <= MAX_SKIP:
             raise PromptError(f"skip must be a whole number from 0 to {MAX_SKIP} (slices interpolated between "
                               f"two slices the model segments); got {skip!r}.")
         if skip and getattr(session.model, "tracks_video", False):
             raise PromptError(f"{session.model.name} tracks objects through every slice with its memory; "
                               "skip works with models without a memory (LiteMedSAM, MedSAM, SAM).")
         self.skip = int(skip)
-
-    def _check_seed(self, name: str, index: int, mask: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != self.axes.image_shape:
-            raise PromptError(f"The seed of {name!r} has shape {mask.shape}; a {self.axes.view.value} slice is "
-                              f"{self.axes.image_shape}.")
-        if not 0 <= index < self.axes.num_slices:
-            raise PromptError(f"The seed slice {index} of {name!r} is outside the volume (0 to "
-                              f"{self.axes.num_slices - 1}).")
-        if not mask.any():
-            raise PromptError(f"The seed mask of {name!r} on slice {index} is empty: draw or accept a mask first.")
-        return mask
-
-    @staticmethod
-    def _check_box(name: str, box) -> np.ndarray:
-        box = np.asarray(box, dtype=float)
-        if box.shape != (4,) or not np.all(np.isfinite(box)):
-            raise PromptError(f"The box of {name!r} must be 4 numbers: x0, y0, x1, y1 in slice pixels, all finite "
-                              f"(got shape {box.shape}).")
-        return box
+        self.stopped: dict[str, str] = {}
 
     def _range(self, slice_range: tuple[int, int] | None) -> tuple[int, int]:
         if slice_range is None:
@@ -263,186 +233,100 @@ class Propagator:
                               f"0 to {self.axes.num_slices - 1}.")
         return low, high
 
-    def steps(self, seeds: dict[str, tuple[int, np.ndarray]], direction: Direction | str = Direction.BOTH,
-              slice_range: tuple[int, int] | None = None, keys: dict[str, dict[int, np.ndarray]] | None = None,
-              result: PropagationResult | None = None, allow_overlap: bool = False,
-              boxes: dict[str, np.ndarray] | None = None) -> Iterator[SliceStep]:
-        """Yield one :class:`SliceStep` per slice as it is done; fill ``result`` as it goes.
-
-        All objects move together, so each slice is encoded once and decoded once per object. Where objects
-        overlap, the pixel goes to the object listed first unless ``allow_overlap``. ``boxes`` maps object
-        name → the box (x0, y0, x1, y1 slice pixels) its seed mask was made from, where there was one. Models
-        with a memory of earlier slices (SAM 2) track the objects (:class:`~.video_propagation.Tracker`); the
-        others are prompted on each slice from the mask on the slice before (:class:`BoxChain`).
-        """
+    def steps(self, seed: tuple[int, np.ndarray], direction: Direction | str = Direction.BOTH,
+              slice_range: tuple[int, int] | None = None, keys: dict[int, np.ndarray] | None = None,
+              box: np.ndarray | None = None) -> Iterator[SliceStep]:
+        """Yield one :class:`SliceStep` per slice as it is done, from ``seed`` (slice index, mask (rows, cols))
+        ``direction`` within ``slice_range``; ``keys`` (slice → mask) are never overwritten and end a direction
+        when reached; ``box`` (x0, y0, x1, y1 slice pixels) is the box the seed was made from, if any. Models
+        with a memory of earlier slices (SAM 2) track the object (:class:`~.video_propagation.Tracker`); the
+        others are prompted on each slice from the mask on the slice before (:class:`BoxChain`)."""
         direction = Direction(direction)
         low, high = self._range(slice_range)
-        keys = {name: dict(per) for name, per in (keys or {}).items()}
-        result = result if result is not None else PropagationResult(self.axes)
-        seeds = {name: (int(i), self._check_seed(name, int(i), m)) for name, (i, m) in seeds.items()}
-        boxes = {name: self._check_box(name, box) for name, box in (boxes or {}).items()}
-        if not seeds:
-            raise PromptError("Nothing to propagate: give at least one seed mask.")
-        for name, (index, _) in seeds.items():
-            if not low <= index <= high:
-                raise PromptError(f"The seed slice {index} of {name!r} is outside the range {low}:{high}.")
-            result.masks.setdefault(name, {})
-            result.stopped.setdefault(name, {})
+        index, mask = int(seed[0]), np.asarray(seed[1], dtype=bool)
+        if mask.shape != self.axes.image_shape:
+            raise PromptError(f"The seed has shape {mask.shape}; a {self.axes.view.value} slice is "
+                              f"{self.axes.image_shape}.")
+        if not low <= index <= high:
+            raise PromptError(f"The seed slice {index} is outside the range {low}:{high}.")
+        if not mask.any():
+            raise PromptError(f"The seed mask on slice {index} is empty: draw or accept a mask first.")
+        keys = dict(keys or {})
+        self.stopped = {}
         if getattr(self.session.model, "tracks_video", False):
             from .video_propagation import Tracker
 
-            source = Tracker(self, seeds, keys, low, high)
+            source = Tracker(self, (index, mask), keys, low, high)
         else:
-            source = BoxChain(self, seeds, low, high, boxes)
+            source = BoxChain(self, (index, mask), low, high, None if box is None else np.asarray(box, float))
         try:
             for step in direction.steps():
-                start = min(i for i, _ in seeds.values()) if step > 0 else max(i for i, _ in seeds.values())
-                source.start(step, start)
-                yield from self._direction(source, seeds, step, start, (low, high), keys, result, allow_overlap)
+                source.start(step, index)
+                yield from self._direction(source, step, index, mask, (low, high), keys)
         finally:
             source.close()
 
-    def _direction(self, source, seeds, step: int, index: int, bounds: tuple[int, int], keys: dict,
-                   result: PropagationResult, allow_overlap: bool) -> Iterator[SliceStep]:
+    def _direction(self, source, step: int, index: int, seed: np.ndarray, bounds: tuple[int, int],
+                   keys: dict) -> Iterator[SliceStep]:
         label = "up" if step > 0 else "down"
-        state = {name: {"index": i, "previous": m, "empty": 0, "score": 1.0} for name, (i, m) in seeds.items()}
-        active = set(state)
+        state = {"previous": seed, "empty": 0, "score": 1.0}
         careful = 0  # slices still to do one by one after a skipping step was refused
-        while active:
-            stride = 1 if careful else self._stride(index, step, bounds, keys, active, state)
+        while True:
+            stride = 1 if careful else self._stride(index, step, bounds, keys)
             careful = max(0, careful - stride)
             index += step * stride
             if not bounds[0] <= index <= bounds[1]:
-                for name in active:
-                    result.stopped[name][label] = "range end"
-                break
+                self.stopped[label] = "range end"
+                return
             if stride > 1:
-                done = self._skipping_step(source, seeds, step, index, stride, active, state, result, allow_overlap)
+                done = self._skipping_step(source, step, index, stride, state)
                 if done is None:  # refused: the same stretch again, one slice at a time
                     index -= step * stride
                     careful = stride
                     continue
                 yield from done
                 continue
-            masks, scores = {}, {}
-            for name in sorted(active, key=list(seeds).index):
-                info = state[name]
-                if (step > 0 and index <= info["index"]) or (step < 0 and index >= info["index"]):
-                    continue  # this object's seed lies further on
-                if index in keys.get(name, {}):
-                    result.stopped[name][label] = f"key slice {index}"
-                    active.discard(name)
+            if index in keys:
+                self.stopped[label] = f"key slice {index}"
+                return
+            mask, score, reason = self._segment(source, index, state["previous"])
+            if not mask.any():
+                state["empty"] += 1
+                if state["empty"] < max(1, self.rules.max_empty):
                     continue
-                mask, score, reason = self._segment(source, name, index, info["previous"], masks, allow_overlap)
-                if not mask.any():
-                    info["empty"] += 1
-                    if info["empty"] >= max(1, self.rules.max_empty):
-                        reason = "empty mask"
-                    else:
-                        continue
-                if reason:
-                    result.stopped[name][label] = reason
-                    active.discard(name)
-                    continue
-                info.update(empty=0, previous=mask, score=score)
-                masks[name], scores[name] = mask, score
-                result.masks[name][index] = mask
-            if masks:
-                yield SliceStep(index, masks, scores)
+                reason = "empty mask"
+            if reason:
+                self.stopped[label] = reason
+                return
+            state.update(empty=0, previous=mask, score=score)
+            yield SliceStep(index, mask, score)
 
-    def _segment(self, source, name: str, index: int, previous: np.ndarray, taken: dict[str, np.ndarray],
-                 allow_overlap: bool) -> tuple[np.ndarray, float, str | None]:
-        """Object ``name``'s mask on slice ``index`` from its mask on the slice before, without the pixels of the
-        objects already ``taken`` there unless ``allow_overlap``; its score and why a stop rule refuses it."""
-        mask, score = source.predict(name, index, previous)
-        if not allow_overlap:
-            for other in taken.values():
-                mask = mask & ~other
-        return mask, score, self.rules.check(mask, score, previous, source.similarity(name, mask))
+    def _segment(self, source, index: int, previous: np.ndarray) -> tuple[np.ndarray, float, str | None]:
+        """The mask on slice ``index`` from the mask on the slice before, its score and why a stop rule
+        refuses it."""
+        mask, score = source.predict(index, previous)
+        return mask, score, self.rules.check(mask, score, previous, source.similarity(mask))
 
-    def _stride(self, index: int, step: int, bounds: tuple[int, int], keys: dict, active: set, state: dict) -> int:
-        """skip + 1 when every active object has started and no range end, key slice or seed lies within reach
-        (the slices skipped must have masks on both sides); else 1."""
+    def _stride(self, index: int, step: int, bounds: tuple[int, int], keys: dict) -> int:
+        """skip + 1 when no range end or key slice lies within reach (the slices skipped must have masks on
+        both sides); else 1."""
         stride = self.skip + 1
         if stride == 1:
             return 1
         reach = range(index + step, index + step * (stride + 1), step)
-        if not all(bounds[0] <= i <= bounds[1] for i in reach):
+        if not all(bounds[0] <= i <= bounds[1] for i in reach) or any(i in keys for i in reach):
             return 1
-        for name in active:
-            if (step > 0 and index < state[name]["index"]) or (step < 0 and index > state[name]["index"]):
-                return 1  # this object's seed lies further on
-            if any(i in keys.get(name, {}) for i in reach):
-                return 1
         return stride
 
-    def _skipping_step(self, source, seeds, step: int, index: int, stride: int, active: set, state: dict,
-                       result: PropagationResult, allow_overlap: bool) -> list[SliceStep] | None:
-        """Segment slice ``index`` for every active object and interpolate the stride − 1 slices before it;
-        None (nothing recorded) when any object's mask there is empty or refused by a stop rule."""
-        masks, scores = {}, {}
-        for name in sorted(active, key=list(seeds).index):
-            mask, score, reason = self._segment(source, name, index, state[name]["previous"], masks, allow_overlap)
-            if reason or not mask.any():
-                return None
-            masks[name], scores[name] = mask, score
-        between = {name: interpolate_masks(state[name]["previous"], masks[name], stride - 1, self.axes.pixel_spacing)
-                   for name in masks}
-        steps = []
-        for offset in range(stride - 1):
-            here = index - step * (stride - 1 - offset)
-            filled, taken = {}, np.zeros(self.axes.image_shape, bool)
-            for name in masks:
-                filled[name] = between[name][offset] if allow_overlap else between[name][offset] & ~taken
-                taken |= filled[name]
-                result.masks[name][here] = filled[name]
-            steps.append(SliceStep(here, filled, {name: min(state[name]["score"], scores[name]) for name in masks}))
-        for name in masks:
-            state[name].update(empty=0, previous=masks[name], score=scores[name])
-            result.masks[name][index] = masks[name]
-        steps.append(SliceStep(index, masks, scores))
+    def _skipping_step(self, source, step: int, index: int, stride: int, state: dict) -> list[SliceStep] | None:
+        """Segment slice ``index`` and interpolate the stride − 1 slices before it; None (nothing recorded) when
+        the mask there is empty or refused by a stop rule."""
+        mask, score, reason = self._segment(source, index, state["previous"])
+        if reason or not mask.any():
+            return None
+        between = interpolate_masks(state["previous"], mask, stride - 1, self.axes.pixel_spacing)
+        steps = [SliceStep(index - step * (stride - 1 - offset), filled, min(state["score"], score))
+                 for offset, filled in enumerate(between)]
+        state.update(empty=0, previous=mask, score=score)
+        steps.append(SliceStep(index, mask, score))
         return steps
-
-    def fill_between(self, name: str, keys: dict[int, np.ndarray],
-                     cancel: Callable[[], bool] | None = None) -> PropagationResult:
-        """Fill the slices between consecutive key slices of one object from both ends.
-
-        Each gap is propagated up from its lower key and down from its upper key (each stopping at the other
-        key or by the stop rules); where both reach a slice, the one from the nearer key wins, so the two
-        fronts meet in the middle. Key slices themselves are never changed.
-        """
-        ordered = sorted(keys)
-        if len(ordered) < 2:
-            raise PromptError("Filling between key slices needs at least two key slices.")
-        result = PropagationResult(self.axes, masks={name: {}}, stopped={name: {}})
-        start = time.perf_counter()
-        for low, high in zip(ordered[:-1], ordered[1:], strict=True):
-            fronts = {}
-            for seed, direction in ((low, Direction.UP), (high, Direction.DOWN)):
-                fronts[direction] = self.run({name: (seed, keys[seed])}, direction, (low, high), {name: keys},
-                                             cancel=cancel)
-            up, down = fronts[Direction.UP].masks[name], fronts[Direction.DOWN].masks[name]
-            for index in range(low + 1, high):
-                nearer, other = (up, down) if index - low <= high - index else (down, up)
-                if index in nearer or index in other:
-                    result.masks[name][index] = nearer.get(index, other.get(index))
-            result.stopped[name][f"{low}-{high}"] = (f"up: {fronts[Direction.UP].stopped[name]['up']}; "
-                                                     f"down: {fronts[Direction.DOWN].stopped[name]['down']}")
-        result.seconds = time.perf_counter() - start
-        return result
-
-    def run(self, seeds: dict[str, tuple[int, np.ndarray]], direction: Direction | str = Direction.BOTH,
-            slice_range: tuple[int, int] | None = None, keys: dict[str, dict[int, np.ndarray]] | None = None,
-            on_slice: Callable[[SliceStep], None] | None = None, cancel: Callable[[], bool] | None = None,
-            allow_overlap: bool = False, boxes: dict[str, np.ndarray] | None = None) -> PropagationResult:
-        """Propagate to the end and return the result; ``on_slice`` sees each slice as it is done, ``cancel``
-        is asked between slices and raises :class:`Cancelled` (nothing is returned, so nothing is applied)."""
-        start = time.perf_counter()
-        result = PropagationResult(self.axes)
-        for step in self.steps(seeds, direction, slice_range, keys, result, allow_overlap, boxes):
-            if on_slice is not None:
-                on_slice(step)
-            if cancel is not None and cancel():
-                raise Cancelled(f"Propagation cancelled after slice {step.index}; nothing was applied.")
-        result.seconds = time.perf_counter() - start
-        return result

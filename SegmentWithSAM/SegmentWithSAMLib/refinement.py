@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 
 from .errors import PromptError
 from .predictor import SlicePredictor
-from .prompts import predict_prompts, remove_clicked_regions
+from .prompts import ensemble_boxes, predict_box_ensemble, remove_clicked_regions
 
 REACH = 2.0  # how far a click's threshold shift reaches, in multiples of its distance to the mask edge
 MIN_RADIUS = 2.0  # pixels: the smallest region a click edits
@@ -85,7 +85,7 @@ class Refiner:
         if box is not None and logits is not None:
             raise ValueError("Give a box or a logit map to refine, not both.")
         if box is not None:
-            self._set_logits(predict_prompts(predictor, box=box))
+            self._set_logits(predictor.predict(box=box))
         elif logits is not None:
             if np.shape(logits) != self.shape:
                 raise ValueError(f"The logit map has shape {np.shape(logits)}; the slice is {self.shape}.")
@@ -101,8 +101,8 @@ class Refiner:
         """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
         row, col = _pixel(xy, self.shape)
         if self.logits is None and positive:
-            self._set_logits(predict_prompts(self.predictor, np.array([xy], float), [1],
-                                             pixel_spacing=self.pixel_spacing))
+            self._set_logits(predict_box_ensemble(self.predictor, ensemble_boxes(np.array([xy], float),
+                                                                                 self.pixel_spacing)))
         max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
         radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))

@@ -1,4 +1,4 @@
-"""Propagation with SAM 2's video predictor (SAM 2.1, MedSAM2): the objects are tracked through the slices with
+"""Propagation with SAM 2's video predictor (SAM 2.1, MedSAM2): the object is tracked through the slices with
 SAM 2's memory of earlier slices instead of being re-prompted slice by slice.
 
 The slices go to SAM 2 straight from the volume in memory (no image files): :class:`SliceFrames` prepares each
@@ -56,17 +56,16 @@ def _fed_from(frames: SliceFrames):
 class Tracker:
     """Masks for :class:`~.propagation.Propagator` from SAM 2's tracking, one direction at a time.
 
-    ``seeds`` and ``keys`` are the Propagator's (object name → seed slice and mask; object name → key slices);
-    every seed and every key slice in the direction is a conditioning frame of SAM 2's memory.
+    ``seed`` (slice, mask) and ``keys`` (slice → mask) are the Propagator's; the seed and every key slice in the
+    direction are conditioning frames of SAM 2's memory.
     """
 
-    def __init__(self, propagator, seeds: dict, keys: dict, low: int, high: int) -> None:
+    def __init__(self, propagator, seed: tuple[int, np.ndarray], keys: dict, low: int, high: int) -> None:
         self.session, self.axes = propagator.session, propagator.axes
         self.model = self.session.model
-        self.seeds, self.keys, self.low, self.high = seeds, keys, low, high
-        self.objects = list(seeds)
+        self.seed, self.keys, self.low, self.high = seed, keys, low, high
         self._frames = self._stream = self._state = None
-        self._current: tuple[int, object, dict] | None = None  # (slice, SAM 2's logits, masks taken from them)
+        self._current: tuple[int, object] | None = None  # (slice, SAM 2's logits there)
 
     def start(self, step: int, start: int) -> None:
         """Begin tracking from slice ``start`` in direction ``step`` (+1 up, -1 down) to the range end."""
@@ -77,12 +76,10 @@ class Tracker:
         predictor = self.model.net
         with _fed_from(frames), torch.inference_mode(), self.model.encoder_precision():
             state = predictor.init_state(video_path=None)
-            for obj_id, name in enumerate(self.objects):
-                prompts = {self.seeds[name][0]: self.seeds[name][1], **self.keys.get(name, {})}
-                for index, mask in prompts.items():
-                    if index in frames.indices:
-                        model_mask = frames.transform.image_to_model(np.asarray(mask, dtype=np.float32))[0, 0]
-                        predictor.add_new_mask(state, frames.indices.index(index), obj_id, model_mask >= 0.5)
+            for index, mask in {self.seed[0]: self.seed[1], **self.keys}.items():
+                if index in frames.indices:
+                    model_mask = frames.transform.image_to_model(np.asarray(mask, dtype=np.float32))[0, 0]
+                    predictor.add_new_mask(state, frames.indices.index(index), 0, model_mask >= 0.5)
             self._stream = predictor.propagate_in_video(state, start_frame_idx=0)
             self._frames, self._state = frames, state
             self._advance()  # the start slice itself (created here, so SAM 2's progress bar stays off)
@@ -90,28 +87,25 @@ class Tracker:
     def _advance(self) -> None:
         with self.model.encoder_precision():
             frame, _, logits = next(self._stream)
-        self._current = (self._frames.indices[frame], logits, {})
+        self._current = (self._frames.indices[frame], logits)
 
-    def predict(self, name: str, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
-        """The mask (rows, cols) of object ``name`` on slice ``index`` (the next slices in this direction are
-        tracked up to it) and SAM 2's predicted probability that the object is there; SAM 2 remembers the
-        earlier slices itself, so ``previous`` is not needed."""
+    def predict(self, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
+        """The mask (rows, cols) on slice ``index`` (the next slices in this direction are tracked up to it) and
+        SAM 2's predicted probability that the object is there; SAM 2 remembers the earlier slices itself, so
+        ``previous`` is not needed."""
         import torch
 
         while self._current[0] != index:
             self._advance()
-        _, logits, done = self._current
-        if name not in done:
-            obj = self.objects.index(name)
-            mask = self._frames.transform.logits_to_slice(logits[obj: obj + 1].float())[0, 0] > 0
-            output = self._state["output_dict_per_obj"][obj]
-            frame = self._frames.indices.index(index)
-            out = output["non_cond_frame_outputs"].get(frame) or output["cond_frame_outputs"].get(frame)
-            presence = float(torch.sigmoid(out["object_score_logits"].float()).max()) if out else 1.0
-            done[name] = (mask.cpu().numpy(), presence)
-        return done[name]
+        logits = self._current[1]
+        mask = self._frames.transform.logits_to_slice(logits[0:1].float())[0, 0] > 0
+        output = self._state["output_dict_per_obj"][0]
+        frame = self._frames.indices.index(index)
+        out = output["non_cond_frame_outputs"].get(frame) or output["cond_frame_outputs"].get(frame)
+        presence = float(torch.sigmoid(out["object_score_logits"].float()).max()) if out else 1.0
+        return mask.cpu().numpy(), presence
 
-    def similarity(self, name: str, mask: np.ndarray) -> None:
+    def similarity(self, mask: np.ndarray) -> None:
         """No appearance check: SAM 2's memory and its object-presence score take that role."""
         return None
 

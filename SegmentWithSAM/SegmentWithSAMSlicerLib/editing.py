@@ -106,6 +106,3 @@ class SegmentEditing:
     def undo(self) -> None:
         """Undo the last write saved in this object's own history."""
         self.logic.Undo()
-
-    def redo(self) -> None:
-        self.logic.Redo()

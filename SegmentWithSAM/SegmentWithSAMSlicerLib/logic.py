@@ -1,6 +1,9 @@
 """What the SegmentWithSAM module does, without Qt: live previews from markups prompts, accept into a segment
-as one undoable Segment Editor step, and propagation through the volume — all through the background process.
+as one undoable Segment Editor step, propagation through the volume and clicks in 3D, all as steps of the one
+engine (:meth:`SegmentWithSAMLib.engine.Engine.step`) in the background process.
 
+Each step applies to the segment's engine state (:func:`.interactive.state_from_segment`): the backend keeps it
+under a version, so a step on a segment nobody edited sends only the action and gets back only what changed.
 Nothing here blocks: requests go to a :class:`~SegmentWithSAMLib.backend.client.BackendClient` and
 :meth:`SegmentationController.poll` (the widget calls it from a ``qt.QTimer``) picks up what has arrived.
 Segments change only in :meth:`accept` and when a propagation has completed, each time after one
@@ -10,41 +13,24 @@ Segments change only in :meth:`accept` and when a propagation has completed, eac
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import slicer
 
+from SegmentWithSAMLib.actions import Propagate, prompt_from_ras
 from SegmentWithSAMLib.backend.client import BackendClient, Handle
 from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
-from SegmentWithSAMLib.geometry import View, Volume, prompts_to_slice, slice_axes, slices_with
-from SegmentWithSAMLib.interaction import RANGE_RULES
+from SegmentWithSAMLib.geometry import View, Volume, slice_axes
 from SegmentWithSAMLib.models import DEFAULT_MODEL
 from SegmentWithSAMLib.propagation import StopRules
 
 from . import mrml
 from .editing import SegmentEditing
-from .interactive import Refinement, state_from_segment
+from .interactive import Pending, state_from_segment
 
 PREVIEW_NODE_NAME = "SegmentWithSAM preview"
 PREVIEW_SEGMENT = "preview"
 PREVIEW_COLOR = (1.0, 0.85, 0.1)
-
-
-@dataclass
-class _Propagation:
-    handle: Handle
-    segmentation_node: object
-    segment_id: str
-    volume_node: object
-    view: View
-    seed: int
-    direction: str
-    before: np.ndarray  # the segment (KJI bool) when the propagation started
-    keys: list[int]
-    stream: np.ndarray = field(default=None)  # preview of the slices done so far (KJI bool)
-    editor_node: object = None
-    save_state: object = None
 
 
 class SegmentationController:
@@ -57,17 +43,13 @@ class SegmentationController:
         self.client: BackendClient | None = None
         self._client_key: tuple | None = None
         self._volumes: dict[str, tuple[tuple, Volume]] = {}
-        self.preview_handle: Handle | None = None
-        self.preview_result = None
-        self.preview_volume_node = None
+        self.preview: Pending | None = None  # a 2D prompt's result, written on Accept
+        self.propagation: Pending | None = None  # written when it completes
+        self.refinement: Pending | None = None  # clicks in 3D, written on Accept (or each at once)
         self._preview_sent = 0.0
-        self.propagation: _Propagation | None = None
         self.last_accepted: tuple[str, str, View, int] | None = None  # segmentation ID, segment ID, view, slice
-        self.last_accepted_box: np.ndarray | None = None  # the box prompt of that mask (slice pixels), if any
-        self.last_accepted_range: tuple[int, int] | None = None  # the slices its ROI spans, if it was 3D
-        self._preview_range: tuple[int, int] | None = None
-        self.refinement: Refinement | None = None  # clicks in 3D not written yet (see click_3d)
-        self._remembered: dict[tuple, object] = {}  # (segmentation, segment, view) → state after its last click
+        self.last_accepted_range: tuple[int, int] | None = None  # the slices its box spans, if it was 3D
+        self._remembered: dict[tuple, object] = {}  # (segmentation, segment, view) → state after its last step
         self.status = ""
         self.progress: tuple[int, int] | None = None
         self.download: dict | None = None  # a model download in progress (see start_download)
@@ -154,11 +136,40 @@ class SegmentationController:
             return mrml.display_window(volume_node) or "auto"
         return mode
 
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def _pending(self, kind: str, volume_node, segmentation_node, segment_id: str | None, view: View,
+                 window, editor_node=None, save_state=None, auto_accept: bool = False) -> Pending:
+        """A step's record on the segment (its state rebuilt from the segment; an unknown or no segment: a new
+        object)."""
+        volume = self.volume(volume_node)
+        axes = slice_axes(volume, view)
+        known = segmentation_node is not None and bool(segment_id) \
+            and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
+        before = mrml.segment_array(segmentation_node, segment_id, volume_node) if known \
+            else np.zeros(volume.array.shape, bool)
+        state = None
+        if known:
+            key = (segmentation_node.GetID(), segment_id, view)
+            state = state_from_segment(axes.oriented(before), axes,
+                                       mrml.propagated_slices(segmentation_node, segment_id, view),
+                                       self._remembered.get(key))
+        return Pending(kind, segmentation_node, segment_id, volume_node, view, axes, before, state, editor_node,
+                       save_state, auto_accept, window if window is not None else self.window(volume_node))
+
+    def _send(self, job: Pending, action, target: str | None = None) -> Handle:
+        volume = self.volume(job.volume_node)
+        key = job.key if job.segmentation_node is not None else f"preview/{job.view.value}"
+        job.handle = self.client.step(volume, job.view, key, job.state, action, job.window, target)
+        return job.handle
+
     # ---- preview -------------------------------------------------------------------------------------------
     def request_preview(self, volume_node, positive_node, negative_node, roi_node, view, window=None,
-                        model: str = DEFAULT_MODEL, device: str | None = None) -> Handle | None:
-        """Ask for a mask from the current prompts on the slice of ``view`` they lie on. Bad prompts raise
-        :class:`PromptError` at once; with no prompts the preview is cleared. Returns the request handle."""
+                        model: str = DEFAULT_MODEL, device: str | None = None, segmentation_node=None,
+                        segment_id: str | None = None) -> Handle | None:
+        """Ask for a mask from the current prompts on the slice of ``view`` they lie on, as a step on the
+        segment ``segment_id`` (if given: Accept into it then keeps its box and range for propagation and
+        clicks). Bad prompts raise :class:`PromptError` at once; with no prompts the preview is cleared.
+        Returns the request handle."""
         volume = self.volume(volume_node)
         view = View.parse(view)
         points, labels = mrml.ordered_clicks(positive_node, negative_node)
@@ -168,16 +179,24 @@ class SegmentationController:
             return None
         if box is None and not (labels == 1).any():
             raise PromptError("Add a positive point or a box: negative points alone select nothing.")
-        prompts_to_slice(volume, slice_axes(volume, view), np.concatenate([points, box if box is not None else
-                                                                           np.zeros((0, 3))]))
-        client = self.engine(model, device)
-        self.preview_handle = client.predict(volume, view, points, labels, box,
-                                             window if window is not None else self.window(volume_node),
-                                             target=f"{volume_node.GetID()}/{view.value}")
-        self.preview_volume_node = volume_node
-        self._preview_range = mrml.roi_slice_range(roi_node, volume, view)
+        slice_range = mrml.roi_slice_range(roi_node, volume, view) if box is not None else None
+        action = prompt_from_ras(volume, slice_axes(volume, view), points, labels, box, slice_range)
+        self.engine(model, device)
+        job = self._pending("preview", volume_node, segmentation_node, segment_id, view, window)
+        job.slice_range = slice_range
+        self._send(job, action, target=f"{volume_node.GetID()}/{view.value}")
+        self.preview = job
         self._preview_sent = time.perf_counter()
-        return self.preview_handle
+        return job.handle
+
+    @property
+    def preview_result(self):
+        """The preview's :class:`~SegmentWithSAMLib.state.Update` once it arrived (None before)."""
+        return self.preview.update if self.preview is not None else None
+
+    @property
+    def preview_handle(self) -> Handle | None:
+        return self.preview.handle if self.preview is not None else None
 
     def _preview_node(self, volume_node):
         node = self.scene.GetFirstNodeByName(PREVIEW_NODE_NAME)
@@ -195,7 +214,9 @@ class SegmentationController:
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, PREVIEW_SEGMENT, volume_node)
 
     def clear_preview(self) -> None:
-        self.preview_handle, self.preview_result = None, None
+        job, self.preview = self.preview, None
+        if job is not None and job.handle is not None and self.client is not None:
+            self.client.cancel(job.handle)
         node = self.scene.GetFirstNodeByName(PREVIEW_NODE_NAME)
         if node is not None:
             self.scene.RemoveNode(node)
@@ -209,25 +230,31 @@ class SegmentationController:
         if self.client is None:
             return self.download is not None
         self.client.poll()
-        handle = self.preview_handle
-        if handle is not None and handle.done:
-            self.preview_handle = None
-            if handle.state == "done":
-                self.preview_result = handle.result
-                self.show_preview(self.preview_volume_node, handle.result.volume_mask())
-                ms = (time.perf_counter() - self._preview_sent) * 1e3
-                self.status = " ".join([f"Preview: {int(handle.result.mask2d.sum())} pixels on "
-                                        f"{handle.result.view.value} slice {handle.result.index}, quality "
-                                        f"{handle.result.score:.2f}, {ms:.0f} ms.", *handle.result.notices])
-            elif handle.state == "failed":
-                self.status = f"Preview failed: {handle.error}"
+        if self.preview is not None and self.preview.handle is not None and self.preview.handle.done:
+            self._poll_preview()
         if self.propagation is not None:
             self._poll_propagation()
         if self.refinement is not None and self.refinement.handle is not None:
             self._poll_refinement()
-        in_flight = self.refinement is not None and self.refinement.handle is not None
-        return self.preview_handle is not None or self.propagation is not None or self.download is not None \
-            or in_flight
+        busy = [job for job in (self.preview, self.propagation, self.refinement)
+                if job is not None and job.handle is not None]
+        return bool(busy) or self.download is not None
+
+    def _poll_preview(self) -> None:
+        job = self.preview
+        handle, job.handle = job.handle, None
+        if handle.state != "done":
+            self.preview = None
+            if handle.state == "failed":
+                self.status = f"Preview failed: {handle.error}"
+            return
+        state, update = handle.result
+        job.add(update, state)
+        (index, mask), = update.changed.items()
+        self.show_preview(job.volume_node, job.changed_slices() & job.result())
+        ms = (time.perf_counter() - self._preview_sent) * 1e3
+        self.status = " ".join([f"Preview: {int(mask.sum())} pixels on {job.view.value} slice {index}, "
+                                f"{ms:.0f} ms.", *update.notices])
 
     def wait(self, timeout: float = 300.0) -> None:
         """Poll until nothing is in flight (scripts and tests; the GUI polls from a timer instead)."""
@@ -260,19 +287,31 @@ class SegmentationController:
         (:meth:`click_3d`), writes their result instead."""
         if self.refinement is not None:
             return self._apply_refinement()
-        result, volume_node = self.preview_result, self.preview_volume_node
-        if result is None or volume_node is None or volume_node.GetScene() is None:
+        job = self.preview
+        if job is None or job.update is None or job.volume_node.GetScene() is None:
             raise PromptError("Nothing to accept: place points or a box and wait for the preview.")
-        segment_id = self.ensure_segment(segmentation_node, segment_id, volume_node)
-        new = mrml.segment_array(segmentation_node, segment_id, volume_node)
-        result.axes.oriented(new)[result.index] = result.mask2d
-        changed = self.editing.write(segmentation_node, segment_id, volume_node, new, editor_node, save_state)
-        self.last_accepted = (segmentation_node.GetID(), segment_id, result.view, result.index)
-        self.last_accepted_box = result.box
-        self.last_accepted_range = self._preview_range
+        segment_id = self.ensure_segment(segmentation_node, segment_id, job.volume_node)
+        (index, mask), = job.update.changed.items()
+        new = mrml.segment_array(segmentation_node, segment_id, job.volume_node)
+        job.axes.oriented(new)[index] = mask
+        changed = self.editing.write(segmentation_node, segment_id, job.volume_node, new, editor_node, save_state)
+        if (job.segmentation_node, job.segment_id) == (segmentation_node, segment_id):
+            self._remember(job)
+        else:  # previewed for another segment: this one's state is rebuilt from its voxels at its next step
+            self._remembered.pop((segmentation_node.GetID(), segment_id, job.view), None)
+        self.last_accepted = (segmentation_node.GetID(), segment_id, job.view, index)
+        self.last_accepted_range = job.slice_range
         self.clear_preview()
-        self.status = self._accepted_status(changed, new, segmentation_node, segment_id, volume_node, result.index)
+        self.status = self._accepted_status(changed, new, segmentation_node, segment_id, job.volume_node, index)
         return segment_id
+
+    def _remember(self, job: Pending) -> None:
+        """Keep the job's newest state for the segment, and tag the slices the engine wrote."""
+        written = mrml.propagated_slices(job.segmentation_node, job.segment_id, job.view)
+        written = {i: crc for i, crc in written.items() if i not in job.state.kinds}
+        written.update(job.engine_slices())
+        mrml.set_propagated_slices(job.segmentation_node, job.segment_id, job.view, written)
+        self._remembered[(job.segmentation_node.GetID(), job.segment_id, job.view)] = job.state
 
     @staticmethod
     def _accepted_status(changed: int, wanted: np.ndarray, segmentation_node, segment_id: str, volume_node,
@@ -294,11 +333,12 @@ class SegmentationController:
         """Propagate the segment from slice ``seed`` of ``view`` (default: the slice last accepted) in the
         backend. The segment's other slices that the user made or edited are key slices: never overwritten,
         and propagation stops at them; slices an earlier propagation wrote (and nobody edited since) are
-        recomputed. ``skip`` > 0: the model segments every (skip + 1)-th slice, the others are interpolated
-        (faster on a CPU). The result is applied when complete, as one undoable step."""
+        recomputed. A 3D box accepted on the seed gives the range (within it only empty masks stop) unless
+        ``slice_range`` is given. ``skip`` > 0: the model segments every (skip + 1)-th slice, the others are
+        interpolated (faster on a CPU). The result is applied when complete, as one undoable step."""
         if self.propagation is not None:
             raise PromptError("A propagation is running: wait for it or cancel it first.")
-        volume = self.volume(volume_node)
+        self.volume(volume_node)
         if segmentation_node is None or not segment_id:
             raise PromptError("Select the segment to propagate.")
         last = self.last_accepted
@@ -307,155 +347,108 @@ class SegmentationController:
                 raise PromptError("Accept a mask on a slice first (or give the seed view and slice).")
             view, seed = last[2] if view is None else view, last[3] if seed is None else seed
         view = View.parse(view)
-        axes = slice_axes(volume, view)
-        before = mrml.segment_array(segmentation_node, segment_id, volume_node)
-        oriented = axes.oriented(before)
-        if not 0 <= seed < axes.num_slices or not oriented[seed].any():
+        job = self._pending("propagation", volume_node, segmentation_node, segment_id, view, window, editor_node,
+                            save_state)
+        if job.state is None or not 0 <= seed < job.axes.num_slices or seed not in job.state.masks \
+                or not job.state.masks[seed].any():
             raise PromptError(f"The segment is empty on {view.value} slice {seed}: accept a mask there first.")
-        written = mrml.propagated_slices(segmentation_node, segment_id, view)
-        keys = [int(i) for i in slices_with(axes, before)
-                if i != seed and written.get(int(i)) != mrml.mask_crc(oriented[i])]
-        # The box the seed mask was made from guides propagation when the seed is the slice just accepted; a 3D
-        # box (an ROI spanning slices) gives the range unless one is given, and within it only empty masks stop.
-        box = self.last_accepted_box if last == (segmentation_node.GetID(), segment_id, view, seed) else None
-        if slice_range is None and last == (segmentation_node.GetID(), segment_id, view, seed) \
-                and self.last_accepted_range is not None:
-            slice_range, rules = self.last_accepted_range, asdict(RANGE_RULES)
-        client = self.engine(model, device)
-        handle = client.propagate(volume, view, {"segment": (seed, oriented[seed])}, direction, slice_range,
-                                  {"segment": {i: oriented[i] for i in keys}} if keys else None, rules,
-                                  window if window is not None else self.window(volume_node),
-                                  boxes={"segment": box} if box is not None else None, skip=skip)
-        self.propagation = _Propagation(handle, segmentation_node, segment_id, volume_node, view, seed, direction,
-                                        before, keys, np.zeros_like(before), editor_node, save_state)
-        self.progress = (0, axes.num_slices)
+        self.engine(model, device)
+        job.stream = np.zeros_like(job.before)
+        self._send(job, Propagate(int(seed), str(getattr(direction, "value", direction)), slice_range,
+                                  StopRules(**rules) if rules else None, skip))
+        self.propagation = job
+        self.progress = (0, job.axes.num_slices)
         self.status = f"Propagating from {view.value} slice {seed}…"
-        return handle
+        return job.handle
 
     def cancel(self) -> None:
-        """Stop the running propagation (within one slice), any pending preview and a model download; nothing
-        is applied (a download keeps its partial file to resume)."""
+        """Stop the running propagation (within one slice), any pending preview or click and a model download;
+        nothing is applied (a download keeps its partial file to resume)."""
         if self.download is not None:
             self.download["cancel"] = True
         if self.client is not None:
-            for handle in (self.preview_handle, self.propagation.handle if self.propagation else None,
-                           self.refinement.handle if self.refinement else None):
-                if handle is not None:
-                    self.client.cancel(handle)
+            for job in (self.preview, self.propagation, self.refinement):
+                if job is not None and job.handle is not None:
+                    self.client.cancel(job.handle)
 
     def _poll_propagation(self) -> None:
         job = self.propagation
-        axes = slice_axes(self.volume(job.volume_node), job.view)
         events = job.handle.take_events()
-        for step in events:
-            axes.oriented(job.stream)[step.index] = step.masks["segment"]
+        for index, mask in events:
+            job.axes.oriented(job.stream)[index] = mask
         if events:
             self.show_preview(job.volume_node, job.stream)
             self.progress = job.handle.progress
         if not job.handle.done:
             return
-        self.propagation = None
-        self.progress = None
+        handle, job.handle = job.handle, None
+        self.propagation, self.progress = None, None
         self.clear_preview()
-        if job.handle.state == "done":
+        if handle.state == "done":
             try:
-                self.status = self._apply_propagation(job, job.handle.result)
+                self.status = self._apply_propagation(job, *handle.result)
             except SegmentWithSAMError as error:
                 self.status = f"Propagation not applied: {error}"
-        elif job.handle.state == "cancelled":
+        elif handle.state == "cancelled":
             self.status = "Propagation cancelled; the segment is unchanged."
         else:
-            self.status = f"Propagation failed; the segment is unchanged. {job.handle.error or ''}".strip()
+            self.status = f"Propagation failed; the segment is unchanged. {handle.error or ''}".strip()
 
-    def _apply_propagation(self, job: _Propagation, result) -> str:
+    def _apply_propagation(self, job: Pending, state, update) -> str:
         current = mrml.segment_array(job.segmentation_node, job.segment_id, job.volume_node)
         if not np.array_equal(current, job.before):
             raise PromptError("the segment was edited while propagating; propagate again.")
-        axes = slice_axes(self.volume(job.volume_node), job.view)
-        new = current.copy()
-        oriented = axes.oriented(new)
-        written = mrml.propagated_slices(job.segmentation_node, job.segment_id, job.view)
-        up = min([k for k in job.keys if k > job.seed], default=axes.num_slices)
-        down = max([k for k in job.keys if k < job.seed], default=-1)
-        reach = {"up": range(job.seed + 1, up), "down": range(down + 1, job.seed),
-                 "both": [*range(down + 1, job.seed), *range(job.seed + 1, up)]}[str(job.direction)]
-        stale = [i for i in reach if i in written and i not in job.keys]
-        for index in stale:  # an earlier propagation's slices in this reach are recomputed, not mixed
-            oriented[index] = False
-            written.pop(index)
-        masks = result.masks.get("segment", {})
-        for index, mask in masks.items():
-            oriented[index] = mask
-            written[index] = mrml.mask_crc(mask)
-        if not self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, new, job.editor_node,
-                                  job.save_state):
+        job.add(update, state)
+        if not self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, job.result(),
+                                  job.editor_node, job.save_state):
             return "Propagation found nothing to change."
-        mrml.set_propagated_slices(job.segmentation_node, job.segment_id, job.view, written)
-        stops = "; ".join(f"{d}: {why}" for d, why in result.stopped.get("segment", {}).items())
-        return f"Propagated to {len(masks)} slices in {result.seconds:.1f} s ({stops})."
+        self._remember(job)
+        stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
+        return f"Propagated to {len(update.changed)} slices in {update.seconds:.1f} s ({stops})."
 
     # ---- clicks in 3D --------------------------------------------------------------------------------------
     def click_3d(self, volume_node, segmentation_node, segment_id: str, point_ras, positive: bool, view=None,
-                 slice_range: tuple[int, int] | None = None, rules: dict | None = None, window=None,
-                 model: str = DEFAULT_MODEL, device: str | None = None, editor_node=None, save_state=None,
-                 auto_accept: bool = False) -> Handle:
+                 window=None, model: str = DEFAULT_MODEL, device: str | None = None, editor_node=None,
+                 save_state=None, auto_accept: bool = False) -> Handle:
         """A positive or negative click at ``point_ras`` (any voxel, placed in any view) corrects the segment in
         3D: the slice through it along the segment's propagation view (``view``, default the view it was
-        accepted in) is refined and the change is propagated (:class:`~SegmentWithSAMLib.interaction.Interaction`).
-        The slices that would change show as the preview; :meth:`accept` writes the result of all clicks since
-        as one undoable step (``auto_accept``: each click's result is written as it arrives). Clicks made while
-        one is computed wait their turn. Bad clicks raise :class:`PromptError` at once and change nothing."""
+        accepted in) is refined and the change is carried to the neighbouring slices (:class:`~SegmentWithSAMLib.
+        engine.Engine`). The slices that would change show as the preview; :meth:`accept` writes the result of
+        all clicks since as one undoable step (``auto_accept``: each click's result is written as it arrives).
+        Clicks made while one is computed wait their turn. Bad clicks raise :class:`PromptError` at once and
+        change nothing."""
+        from SegmentWithSAMLib.actions import click_from_ras
+
         volume = self.volume(volume_node)
         if segmentation_node is None or not segment_id:
             raise PromptError("Select the segment to correct.")
-        point = np.asarray(point_ras, dtype=float).reshape(3)
-        ijk = volume.to_ijk(point[None])[0]
-        if np.any(ijk < -0.5) or np.any(ijk > np.asarray(volume.shape_ijk) - 0.5):
-            raise PromptError(f"The click at R={point[0]:.1f}, A={point[1]:.1f}, S={point[2]:.1f} mm is outside "
-                              f"{volume_node.GetName()}: click inside the volume.")
         job = self.refinement
         if job is not None and (job.segmentation_node, job.segment_id) != (segmentation_node, segment_id):
             raise PromptError("Accept or clear the 3D correction of the other segment first.")
         if job is None:
-            job = self._start_refinement(volume_node, segmentation_node, segment_id, view, slice_range, rules, window,
-                                         editor_node, save_state, auto_accept)
-        index = int(np.rint(job.axes.ijk_to_pixel(ijk[None])[0][0]))
-        low, high = job.state.slice_range
-        if not positive and not low <= index <= high:
-            raise PromptError(f"{job.view.value.capitalize()} slice {index} is outside the segment's slices "
-                              f"{low}–{high}: a negative click there has nothing to remove.")
+            last = self.last_accepted
+            accepted_here = last is not None and last[:2] == (segmentation_node.GetID(), segment_id)
+            view = View.parse(view if view is not None else last[2] if accepted_here else View.AXIAL)
+            job = self._pending("correction", volume_node, segmentation_node, segment_id, view, window,
+                                editor_node, save_state, auto_accept)
+            if job.state is None or not any(m.any() for m in job.state.masks.values()):
+                raise PromptError("The segment is empty: accept a mask on a slice first, then click to correct it "
+                                  "in 3D.")
+        try:
+            click = click_from_ras(volume, job.axes, point_ras, positive)
+        except PromptError as error:
+            raise PromptError(f"{error} ({volume_node.GetName()})") from None
         self.engine(model, device)
         self.refinement = job
-        job.waiting.append((point, bool(positive)))
+        job.waiting.append(click)
         if job.handle is None:
             self._send_click(job)
         return job.handle
 
-    def _start_refinement(self, volume_node, segmentation_node, segment_id, view, slice_range, rules, window,
-                          editor_node, save_state, auto_accept) -> Refinement:
-        last = self.last_accepted
-        accepted_here = last is not None and last[:2] == (segmentation_node.GetID(), segment_id)
-        view = View.parse(view if view is not None else last[2] if accepted_here else View.AXIAL)
-        volume = self.volume(volume_node)
-        axes = slice_axes(volume, view)
-        before = mrml.segment_array(segmentation_node, segment_id, volume_node)
-        box = (last[3], self.last_accepted_box) if accepted_here and last[2] is view and \
-            self.last_accepted_box is not None else None
-        if slice_range is None and accepted_here and last[2] is view:
-            slice_range = self.last_accepted_range
-        key = (segmentation_node.GetID(), segment_id, view)
-        state = state_from_segment(axes.oriented(before), axes, mrml.propagated_slices(segmentation_node, segment_id,
-                                                                                        view),
-                                   self._remembered.get(key), slice_range, box,
-                                   StopRules(**rules) if rules else None)
-        return Refinement(segmentation_node, segment_id, volume_node, view, axes, before, state, editor_node,
-                          save_state, auto_accept, window if window is not None else self.window(volume_node))
-
-    def _send_click(self, job: Refinement) -> None:
-        point, positive = job.waiting.pop(0)
-        job.handle = self.client.interact(self.volume(job.volume_node), job.view, "segment",
-                                     {"type": "click", "point_ras": point, "positive": positive}, job.state, job.window)
-        self.status = f"Correcting in 3D ({'positive' if positive else 'negative'} click)…"
+    def _send_click(self, job: Pending) -> None:
+        click = job.waiting.pop(0)
+        self._send(job, click)
+        self.status = f"Correcting in 3D ({'positive' if click.positive else 'negative'} click)…"
 
     def _poll_refinement(self) -> None:
         job = self.refinement
@@ -470,12 +463,12 @@ class SegmentationController:
             if not job.changed:
                 self.discard_refinement()
             return
-        update, state = handle.result
+        state, update = handle.result
         job.add(update, state)
         if job.waiting:
             self._send_click(job)
             return
-        self.show_preview(job.volume_node, job.result() & self._slices_mask(job))
+        self.show_preview(job.volume_node, job.result() & job.changed_slices())
         stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
         self.status = " ".join([f"3D click: {len(update.changed)} slices changed ({stops}) in {update.seconds:.1f} s.",
                                 *update.notices])
@@ -484,17 +477,8 @@ class SegmentationController:
         else:
             self.status += " Accept writes the corrected slices."
 
-    @staticmethod
-    def _slices_mask(job: Refinement) -> np.ndarray:
-        """KJI bool: True on the slices the pending clicks changed (what the preview shows)."""
-        out = np.zeros(job.before.shape, bool)
-        oriented = job.axes.oriented(out)
-        for index in job.changed:
-            oriented[index] = True
-        return out
-
     def _apply_refinement(self) -> str:
-        """Write the pending clicks' result as one undoable step and remember the interaction state."""
+        """Write the pending clicks' result as one undoable step and remember the state."""
         job = self.refinement
         if job.handle is not None:
             raise PromptError("A 3D click is still being computed: wait for its preview, then accept.")
@@ -506,11 +490,7 @@ class SegmentationController:
                               "Click again.")
         changed = self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, job.result(),
                                      job.editor_node, job.save_state)
-        written = mrml.propagated_slices(job.segmentation_node, job.segment_id, job.view)
-        written = {i: crc for i, crc in written.items() if i not in job.state.kinds}
-        written.update(job.engine_slices())
-        mrml.set_propagated_slices(job.segmentation_node, job.segment_id, job.view, written)
-        self._remembered[(job.segmentation_node.GetID(), job.segment_id, job.view)] = job.state
+        self._remember(job)
         self.status = (f"Corrected {len(job.changed)} {job.view.value} slices of {job.segment_id} in 3D "
                        f"({changed} voxels changed).")
         return job.segment_id

@@ -234,7 +234,8 @@ class WebWorkflow:
         p = self.prompts
         handle = self.controller.request_preview(
             self.volume_node, p["positive"], p["negative"], p["box"], self.prompt_view(),
-            self.controller.window(self.volume_node, self.settings.window), self.settings.model, self._device())
+            self.controller.window(self.volume_node, self.settings.window), self.settings.model, self._device(),
+            self.segmentation_node, segment_id)
         if handle is not None:
             self.message = "Segmenting…"
 

@@ -2,8 +2,8 @@
 
 Every request returns a :class:`Handle` at once; the bytes go out on a writer thread and replies come in on a
 reader thread, so no call blocks the caller for more than a queue operation. :meth:`BackendClient.poll`
-(Slicer calls it from a ``qt.QTimer``) applies what has arrived to the handles and runs their callbacks on the
-caller's thread; with ``dispatch="thread"`` a helper thread polls instead, for plain Python programs.
+(Slicer calls it from a ``qt.QTimer``) applies what has arrived to the handles on the caller's thread; with
+``dispatch="thread"`` a helper thread polls instead, for plain Python programs.
 
 The client notices a backend that died (end of its pipe), stopped answering (no heartbeat for
 ``heartbeat_timeout`` s) or spent longer than ``request_timeout`` s on one request without news: every open
@@ -14,6 +14,7 @@ volume again). A propagation's masks are handed over only once it completed, so 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import secrets
@@ -42,8 +43,9 @@ _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds 
 @dataclass
 class Handle:
     """A request in flight. ``state``: pending → done | failed | cancelled | dropped (superseded by a newer
-    prediction of the same target). ``result`` is set when done; ``error`` (BackendError) when failed;
-    ``events`` collects streamed messages (propagation slices) until the caller takes them."""
+    request of the same target). ``result`` is set when done; ``error`` (BackendError) when failed;
+    ``events`` collects streamed messages (a propagation's slices) until the caller takes them; ``sent`` and
+    ``received`` count the bytes of its frames."""
 
     id: int
     op: str
@@ -53,18 +55,15 @@ class Handle:
     message: str = ""
     progress: tuple[int, int] | None = None
     events: list = field(default_factory=list)
-    callbacks: list[Callable[[Handle, object], None]] = field(default_factory=list)
     finish: Callable[[Message], object] | None = None
     stream: Callable[[Message], object] | None = None
+    resend: Callable[[], None] | None = None  # sends the request again whole (a step whose state the backend lost)
+    sent: int = 0
+    received: int = 0
 
     @property
     def done(self) -> bool:
         return self.state in TERMINAL
-
-    def on_event(self, callback: Callable[[Handle, object], None]) -> Handle:
-        """Call ``callback(handle, event)`` for each streamed event and once more (event None) at the end."""
-        self.callbacks.append(callback)
-        return self
 
     def take_events(self) -> list:
         events, self.events = self.events, []
@@ -108,6 +107,8 @@ class BackendClient:
         self._generation = 0
         self._outbox: queue.Queue | None = None
         self._loaded: list[str] = []  # volumes the backend holds, least recently used first
+        self._synced: dict[str, tuple[int, object]] = {}  # object key → (version, state) the backend holds
+        self.bytes_sent = self.bytes_received = 0
         self._last_heard = time.monotonic()
         self._hello: Handle | None = None
         self.restarts = 0
@@ -163,8 +164,6 @@ class BackendClient:
                 line = process.stdout.readline()
                 if not line:
                     raise OSError("the backend ended before it listened")
-                import json
-
                 port = json.loads(line)["port"]
                 sock = socket.create_connection((self.host, port), timeout=30)
                 sock.settimeout(None)
@@ -217,8 +216,21 @@ class BackendClient:
                 self._start()
             handle = Handle(next(self._ids), header["op"], finish=finish, stream=stream)
             self._handles[handle.id] = handle
-            self._outbox.put(encode({**header, "id": handle.id}, arrays))
+            self._send(handle, header, arrays)
             return handle
+
+    def _send(self, handle: Handle, header: dict, arrays: dict | None) -> None:
+        buffers = encode({**header, "id": handle.id}, arrays)
+        handle.sent += sum(memoryview(buffer).nbytes for buffer in buffers)
+        self.bytes_sent += sum(memoryview(buffer).nbytes for buffer in buffers)
+        self._outbox.put(buffers)
+
+    def _send_again(self, handle: Handle, header: dict, arrays: dict | None) -> None:
+        """Send ``handle``'s request again (under a new id) with ``header`` and ``arrays``."""
+        self._handles.pop(handle.id, None)
+        handle.id = next(self._ids)
+        self._handles[handle.id] = handle
+        self._send(handle, header, arrays)
 
     def load_volume(self, volume: Volume) -> Handle | None:
         """Send ``volume`` unless this backend has it already (identified by its content hash). The backend
@@ -236,92 +248,60 @@ class BackendClient:
             return self._request({"op": "load_volume", "volume": volume.identity,
                                   "ijk_to_ras": volume.ijk_to_ras.ravel().tolist()}, {"array": volume.array})
 
-    def predict(self, volume: Volume, view: View | str, points_ras=None, labels=None, box_ras=None, window=None,
-                mode: str = "refine", target: str | None = None) -> Handle:
-        """Segment the slice of ``view`` the prompts lie on (see :meth:`.session.Session.refine` and
-        ``segment`` for ``mode`` "refine"/"prompts"). A newer prediction with the same ``target`` (default:
-        the view) supersedes this one while it waits. The result is a :class:`~..session.SliceResult`."""
-        from ..session import SliceResult
+    def step(self, volume: Volume, view: View | str, key: str, state, action, window=None,
+             target: str | None = None) -> Handle:
+        """One engine step (:meth:`..engine.Engine.step`) in the backend on object ``key`` (any string naming
+        it uniquely for this client), whose current state is ``state`` (an :class:`~..state.ObjectState`, or
+        None for a new object); the caller keeps the states. When ``state`` is the one an earlier step of this
+        client returned, only the action goes out and only what changed comes back; otherwise (a new backend, a
+        state edited by the caller) the state goes whole. A newer request with the same ``target`` supersedes
+        this one while it waits. A propagation's slices arrive as ``(index, mask)`` events; the result, given
+        only when the whole step completed, is ``(new_state, update)``."""
+        from ..actions import to_message
+        from ..state import ObjectState, Update
 
         axes = slice_axes(volume, view)
         self.load_volume(volume)
-        header = {"op": "predict", "volume": volume.identity, "view": axes.view.value, "window": _json_window(window),
-                  "mode": mode, "target": target or f"{volume.identity}/{axes.view.value}",
-                  "points_ras": None if points_ras is None else np.asarray(points_ras, float).tolist(),
-                  "labels": None if labels is None else np.asarray(labels, int).ravel().tolist(),
-                  "box_ras": None if box_ras is None else np.asarray(box_ras, float).tolist()}
+        action_header, action_arrays = to_message(action)
+        header = {"op": "step", "volume": volume.identity, "view": axes.view.value, "window": _json_window(window),
+                  "object": key, "action": action_header, "target": target}
+        streamed: dict[int, np.ndarray] = {}
+        with self._lock:
+            synced = self._synced.get(key)
+            whole = synced is None or synced[1] is not state
+            request = self._step_request(header, action_arrays, state, synced, whole)
 
-        def finish(message: Message) -> SliceResult:
-            h = message.header
-            return SliceResult(view=axes.view, index=h["index"], axes=axes, mask2d=message.arrays["mask2d"],
-                               score=h["score"], low_res_logits=message.arrays["low_res_logits"],
-                               timings_ms=h["timings_ms"], box=None if h.get("box") is None else np.array(h["box"]),
-                               notices=h.get("notices", []))
-
-        return self._request(header, finish=finish)
-
-    def propagate(self, volume: Volume, view: View | str, seeds: dict[str, tuple[int, np.ndarray]],
-                  direction: str = "both", slice_range: tuple[int, int] | None = None,
-                  keys: dict[str, dict[int, np.ndarray]] | None = None, rules: dict | None = None, window=None,
-                  allow_overlap: bool = False, boxes: dict[str, np.ndarray] | None = None, skip: int = 0) -> Handle:
-        """Propagate like :meth:`.propagation.Propagator.run` in the backend (``boxes``: the box in slice
-        pixels that a seed was made from, where known; ``skip``: as for :class:`~..propagation.Propagator`).
-        Each finished slice arrives as a :class:`~..propagation.SliceStep` event; the
-        :class:`~..propagation.PropagationResult` is the result, given only when the whole propagation
-        completed."""
-        from ..propagation import PropagationResult, SliceStep
-
-        axes = slice_axes(volume, view)
-        self.load_volume(volume)
-        arrays = {f"seed/{name}": np.asarray(mask, bool) for name, (_, mask) in seeds.items()}
-        for name, per in (keys or {}).items():
-            arrays.update({f"key/{name}/{int(i)}": np.asarray(m, bool) for i, m in per.items()})
-        header = {"op": "propagate", "volume": volume.identity, "view": axes.view.value,
-                  "window": _json_window(window), "seeds": {name: int(i) for name, (i, _) in seeds.items()},
-                  "keys": {name: sorted(int(i) for i in per) for name, per in (keys or {}).items()},
-                  "direction": str(getattr(direction, "value", direction)),
-                  "range": None if slice_range is None else [int(v) for v in slice_range],
-                  "rules": rules or {}, "allow_overlap": bool(allow_overlap), "skip": int(skip),
-                  "boxes": {name: np.asarray(box, float).ravel().tolist() for name, box in (boxes or {}).items()}}
-        collected = PropagationResult(axes, masks={name: {} for name in seeds})
-
-        def stream(message: Message) -> SliceStep:
-            index = message.header["index"]
-            masks = {name.split("/", 1)[1]: mask for name, mask in message.arrays.items()}
-            for name, mask in masks.items():
-                collected.masks.setdefault(name, {})[index] = mask
-            return SliceStep(index, masks, message.header["scores"])
-
-        def finish(message: Message) -> PropagationResult:
-            collected.stopped, collected.seconds = message.header["stopped"], message.header["seconds"]
-            return collected
-
-        return self._request(header, arrays, finish=finish, stream=stream)
-
-    def interact(self, volume: Volume, view: View | str, name: str, action: dict, state=None,
-                 window=None) -> Handle:
-        """One step of 3D interaction in the backend (:mod:`..interaction`): ``action`` is
-        ``{"type": "box", "corners_ras": (2, 3), "range": (first, last) or None}`` or
-        ``{"type": "click", "point_ras": (3,), "positive": bool}``; ``state`` the object's
-        :class:`~..interaction.ObjectState` so far (None: a new object), which the caller keeps. The result is
-        ``(update, state)``: an :class:`~..interaction.Update` and the new state."""
-        from ..interaction import ObjectState, Update
-
-        axes = slice_axes(volume, view)
-        self.load_volume(volume)
-        action = {key: np.asarray(value, float).tolist() if key in ("corners_ras", "point_ras") else value
-                  for key, value in action.items()}
-        state_header, arrays = state.to_message() if state is not None else (None, {})
-        header = {"op": "interact", "volume": volume.identity, "view": axes.view.value, "name": name,
-                  "window": _json_window(window), "action": action, "state": state_header}
+        def stream(message: Message):
+            index, size = int(message.header["index"]), int(np.prod(axes.image_shape))
+            streamed[index] = np.unpackbits(message.arrays["mask"], count=size).astype(bool).reshape(axes.image_shape)
+            return index, streamed[index]
 
         def finish(message: Message):
             h = message.header
-            update = Update(name, {i: message.arrays[f"changed/{i}"] for i in h["changed"]}, h["stopped"],
-                            h["notices"], h["seconds"])
-            return update, ObjectState.from_message(h["state"], message.arrays, axes.image_shape)
+            base = state if state is not None else ObjectState((0, 0))
+            new = base.apply_message(h["state"], message.arrays, axes.image_shape, keep=streamed)
+            u = h["update"]
+            empty = np.zeros(axes.image_shape, bool)
+            update = Update({i: new.masks.get(i, empty) for i in u["changed"]}, u["stopped"], u["notices"],
+                            u["seconds"])
+            self._synced[key] = (h["version"], new)  # (poll holds the lock; only this backend's replies arrive)
+            return new, update
 
-        return self._request(header, arrays, finish=finish)
+        handle = self._request(request[0], request[1], finish=finish, stream=stream)
+        if not whole:
+            def resend() -> None:
+                full_header, full_arrays = self._step_request(header, action_arrays, state, None, True)
+                self._send_again(handle, full_header, full_arrays)
+
+            handle.resend = resend
+        return handle
+
+    @staticmethod
+    def _step_request(header: dict, action_arrays: dict, state, synced, whole: bool) -> tuple[dict, dict]:
+        if not whole:
+            return {**header, "version": synced[0]}, action_arrays
+        state_header, state_arrays = state.to_message() if state is not None else (None, {})
+        return {**header, "state": state_header}, {**state_arrays, **action_arrays}
 
     def cancel(self, handle: Handle) -> None:
         """Ask the backend to stop ``handle`` (a running propagation stops within one slice)."""
@@ -340,10 +320,8 @@ class BackendClient:
 
     # ---- replies -------------------------------------------------------------------------------------------
     def poll(self) -> list[Handle]:
-        """Apply what arrived, check the backend is alive, run callbacks; returns the handles that changed.
-        Never blocks."""
+        """Apply what arrived and check the backend is alive; returns the handles that changed. Never blocks."""
         changed: dict[int, Handle] = {}
-        calls = []
         with self._lock:
             while True:
                 try:
@@ -356,13 +334,11 @@ class BackendClient:
                 if isinstance(item, str):
                     self._fail_all(f"The backend process stopped: {item}{self._exit_reason()}.")
                     continue
-                self._apply(item, changed, calls)
-            self._check_health(changed, calls)
-        for callback, handle, event in calls:
-            callback(handle, event)
+                self._apply(item, changed)
+            self._check_health(changed)
         return list(changed.values())
 
-    def _apply(self, message: Message, changed: dict, calls: list) -> None:
+    def _apply(self, message: Message, changed: dict) -> None:
         op, request_id = message.op, message.header.get("id")
         if op == "heartbeat":
             self._stalled = (message.header.get("running"), float(message.header.get("stalled_s") or 0.0))
@@ -372,11 +348,17 @@ class BackendClient:
             if op == "error":  # an error not tied to a request: the backend keeps serving, just note it
                 self.errors.append(message.header.get("message", ""))
             return
+        size = len(json.dumps(message.header)) + sum(a.nbytes for a in message.arrays.values())
+        handle.received += size
+        self.bytes_received += size
+        if op == "error" and message.header.get("kind") == "StateUnknown" and handle.resend is not None:
+            resend, handle.resend = handle.resend, None
+            resend()  # the backend lost this object's state (it restarted or forgot it): send it whole
+            return
         if op == "slice":
             event = handle.stream(message) if handle.stream else message
             handle.progress = (message.header.get("done", 0), message.header.get("total", 0))
             handle.events.append(event)
-            calls.extend((cb, handle, event) for cb in handle.callbacks)
         elif op in ("result", "hello"):
             handle.result = handle.finish(message) if handle.finish else message.header
             self._end(handle, "done", "")
@@ -390,14 +372,12 @@ class BackendClient:
         elif op in ("cancelled", "dropped"):
             self._end(handle, op, message.header.get("message", ""))
         changed[handle.id] = handle
-        if handle.done:
-            calls.extend((cb, handle, None) for cb in handle.callbacks)
 
     def _end(self, handle: Handle, state: str, message: str) -> None:
         handle.state, handle.message = state, message
         self._handles.pop(handle.id, None)
 
-    def _check_health(self, changed: dict, calls: list) -> None:
+    def _check_health(self, changed: dict) -> None:
         if self._process is None:
             return
         now = time.monotonic()
@@ -414,7 +394,6 @@ class BackendClient:
             self._fail_all(problem)
             for handle in failed:
                 changed[handle.id] = handle
-                calls.extend((cb, handle, None) for cb in handle.callbacks)
 
     def _exit_reason(self) -> str:
         """" (killed by signal N)" or " (exit status N)" once the process has ended, else ""."""
@@ -442,6 +421,7 @@ class BackendClient:
             self._outbox.put(None)
         self._generation += 1
         self._loaded = []
+        self._synced = {}
         if process is not None and process.poll() is None:
             process.kill()
         if process is not None:

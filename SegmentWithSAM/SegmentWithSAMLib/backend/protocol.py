@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one 'step' operation on object states kept under a version
 TOKEN_ENV = "SEGMENTWITHSAM_TOKEN"  # where a TCP backend finds the token clients must present
 MAGIC = b"SWS\x01"
 PREFIX = struct.Struct("<4sIQ")

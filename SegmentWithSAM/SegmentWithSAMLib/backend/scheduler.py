@@ -1,5 +1,6 @@
-"""What the backend's model thread does next: interactive requests first, latest-wins for predictions of the
-same target, cancel of queued or running work, and idle-time prefetch of neighbouring slices."""
+"""What the backend's model thread does next: interactive requests first (a preview or a click goes ahead of a
+queued propagation, and a running propagation lets them through between its slices), latest-wins for requests
+of the same target, cancel of queued or running work, and idle-time prefetch of neighbouring slices."""
 
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ import numpy as np
 @dataclass
 class Task:
     """One queued request: ``header`` and ``arrays`` as received; ``cancel`` is set to stop it between
-    slices. Predictions with the same ``target`` replace each other while queued."""
+    slices. Requests with the same ``target`` replace each other while queued; ``interactive`` ones (quick:
+    loading a volume, a 2D prompt, a click) run before the others; ``subject`` (an object's key) is what it
+    works on: an interactive task is let through a running one only when their subjects differ."""
 
     id: int
     op: str
     header: dict
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     target: str | None = None
+    interactive: bool = True
+    subject: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class Scheduler:
-    """A thread-safe queue of :class:`Task` plus a low-priority prefetch plan.
+    """A thread-safe pair of queues of :class:`Task` (interactive, then the rest) plus a low-priority prefetch plan.
 
     The reader thread submits and cancels; the model thread takes. Whatever ``submit`` and ``cancel`` return
     has been removed from the queue and must be answered by the caller (as dropped or cancelled).
@@ -33,32 +38,45 @@ class Scheduler:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: deque[Task] = deque()
+        self._interactive: deque[Task] = deque()
+        self._bulk: deque[Task] = deque()
         self._prefetch: deque = deque()
-        self.running: Task | None = None
+        self._running: list[Task] = []  # a task and those let through it while it yields
         self.dropped = 0
+        self.order: deque[int] = deque(maxlen=64)  # the ids of the latest tasks in the order they started
         self.progress_at = time.monotonic()  # when the running task last made progress
 
+    @property
+    def running(self) -> Task | None:
+        return self._running[-1] if self._running else None
+
+    def _queues(self) -> tuple[deque[Task], deque[Task]]:
+        return self._interactive, self._bulk
+
     def submit(self, task: Task) -> list[Task]:
-        """Queue ``task``; returns the queued predictions it supersedes (same target), now dropped."""
+        """Queue ``task``; returns the queued tasks it supersedes (same target), now dropped."""
         with self._cond:
-            stale = [t for t in self._queue if task.target is not None and t.target == task.target]
-            for old in stale:
-                self._queue.remove(old)
+            stale = []
+            for queue in self._queues():
+                for old in [t for t in queue if task.target is not None and t.target == task.target]:
+                    queue.remove(old)
+                    stale.append(old)
             self.dropped += len(stale)
-            self._queue.append(task)
+            (self._interactive if task.interactive else self._bulk).append(task)
             self._cond.notify()
             return stale
 
     def cancel(self, task_id: int) -> Task | None:
-        """Cancel a queued task (returned, removed) or flag the running one (None returned: it answers)."""
+        """Cancel a queued task (returned, removed) or flag a running one (None returned: it answers)."""
         with self._cond:
-            for task in self._queue:
+            for queue in self._queues():
+                for task in queue:
+                    if task.id == task_id:
+                        queue.remove(task)
+                        return task
+            for task in self._running:
                 if task.id == task_id:
-                    self._queue.remove(task)
-                    return task
-            if self.running is not None and self.running.id == task_id:
-                self.running.cancel.set()
+                    task.cancel.set()
             return None
 
     def plan_prefetch(self, items) -> None:
@@ -66,17 +84,33 @@ class Scheduler:
         with self._cond:
             self._prefetch = deque(items)
 
+    def _start(self, task: Task) -> Task:
+        self._running.append(task)
+        self.order.append(task.id)
+        self.progress_at = time.monotonic()
+        return task
+
     def take(self, timeout: float) -> Task | tuple | None:
-        """The next task (marked running); else the next prefetch item; else None after ``timeout`` s."""
+        """The next task (marked running), interactive ones first; else the next prefetch item; else None after
+        ``timeout`` s."""
         with self._cond:
-            if not self._queue and not self._prefetch:
+            if not self._interactive and not self._bulk and not self._prefetch:
                 self._cond.wait(timeout)
-            if self._queue:
-                self.running = self._queue.popleft()
-                self.progress_at = time.monotonic()
-                return self.running
-            self.running = None
+            for queue in self._queues():
+                if queue:
+                    return self._start(queue.popleft())
             return self._prefetch.popleft() if self._prefetch else None
+
+    def take_interactive(self) -> Task | None:
+        """A waiting interactive task that may run now, inside the running task's pause between two slices (its
+        subject differs from every running task's), marked running; None if there is none."""
+        with self._cond:
+            busy = {t.subject for t in self._running if t.subject is not None}
+            for task in self._interactive:
+                if task.subject is None or task.subject not in busy:
+                    self._interactive.remove(task)
+                    return self._start(task)
+            return None
 
     def touch(self) -> None:
         """The running task made progress (a slice done)."""
@@ -85,23 +119,29 @@ class Scheduler:
     def stalled(self) -> tuple[int | None, float]:
         """The running task's id and the seconds since it last made progress (None, 0 when idle)."""
         with self._cond:
-            if self.running is None:
+            if not self._running:
                 return None, 0.0
-            return self.running.id, time.monotonic() - self.progress_at
+            return self._running[-1].id, time.monotonic() - self.progress_at
 
-    def finish(self) -> None:
+    def finish(self, task: Task) -> None:
+        """``task`` ended (the one it interrupted, if any, is running again)."""
         with self._cond:
-            self.running = None
+            if task in self._running:
+                self._running.remove(task)
+            self.progress_at = time.monotonic()
 
     def drain(self) -> list[Task]:
         """Remove and return every queued task (at shutdown)."""
         with self._cond:
-            tasks, self._queue = list(self._queue), deque()
+            tasks = [*self._interactive, *self._bulk]
+            self._interactive.clear()
+            self._bulk.clear()
             self._prefetch.clear()
             self._cond.notify_all()
             return tasks
 
     def stats(self) -> dict:
         with self._cond:
-            return {"queued": len(self._queue), "running": self.running.op if self.running else None,
+            return {"queued": len(self._interactive) + len(self._bulk), "interactive": len(self._interactive),
+                    "running": self.running.op if self.running else None,
                     "prefetch_planned": len(self._prefetch), "dropped": self.dropped}

@@ -21,20 +21,30 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 
+from ..actions import INTERACTIVE, KINDS
 from ..cache import EmbeddingCache
 from ..errors import BackendError, PromptError, ProtocolError, SegmentWithSAMError, VolumeError
 from ..geometry import View, Volume
 from ..models import DEFAULT_MODEL
 from ..propagation import Cancelled
+from ..state import ObjectState
 from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode
 from .scheduler import Scheduler, Task
 
 HEARTBEAT_S = 0.25
-QUEUED_OPS = {"load_volume", "unload_volume", "predict", "propagate", "interact", "set_model"}
+QUEUED_OPS = {"load_volume", "unload_volume", "step", "set_model"}
+INTERACTIVE_ACTIONS = {name for name, kind in KINDS.items() if kind in INTERACTIVE}  # run before the others
+MAX_STATES = 64  # object states kept between steps (least recently used go; their clients send them again)
+
+
+class StateUnknown(ProtocolError):
+    """The backend does not hold the object's state the client named (it restarted, or forgot it): the client
+    sends the state whole and the step is done again."""
 
 
 class Channel:
@@ -105,6 +115,7 @@ class Backend:
         self.prefetch = max(0, int(prefetch))
         self.volumes: dict[str, Volume] = {}
         self.sessions: dict[tuple, object] = {}
+        self.states: OrderedDict[str, tuple[int, ObjectState | None]] = OrderedDict()  # key → (version, state)
         self.stopping = threading.Event()
 
     # ---- reader thread -------------------------------------------------------------------------------------
@@ -138,8 +149,11 @@ class Backend:
             self.stop()
             self.send({"op": "result", "id": request_id})
         elif op in QUEUED_OPS:
-            target = header.get("target") if op == "predict" else None
-            task = Task(request_id, op, header, message.arrays, target if isinstance(target, str) else None)
+            target, subject = header.get("target"), header.get("object")
+            action = header.get("action") if isinstance(header.get("action"), dict) else {}
+            interactive = op in ("load_volume", "unload_volume") or action.get("type") in INTERACTIVE_ACTIONS
+            task = Task(request_id, op, header, message.arrays, target if isinstance(target, str) else None,
+                        interactive, subject if isinstance(subject, str) else None)
             for stale in self.scheduler.submit(task):
                 self.send({"op": "dropped", "id": stale.id})
         else:
@@ -153,6 +167,7 @@ class Backend:
                 "model_error": str(self.model_error) if self.model_error else None,
                 "encoder_runs": getattr(model, "encoder_runs", 0), "decoder_runs": getattr(model, "decoder_runs", 0),
                 "cache": self.cache.stats(), "queue": self.scheduler.stats(), "volumes": list(self.volumes),
+                "order": list(self.scheduler.order), "states": len(self.states),
                 "prefetch": self.prefetch}
 
     def stop(self) -> None:
@@ -162,11 +177,13 @@ class Backend:
 
     # ---- model thread --------------------------------------------------------------------------------------
     def _load_model(self, spec: str, device: str | None) -> None:
-        from ..models import load_model
+        from ..loading import configure_process_threads, load_model
 
         self.model = load_model(spec, device, self.engine)
+        configure_process_threads(self.model)  # this process's own model thread: the one place it is set
         self.model_spec, self.device_spec, self.model_error = spec, device, None
         self.sessions.clear()
+        self.states.clear()
         self.cache.clear()
 
     def serve_forever(self) -> None:
@@ -183,7 +200,7 @@ class Backend:
             item = self.scheduler.take(timeout=0.2)
             if isinstance(item, Task):
                 self._run(item)
-                self.scheduler.finish()
+                self.scheduler.finish(item)
             elif item is not None:
                 self._prefetch_one(*item)
 
@@ -263,112 +280,68 @@ class Backend:
                     self.cache.clear()
                 self.scheduler.plan_prefetch(())
 
-    def _predict(self, task: Task) -> tuple[dict, dict]:
+    def _let_through(self) -> None:
+        """Between two slices of a long step: run the interactive tasks waiting (on other objects) now."""
+        while (task := self.scheduler.take_interactive()) is not None:
+            try:
+                self._run(task)
+            finally:
+                self.scheduler.finish(task)
+
+    def _state(self, task: Task, key: str, image_shape: tuple[int, int]) -> tuple[int, ObjectState | None]:
+        """The object's state this step applies to: the one sent whole, or the stored one of the version named."""
         header = task.header
-        key, session = self._session(header)
-        view = View.parse(header.get("view") or "")
-        labels = _points(header, "labels", 1)
-        box = _points(header, "box_ras", 3)
-        args = (view, _points(header, "points_ras", 3), None if labels is None else labels.ravel(), box)
-        mode = header.get("mode", "refine")
-        if mode not in ("refine", "prompts"):
-            raise PromptError(f"Unknown prediction mode {mode!r}: use refine or prompts.")
-        result = session.refine(*args) if mode == "refine" else session.segment(*args)
-        self._plan_prefetch(key, result.view, result.index, result.axes.num_slices)
-        return ({"view": result.view.value, "index": result.index, "score": result.score,
-                 "timings_ms": result.timings_ms, "box": None if result.box is None else result.box.tolist(),
-                 "notices": result.notices},
-                {"mask2d": result.mask2d, "low_res_logits": np.asarray(result.low_res_logits, np.float32)})
+        if "state" in header:
+            sent = header["state"]
+            return 0, None if sent is None else ObjectState.from_message(sent, task.arrays, image_shape)
+        stored = self.states.get(key)
+        if stored is None or stored[0] != header.get("version"):
+            raise StateUnknown(f"This backend has no version {header.get('version')!r} of {key!r}: send the state.")
+        return stored
 
-    def _propagate(self, task: Task) -> tuple[dict, None]:
-        from ..propagation import Propagator, StopRules
+    def _step(self, task: Task) -> tuple[dict, dict]:
+        """One engine step (:meth:`..engine.Engine.step`) on the object ``header["object"]``: its state comes
+        whole with the request, or is the version this backend kept from the step before; the reply is the new
+        version and only what changed (:meth:`..state.ObjectState.to_message` of the changed slices), the
+        slices a propagation streamed as it went not sent again."""
+        from ..actions import from_message
+        from ..engine import Engine
 
         header = task.header
-        key, session = self._session(header)
-        view = View.parse(header.get("view") or "")
-        rules = header.get("rules") or {}
-        try:
-            rules = StopRules(**rules)
-        except TypeError as error:
-            raise PromptError(f"Unknown stop rule: {error}.") from None
-        seeds_in, keys_in = header.get("seeds"), header.get("keys") or {}
-        if not isinstance(seeds_in, dict) or not isinstance(keys_in, dict):
-            raise PromptError("seeds and keys must map object names to slice indices.")
-        try:
-            seeds = {name: (int(index), task.arrays[f"seed/{name}"]) for name, index in seeds_in.items()}
-            keys = {name: {int(i): task.arrays[f"key/{name}/{int(i)}"] for i in indices}
-                    for name, indices in keys_in.items()}
-        except (KeyError, TypeError, ValueError) as error:
-            raise PromptError(f"A seed or key slice has no mask ({error}).") from None
-        boxes = header.get("boxes") or {}
-        if not isinstance(boxes, dict):
-            raise PromptError("boxes must map object names to boxes.")
-        try:  # their shapes are checked by the propagator
-            boxes = {name: np.asarray(value, dtype=float) for name, value in boxes.items()}
-        except (TypeError, ValueError):
-            raise PromptError("Each box must be 4 numbers: x0, y0, x1, y1 in slice pixels.") from None
-        skip = header.get("skip", 0)
-        if not isinstance(skip, int) or isinstance(skip, bool):
-            raise PromptError(f"skip must be a whole number, not {skip!r}.")
-        propagator = Propagator(session, view, rules, skip=skip)
-        total = propagator.axes.num_slices
-        done = 0
+        key = header.get("object")
+        if not isinstance(key, str) or not key:
+            raise PromptError("A step needs the object's key (a string).")
+        session_key, session = self._session(header)
+        engine = Engine(session, View.parse(header.get("view") or ""))
+        action = from_message(header.get("action"), task.arrays)
+        version, state = self._state(task, key, engine.axes.image_shape)
+        streamed: dict[int, np.ndarray] = {}
 
-        def on_slice(step) -> None:
-            nonlocal done
-            done += 1
+        def between_slices() -> bool:
             self.scheduler.touch()
-            self.send({"op": "slice", "id": task.id, "index": step.index, "scores": step.scores,
-                       "done": done, "total": total}, {f"mask/{name}": m for name, m in step.masks.items()})
-
-        slice_range = header.get("range")
-        result = propagator.run(seeds, header.get("direction", "both"), tuple(slice_range) if slice_range else None,
-                                keys, on_slice=on_slice, cancel=task.cancel.is_set,
-                                allow_overlap=bool(header.get("allow_overlap", False)), boxes=boxes or None)
-        last = max((i for per in result.masks.values() for i in per), default=None)
-        if last is not None:
-            self._plan_prefetch(key, view, last, total)
-        return {"stopped": result.stopped, "seconds": result.seconds, "slices": result.slice_count}, None
-
-
-    def _interact(self, task: Task) -> tuple[dict, dict]:
-        """One step of 3D interaction (:mod:`..interaction`) on an object whose state the client sends and
-        keeps: ``action`` {"type": "box", "corners_ras", "range"} or {"type": "click", "point_ras", "positive"}.
-        Replies with the changed slices, the stop reasons, notices and the new state."""
-        from ..interaction import Interaction, ObjectState
-
-        header = task.header
-        key, session = self._session(header)
-        interaction = Interaction(session, View.parse(header.get("view") or ""))
-        name, action = str(header.get("name") or "object"), header.get("action")
-        if header.get("state") is not None:
-            interaction.objects[name] = ObjectState.from_message(header["state"], task.arrays,
-                                                                 interaction.axes.image_shape)
-        if not isinstance(action, dict) or action.get("type") not in ("box", "click"):
-            raise PromptError("interact needs an action: {'type': 'box', ...} or {'type': 'click', ...}.")
-
-        def cancelled() -> bool:  # asked after each slice: that is progress, and the moment to stop
-            self.scheduler.touch()
+            self._let_through()
             return task.cancel.is_set()
 
-        if action["type"] == "box":
-            corners, slice_range = _points(action, "corners_ras", 3), action.get("range")
-            if corners is None or corners.shape != (2, 3):
-                raise PromptError("A box action needs corners_ras: two RAS corners.")
-            update = interaction.set_box_ras(name, corners, tuple(slice_range) if slice_range else None,
-                                             cancel=cancelled)
-        else:
-            point = _points(action, "point_ras", 3)
-            if point is None or point.shape != (1, 3):
-                raise PromptError("A click action needs point_ras: one RAS point.")
-            update = interaction.click_ras(name, point[0], bool(action.get("positive", True)), cancel=cancelled)
-        state_header, state_arrays = interaction.objects[name].to_message()
+        def on_slice(index: int, mask: np.ndarray) -> None:
+            streamed[index] = mask
+            self.send({"op": "slice", "id": task.id, "index": index, "done": len(streamed),
+                       "total": engine.axes.num_slices}, {"mask": np.packbits(mask)})
+
+        new, update = engine.step(state, action, between_slices, on_slice)
+        self.states[key] = (version + 1, new)
+        self.states.move_to_end(key)
+        while len(self.states) > MAX_STATES:
+            self.states.popitem(last=False)
+        delta, arrays = new.to_message(new.changed_since(state))
+        for name, entry in delta["slices"].items():
+            index = int(name)
+            if entry is not None and entry["kind"] is not None and streamed.get(index) is new.masks[index]:
+                entry["kept"] = True
+                arrays.pop(f"mask/{index}")
         last = max(update.changed, default=None)
         if last is not None:
-            self._plan_prefetch(key, interaction.axes.view, last, interaction.axes.num_slices)
-        return ({"changed": sorted(update.changed), "stopped": update.stopped, "notices": update.notices,
-                 "seconds": update.seconds, "state": state_header},
-                {**{f"changed/{i}": m for i, m in update.changed.items()}, **state_arrays})
+            self._plan_prefetch(session_key, engine.axes.view, last, engine.axes.num_slices)
+        return {"version": version + 1, "state": delta, "update": update.to_header()}, arrays
 
 
 def _serve_connection(backend: Backend, reader: StreamReader, token: str | None) -> None:

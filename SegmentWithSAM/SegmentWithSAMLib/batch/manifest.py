@@ -187,8 +187,8 @@ def _safe(text: str) -> str:
 
 def parse_row(cells: _Cells, base: Path, out_dir: Path, defaults: Options, group: bool) -> Row:
     """One checked :class:`Row` from a manifest row's cells."""
+    from ..actions import parse_slice_range
     from ..geometry import View
-    from ..segment3d import parse_slice_range
 
     volume = cells.path("volume", base, required=True)
     name = cells.text("name", required=True)

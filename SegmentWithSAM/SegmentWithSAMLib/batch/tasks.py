@@ -71,7 +71,7 @@ class ModelCache(WorkerPlugin):
 
     def model(self, options: Options):
         """The model for a row's options, loaded on first use."""
-        from ..models import load_model
+        from ..loading import configure_process_threads, load_model
 
         device = f"cuda:{self.gpu}" if self.gpu is not None and options.device == "auto" else options.device
         key = (options.model, options.checkpoint, device, options.engine)
@@ -80,6 +80,7 @@ class ModelCache(WorkerPlugin):
         if key not in self.models:
             try:
                 self.models[key] = load_model(options.model, device, options.engine, options.checkpoint)
+                configure_process_threads(self.models[key])  # a worker process: its threads are its own
             except SegmentWithSAMError as exc:
                 self.failures[key] = exc
                 raise
@@ -90,20 +91,9 @@ class ModelCache(WorkerPlugin):
         return sum(getattr(model, "encoder_runs", 0) for model in self.models.values())
 
 
-def _check_prompts(volume, row: Row) -> None:
-    """Raise :class:`~..errors.PromptError` for prompts outside the volume or off one slice, before any model
-    is loaded for them."""
-    from ..geometry import prompts_to_slice, slice_axes
-
-    corners = np.asarray(row.box if row.box is not None else [], float).reshape(-1, 3)
-    points = np.concatenate([np.reshape(row.points, (-1, 3)), np.reshape(row.negatives, (-1, 3)), corners])
-    prompts_to_slice(volume, slice_axes(volume, row.view), points)
-
-
 def _seed(volume, row: Row) -> tuple[int, np.ndarray]:
-    from ..geometry import slice_axes
+    from ..geometry import seed_slice, slice_axes
     from ..io import read_labelmap_on
-    from ..segment3d import seed_slice
 
     seed = read_labelmap_on(row.seed, volume, row.volume)
     selected = seed.array != 0 if row.label is None else seed.array == row.label
@@ -139,33 +129,41 @@ class TaskVolume:
 
 def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndarray, dict]:
     """Row ``row``'s 3D mask (bool, KJI) on ``work``'s volume and its report entries, exactly as
-    ``segmentwithsam segment … --propagate`` (or ``propagate --mask``) gives them."""
-    from ..geometry import paste_slice_mask, slices_with
+    ``segmentwithsam segment … --propagate`` (or ``propagate --mask``) gives them: the same engine steps."""
+    from ..actions import Propagate, UserEdit, prompt_from_ras
+    from ..api import Segmenter
+    from ..geometry import slice_axes, slices_with
     from ..metrics import dice
-    from ..segment3d import propagate_seed, segment_prompts, stop_rules
+    from ..propagation import StopRules
 
     options, volume = row.options, work.volume
-    if row.seed is None:
-        _check_prompts(volume, row)
+    propagating = options.direction != "none"
+    if row.seed is None:  # checked before any model is loaded for it
+        points = np.reshape([*row.points, *row.negatives], (-1, 3))
+        labels = [1] * len(row.points) + [0] * len(row.negatives)
+        first = prompt_from_ras(volume, slice_axes(volume, row.view), points, labels,
+                                None if row.box is None else np.reshape(row.box, (2, 3)),
+                                row.slice_range if propagating else None)
     else:
         index, mask2d = _seed(volume, row)
-    session = work.session(models.model(options), options.window)
-    box = None
-    if row.seed is None:
-        result = segment_prompts(session, row.view, row.points, row.negatives, row.box)
-        index, mask2d, box = result.index, result.mask2d, result.box
-    axes = session.axes(row.view)
-    if options.direction == "none":
-        mask, stopped = paste_slice_mask(volume.array.shape, axes, index, mask2d), {}
-    else:
-        rules = stop_rules(options.min_similarity, options.min_score, options.max_area_ratio, options.min_overlap,
-                           options.max_empty)
-        mask, report = propagate_seed(session, row.view, index, mask2d, options.direction, rules, row.slice_range,
-                                      options.skip, box)
-        stopped = report["stopped"]
+        first = UserEdit({index: mask2d})
+    model = models.model(options)
+    segmenter = Segmenter(volume, model, row.view, session=work.session(model, options.window))
+    segmenter.step(row.name, first)
+    update = None
+    if propagating:
+        rules = StopRules.from_options(options.min_similarity, options.min_score, options.max_area_ratio,
+                                       options.min_overlap, options.max_empty)
+        start = first.index if row.seed is None else index
+        update = segmenter.step(row.name, Propagate(start, options.direction,
+                                                    row.slice_range if row.seed is not None else None, rules,
+                                                    options.skip))
+    mask = segmenter.mask(row.name)
     voxels = int(mask.sum())
+    stopped = update.stopped if update is not None else {}
     entry = {"voxels": voxels, "volume_ml": round(voxels * abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1e3, 4),
-             "slices": len(slices_with(axes, mask)), "stopped": "; ".join(f"{k}: {v}" for k, v in stopped.items())}
+             "slices": len(slices_with(segmenter.axes, mask)),
+             "stopped": "; ".join(f"{k}: {v}" for k, v in stopped.items())}
     if row.reference is not None:
         from ..io import read_labelmap_on
 

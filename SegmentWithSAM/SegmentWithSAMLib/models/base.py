@@ -7,6 +7,7 @@ prompts in model-input pixels, XY order. They never see IJK, RAS or slice geomet
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +27,13 @@ class Decoded:
 class SamLikeAdapter:
     """A SAM-architecture model (image encoder, prompt encoder, mask decoder) behind NumPy-friendly calls.
 
-    Subclasses set ``name`` and ``input_size`` and may override :meth:`normalize`.
+    Subclasses implement :meth:`load` and may override :meth:`normalize`. ``input_size`` (S) is what the prompt
+    encoder was built for; ``name`` is set by :meth:`load` (see :func:`..loading.model_name`).
     """
 
     name = "sam-like"
     engine = "torch"  # what runs it (see ..engines)
-    input_size = 1024
+    input_size: int
     low_res_size = 256
     checkpoint: str | None = None  # the weights file it was loaded from
     runs_in_openvino = True  # SAM's mask decoder and a plain image encoder: ..engines can export it
@@ -43,8 +45,17 @@ class SamLikeAdapter:
         self.prompt_encoder = prompt_encoder.to(device).eval()
         self.mask_decoder = mask_decoder.to(device).eval()
         self.device = device
+        self.input_size = int(self.prompt_encoder.input_image_size[0])
         self.encoder_runs = 0  # images encoded so far (the expensive step; caches are judged by it)
         self.decoder_runs = 0  # prompt sets decoded so far
+
+    @classmethod
+    def load(cls, device, checkpoint: str | os.PathLike, variant: str | None, name: str,
+             state: dict | None = None) -> SamLikeAdapter:
+        """Build the architecture ``variant`` (None for an adapter with one architecture), load the weights of
+        ``checkpoint`` (``state``: those weights, if already read) onto ``device``, and call the model ``name``.
+        Raises :class:`~..errors.CheckpointError` when the weights are not for that architecture."""
+        raise NotImplementedError
 
     def normalize(self, images01):
         """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""

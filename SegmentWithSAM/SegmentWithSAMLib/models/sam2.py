@@ -90,7 +90,6 @@ def build_network(variant: str):
 class SAM2(SAM):
     """SAM 2.1 on single slices (``encode``/``decode``) and, through ``net``, for video propagation."""
 
-    name = "sam2.1"
     normalization = "imagenet"
     tracks_video = True  # propagation uses SAM 2's memory (see ..video_propagation)
     runs_in_openvino = False  # its decoder also reads high-resolution features; not exported (yet)
@@ -99,16 +98,15 @@ class SAM2(SAM):
         self.net = net.to(device).eval()
         super().__init__(net.image_encoder, net.sam_prompt_encoder, net.sam_mask_decoder, device)
         self.variant = variant
-        self.input_size = int(net.image_size)
         self.low_res_size = self.input_size // 4
         self._grid = self.input_size // 16
 
     @classmethod
-    def load(cls, device, checkpoint: str | os.PathLike | None = None, variant: str = "sam2.1_hiera_t",
-             name: str | None = None, state: dict | None = None) -> SAM2:
-        """Build SAM 2 ``variant`` and load ``checkpoint`` onto ``device``; ``state``: its weights, if already read."""
-        if checkpoint is None:
-            raise CheckpointError(f"{name or variant} needs a checkpoint file: give its path.")
+    def load(cls, device, checkpoint: str | os.PathLike, variant: str | None, name: str,
+             state: dict | None = None) -> SAM2:
+        """See :meth:`SamLikeAdapter.load`; ``variant`` is a key of :data:`VARIANTS`."""
+        if variant not in VARIANTS:
+            raise ValueError(f"SAM 2 variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         state = state if state is not None else load_state_dict(checkpoint)
         found = checkpoint_variant(state)
         if found is None:
@@ -119,7 +117,7 @@ class SAM2(SAM):
         net = build_network(variant)
         load_into(net, state, checkpoint, f"SAM 2 {variant}")
         model = cls(net, device, variant)
-        model.name, model.checkpoint = name or variant, str(checkpoint)
+        model.name, model.checkpoint = name, str(checkpoint)
         return model
 
     def encode(self, images01):

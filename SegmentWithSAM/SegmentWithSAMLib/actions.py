@@ -1,0 +1,180 @@
+"""What a user can do to an object, as :func:`.engine.Engine.step` takes it: a 2D prompt on a slice, a 3D box,
+a click anywhere, propagate, a user edit.
+
+Actions are in slice pixels of the engine's view (XY = (col, row), as :mod:`.geometry` maps them). Prompts in
+RAS millimetres, as the front ends and the command line have them, become actions here and nowhere else
+(:func:`prompt_from_ras`, :func:`box3d_from_ras`, :func:`click_from_ras`), and the backend carries them as
+JSON (:func:`to_message`, :func:`from_message`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Union
+
+import numpy as np
+
+from .errors import PromptError
+from .geometry import SliceAxes, Volume, prompts_to_slice
+from .propagation import Direction, StopRules
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A 2D prompt on slice ``index``: a ``box`` (4,) x0, y0, x1, y1 and/or ``clicks`` ((x, y, positive), …) in
+    the order they were placed. Its mask replaces the slice's (a preview is this step alone). ``slice_range``
+    (first, last): the box spans those slices (a 3D box drawn as a 2D box with a thickness), which its
+    propagation then fills, stopping only where the model finds nothing."""
+
+    index: int
+    box: tuple[float, float, float, float] | None = None
+    clicks: tuple[tuple[float, float, bool], ...] = ()
+    slice_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Box3D:
+    """A 3D box: the 2D box on slice ``index`` over ``slice_range`` (first, last). The same as a :class:`Prompt`
+    with that box and range followed by :class:`Propagate` both ways from ``index``."""
+
+    index: int
+    box: tuple[float, float, float, float]
+    slice_range: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Click:
+    """A positive or negative click at pixel ``xy`` (col, row) on slice ``index``, correcting the object in 3D."""
+
+    index: int
+    xy: tuple[float, float]
+    positive: bool
+
+
+@dataclass(frozen=True)
+class Propagate:
+    """Propagate from slice ``index`` (which has a mask) ``direction`` within ``slice_range`` (None: the
+    object's range) by ``rules`` (None: the object's); ``skip`` slices interpolated between two the model
+    segments (see :class:`~.propagation.Propagator`)."""
+
+    index: int
+    direction: str = Direction.BOTH.value
+    slice_range: tuple[int, int] | None = None
+    rules: StopRules | None = None
+    skip: int = 0
+
+
+@dataclass(frozen=True)
+class UserEdit:
+    """Slices the user painted outside the engine: slice → mask (rows, cols); never overwritten, they end
+    propagation like key slices."""
+
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+Action = Union[Prompt, Box3D, Click, Propagate, UserEdit]  # noqa: UP007 - a runtime alias on Python 3.10
+KINDS = {"prompt": Prompt, "box3d": Box3D, "click": Click, "propagate": Propagate, "user_edit": UserEdit}
+INTERACTIVE = (Prompt, Click, UserEdit)  # quick: the backend runs them before, and between the slices of, the rest
+
+
+# ---- from RAS millimetres ------------------------------------------------------------------------------------
+def prompt_from_ras(volume: Volume, axes: SliceAxes, points_ras=None, labels=None, box_ras=None,
+                    slice_range: tuple[int, int] | None = None) -> Prompt:
+    """A :class:`Prompt` from points (N, 3) RAS in the order placed with ``labels`` (N,) (1 positive, 0
+    negative; default all positive) and a box's two opposite corners (2, 3) RAS, all on one slice of ``axes``."""
+    index, xy, box = prompts_to_slice(volume, axes, np.zeros((0, 3)) if points_ras is None else points_ras,
+                                     box_ras)
+    labels = np.ones(len(xy), int) if labels is None else np.asarray(labels, dtype=int).ravel()
+    if len(labels) != len(xy):
+        raise PromptError(f"{len(xy)} points need as many labels, not {len(labels)}.")
+    clicks = tuple((float(x), float(y), bool(label)) for (x, y), label in zip(xy, labels, strict=True))
+    return Prompt(index, None if box is None else tuple(float(v) for v in box), clicks,
+                  None if slice_range is None else (int(slice_range[0]), int(slice_range[1])))
+
+
+def box3d_from_ras(volume: Volume, axes: SliceAxes, corners_ras, slice_range: tuple[int, int]) -> Box3D:
+    """A :class:`Box3D` from a box's two opposite corners (2, 3) RAS on one slice and its range of slices."""
+    index, _, box = prompts_to_slice(volume, axes, np.zeros((0, 3)), corners_ras)
+    return Box3D(index, tuple(float(v) for v in box), (int(slice_range[0]), int(slice_range[1])))
+
+
+def click_from_ras(volume: Volume, axes: SliceAxes, point_ras, positive: bool) -> Click:
+    """A :class:`Click` at a RAS point (3,) anywhere in the volume, whichever view it was placed in: on the slice
+    of ``axes``' view through it."""
+    point = np.asarray(point_ras, dtype=float).reshape(3)
+    ijk = volume.to_ijk(point[None])[0]
+    if not np.all(np.isfinite(point)) or np.any(ijk < -0.5) or np.any(ijk > np.asarray(volume.shape_ijk) - 0.5):
+        raise PromptError(f"The click at R={point[0]:.1f}, A={point[1]:.1f}, S={point[2]:.1f} mm is outside the "
+                          "volume: click inside it.")
+    slices, xy = axes.ijk_to_pixel(ijk[None])
+    return Click(int(np.rint(slices[0])), (float(np.rint(xy[0][0])), float(np.rint(xy[0][1]))), bool(positive))
+
+
+def parse_slice_range(text: str | None, what: str = "--range") -> tuple[int, int] | None:
+    """``"A:B"`` → (A, B), slice numbers along the view's slice axis; None for None."""
+    if text is None:
+        return None
+    try:
+        low, high = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise PromptError(f"{what} needs A:B with two slice numbers, not {text!r}.") from None
+    return low, high
+
+
+# ---- the backend's wire format -------------------------------------------------------------------------------
+def to_message(action: Action) -> tuple[dict, dict[str, np.ndarray]]:
+    """``action`` as a JSON-able header (``type`` + its fields) and arrays (a user edit's masks)."""
+    kind = next(name for name, cls in KINDS.items() if isinstance(action, cls))
+    if isinstance(action, UserEdit):
+        return {"type": kind, "slices": sorted(int(i) for i in action.masks)}, \
+            {f"edit/{int(i)}": np.asarray(m, bool) for i, m in action.masks.items()}
+    header = {"type": kind, **{k: v for k, v in asdict(action).items() if k != "rules"}}
+    if isinstance(action, Propagate):
+        header["rules"] = None if action.rules is None else asdict(action.rules)
+    return header, {}
+
+
+def _pair(value, what: str, cast=int):
+    if value is None:
+        return None
+    try:
+        low, high = (cast(v) for v in value)
+    except (TypeError, ValueError):
+        raise PromptError(f"{what} must be two numbers, not {value!r}.") from None
+    return low, high
+
+
+def from_message(header, arrays: dict[str, np.ndarray]) -> Action:
+    """The action :func:`to_message` wrote; anything malformed raises :class:`PromptError` saying what."""
+    if not isinstance(header, dict) or header.get("type") not in KINDS:
+        raise PromptError(f"An action needs a type, one of {', '.join(KINDS)}; got {header!r:.80}.")
+    kind = header["type"]
+    try:
+        if kind == "user_edit":
+            return UserEdit({int(i): np.asarray(arrays[f"edit/{int(i)}"], bool) for i in header["slices"]})
+        index = int(header["index"])
+        if kind == "click":
+            x, y = (float(v) for v in header["xy"])
+            return Click(index, (x, y), bool(header["positive"]))
+        if kind == "propagate":
+            rules = header.get("rules")
+            skip = header.get("skip", 0)
+            if not isinstance(skip, int) or isinstance(skip, bool):
+                raise PromptError(f"skip must be a whole number, not {skip!r}.")
+            return Propagate(index, str(Direction(header.get("direction", "both")).value),
+                             _pair(header.get("slice_range"), "slice_range"),
+                             None if rules is None else StopRules(**rules), skip)
+        box = header.get("box")
+        box = None if box is None else tuple(float(v) for v in box)
+        if box is not None and len(box) != 4:
+            raise PromptError(f"A box is x0, y0, x1, y1, not {box!r}.")
+        if kind == "box3d":
+            if box is None or header.get("slice_range") is None:
+                raise PromptError("A 3D box needs its box and its slice_range.")
+            return Box3D(index, box, _pair(header["slice_range"], "slice_range"))
+        clicks = tuple((float(x), float(y), bool(p)) for x, y, p in header.get("clicks", ()))
+        return Prompt(index, box, clicks, _pair(header.get("slice_range"), "slice_range"))
+    except PromptError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise PromptError(f"The {kind} action is malformed: {type(error).__name__}: {error}.") from None

@@ -1,0 +1,89 @@
+"""The Python API: named objects on one volume, prompts in RAS millimetres, masks on the volume's grid.
+
+A thin holder of one :class:`~.state.ObjectState` per object over :meth:`.engine.Engine.step`, which the command
+line, the batch and ``cvpr25`` use as they are (the backend and the front ends step the same engine)::
+
+    seg = Segmenter(volume, load_model("litemedsam"), view="axial")
+    seg.prompt("liver", box_ras=corners)                 # a 2D box → the mask on its slice
+    seg.propagate("liver", direction="both")             # through the volume from that slice
+    seg.click("liver", point_ras, positive=False)        # a correction anywhere, in 3D
+    mask = seg.mask("liver")                             # bool (K, J, I)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from . import actions
+from .cache import EmbeddingCache
+from .engine import Engine
+from .errors import PromptError
+from .geometry import View, Volume
+from .propagation import StopRules
+from .session import Session
+from .state import ObjectState, Update, labelmap
+
+
+class Segmenter:
+    """Objects on ``view`` of ``volume`` segmented with ``model`` (see the module docstring). ``window``: the
+    intensity window spec (:func:`.preprocessing.resolve_window`); ``rules``: the stop rules where a prompt
+    gives none (default :class:`~.propagation.StopRules`)."""
+
+    def __init__(self, volume: Volume, model, view: View | str = View.AXIAL, window=None,
+                 cache: EmbeddingCache | None = None, rules: StopRules | None = None,
+                 session: Session | None = None) -> None:
+        self.session = session if session is not None else Session(volume, model, window, cache)
+        self.engine = Engine(self.session, view, rules)
+        self.axes = self.engine.axes
+        self.states: dict[str, ObjectState] = {}
+        self.last_slice: dict[str, int] = {}  # per object, the slice of its latest prompt (propagate's default)
+
+    @property
+    def volume(self) -> Volume:
+        return self.session.volume
+
+    def step(self, name: str, action: actions.Action, cancel: Callable[[], bool] | None = None,
+             on_slice=None) -> Update:
+        """Apply ``action`` to object ``name`` (kept only when it succeeds) and return what changed."""
+        state, update = self.engine.step(self.states.get(name), action, cancel, on_slice)
+        self.states[name] = state
+        if isinstance(action, (actions.Prompt, actions.Box3D, actions.Click)):
+            self.last_slice[name] = action.index
+        return update
+
+    def prompt(self, name: str, points_ras=None, labels=None, box_ras=None,
+               slice_range: tuple[int, int] | None = None) -> Update:
+        """A 2D prompt: points (N, 3) in the order placed with ``labels`` (N,) (1 positive, 0 negative) and/or a
+        box's two opposite corners (2, 3), on one slice; ``slice_range``: the box spans those slices."""
+        return self.step(name, actions.prompt_from_ras(self.volume, self.axes, points_ras, labels, box_ras,
+                                                       slice_range))
+
+    def box3d(self, name: str, corners_ras, slice_range: tuple[int, int], cancel=None) -> Update:
+        """A 3D box: two opposite corners (2, 3) on one slice, spanning ``slice_range`` (first, last)."""
+        return self.step(name, actions.box3d_from_ras(self.volume, self.axes, corners_ras, slice_range), cancel)
+
+    def click(self, name: str, point_ras, positive: bool = True, cancel=None) -> Update:
+        """A click anywhere in the volume correcting object ``name`` in 3D."""
+        return self.step(name, actions.click_from_ras(self.volume, self.axes, point_ras, positive), cancel)
+
+    def propagate(self, name: str, index: int | None = None, direction: str = "both",
+                  slice_range: tuple[int, int] | None = None, rules: StopRules | None = None, skip: int = 0,
+                  cancel=None, on_slice=None) -> Update:
+        """Propagate object ``name`` from slice ``index`` (default: its latest prompt's slice)."""
+        if index is None:
+            if name not in self.last_slice:
+                raise PromptError(f"{name!r} has no slice to propagate from: prompt it first.")
+            index = self.last_slice[name]
+        return self.step(name, actions.Propagate(index, direction, slice_range, rules, skip), cancel, on_slice)
+
+    def mask(self, name: str) -> np.ndarray:
+        """Object ``name`` as a bool KJI array on the volume's grid."""
+        out = np.zeros(self.volume.array.shape, bool)
+        self.axes.oriented(out)[:] = self.states[name].oriented_mask(self.axes.num_slices, self.axes.image_shape)
+        return out
+
+    def labelmap(self, names: list[str] | None = None) -> np.ndarray:
+        """uint8 KJI labelmap of the objects (see :func:`.state.labelmap`)."""
+        return labelmap(self.states, self.axes, self.volume.array.shape, names)

@@ -1,0 +1,313 @@
+"""The engine on real data: a 3D box fills its range, clicks anywhere correct the 3D mask without touching key or
+user slices, a negative click on an over-segmented end slice removes it for good, a positive click past the extent
+extends it; a step never changes the state it is given and its delta rebuilds the new state exactly (real
+LiteMedSAM on Colin27 + AAL and on the head CT)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from SegmentWithSAMLib.actions import Box3D, Click, Prompt, Propagate, UserEdit
+from SegmentWithSAMLib.api import Segmenter
+from SegmentWithSAMLib.data import AAL_STRUCTURES
+from SegmentWithSAMLib.engine import RANGE_RULES, Engine
+from SegmentWithSAMLib.errors import PromptError
+from SegmentWithSAMLib.geometry import bounding_box
+from SegmentWithSAMLib.metrics import dice
+from SegmentWithSAMLib.propagation import Cancelled, StopRules
+from SegmentWithSAMLib.session import Session
+from SegmentWithSAMLib.state import Kind, ObjectState
+
+from conftest import structure_box_ras
+
+STRUCTURE = "Thalamus_L"
+HALF = 3  # slices on each side of the box's slice: a 7-slice range keeps the encoder's work small
+
+
+@pytest.fixture(scope="module")
+def session(colin, model, cache):
+    return Session(colin, model, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def truth(session, atlas):
+    """The structure in the axial view's (slice, rows, cols) orientation and its middle slice."""
+    oriented = session.axes("axial").oriented(atlas.array == AAL_STRUCTURES[STRUCTURE])
+    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    return oriented, int(slices[len(slices) // 2])
+
+
+def box_of(mask: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in bounding_box(mask))
+
+
+def segmenter(session) -> Segmenter:
+    return Segmenter(session.volume, session.model, "axial", session=session)
+
+
+def boxed(session, truth, half=HALF) -> Segmenter:
+    oriented, mid = truth
+    seg = segmenter(session)
+    update = seg.step("thalamus", Box3D(mid, box_of(oriented[mid]), (mid - half, mid + half)))
+    assert set(update.changed) == set(range(mid - half, mid + half + 1)) and update.stopped == {
+        "up": "range end", "down": "range end"}
+    return seg
+
+
+def centre(mask: np.ndarray) -> tuple[float, float]:
+    """The deepest pixel (col, row) of a 2D mask."""
+    row, col = np.unravel_index(np.argmax(ndi.distance_transform_edt(mask)), mask.shape)
+    return float(col), float(row)
+
+
+def largest_part(mask: np.ndarray) -> np.ndarray:
+    labels, _ = ndi.label(mask)
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def oriented_mask(seg: Segmenter, name: str) -> np.ndarray:
+    return seg.states[name].oriented_mask(seg.axes.num_slices, seg.axes.image_shape)
+
+
+def test_a_3d_box_fills_its_range_and_lands_on_the_structure(session, truth):
+    oriented, mid = truth
+    seg = boxed(session, truth)
+    state = seg.states["thalamus"]
+    assert state.kinds[mid] is Kind.KEY and all(state.kinds[i] is Kind.ENGINE for i in state.masks if i != mid)
+    assert state.rules == RANGE_RULES and state.slice_range == (mid - HALF, mid + HALF)
+    band = slice(mid - HALF, mid + HALF + 1)
+    assert dice(oriented_mask(seg, "thalamus")[band], oriented[band]) >= 0.7  # 0.82 measured
+    label = seg.labelmap()
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+    assert np.array_equal(label > 0, seg.mask("thalamus"))
+
+
+def test_a_click_corrects_its_slice_and_neighbours_but_not_past_key_or_user_slices(session, truth):
+    oriented, mid = truth
+    seg = boxed(session, truth)
+    user = np.zeros_like(oriented[mid])
+    user[100:110, 80:90] = True
+    seg.step("thalamus", UserEdit({mid - 2: user}))
+    before = {i: m.copy() for i, m in seg.states["thalamus"].masks.items()}
+    # A positive click in the largest missed part of slice mid - 1.
+    largest = largest_part(oriented[mid - 1] & ~before[mid - 1])
+    update = seg.step("thalamus", Click(mid - 1, centre(largest), True))
+    after = seg.states["thalamus"].masks
+    assert set(update.changed) <= {mid - 1}  # mid (the box's key slice) and mid - 2 (the user's) bound it
+    assert np.array_equal(after[mid - 2], user) and np.array_equal(after[mid], before[mid])
+    assert seg.states["thalamus"].kinds[mid - 1] is Kind.KEY and seg.states["thalamus"].kinds[mid - 2] is Kind.USER
+    assert dice(after[mid - 1], oriented[mid - 1]) > dice(before[mid - 1], oriented[mid - 1])
+    # A second click on the same slice accumulates with the first.
+    seg.step("thalamus", Click(mid - 1, centre(largest), True))
+    assert len(seg.states["thalamus"].clicks[mid - 1]) == 2
+
+
+def test_a_negative_click_removes_an_over_segmented_end_slice_for_good(session, truth):
+    oriented, mid = truth
+    last = int(np.flatnonzero(oriented.any(axis=(1, 2)))[-1])
+    seg = segmenter(session)
+    seg.step("thalamus", Box3D(last - 2, box_of(oriented[last - 2]), (last - 2, last + 2)))
+    state = seg.states["thalamus"]
+    past = [i for i in (last + 2, last + 1) if state.masks.get(i, np.zeros(1, bool)).any()]
+    assert last + 1 in past and not oriented[last + 1].any()  # the range goes past the structure
+    for index in past:  # the outermost first: each is the end slice when it is clicked
+        seg.step("thalamus", Click(index, centre(seg.states["thalamus"].masks[index]), False))
+        state = seg.states["thalamus"]
+        assert not state.masks[index].any() and state.kinds[index] is Kind.KEY
+        assert not any(m.any() for i, m in state.masks.items() if i > index)  # nothing beyond it either
+    # A later click between the box and those slices propagates up to them and stops there: nothing grows back.
+    seg.step("thalamus", Click(last, centre(state.masks[last]), True))
+    state = seg.states["thalamus"]
+    assert not any(state.masks[i].any() for i in past)
+
+
+def test_a_negative_click_inside_the_object_trims_it_and_never_empties_slices(session, truth):
+    """The centre of the largest 3D error can lie deep in a slice's mask that is mostly right (Colin27's putamen):
+    inside the object's extent a negative click trims around itself, it never removes the slice's mask whole."""
+    oriented, mid = truth
+    seg = boxed(session, truth)
+    before = {i: m.copy() for i, m in seg.states["thalamus"].masks.items()}
+    update = seg.step("thalamus", Click(mid + 1, centre(before[mid + 1]), False))
+    after = seg.states["thalamus"].masks
+    assert after[mid + 1].any() and after[mid + 1].sum() < before[mid + 1].sum()
+    assert all(after[i].any() and not (after[i] & ~before[i]).any() for i in update.changed)  # only removed
+
+
+def test_a_positive_click_adds_to_the_engines_slices_and_takes_nothing_away(session, truth):
+    oriented, mid = truth
+    seg = boxed(session, truth)
+    before = {i: m.copy() for i, m in seg.states["thalamus"].masks.items()}
+    col, row = centre(largest_part(oriented[mid + 2] & ~before[mid + 2]))
+    update = seg.step("thalamus", Click(mid + 2, (col, row), True))
+    after = seg.states["thalamus"].masks
+    assert mid + 2 in update.changed and after[mid + 2][int(row), int(col)] and np.array_equal(after[mid], before[mid])
+    assert all(not (before[i] & ~after[i]).any() for i in update.changed if i != mid + 2)
+
+
+def test_a_positive_click_past_the_extent_extends_it(session, truth):
+    oriented, mid = truth
+    seg = boxed(session, truth, half=1)
+    beyond = mid + 3  # outside the range mid-1 … mid+1, the structure goes on there
+    update = seg.step("thalamus", Click(beyond, centre(oriented[beyond]), True))
+    state = seg.states["thalamus"]
+    assert state.slice_range == (mid - 1, beyond) and any("now spans" in n for n in update.notices)
+    assert state.masks[beyond].any() and state.masks[mid + 2].any()  # the gap is filled from the click
+    assert dice(state.masks[beyond], oriented[beyond]) >= 0.5
+
+
+def test_bad_prompts_are_refused_and_a_cancelled_step_changes_nothing(session, truth):
+    oriented, mid = truth
+    seg = boxed(session, truth, half=1)
+    state = seg.states["thalamus"]
+    before = oriented_mask(seg, "thalamus")
+    with pytest.raises(PromptError, match="outside .* range"):
+        seg.step("thalamus", Click(mid + 5, (90, 100), False))
+    with pytest.raises(PromptError, match="outside the slice"):
+        seg.step("thalamus", Click(mid, (-40, 100), True))
+    with pytest.raises(PromptError, match="outside the volume"):
+        seg.click("thalamus", [400.0, 0, 0], True)
+    with pytest.raises(PromptError, match="misses the slice"):
+        seg.step("other", Box3D(mid, (-50, -50, -10, -10), (mid - 1, mid + 1)))
+    with pytest.raises(PromptError, match="outside the volume"):
+        seg.step("other", Box3D(mid, (10, 10, 50, 50), (500, 510)))
+    with pytest.raises(Cancelled):
+        seg.step("other", Box3D(mid, box_of(oriented[mid]), (mid - 1, mid + 1)), cancel=lambda: True)
+    assert seg.states["thalamus"] is state and "other" not in seg.states
+    assert np.array_equal(oriented_mask(seg, "thalamus"), before)
+    header, arrays = state.to_message()
+    restored = ObjectState.from_message(header, arrays, seg.axes.image_shape)
+    assert restored.kinds == state.kinds and restored.slice_range == (mid - 1, mid + 1)
+    assert set(restored.masks) == set(state.masks) == set(range(mid - 1, mid + 2))
+    assert all(np.array_equal(restored.masks[i], m) for i, m in state.masks.items())
+    with pytest.raises(PromptError, match="malformed"):
+        ObjectState.from_message({"range": [1]}, arrays, seg.axes.image_shape)
+
+
+# ---- the engine's contract: copy semantics, deltas, one path for a box -------------------------------------
+def assert_same(a: ObjectState, b: ObjectState) -> None:
+    """``a`` and ``b`` are the same state, value for value (masks, kinds, clicks, base, offset, box, rules)."""
+    assert a.slice_range == b.slice_range and type(a.slice_range) is type(b.slice_range)
+    assert set(a.masks) == set(b.masks)
+    for i in a.masks:
+        assert a.masks[i].dtype == b.masks[i].dtype == bool and np.array_equal(a.masks[i], b.masks[i]), i
+    assert a.kinds == b.kinds and all(isinstance(k, Kind) for k in (*a.kinds.values(), *b.kinds.values()))
+    assert a.clicks == b.clicks
+    assert set(a.base) == set(b.base)
+    for i in a.base:
+        assert (a.base[i] is None) == (b.base[i] is None), i
+        assert a.base[i] is None or np.array_equal(a.base[i], b.base[i]), i
+    assert a.offset.shape == b.offset.shape == (4,) and np.array_equal(a.offset, b.offset)
+    assert (a.box is None) == (b.box is None)
+    if a.box is not None:
+        assert a.box[0] == b.box[0] and np.array_equal(a.box[1], b.box[1])
+    assert a.rules == b.rules
+
+
+def checked_step(engine: Engine, state: ObjectState | None, action, **kwargs):
+    """``engine.step`` that checks it left ``state`` as it was (not one mask edited in place, not one dict entry
+    changed) and that the delta ``to_message(changed_since(state))``, sent as the backend sends it (JSON header,
+    arrays copied), applied to ``state`` rebuilds the new state exactly."""
+    frozen = copy.deepcopy(state)
+    shared = None if state is None else (dict(state.masks), dict(state.base), state.offset)
+    new, update = engine.step(state, action, **kwargs)
+    assert new is not state
+    if state is not None:
+        assert_same(state, frozen)
+        assert all(state.masks[i] is m for i, m in shared[0].items()) and set(state.masks) == set(shared[0])
+        assert all(state.base[i] is b for i, b in shared[1].items()) and state.offset is shared[2]
+    changed = new.changed_since(state)
+    assert changed == set(update.changed)  # the delta is what the step reports, no more, no less
+    header, arrays = new.to_message(changed)
+    assert {int(i) for i in header["slices"]} == changed
+    header = json.loads(json.dumps(header))
+    arrays = {name: array.copy() for name, array in arrays.items()}
+    shape = engine.axes.image_shape
+    rebuilt = ObjectState.from_message(header, arrays, shape) if state is None else \
+        state.apply_message(header, arrays, shape)
+    assert_same(rebuilt, new)
+    whole = ObjectState.from_message(*new.to_message(), shape)  # and the whole state rebuilds it too
+    assert_same(whole, new)
+    return new, update
+
+
+def test_a_step_never_changes_its_state_and_its_delta_rebuilds_the_new_state(session, truth):
+    oriented, mid = truth
+    engine = Engine(session, "axial")
+    state, update = checked_step(engine, None, Box3D(mid, box_of(oriented[mid]), (mid - HALF, mid + HALF)))
+    assert len(update.changed) == 2 * HALF + 1 and state.box is not None and state.offset.any()
+    user = np.zeros_like(oriented[mid])
+    user[100:110, 80:90] = True
+    state, _ = checked_step(engine, state, UserEdit({mid - 2: user}))
+    xy = centre(largest_part(oriented[mid - 1] & ~state.masks[mid - 1]))
+    state, _ = checked_step(engine, state, Click(mid - 1, xy, True))
+    assert state.base[mid - 1] is not None and len(state.clicks[mid - 1]) == 1
+    state, _ = checked_step(engine, state, Click(mid - 1, xy, True))  # the same base, a second click
+    assert len(state.clicks[mid - 1]) == 2
+    # A narrower range of its own, with rules: the engine's slices past it go (the delta carries removals).
+    old = state
+    state, update = checked_step(engine, state, Propagate(mid, "up", (mid - HALF, mid + 1), StopRules()))
+    assert {mid + 2, mid + 3} <= set(update.changed) and not ({mid + 2, mid + 3} & set(state.masks))
+    assert {mid + 2, mid + 3} <= set(old.masks) and state.rules == StopRules() != old.rules
+    assert state.slice_range == (mid - HALF, mid + 1) and old.slice_range == (mid - HALF, mid + HALF)
+    end = max(i for i, mask in state.masks.items() if mask.any())  # a negative click on the object's end slice
+    at = centre(state.masks[end])
+    state, _ = checked_step(engine, state, Click(end, at, False))
+    assert state.kinds[end] is Kind.KEY and state.clicks[end] == [(*at, False)]
+    # A new 2D prompt on a clicked slice: its clicks and base go.
+    state, _ = checked_step(engine, state, Prompt(mid - 1, box_of(oriented[mid - 1]), ((*xy, True),)))
+    assert mid - 1 not in state.clicks and mid - 1 not in state.base and state.box[0] == mid - 1
+
+
+def test_a_prompt_with_a_box_then_propagate_is_a_3d_box_bit_for_bit(session, truth, colin, atlas):
+    oriented, mid = truth
+    engine = Engine(session, "axial")
+    box, slice_range = box_of(oriented[mid]), (mid - HALF, mid + HALF)
+    boxed_state, boxed_update = engine.step(None, Box3D(mid, box, slice_range))
+    prompted, first = engine.step(None, Prompt(mid, box, (), slice_range))
+    propagated, second = engine.step(prompted, Propagate(mid))
+    assert len(boxed_state.masks) == 2 * HALF + 1 and all(m.any() for m in boxed_state.masks.values())
+    assert_same(propagated, boxed_state)
+    assert set(first.changed) | set(second.changed) == set(boxed_update.changed)
+    assert second.stopped == boxed_update.stopped and first.notices + second.notices == boxed_update.notices
+    # The same through the Python API, in RAS millimetres.
+    seg = segmenter(session)
+    index, corners = structure_box_ras(colin, atlas, seg.axes, STRUCTURE)
+    seg.prompt("2d", box_ras=corners, slice_range=(index - HALF, index + HALF))
+    seg.propagate("2d")
+    seg.box3d("3d", corners, (index - HALF, index + HALF))
+    assert seg.mask("3d").any() and np.array_equal(seg.mask("2d"), seg.mask("3d"))
+    assert_same(seg.states["2d"], seg.states["3d"])
+
+
+def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, model, cache):
+    """Users draw ROIs generously near borders: the head touches the CT's field of view."""
+    session = Session(cranium, model, window="brain", cache=cache)
+    seg = segmenter(session)
+    axes = seg.axes
+    head = axes.oriented(cranium.array > -300)
+    index = axes.num_slices // 2
+    box = bounding_box(head[index]) + [-30, -30, 30, 30]  # past every edge of the 256² slice
+    update = seg.step("head", Box3D(index, tuple(box), (index - 1, index + 1)))
+    assert any("clipped" in notice for notice in update.notices)
+    assert dice(seg.states["head"].masks[index], head[index]) >= 0.5  # 0.58 in the brain window
+    # The same box in RAS as a 2D prompt (segment --box, the Slicer preview): clipped too, not refused.
+    corners = cranium.to_ras(axes.pixel_to_ijk(index, box.reshape(2, 2)))
+    result = seg.prompt("head2d", box_ras=corners)
+    assert any("clipped" in notice for notice in result.notices) and seg.last_slice["head2d"] == index
+    assert set(result.changed) == {index}
+    assert np.array_equal(result.changed[index], seg.states["head"].masks[index])
+    with pytest.raises(PromptError, match="misses the slice"):
+        seg.prompt("head2d", box_ras=corners + [600.0, 0, 0])
+    # A positive click in the largest missed part of the head reaches as far as the object is large: more than
+    # the 4 mm cap of small structures could ever add (a disk of twice that radius).
+    before = seg.states["head"].masks[index].copy()
+    missed = largest_part(head[index] & ~before)
+    seg.step("head", Click(index, centre(missed), True))
+    added = seg.states["head"].masks[index] & ~before
+    assert added.sum() > np.pi * (2 * 4.0 / min(axes.pixel_spacing)) ** 2
+    assert dice(seg.states["head"].masks[index], head[index]) > dice(before, head[index]) + 0.02
