@@ -269,9 +269,10 @@ def test_web_workflow(case, engine_cache):
                 def click(point, positive) -> None:
                     workflow.prompts["positive" if positive else "negative"].AddControlPoint(*point)
 
-                for point, positive in case["clicks"]:
+                for count, (point, positive) in enumerate(case["clicks"], start=1):
                     app.call(lambda p=point, q=positive: click(p, q))
-                    app.until(lambda: workflow.controller.refinement is not None
+                    app.until(lambda n=count: len(workflow._sent_clicks) == n  # this click was sent, and done
+                              and workflow.controller.refinement is not None
                               and workflow.controller.refinement.handle is None
                               and not workflow.controller.refinement.waiting, what="the click")
                 app.call(workflow.accept)

@@ -58,6 +58,25 @@ def _segment(app) -> np.ndarray:
     return mrml.segment_array(workflow.segmentation_node, workflow.editor.active_segment_id, workflow.volume_node)
 
 
+def _wait_enabled(page, element_id: str, timeout: float = 30.0) -> None:
+    """Wait until the page has enabled a button (it follows the server within a poll or so)."""
+    deadline = time.monotonic() + timeout
+    while not page.by_id(element_id).is_enabled():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{element_id} is still disabled after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _segment_rows(page, count: int, timeout: float = 30.0) -> list:
+    """The segment list's rows once the page shows ``count`` of them (it follows the server's list)."""
+    deadline = time.monotonic() + timeout
+    while len(rows := page.driver.find_elements(By.CSS_SELECTOR, "#swsam-segments .v-list-item")) != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page lists {len(rows)} segments, not {count}")
+        time.sleep(0.05)
+    return rows
+
+
 @pytest.fixture(scope="module")
 def data_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("web-data")
@@ -251,7 +270,12 @@ def test_a_click_in_the_coronal_view_after_propagation_corrects_in_3d(running, p
     running.until(lambda: app.workflow.placing == "positive", what="point mode")
     page.click_ras("Green", point)
     page.click("swsam-positive")  # point mode off
-    page.wait_text("swsam-message", "3D click:", timeout=180)
+    # The message may still read "3D click: …" from the click dropped in the test before: wait for this click's
+    # result on the server, then for the page to offer Accept.
+    running.until(lambda: (r := app.workflow.controller.refinement) is not None and r.handle is None
+                  and r.update is not None, 300, "the 3D click's result")
+    page.wait_text("swsam-message", "3D click:")
+    _wait_enabled(page, "swsam-accept")
     page.shot("coronal-click")
     assert running.call(lambda: app.workflow.controller.refinement.view.value) == "axial"
     assert np.array_equal(running.call(lambda: _segment(app)), seeded)  # shown as the preview, not yet written
@@ -337,7 +361,7 @@ def test_the_segment_list_adds_renames_recolours_hides_and_deletes_on_the_undo_s
     page.click("swsam-add-segment")
     running.until(lambda: len(app.workflow.segments()) == 2, what="the new segment")
     added = segments()[1]["id"]
-    rows = page.driver.find_elements(By.CSS_SELECTOR, "#swsam-segments .v-list-item")
+    rows = _segment_rows(page, 2)
     name = rows[1].find_element(By.CSS_SELECTOR, "input:not([type=color])")
     name.send_keys(Keys.CONTROL, "a")
     name.send_keys(Keys.BACKSPACE, "Amygdala", Keys.ENTER)
@@ -357,7 +381,7 @@ def test_the_segment_list_adds_renames_recolours_hides_and_deletes_on_the_undo_s
     running.until(lambda: len(app.workflow.segments()) == 1, what="the undo of the add")
     page.click("swsam-redo")
     running.until(lambda: len(app.workflow.segments()) == 2, what="the redo of the add")
-    rows = page.driver.find_elements(By.CSS_SELECTOR, "#swsam-segments .v-list-item")
+    rows = _segment_rows(page, 2)
     rows[1].find_elements(By.CSS_SELECTOR, "button")[1].click()  # delete
     running.until(lambda: [s["id"] for s in app.workflow.segments()] == [first], what="the delete")
     assert added not in [s["id"] for s in segments()]

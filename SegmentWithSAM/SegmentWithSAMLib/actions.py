@@ -77,6 +77,20 @@ KINDS = {"prompt": Prompt, "box3d": Box3D, "click": Click, "propagate": Propagat
 INTERACTIVE = (Prompt, Click, UserEdit)  # quick: the backend runs them before, and between the slices of, the rest
 
 
+def clip_box(box, image_shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """A box (4,) x0, y0, x1, y1 in pixels clipped to a slice of ``image_shape`` (rows, cols), and whether it
+    reached past it; :class:`PromptError` for a box that is malformed or misses the slice."""
+    box = np.asarray(box, dtype=float).ravel()
+    if box.shape != (4,) or not np.all(np.isfinite(box)) or np.any(box[2:] < box[:2]):
+        raise PromptError(f"A box is x0, y0, x1, y1 with x0 <= x1 and y0 <= y1, not {box.tolist()}.")
+    rows, cols = image_shape
+    if box[2] < -0.5 or box[3] < -0.5 or box[0] > cols - 0.5 or box[1] > rows - 0.5:
+        raise PromptError(f"The box {np.round(box, 1).tolist()} is outside the volume (its slices are "
+                          f"{cols}×{rows} pixels): draw it on the image.")
+    clipped = np.clip(box, 0, [cols - 1, rows - 1, cols - 1, rows - 1])
+    return clipped, not np.allclose(clipped, box)
+
+
 # ---- from RAS millimetres ------------------------------------------------------------------------------------
 def prompt_from_ras(volume: Volume, axes: SliceAxes, points_ras=None, labels=None, box_ras=None,
                     slice_range: tuple[int, int] | None = None) -> Prompt:
@@ -84,6 +98,8 @@ def prompt_from_ras(volume: Volume, axes: SliceAxes, points_ras=None, labels=Non
     negative; default all positive) and a box's two opposite corners (2, 3) RAS, all on one slice of ``axes``."""
     index, xy, box = prompts_to_slice(volume, axes, np.zeros((0, 3)) if points_ras is None else points_ras,
                                      box_ras)
+    if box is not None:
+        clip_box(box, axes.image_shape)  # a box off the image is refused now, before any model is loaded
     labels = np.ones(len(xy), int) if labels is None else np.asarray(labels, dtype=int).ravel()
     if len(labels) != len(xy):
         raise PromptError(f"{len(xy)} points need as many labels, not {len(labels)}.")
@@ -95,6 +111,7 @@ def prompt_from_ras(volume: Volume, axes: SliceAxes, points_ras=None, labels=Non
 def box3d_from_ras(volume: Volume, axes: SliceAxes, corners_ras, slice_range: tuple[int, int]) -> Box3D:
     """A :class:`Box3D` from a box's two opposite corners (2, 3) RAS on one slice and its range of slices."""
     index, _, box = prompts_to_slice(volume, axes, np.zeros((0, 3)), corners_ras)
+    clip_box(box, axes.image_shape)
     return Box3D(index, tuple(float(v) for v in box), (int(slice_range[0]), int(slice_range[1])))
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .actions import Action, Box3D, Click, Prompt, Propagate, UserEdit
+from .actions import Action, Box3D, Click, Prompt, Propagate, UserEdit, clip_box
 from .errors import PromptError
 from .geometry import View, bounding_box
 from .metrics import dice
@@ -240,15 +240,8 @@ class Engine:
 
     def _clip_box(self, box, notices: list[str]) -> np.ndarray:
         """The box (4,) clipped to the slice (users draw boxes generously near the edges), with a notice."""
-        box = np.asarray(box, dtype=float).ravel()
-        if box.shape != (4,) or not np.all(np.isfinite(box)) or np.any(box[2:] < box[:2]):
-            raise PromptError(f"A box is x0, y0, x1, y1 with x0 <= x1 and y0 <= y1, not {box.tolist()}.")
-        rows, cols = self.axes.image_shape
-        if box[2] < -0.5 or box[3] < -0.5 or box[0] > cols - 0.5 or box[1] > rows - 0.5:
-            raise PromptError(f"The box {np.round(box, 1).tolist()} is outside the volume (its slices are "
-                              f"{cols}×{rows} pixels): draw it on the image.")
-        clipped = np.clip(box, 0, [cols - 1, rows - 1, cols - 1, rows - 1])
-        if not np.allclose(clipped, box):
+        clipped, was_clipped = clip_box(box, self.axes.image_shape)
+        if was_clipped:
             notices.append("The box reached past the volume's edge; it was clipped to the volume.")
         return clipped
 

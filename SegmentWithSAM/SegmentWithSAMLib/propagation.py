@@ -251,6 +251,8 @@ class Propagator:
             raise PromptError(f"The seed slice {index} is outside the range {low}:{high}.")
         if not mask.any():
             raise PromptError(f"The seed mask on slice {index} is empty: draw or accept a mask first.")
+        if box is not None and (np.shape(box) != (4,) or not np.all(np.isfinite(box))):
+            raise PromptError(f"The seed's box must be 4 finite numbers: x0, y0, x1, y1 in slice pixels, not {box!r}.")
         keys = dict(keys or {})
         self.stopped = {}
         if getattr(self.session.model, "tracks_video", False):

@@ -170,6 +170,8 @@ def labelmap(states: dict[str, ObjectState], axes, shape_kji: tuple[int, int, in
     for engine_pass in (False, True):
         for value, name in enumerate(names, start=1):
             state = states.get(name)  # an object never started (e.g. only a refused click) stays empty
+            if state is None:
+                continue
             for index, mask in state.masks.items():
                 if (state.kinds.get(index) is Kind.ENGINE) == engine_pass:
                     oriented[index][mask & (oriented[index] == 0)] = value

@@ -53,9 +53,13 @@ def state_from_segment(oriented: np.ndarray, axes: SliceAxes, written: dict[int,
             state.masks[index], state.kinds[index] = remembered.masks[index], known[index]
         elif written.get(index) == mrml.mask_crc(mask) and mask.any():
             state.masks[index], state.kinds[index] = mask.copy(), Kind.ENGINE
-        elif mask.any() or index in known:  # made or edited by the user (an emptied key slice stays a key)
-            emptied_key = not mask.any() and known.get(index) is Kind.KEY
-            state.masks[index], state.kinds[index] = mask.copy(), Kind.KEY if emptied_key else Kind.USER
+        elif mask.any():  # made or edited by the user
+            state.masks[index], state.kinds[index] = mask.copy(), Kind.USER
+        elif known.get(index) is Kind.KEY or (known.get(index) is Kind.ENGINE and index in written):
+            # emptied: a key slice a click emptied ends the object there; an engine slice still tagged was erased
+            # by hand (one no longer tagged was undone: it goes)
+            state.masks[index], state.kinds[index] = mask.copy(), known[index] if known[index] is Kind.KEY \
+                else Kind.USER
     if remembered is not None:
         for index, clicks in remembered.clicks.items():
             if state.kinds.get(index) is Kind.KEY:

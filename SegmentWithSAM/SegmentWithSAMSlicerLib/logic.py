@@ -295,10 +295,13 @@ class SegmentationController:
         new = mrml.segment_array(segmentation_node, segment_id, job.volume_node)
         job.axes.oriented(new)[index] = mask
         changed = self.editing.write(segmentation_node, segment_id, job.volume_node, new, editor_node, save_state)
-        if (job.segmentation_node, job.segment_id) == (segmentation_node, segment_id):
-            self._remember(job)
-        else:  # previewed for another segment: this one's state is rebuilt from its voxels at its next step
-            self._remembered.pop((segmentation_node.GetID(), segment_id, job.view), None)
+        if (job.segmentation_node, job.segment_id) != (segmentation_node, segment_id):
+            # previewed for another segment (or none): this one's state is its voxels, with the prompt's slice,
+            # box, range and rules
+            job.segmentation_node, job.segment_id = segmentation_node, segment_id
+            job.state = state_from_segment(job.axes.oriented(new), job.axes,
+                                           mrml.propagated_slices(segmentation_node, segment_id, job.view), job.state)
+        self._remember(job)
         self.last_accepted = (segmentation_node.GetID(), segment_id, job.view, index)
         self.last_accepted_range = job.slice_range
         self.clear_preview()
@@ -434,10 +437,7 @@ class SegmentationController:
             if job.state is None or not any(m.any() for m in job.state.masks.values()):
                 raise PromptError("The segment is empty: accept a mask on a slice first, then click to correct it "
                                   "in 3D.")
-        try:
-            click = click_from_ras(volume, job.axes, point_ras, positive)
-        except PromptError as error:
-            raise PromptError(f"{error} ({volume_node.GetName()})") from None
+        click = click_from_ras(volume, job.axes, point_ras, positive)
         self.engine(model, device)
         self.refinement = job
         job.waiting.append(click)
@@ -502,3 +502,4 @@ class SegmentationController:
             if job.handle is not None and self.client is not None:
                 self.client.cancel(job.handle)
             self.clear_preview()
+            self.status = "The 3D correction was dropped; the segment is as it was."
