@@ -131,7 +131,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.promptWatcher = None
-        self.sentClicks = set()  # control point IDs already sent as clicks in 3D
+        self.sentClicks = set()  # (node ID, control point ID) of the points already sent as clicks in 3D
         self.timer = None
 
     def setup(self) -> None:

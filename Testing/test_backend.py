@@ -228,7 +228,7 @@ def test_requests_return_at_once_and_errors_are_specific(client, colin, atlas):
     with pytest.raises(BackendError, match="window"):
         client.wait(client.step(colin, "axial", "errors", None, Prompt(index, None, ((10.0, 10.0, True),)),
                                 window="nonsense"), timeout=60)
-    with pytest.raises(BackendError, match="A box is x0, y0, x1, y1"):
+    with pytest.raises(BackendError, match="(?i)a box is x0, y0, x1, y1"):
         client.wait(client.step(colin, "axial", "errors", None, Prompt(index, (1.0, 2.0))), timeout=60)
     assert client.wait(client.status(), timeout=10)["model"] == "litemedsam"
 
@@ -297,7 +297,7 @@ def test_propagation_streams_and_cancel_applies_nothing(client, colin, atlas):
     assert sorted(update.changed) == [index - 2, index - 1, index + 1, index + 2]
     assert update.stopped == {"up": "range end", "down": "range end"}
     assert result.kinds[index] is Kind.USER and all(result.kinds[i] is Kind.ENGINE for i in update.changed)
-    with pytest.raises(BackendError, match="A box is x0, y0, x1, y1"):
+    with pytest.raises(BackendError, match="(?i)a box is x0, y0, x1, y1"):
         client.wait(client.step(colin, "axial", "putamen", seeded, Prompt(index, (1.0, 2.0))), 60)
     with pytest.raises(BackendError, match="skip must be a whole number from 0 to 4"):
         client.wait(client.step(colin, "axial", "putamen", seeded, Propagate(index, skip=9)), 60)

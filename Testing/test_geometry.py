@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from SegmentWithSAMLib.errors import PromptError, VolumeError
-from SegmentWithSAMLib.geometry import View, Volume, paste_slice_mask, prompts_to_slice, slice_axes, slice_image
+from SegmentWithSAMLib.geometry import View, Volume, prompts_to_slice, slice_axes, slice_image
 from SegmentWithSAMLib.preprocessing import SliceTransform
 
 from conftest import reoriented_volume
@@ -59,8 +59,9 @@ def test_every_orientation_shows_the_same_anatomy(perm, flips):
                                           slice_image(CANONICAL, reference_axes, index))
             # A slice mask goes back into each volume's grid on the same voxels (array values are voxel ids).
             mask2d = np.random.default_rng(index).random(axes.image_shape) > 0.5
-            ours = paste_slice_mask(volume.array.shape, axes, own_index, mask2d)
-            reference = paste_slice_mask(CANONICAL.array.shape, reference_axes, index, mask2d)
+            ours, reference = np.zeros(volume.array.shape, bool), np.zeros(CANONICAL.array.shape, bool)
+            axes.oriented(ours)[own_index] = mask2d
+            reference_axes.oriented(reference)[index] = mask2d
             assert sorted(volume.array[ours]) == sorted(CANONICAL.array[reference])
         # The same RAS prompt lands on the same pixel.
         ras = CANONICAL.to_ras([[3.2, 2.0, 1.0]])

@@ -146,3 +146,17 @@ def test_a_failed_pip_install_reads_as_what_failed_and_where_the_log_is():
     assert "Python console" in message  # slicer-core has no application log file
     stream = subprocess.CalledProcessError(2, ["pip"], output=object())  # logProcessOutput's stream, not text
     assert "exit status 2" in str(dependencies._pip_failure("sam2", stream))
+
+
+def test_points_of_the_two_lists_are_each_sent_once_as_clicks_in_3d(scene):
+    """Control point IDs are unique within a markups node only: a negative point whose ID equals a positive one's
+    is still a new click."""
+    positive = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    negative = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    sent: set = set()
+    positive.AddControlPoint(1.0, 2.0, 3.0)
+    assert [(list(p), q) for p, q in mrml.new_clicks(positive, negative, sent)] == [([1.0, 2.0, 3.0], True)]
+    negative.AddControlPoint(4.0, 5.0, 6.0)
+    assert negative.GetNthControlPointID(0) == positive.GetNthControlPointID(0)  # the case this is about
+    assert [(list(p), q) for p, q in mrml.new_clicks(positive, negative, sent)] == [([4.0, 5.0, 6.0], False)]
+    assert mrml.new_clicks(positive, negative, sent) == []

@@ -9,7 +9,7 @@ JSON (:func:`to_message`, :func:`from_message`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Union
 
 import numpy as np
@@ -145,53 +145,33 @@ def to_message(action: Action) -> tuple[dict, dict[str, np.ndarray]]:
     if isinstance(action, UserEdit):
         return {"type": kind, "slices": sorted(int(i) for i in action.masks)}, \
             {f"edit/{int(i)}": np.asarray(m, bool) for i, m in action.masks.items()}
-    header = {"type": kind, **{k: v for k, v in asdict(action).items() if k != "rules"}}
-    if isinstance(action, Propagate):
-        header["rules"] = None if action.rules is None else asdict(action.rules)
-    return header, {}
+    return {"type": kind, **asdict(action)}, {}
 
 
-def _pair(value, what: str, cast=int):
-    if value is None:
-        return None
-    try:
-        low, high = (cast(v) for v in value)
-    except (TypeError, ValueError):
-        raise PromptError(f"{what} must be two numbers, not {value!r}.") from None
-    return low, high
+def _box(value) -> tuple[float, ...] | None:
+    if value is not None and len(value) != 4:
+        raise ValueError(f"a box is x0, y0, x1, y1, not {value!r}")
+    return None if value is None else tuple(float(v) for v in value)
+
+
+_READ = {  # each field's value as JSON gives it → as the action holds it
+    "index": int, "box": _box, "positive": bool, "skip": lambda v: v,  # (the propagator checks skip)
+    "xy": lambda v: tuple(float(c) for c in v[:2]),
+    "clicks": lambda v: tuple((float(x), float(y), bool(p)) for x, y, p in v),
+    "slice_range": lambda v: None if v is None else (int(v[0]), int(v[1])),
+    "direction": lambda v: Direction(v).value,
+    "rules": lambda v: None if v is None else StopRules(**v),
+}
 
 
 def from_message(header, arrays: dict[str, np.ndarray]) -> Action:
     """The action :func:`to_message` wrote; anything malformed raises :class:`PromptError` saying what."""
     if not isinstance(header, dict) or header.get("type") not in KINDS:
         raise PromptError(f"An action needs a type, one of {', '.join(KINDS)}; got {header!r:.80}.")
-    kind = header["type"]
+    kind = KINDS[header["type"]]
     try:
-        if kind == "user_edit":
+        if kind is UserEdit:
             return UserEdit({int(i): np.asarray(arrays[f"edit/{int(i)}"], bool) for i in header["slices"]})
-        index = int(header["index"])
-        if kind == "click":
-            x, y = (float(v) for v in header["xy"])
-            return Click(index, (x, y), bool(header["positive"]))
-        if kind == "propagate":
-            rules = header.get("rules")
-            skip = header.get("skip", 0)
-            if not isinstance(skip, int) or isinstance(skip, bool):
-                raise PromptError(f"skip must be a whole number, not {skip!r}.")
-            return Propagate(index, str(Direction(header.get("direction", "both")).value),
-                             _pair(header.get("slice_range"), "slice_range"),
-                             None if rules is None else StopRules(**rules), skip)
-        box = header.get("box")
-        box = None if box is None else tuple(float(v) for v in box)
-        if box is not None and len(box) != 4:
-            raise PromptError(f"A box is x0, y0, x1, y1, not {box!r}.")
-        if kind == "box3d":
-            if box is None or header.get("slice_range") is None:
-                raise PromptError("A 3D box needs its box and its slice_range.")
-            return Box3D(index, box, _pair(header["slice_range"], "slice_range"))
-        clicks = tuple((float(x), float(y), bool(p)) for x, y, p in header.get("clicks", ()))
-        return Prompt(index, box, clicks, _pair(header.get("slice_range"), "slice_range"))
-    except PromptError:
-        raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise PromptError(f"The {kind} action is malformed: {type(error).__name__}: {error}.") from None
+        return kind(**{f.name: _READ[f.name](header[f.name]) for f in fields(kind) if f.name in header})
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise PromptError(f"The {header['type']} action is malformed: {type(error).__name__}: {error}.") from None

@@ -32,15 +32,10 @@ def _floats(count: int, what: str):
     return parse
 
 
-class _Ordered(argparse.Action):
-    """Append ``(value, positive)`` to one list for several options, so clicks keep the order they were given."""
-
-    def __init__(self, *args, positive: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.positive = positive
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        getattr(namespace, self.dest).append((values, self.positive))
+def _click(positive: bool, what: str):
+    """A coordinate option's value as (R, A, S array, positive): options sharing a ``dest`` keep their order."""
+    parse = _floats(3, what)
+    return lambda text: (parse(text), positive)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -141,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser("segment", help="segment one slice from points and/or a box in RAS millimetres")
     seg.add_argument("volume", help="NIfTI, NRRD or MHA file, or a DICOM series folder")
     seg.add_argument("--view", required=True, choices=["axial", "coronal", "sagittal"])
-    seg.add_argument("--point", dest="points", action=_Ordered, default=[], type=_floats(3, "--point"),
+    seg.add_argument("--point", dest="points", action="append", default=[], type=_click(True, "--point"),
                      metavar="R,A,S", help="positive point (repeatable; points are clicks in the order given)")
-    seg.add_argument("--negative", dest="points", action=_Ordered, positive=False, type=_floats(3, "--negative"),
+    seg.add_argument("--negative", dest="points", action="append", type=_click(False, "--negative"),
                      metavar="R,A,S", help="negative point (repeatable)")
     seg.add_argument("--box", type=_floats(6, "--box"), metavar="R1,A1,S1,R2,A2,S2",
                      help="two opposite corners of a box")
@@ -152,11 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd file")
     seg.add_argument("--propagate", choices=["up", "down", "both"], default=None,
                      help="then propagate the mask through the volume this way")
-    seg.add_argument("--click", dest="clicks", action=_Ordered, default=[], type=_floats(3, "--click"),
-                     metavar="R,A,S", help="then a positive click anywhere, correcting the 3D mask (repeatable, "
-                                           "in order)")
-    seg.add_argument("--click-negative", dest="clicks", action=_Ordered, positive=False,
-                     type=_floats(3, "--click-negative"), metavar="R,A,S", help="then a negative click anywhere")
+    seg.add_argument("--click", dest="clicks", action="append", default=[], type=_click(True, "--click"),
+                     metavar="R,A,S", help="then a positive click anywhere, correcting the 3D mask (repeatable)")
+    seg.add_argument("--click-negative", dest="clicks", action="append", type=_click(False, "--click-negative"),
+                     metavar="R,A,S", help="then a negative click anywhere")
     seg.add_argument("--json", action="store_true", help="print one JSON object on one line")
 
     prop = commands.add_parser("propagate", help="propagate a mask on one slice through the volume")

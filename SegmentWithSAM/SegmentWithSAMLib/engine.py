@@ -303,7 +303,8 @@ class Engine:
         label = "up" if step > 0 else "down"
         keys = {i: m for i, m in state.masks.items() if state.kinds.get(i) in (Kind.KEY, Kind.USER) and i != index}
         propagator = Propagator(self.session, self.axes.view, state.rules or self.rules, skip=skip)
-        box = bounding_box(seed) + state.offset if state.box is not None and state.box[0] == index else None
+        # how the object's box sat around its mask holds on every slice (without a box: calibrated on the seed)
+        box = bounding_box(seed) + state.offset if state.box is not None else None
         steps = propagator.steps((index, seed), Direction.UP if step > 0 else Direction.DOWN, state.slice_range,
                                  keys, box=box)
         reason = None

@@ -233,13 +233,6 @@ def bounding_box(mask2d: np.ndarray, margin: float = 0.0) -> np.ndarray:
     return np.array([cols.min() - margin, rows.min() - margin, cols.max() + margin, rows.max() + margin], float)
 
 
-def paste_slice_mask(shape_kji: tuple[int, int, int], axes: SliceAxes, index: int, mask2d: np.ndarray) -> np.ndarray:
-    """A boolean KJI volume that is ``mask2d`` (rows, cols) on slice ``index`` and False elsewhere."""
-    out = np.zeros(shape_kji, dtype=bool)
-    axes.oriented(out)[index] = mask2d
-    return out
-
-
 def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray,
                      corners_ras: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray | None]:
     """Map RAS prompt points (N, 3) and a box's two opposite corners (2, 3) to one slice index, the points as

@@ -82,11 +82,13 @@ def stamp_click_order(positive_node, negative_node) -> None:
 
 
 def new_clicks(positive_node, negative_node, sent: set) -> list[tuple[np.ndarray, bool]]:
-    """The placed points not in ``sent`` (control point IDs), as (RAS (3,), positive) in click order; their IDs
-    are added to ``sent``. Both front ends send points placed on a segment with a mask as clicks in 3D this way,
-    each once."""
+    """The placed points not in ``sent`` ((node ID, control point ID) pairs), as (RAS (3,), positive) in click
+    order; their IDs are added to ``sent``. Both front ends send points placed on a segment with a mask as clicks
+    in 3D this way, each once."""
     stamp_click_order(positive_node, negative_node)
-    placed = sorted((click_number(node, i), node.GetNthControlPointID(i), position, node is positive_node)
+    # a control point's ID is unique within its node only: the node's ID makes it unique across both lists
+    placed = sorted((click_number(node, i), (node.GetID(), node.GetNthControlPointID(i)), position,
+                     node is positive_node)
                     for node in (positive_node, negative_node) if node is not None
                     for i, position in defined_points(node))
     fresh = [(position, positive) for _, point_id, position, positive in placed if point_id not in sent]

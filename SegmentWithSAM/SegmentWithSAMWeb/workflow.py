@@ -100,7 +100,7 @@ class WebWorkflow:
         self.all_slices = False  # propagate through the whole volume, not the accepted box's range
         self.message = ""
         self.watcher = PromptWatcher(self._on_prompts_changed)
-        self._sent_clicks: set[str] = set()  # control points already sent as clicks in 3D
+        self._sent_clicks: set[tuple[str, str]] = set()  # control points already sent as clicks in 3D
         self._prompts_changed = False
         self._status_handle = None
         self._status_asked = 0.0

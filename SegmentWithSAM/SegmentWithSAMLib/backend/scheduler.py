@@ -50,17 +50,13 @@ class Scheduler:
     def running(self) -> Task | None:
         return self._running[-1] if self._running else None
 
-    def _queues(self) -> tuple[deque[Task], deque[Task]]:
-        return self._interactive, self._bulk
-
     def submit(self, task: Task) -> list[Task]:
         """Queue ``task``; returns the queued tasks it supersedes (same target), now dropped."""
         with self._cond:
-            stale = []
-            for queue in self._queues():
-                for old in [t for t in queue if task.target is not None and t.target == task.target]:
-                    queue.remove(old)
-                    stale.append(old)
+            stale = [t for t in (*self._interactive, *self._bulk)
+                     if task.target is not None and t.target == task.target]
+            for old in stale:
+                (self._interactive if old in self._interactive else self._bulk).remove(old)
             self.dropped += len(stale)
             (self._interactive if task.interactive else self._bulk).append(task)
             self._cond.notify()
@@ -69,7 +65,7 @@ class Scheduler:
     def cancel(self, task_id: int) -> Task | None:
         """Cancel a queued task (returned, removed) or flag a running one (None returned: it answers)."""
         with self._cond:
-            for queue in self._queues():
+            for queue in (self._interactive, self._bulk):
                 for task in queue:
                     if task.id == task_id:
                         queue.remove(task)
@@ -96,9 +92,9 @@ class Scheduler:
         with self._cond:
             if not self._interactive and not self._bulk and not self._prefetch:
                 self._cond.wait(timeout)
-            for queue in self._queues():
-                if queue:
-                    return self._start(queue.popleft())
+            queue = self._interactive or self._bulk or None
+            if queue is not None:
+                return self._start(queue.popleft())
             return self._prefetch.popleft() if self._prefetch else None
 
     def take_interactive(self) -> Task | None:
