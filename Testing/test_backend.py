@@ -368,9 +368,6 @@ def test_interactive_steps_go_ahead_of_a_propagation_and_between_its_slices(clie
     assert after["queue"]["dropped"] - before["queue"]["dropped"] == 1
 
 
-@pytest.mark.xfail(strict=True, raises=BackendError,
-                   reason="server.py Backend._state numbers a state sent whole version 0, so every whole send "
-                          "makes version 1: a step naming version 1 of one state runs on another's")
 def test_a_version_names_one_state_even_after_two_whole_sends(client, colin, reference, model, cache):
     """Two steps on one new object (both send the state whole: None); the caller answers the first one's result
     with a click while the second still runs. The click names the first result's version and must apply to it."""

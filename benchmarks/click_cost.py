@@ -66,7 +66,7 @@ def clicks_on(volume: Volume, truth_kji: np.ndarray, middle: int, span: int, cli
         new_header, new_arrays = new.to_message()
         before_received = framed({"op": "result", "state": new_header, "changed": sorted(update.changed)},
                                  {**new_arrays, **{f"changed/{i}": m for i, m in update.changed.items()}})
-        rows.append({"span": high - low + 1, "object_slices": sum(m.any() for m in state.masks.values()),
+        rows.append({"span": high - low + 1, "object_slices": int(sum(m.any() for m in state.masks.values())),
                      "changed": len(update.changed), "sent": handle.sent, "received": handle.received,
                      "before_sent": before_sent, "before_received": before_received})
         state = new

@@ -289,8 +289,9 @@ class BackendClient:
 
         handle = self._request(request[0], request[1], finish=finish, stream=stream)
         if not whole:
-            def resend() -> None:
-                full_header, full_arrays = self._step_request(header, action_arrays, state, None, True)
+            def resend() -> None:  # without its target: a newer request of that target may be queued already
+                full_header, full_arrays = self._step_request({**header, "target": None}, action_arrays, state, None,
+                                                              True)
                 self._send_again(handle, full_header, full_arrays)
 
             handle.resend = resend

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import itertools
 import json
 import os
 import socket
@@ -116,6 +117,7 @@ class Backend:
         self.volumes: dict[str, Volume] = {}
         self.sessions: dict[tuple, object] = {}
         self.states: OrderedDict[str, tuple[int, ObjectState | None]] = OrderedDict()  # key → (version, state)
+        self._versions = itertools.count(1)  # one counter for every state: a version names one state, ever
         self.stopping = threading.Event()
 
     # ---- reader thread -------------------------------------------------------------------------------------
@@ -288,16 +290,16 @@ class Backend:
             finally:
                 self.scheduler.finish(task)
 
-    def _state(self, task: Task, key: str, image_shape: tuple[int, int]) -> tuple[int, ObjectState | None]:
+    def _state(self, task: Task, key: str, image_shape: tuple[int, int]) -> ObjectState | None:
         """The object's state this step applies to: the one sent whole, or the stored one of the version named."""
         header = task.header
         if "state" in header:
             sent = header["state"]
-            return 0, None if sent is None else ObjectState.from_message(sent, task.arrays, image_shape)
+            return None if sent is None else ObjectState.from_message(sent, task.arrays, image_shape)
         stored = self.states.get(key)
         if stored is None or stored[0] != header.get("version"):
             raise StateUnknown(f"This backend has no version {header.get('version')!r} of {key!r}: send the state.")
-        return stored
+        return stored[1]
 
     def _step(self, task: Task) -> tuple[dict, dict]:
         """One engine step (:meth:`..engine.Engine.step`) on the object ``header["object"]``: its state comes
@@ -314,7 +316,7 @@ class Backend:
         session_key, session = self._session(header)
         engine = Engine(session, View.parse(header.get("view") or ""))
         action = from_message(header.get("action"), task.arrays)
-        version, state = self._state(task, key, engine.axes.image_shape)
+        state = self._state(task, key, engine.axes.image_shape)
         streamed: dict[int, np.ndarray] = {}
 
         def between_slices() -> bool:
@@ -328,7 +330,8 @@ class Backend:
                        "total": engine.axes.num_slices}, {"mask": np.packbits(mask)})
 
         new, update = engine.step(state, action, between_slices, on_slice)
-        self.states[key] = (version + 1, new)
+        version = next(self._versions)
+        self.states[key] = (version, new)
         self.states.move_to_end(key)
         while len(self.states) > MAX_STATES:
             self.states.popitem(last=False)
@@ -341,7 +344,7 @@ class Backend:
         last = max(update.changed, default=None)
         if last is not None:
             self._plan_prefetch(session_key, engine.axes.view, last, engine.axes.num_slices)
-        return {"version": version + 1, "state": delta, "update": update.to_header()}, arrays
+        return {"version": version, "state": delta, "update": update.to_header()}, arrays
 
 
 def _serve_connection(backend: Backend, reader: StreamReader, token: str | None) -> None:
