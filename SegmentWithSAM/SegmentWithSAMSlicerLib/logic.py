@@ -460,8 +460,9 @@ class SegmentationController:
             job.waiting.clear()
             reason = "cancelled" if handle.state == "cancelled" else f"failed: {handle.error or handle.message}"
             self.status = f"The 3D click {reason}; the segment is unchanged."
-            if not job.changed:
-                self.discard_refinement()
+            if not job.changed:  # nothing pending any more (its status stays: it says why)
+                self.refinement = None
+                self.clear_preview()
             return
         state, update = handle.result
         job.add(update, state)
