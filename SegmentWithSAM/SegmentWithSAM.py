@@ -1,14 +1,18 @@
 """SegmentWithSAM: prompt-driven segmentation with Segment Anything models in 3D Slicer.
 
-Thin by design: the widget binds the panel to a parameter node and forwards what the user does to
-``SegmentWithSAMSlicerLib.logic.SegmentationController``, which turns MRML nodes into calls on the core
-(``SegmentWithSAMLib``) running in a background process. Importing this module imports neither torch nor the
-core's model code; dependencies are installed on first use, after asking.
+Widgets and wiring only: the panel is bound to a parameter node made of the shared settings
+(``SegmentWithSAMSlicerLib.settings``) and the selected nodes, and every button and prompt goes to
+``SegmentWithSAMSlicerLib.front_end.FrontEnd``, the rules the web app follows too, over the controller that
+turns MRML nodes into steps of the core (``SegmentWithSAMLib``) in a background process. The widget is the
+front end's host: it says which nodes are selected, which slice views there are and which Segment Editor a
+write goes through. Importing this module imports neither torch nor the core's model code; dependencies are
+installed on first use, after asking.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -32,7 +36,6 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-WINDOWS = ["display", "auto", "brain", "subdural", "stroke", "bone", "soft-tissue", "lung", "abdomen", "liver"]
 POLL_MS = 30
 
 
@@ -52,29 +55,25 @@ class SegmentWithSAM(ScriptedLoadableModule):
             "LiteMedSAM (MedSAM authors, Bo Wang lab) and Segment Anything (Meta AI). Test data: Colin27 and AAL.")
 
 
-@parameterNodeWrapper
-class SegmentWithSAMParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode
-    segmentation: vtkMRMLSegmentationNode
-    segmentID: str = ""
-    positivePoints: vtkMRMLMarkupsFiducialNode
-    negativePoints: vtkMRMLMarkupsFiducialNode
-    box: vtkMRMLMarkupsROINode
-    model: Annotated[str, Choice(["litemedsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "sam2.1_tiny",
-                                  "sam2.1_small", "sam2.1_base_plus", "sam2.1_large", "medsam2"])] = "litemedsam"
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
-    window: Annotated[str, Choice(WINDOWS)] = "display"
-    livePreview: bool = True
-    autoAccept3D: bool = False
-    direction: Annotated[str, Choice(["both", "up", "down"])] = "both"
-    rangeStart: Annotated[int, WithinRange(-1, 4096)] = -1
-    rangeEnd: Annotated[int, WithinRange(-1, 4096)] = -1
-    minSimilarity: Annotated[float, WithinRange(0.0, 1.0)] = 0.65
-    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.35
-    maxAreaRatio: Annotated[float, WithinRange(0.0, 20.0)] = 2.5
-    minOverlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
-    maxEmpty: Annotated[int, WithinRange(1, 20)] = 1
-    skipSlices: Annotated[int, WithinRange(0, 4)] = 0
+@functools.cache
+def parameterNodeClass():
+    """The parameter node: the selected nodes, then every field of the shared ``Settings`` with the choices or
+    range its metadata gives (made on first use: the model choices come from the registry)."""
+    from SegmentWithSAMSlicerLib.settings import Settings
+
+    annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "segmentation": vtkMRMLSegmentationNode, "segmentID": str,
+                   "positivePoints": vtkMRMLMarkupsFiducialNode, "negativePoints": vtkMRMLMarkupsFiducialNode,
+                   "box": vtkMRMLMarkupsROINode}
+    defaults = {"segmentID": ""}
+    kinds = {"str": str, "bool": bool, "int": int, "float": float}
+    for field in dataclasses.fields(Settings):
+        kind = kinds[field.type]
+        if "choices" in field.metadata:
+            kind = Annotated[kind, Choice(field.metadata["choices"]())]
+        elif "range" in field.metadata:
+            kind = Annotated[kind, WithinRange(*field.metadata["range"])]
+        annotations[field.name], defaults[field.name] = kind, field.default
+    return parameterNodeWrapper(type("SegmentWithSAMParameterNode", (), {"__annotations__": annotations, **defaults}))
 
 
 def pythonSlicerExecutable() -> str:
@@ -92,7 +91,7 @@ class SegmentWithSAMLogic(ScriptedLoadableModuleLogic):
         self._controller = None
 
     def getParameterNode(self):
-        return SegmentWithSAMParameterNode(super().getParameterNode())
+        return parameterNodeClass()(super().getParameterNode())
 
     @property
     def controller(self):
@@ -102,20 +101,8 @@ class SegmentWithSAMLogic(ScriptedLoadableModuleLogic):
 
             python = pythonSlicerExecutable()
             self._controller = SegmentationController(
-                slicer.mrmlScene, lambda model, device: BackendClient(model, None if device == "auto" else device,
-                                                                      python=python))
+                slicer.mrmlScene, lambda model, device: BackendClient(model, device, python=python))
         return self._controller
-
-    @staticmethod
-    def stopRules(p: SegmentWithSAMParameterNode) -> dict:
-        """The propagation stop rules from the panel: 0 switches a rule off."""
-        return {"min_similarity": p.minSimilarity or None, "min_score": p.minScore or None,
-                "max_area_ratio": p.maxAreaRatio or None, "min_overlap": p.minOverlap or None,
-                "max_empty": p.maxEmpty}
-
-    @staticmethod
-    def sliceRange(p: SegmentWithSAMParameterNode, numSlices: int) -> tuple[int, int]:
-        return (0 if p.rangeStart < 0 else p.rangeStart, numSlices - 1 if p.rangeEnd < 0 else p.rangeEnd)
 
     def close(self) -> None:
         if self._controller is not None:
@@ -124,14 +111,16 @@ class SegmentWithSAMLogic(ScriptedLoadableModuleLogic):
 
 
 class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; also the front end's host (the selected nodes, the slice views, the Segment Editor)."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.frontEnd = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.promptWatcher = None
-        self.sentClicks = set()  # (node ID, control point ID) of the points already sent as clicks in 3D
         self.timer = None
 
     def setup(self) -> None:
@@ -151,7 +140,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentSelector.setCurrentNode)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
-        for button, slot in ((self.ui.previewButton, self.requestPreview), (self.ui.acceptButton, self.onAccept),
+        for button, slot in ((self.ui.previewButton, self.onPreview), (self.ui.acceptButton, self.onAccept),
                              (self.ui.clearButton, self.onClear), (self.ui.undoButton, self.onUndo),
                              (self.ui.propagateButton, self.onPropagate), (self.ui.cancelButton, self.onCancel)):
             button.connect("clicked(bool)", lambda _checked, s=slot: self.run(s))
@@ -176,6 +165,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.close()
+        self.frontEnd = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -186,15 +176,11 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self.logic.getParameterNode()
         if not p.inputVolume:
             p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        fiducial, roi = "vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode"
-        for name, cls, label, color in (("positivePoints", fiducial, "SAM positive", (0.2, 0.9, 0.2)),
-                                        ("negativePoints", fiducial, "SAM negative", (0.95, 0.2, 0.2)),
-                                        ("box", roi, "SAM box", (1.0, 0.85, 0.1))):
-            if not getattr(p, name):
-                node = slicer.mrmlScene.AddNewNodeByClass(cls, label)
-                node.CreateDefaultDisplayNodes()
-                node.GetDisplayNode().SetSelectedColor(*color)
-                setattr(p, name, node)
+        if not (p.positivePoints and p.negativePoints and p.box):
+            from SegmentWithSAMSlicerLib.front_end import add_prompt_nodes
+
+            nodes = add_prompt_nodes(slicer.mrmlScene)
+            p.positivePoints, p.negativePoints, p.box = nodes["positive"], nodes["negative"], nodes["box"]
         self.setParameterNode(p)
 
     def setParameterNode(self, p) -> None:
@@ -214,200 +200,164 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.positivePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self.ui.negativePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
 
+    # ---- the front end's host ------------------------------------------------------------------------------
+    @property
+    def volume_node(self):
+        return self._parameterNode.inputVolume
+
+    @property
+    def segmentation_node(self):
+        return self._parameterNode.segmentation
+
+    @segmentation_node.setter
+    def segmentation_node(self, node) -> None:
+        self._parameterNode.segmentation = node
+
+    @property
+    def segment_id(self) -> str:
+        return self._parameterNode.segmentID
+
+    @property
+    def prompts(self) -> dict:
+        p = self._parameterNode
+        return {"positive": p.positivePoints, "negative": p.negativePoints, "box": p.box}
+
+    def slice_nodes(self) -> list:
+        layout = slicer.app.layoutManager()
+        return [layout.sliceWidget(name).mrmlSliceNode() for name in layout.sliceViewNames()]
+
+    def segmentEditor(self):
+        """The Segment Editor widget, with a segment editor node, pointed at our nodes (None without the module)."""
+        from SegmentWithSAMSlicerLib.segment_editor import point_segment_editor
+
+        try:
+            module = slicer.modules.segmenteditor.widgetRepresentation().self()
+        except AttributeError:
+            return None
+        return point_segment_editor(module, self.segmentation_node, self.volume_node)
+
+    def edit_target(self):
+        editor = self.segmentEditor()
+        return (editor.mrmlSegmentEditorNode(), editor.saveStateForUndo) if editor is not None else (None, None)
+
     # ---- actions -------------------------------------------------------------------------------------------
     def run(self, action, ask: bool = True) -> None:
-        """Run a user action; user errors go to the status line, nothing else changes. ``ask``: offer to
-        install missing dependencies (buttons do; live preview only reports)."""
-        try:
-            if not self.ensureDependencies(ask):
-                return
-            from SegmentWithSAMLib.errors import SegmentWithSAMError
-        except ImportError as error:
-            self.setStatus(f"SegmentWithSAM is not fully installed: {error}", error=True)
-            return
-        try:
-            action()
-        except SegmentWithSAMError as error:
-            self.setStatus(str(error), error=True)
+        """Run a user action through the front end (its error stays in the status line until the next action).
+        ``ask``: offer to install missing dependencies (buttons do; live preview only reports)."""
+        if self.ensureDependencies(ask):
+            with slicer.util.tryWithErrorDisplay("SegmentWithSAM failed unexpectedly.", waitCursor=False):
+                self.front().act(action)
+        self.showStatus()
         self.timer.start()
 
+    def front(self):
+        if self.frontEnd is None:
+            from SegmentWithSAMSlicerLib.front_end import FrontEnd
+
+            self.frontEnd = FrontEnd(self.logic.controller, self._parameterNode, self)
+        self.frontEnd.settings = self._parameterNode
+        return self.frontEnd
+
     def ensureDependencies(self, ask: bool = True) -> bool:
-        """Install what is missing after asking (on the main thread, with a wait cursor)."""
+        """Install what the chosen model and device need after asking (on the main thread, with a wait cursor):
+        LiteMedSAM on the CPU needs no PyTorch (``dependencies.plan``)."""
         from SegmentWithSAMSlicerLib import dependencies
 
-        needed = dependencies.missing()
+        p = self._parameterNode
+        needed = dependencies.missing(p.model, p.device)
         if not needed:
             return True
         if not ask:
-            self.setStatus("Click Preview to install the packages SegmentWithSAM needs.", error=True)
+            self.showStatus(f"Click Preview to install the packages {p.model} needs.", error=True)
             return False
+        size = ("PyTorch comes through the PyTorch extension, with the build for this computer's GPU (gigabytes)"
+                if "torch" in needed else "This downloads about 250 MB")
         if not slicer.util.confirmOkCancelDisplay(
-                "SegmentWithSAM needs these Python packages: " + ", ".join(needed)
-                + ".\nInstall them now? This downloads several hundred MB and can take a few minutes."):
-            self.setStatus("Dependencies not installed: the model cannot run.", error=True)
+                f"{p.model} on {p.device} needs these Python packages: " + ", ".join(needed)
+                + f".\nInstall them now? {size} and can take a few minutes."):
+            self.showStatus("Dependencies not installed: the model cannot run.", error=True)
             return False
         try:
             with slicer.util.WaitCursor():
-                dependencies.install(report=lambda message: self.setStatus(message))
+                dependencies.install(p.model, p.device, report=lambda message: self.showStatus(message))
         except dependencies.InstallError as error:  # pip's CalledProcessError arrives as this (dependencies.py)
-            self.setStatus(str(error), error=True)
+            self.showStatus(str(error), error=True)
             return False
         return True
 
-    def promptView(self, p):
-        """The view the prompts were placed in (the slice view whose plane holds them)."""
-        from SegmentWithSAMSlicerLib import mrml
-
-        volume = self.logic.controller.volume(p.inputVolume)
-        points, _ = mrml.ordered_clicks(p.positivePoints, p.negativePoints)
-        placed = mrml.roi_corners(p.box)
-        anchors = points if placed is None else [*points, placed[1]]
-        layout = slicer.app.layoutManager()
-        sliceNodes = [layout.sliceWidget(name).mrmlSliceNode() for name in layout.sliceViewNames()]
-        return mrml.view_of_prompts(anchors, sliceNodes, volume)[1] if len(anchors) else "axial"
-
-    def ensureModel(self, ask: bool = True) -> bool:
-        """Offer to download the chosen model if it is not installed yet (the download runs in the background,
-        with progress in the status line)."""
+    def offerDownload(self) -> None:
+        """Ask to download the chosen model if it is not installed (the download runs in the background)."""
         controller = self.logic.controller
         entry = controller.missing_model(self._parameterNode.model)
-        if entry is None:
-            return True
-        if controller.download is not None:
-            return False
-        if ask and slicer.util.confirmOkCancelDisplay(
+        if entry is not None and controller.download is None and slicer.util.confirmOkCancelDisplay(
                 f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence {entry.licence}).\n"
                 f"Download it now from {entry.url}? Its SHA-256 is checked before use."):
             controller.start_download(entry)
-        else:
-            self.setStatus(f"{entry.name} is not downloaded yet: click Preview to download it.", error=True)
-        return False
 
-    def requestPreview(self, ask: bool = True) -> None:
-        p = self._parameterNode
-        if not self.ensureModel(ask):
-            return
-        self.logic.controller.request_preview(p.inputVolume, p.positivePoints, p.negativePoints, p.box,
-                                              self.promptView(p), self.logic.controller.window(p.inputVolume, p.window),
-                                              p.model, p.device, p.segmentation, p.segmentID)
-        self.setStatus("Segmenting…")
+    def onPreview(self) -> None:
+        self.offerDownload()
+        self.front().preview()
 
     def onPromptsChanged(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        if not p or not p.inputVolume:
-            return
-        from SegmentWithSAMSlicerLib import mrml
-
-        if mrml.roi_corners(p.box) is None and self.segmentHasMask():  # a box always gives a 2D preview
-            self.run(self.sendClicks3D, ask=False)
-        elif p.livePreview:
-            self.run(lambda: self.requestPreview(ask=False), ask=False)
-
-    def segmentHasMask(self) -> bool:
-        """Whether points should correct the selected segment in 3D: it has voxels (after Accept or Propagate)."""
-        from SegmentWithSAMSlicerLib import mrml
-
-        p = self._parameterNode
-        return mrml.segment_has_mask(p.segmentation, p.segmentID, p.inputVolume)
-
-    def sendClicks3D(self) -> None:
-        """Send each point placed since the last as a click in 3D on the selected segment, in click order."""
-        from SegmentWithSAMSlicerLib import mrml
-
-        p = self._parameterNode
-        editor = self.segmentEditor()
-        controller = self.logic.controller
-        for position, positive in mrml.new_clicks(p.positivePoints, p.negativePoints, self.sentClicks):
-            controller.click_3d(p.inputVolume, p.segmentation, p.segmentID, position, positive,
-                                window=controller.window(p.inputVolume, p.window),
-                                model=p.model, device=p.device, editor_node=editor and editor.mrmlSegmentEditorNode(),
-                                save_state=editor and editor.saveStateForUndo, auto_accept=p.autoAccept3D)
-
-    def segmentEditor(self):
-        """The Segment Editor widget's editor, pointed at our segmentation, so Ctrl+Z there undoes our edits."""
-        try:
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        except AttributeError:
-            return None
-        editor.setSegmentationNode(self._parameterNode.segmentation)
-        editor.setSourceVolumeNode(self._parameterNode.inputVolume)
-        return editor
+        if self._parameterNode and self._parameterNode.inputVolume:
+            self.run(lambda: self.front().prompts_changed(), ask=False)
 
     def onAccept(self) -> None:
         p = self._parameterNode
-        if not p.segmentation:
-            p.segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
-            p.segmentation.CreateDefaultDisplayNodes()
-            p.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.inputVolume)
-        editor = self.segmentEditor()
-        p.segmentID = self.logic.controller.accept(p.segmentation, p.segmentID,
-                                                   editor and editor.mrmlSegmentEditorNode(),
-                                                   editor and editor.saveStateForUndo)
+        with self.promptWatcher.paused():  # one step: no preview of the prompts left while removing node by node
+            p.segmentID = self.front().accept()
         self.ui.segmentSelector.setCurrentSegmentID(p.segmentID)
-        self.onClear()
 
     def onClear(self) -> None:
-        p = self._parameterNode
-        with self.promptWatcher.paused():  # one step: no preview of the prompts left while removing node by node
-            for node in (p.positivePoints, p.negativePoints, p.box):
-                node.RemoveAllControlPoints()
-        self.sentClicks.clear()
-        self.logic.controller.discard_refinement()
-        self.logic.controller.clear_preview()
+        with self.promptWatcher.paused():
+            self.front().clear_prompts()
 
     def onUndo(self) -> None:
         editor = self.segmentEditor()
         editor.undo() if editor is not None else self.logic.controller.undo()
 
     def onPropagate(self) -> None:
-        from SegmentWithSAMLib.geometry import slice_axes
-
-        p = self._parameterNode
-        controller = self.logic.controller
-        if not self.ensureModel():
-            return
-        last = controller.last_accepted
-        view = last[2] if last else self.promptView(p)
-        numSlices = slice_axes(controller.volume(p.inputVolume), view).num_slices
-        editor = self.segmentEditor()
-        panelRange = None if p.rangeStart < 0 and p.rangeEnd < 0 else self.logic.sliceRange(p, numSlices)
-        controller.propagate(p.inputVolume, p.segmentation, p.segmentID, None, None, p.direction,
-                             panelRange, self.logic.stopRules(p),
-                             controller.window(p.inputVolume, p.window), p.model, p.device,
-                             editor and editor.mrmlSegmentEditorNode(), editor and editor.saveStateForUndo,
-                             p.skipSlices)
-        self.ui.cancelButton.enabled = True
+        self.offerDownload()
+        self.front().propagate()
 
     def onCancel(self) -> None:
-        self.logic.controller.cancel()
+        self.front().cancel()
 
     def onSegmentChanged(self, segmentID) -> None:
         if self._parameterNode:
             self._parameterNode.segmentID = segmentID or ""
+            if self.frontEnd is not None:
+                self.timer.start()  # the buttons follow the selected segment at the next poll
 
     def onPoll(self) -> None:
-        controller = self.logic.controller
-        busy = controller.poll()
-        self.setStatus(controller.status, error="failed" in controller.status or "not applied" in controller.status)
-        progress = controller.progress
-        self.ui.progressBar.visible = progress is not None
-        if progress:
-            self.ui.progressBar.maximum, self.ui.progressBar.value = max(progress[1], 1), progress[0]
-        self.ui.cancelButton.enabled = controller.propagation is not None
-        self.ui.propagateButton.enabled = controller.propagation is None
+        busy = self.front().poll()
+        self.showStatus()
+        panel = self.front().panel()
+        self.ui.progressBar.visible = panel["progress"] is not None
+        if panel["progress"]:
+            self.ui.progressBar.maximum, self.ui.progressBar.value = max(panel["progress"][1], 1), panel["progress"][0]
+        self.ui.acceptButton.enabled = panel["can_accept"]
+        self.ui.cancelButton.enabled = panel["propagating"]
+        self.ui.propagateButton.enabled = panel["can_propagate"]
         if not busy:
             self.timer.stop()
 
-    def setStatus(self, text: str, error: bool = False) -> None:
+    def showStatus(self, text: str | None = None, error: bool = False) -> None:
+        """The front end's status line (or ``text``, said through it)."""
+        if self.frontEnd is None:  # before the first action (the packages may not be installed yet)
+            text, error = text or "", error
+        else:
+            if text is not None:
+                self.frontEnd.say(text, error)
+            text, error = self.frontEnd.status.text, self.frontEnd.status.error
         self.ui.statusLabel.text = text
         self.ui.statusLabel.setStyleSheet("color: #c62828" if error else "")
-        if error:
-            logging.warning(text)
 
 
 class SegmentWithSAMTest(ScriptedLoadableModuleTest):
-    """The panel and parameter node, then the whole workflow (SegmentWithSAMSlicerLib/selftest.py, which the
-    pytest suite also runs against slicer-core)."""
+    """The panel driven through its widgets (prompts through the markups nodes, the buttons clicked, the status
+    label read), then the whole workflow on the controller (SegmentWithSAMSlicerLib/selftest.py, which the pytest
+    suite also runs against slicer-core)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -415,25 +365,80 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_panel_and_parameters()
+        self.test_panel_workflow()
         self.test_workflow()
+
+    def widget(self):
+        slicer.util.selectModule("SegmentWithSAM")
+        return slicer.modules.segmentwithsam.widgetRepresentation().self()
+
+    def waitForPanel(self, widget, timeout: float = 300.0) -> str:
+        """Process events until the panel's poll timer stops; returns the status label's text."""
+        import time
+
+        end = time.monotonic() + timeout
+        while widget.timer.isActive() and time.monotonic() < end:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        return widget.ui.statusLabel.text
 
     def test_panel_and_parameters(self):
         self.delayDisplay("Panel and parameter node (no torch needed)")
-        widget = slicer.modules.segmentwithsam.widgetRepresentation().self()
+        from SegmentWithSAMSlicerLib.settings import model_choices, stop_rules
+
+        widget = self.widget()
         p = widget.logic.getParameterNode()
-        p.minScore, p.maxEmpty = 0.0, 3
-        rules = SegmentWithSAMLogic.stopRules(p)
+        self.assertEqual([widget.ui.modelComboBox.itemText(i) for i in range(widget.ui.modelComboBox.count)],
+                         model_choices())
+        p.min_score, p.max_empty = 0.0, 3
+        rules = stop_rules(p)
         self.assertIsNone(rules["min_score"])
         self.assertEqual(rules["max_empty"], 3)
-        self.assertEqual(SegmentWithSAMLogic.sliceRange(p, 100), (0, 99))
         self.assertTrue(p.positivePoints and p.negativePoints and p.box)
         self.assertIsInstance(p.positivePoints.GetDisplayNode(), vtk.vtkObject)
+
+    def test_panel_workflow(self):
+        """A point off every slice plane: the error stays in the status label past the poll; a box on the
+        hippocampus: Preview, Accept (a segment with voxels), Ctrl+Z through Undo."""
+        from SegmentWithSAMSlicerLib import dependencies
+
+        if dependencies.missing("litemedsam", "cpu"):
+            self.delayDisplay("Panel workflow skipped, packages missing: "
+                              + ", ".join(dependencies.missing("litemedsam", "cpu")))
+            return
+        from SegmentWithSAMLib.data import colin27
+
+        self.setUp()
+        volume = slicer.util.loadVolume(str(colin27().image))
+        widget = self.widget()
+        p = widget._parameterNode
+        p.inputVolume, p.live_preview = volume, False
+        p.positivePoints.AddControlPoint(1e4, 1e4, 1e4)  # on no slice view's plane
+        widget.ui.previewButton.click()
+        self.assertIn("do not lie on the plane", self.waitForPanel(widget))
+        self.assertIn("c62828", widget.ui.statusLabel.styleSheet)  # shown as an error, still after the poll
+        widget.ui.clearButton.click()
+        bounds = [0.0] * 6
+        volume.GetRASBounds(bounds)
+        middle = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        red.JumpSliceByCentering(*middle)
+        p.box.SetCenter(middle[0], middle[1], red.GetSliceToRAS().GetElement(2, 3))
+        p.box.SetSize(40, 40, 0)
+        widget.ui.previewButton.click()
+        self.assertIn("Preview", self.waitForPanel(widget))
+        widget.ui.acceptButton.click()
+        segment = p.segmentID
+        self.assertTrue(slicer.util.arrayFromSegmentBinaryLabelmap(p.segmentation, segment, volume).any())
+        widget.ui.undoButton.click()
+        self.assertFalse(slicer.util.arrayFromSegmentBinaryLabelmap(p.segmentation, segment, volume).any())
 
     def test_workflow(self):
         from SegmentWithSAMSlicerLib import dependencies
 
-        if dependencies.missing():  # a test never installs: the test environment must bring the packages
-            self.delayDisplay("Workflow skipped, packages missing: " + ", ".join(dependencies.missing()))
+        if dependencies.missing("litemedsam", "cpu"):  # a test never installs: the environment brings them
+            self.delayDisplay("Workflow skipped, packages missing: "
+                              + ", ".join(dependencies.missing("litemedsam", "cpu")))
             return
         from SegmentWithSAMSlicerLib.selftest import run_workflow
 

@@ -20,6 +20,16 @@ from SegmentWithSAMLib.geometry import Volume
 from SegmentWithSAMLib.geometry import bounding_box as tight_box  # noqa: F401 (imported by the tests from here)
 from SegmentWithSAMLib.io import read_volume
 
+HEAVY = {"test_backend", "test_batch", "test_parity", "test_web", "test_propagation", "test_sam2", "test_front_end"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Marks the modules that start many processes, a cluster or a browser, or propagate through whole volumes,
+    as ``heavy``: ``pytest -m "not heavy"`` is the fast tier (docs/testing.md)."""
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in HEAVY:
+            item.add_marker(pytest.mark.heavy)
+
 
 @pytest.fixture(scope="session")
 def colin() -> Volume:

@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from SegmentWithSAMLib.models.factored_decoder import (
-    FactoredMaskDecoder,
-    embed_labelled_points,
-    image_tokens,
-    labelled_points,
-)
+from SegmentWithSAMLib.models.base import labelled_points
+from SegmentWithSAMLib.models.factored_decoder import FactoredMaskDecoder, embed_labelled_points, image_tokens
 
 
 @pytest.fixture(scope="module")

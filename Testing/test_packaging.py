@@ -7,6 +7,7 @@ import ast
 import json
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import fields
 from pathlib import Path
 
 from SegmentWithSAMSlicerLib import dependencies
@@ -29,17 +30,32 @@ def test_every_widget_the_code_uses_is_in_the_ui():
     assert not used - set(ui_widgets()), f"missing in the .ui: {sorted(used - set(ui_widgets()))}"
 
 
-def test_every_bound_widget_maps_to_a_parameter():
-    parameter_class = next(n for n in TREE.body if isinstance(n, ast.ClassDef) and n.name.endswith("ParameterNode"))
-    fields = {n.target.id for n in parameter_class.body if isinstance(n, ast.AnnAssign)}
+def test_the_panel_binds_the_selected_nodes_and_exactly_the_settings_with_their_choices():
+    """The .ui's parameter names are the parameter node's node fields and the shared settings' fields, and its
+    combo boxes hold no items of their own: ``connectGui`` fills them from the settings' choices (the model
+    registry, the devices, the CT presets), which the parameter node is made of."""
+    from SegmentWithSAMLib.models import registry
+    from SegmentWithSAMLib.preprocessing import CT_PRESETS
+    from SegmentWithSAMSlicerLib.settings import Settings, model_choices
+
+    maker = next(n for n in TREE.body if isinstance(n, ast.FunctionDef) and n.name == "parameterNodeClass")
+    nodes = next(n.value for n in ast.walk(maker) if isinstance(n, ast.Assign) and n.targets[0].id == "annotations")
     bound = {p.find("string").text for p in UI.iter("property") if p.get("name") == "SlicerParameterName"}
-    assert bound and bound <= fields, sorted(bound - fields)
+    settings = {f.name for f in fields(Settings)}
+    assert settings <= bound and bound - settings <= {key.value for key in nodes.keys}, sorted(bound)
+    combos = [w for w in UI.iter("widget") if w.get("class") in ("QComboBox", "ctkComboBox")]
+    assert combos and all(w.find("item") is None for w in combos)
+    assert model_choices()[0] == "litemedsam" and set(model_choices()) == set(registry())
+    chosen = {f.name: f.metadata["choices"]() for f in fields(Settings) if "choices" in f.metadata}
+    assert chosen["model_window"] == ["display", "auto", *CT_PRESETS]
+    assert chosen["device"] == ["auto", "cpu", "cuda", "mps"]
 
 
 def test_module_imports_no_model_code_at_import_time():
     top = {alias.name.split(".")[0] for node in TREE.body if isinstance(node, ast.Import) for alias in node.names}
     top |= {node.module.split(".")[0] for node in TREE.body if isinstance(node, ast.ImportFrom) and node.module}
-    assert top <= {"__future__", "logging", "os", "shutil", "sys", "typing", "qt", "slicer", "vtk"}, top
+    allowed = {"__future__", "dataclasses", "functools", "os", "shutil", "sys", "typing", "qt", "slicer", "vtk"}
+    assert top <= allowed, top
 
 
 def test_cmake_lists_every_python_file_and_resource():
@@ -77,17 +93,41 @@ def test_extension_metadata_passes_the_extensions_index_checks():
     assert (ROOT / "Resources" / "Icons" / "SegmentWithSAM.png").is_file()
 
 
+def _s4ext(path: Path) -> dict[str, str]:
+    """Keyword → value of a .s4ext as Slicer reads one: on each line not a comment, the first token is the
+    keyword and the rest of the line, trimmed, the value; the last line of a keyword wins."""
+    fields = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        keyword, _, value = line.partition(" ")
+        if keyword and not keyword.startswith("#"):
+            fields[keyword] = value.strip()
+    return fields
+
+
+def test_the_s4ext_agrees_with_the_index_entry_and_the_cmake_metadata():
+    # Format and keywords as Slicer defines them (github.com/Slicer/Slicer at 583e9b37d50e):
+    # Utilities/Templates/Extensions/extension_description.s4ext.in, Extensions/CMake/
+    # SlicerExtensionDescriptionSpec.cmake (17 keywords, scm/scmurl/scmrevision required) and the reading in
+    # Extensions/CMake/SlicerFunctionExtractExtensionDescription.cmake.
+    s4ext = _s4ext(ROOT / "SlicerExtension.s4ext")
+    cmake_text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    cmake = {key.lower(): value for key, value in re.findall(r'set\s*\(EXTENSION_(\w+)\s+"([^"]*)"\s*\)', cmake_text)}
+    catalog = json.loads((ROOT / "SegmentWithSAM.json").read_text(encoding="utf-8"))
+    keywords = {"scm", "scmurl", "scmrevision", "depends", "recommends", "build_subdirectory", "homepage",
+                "contributors", "category", "iconurl", "description", "screenshoturls", "enabled", "status", "tier",
+                "dicom_support_rule", "keywords"}
+    assert {"scm", "scmurl", "scmrevision"} <= set(s4ext) <= keywords, sorted(set(s4ext) - keywords)
+    for key in ("homepage", "category", "contributors", "description", "iconurl", "screenshoturls", "depends"):
+        assert s4ext[key] == cmake[key], key
+    assert s4ext["scm"] == catalog.get("scm_type", "git") and s4ext["scmurl"] == catalog["scm_url"]
+    assert s4ext["scmrevision"] == catalog["scm_revision"] and s4ext["category"] == catalog["category"]
+    assert s4ext["depends"].split() == catalog["build_dependencies"]
+    assert s4ext["build_subdirectory"] == catalog.get("build_subdirectory", ".")
+    assert int(s4ext["tier"]) == catalog.get("tier", 1) and s4ext["enabled"] in ("0", "1")
+    assert s4ext["homepage"] == catalog["scm_url"].removesuffix(".git")
+    assert all(url.startswith("https://") for url in (s4ext["iconurl"], *s4ext["screenshoturls"].split()))
+
+
 def test_requirements_file_installs_what_the_dependency_check_looks_for():
-    text = dependencies.requirements_file().read_text(encoding="utf-8")
-    lines = [line.split(">")[0].split("=")[0].strip() for line in text.splitlines()
-             if line.strip() and not line.startswith("#")]
-    assert sorted(lines) == sorted(dependencies.OTHERS.values())
-    assert dependencies.missing() == []  # this environment has everything
-
-
-def test_the_model_choice_offers_every_registry_model():
-    from SegmentWithSAMLib.models import registry
-
-    combo = next(w for w in UI.iter("widget") if w.get("name") == "modelComboBox")
-    items = {i.find("property/string").text for i in combo.iter("item")}
-    assert items == set(registry())
+    assert list(dependencies.requirement_groups()) == ["default", "torch", "sam2"]  # Testing/test_dependencies.py
+    assert dependencies.missing("sam2.1_tiny", "cuda") == []  # this environment has everything

@@ -242,7 +242,7 @@ def test_web_workflow(case, engine_cache):
 
         def start() -> None:
             workflow.load_volume(case["volume"], "parity")
-            workflow.settings.window = WINDOW
+            workflow.settings.model_window = WINDOW
             show_slice(app.app, "Red", case["corners"][0])  # the axial view on the prompts' slice
 
         app.call(start)
@@ -271,7 +271,7 @@ def test_web_workflow(case, engine_cache):
 
                 for count, (point, positive) in enumerate(case["clicks"], start=1):
                     app.call(lambda p=point, q=positive: click(p, q))
-                    app.until(lambda n=count: len(workflow._sent_clicks) == n  # this click was sent, and done
+                    app.until(lambda n=count: len(workflow.front._sent_clicks) == n  # this click was sent, and done
                               and workflow.controller.refinement is not None
                               and workflow.controller.refinement.handle is None
                               and not workflow.controller.refinement.waiting, what="the click")

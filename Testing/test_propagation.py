@@ -54,7 +54,8 @@ DICE3D_FLOOR = {("Hippocampus_L", "coronal"): 0.33, ("Putamen_L", "axial"): 0.55
 END_TOLERANCE = 7
 
 
-@pytest.mark.parametrize(("structure", "view"), list(DICE3D_FLOOR))
+@pytest.mark.parametrize(("structure", "view"), [  # the hippocampus (86 s on 2 cores): with -m slow
+    pytest.param(*case, marks=pytest.mark.slow) if case[0] == "Hippocampus_L" else case for case in DICE3D_FLOOR])
 def test_propagation_from_one_box_follows_the_structure_and_stops_near_its_ends(session, atlas, structure, view):
     index, seed, truth, extent = seed_from_box(session, atlas, view, structure)
     low, high = int(extent[0]) - 12, int(extent[-1]) + 12

@@ -15,7 +15,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 from SegmentWithSAMLib.actions import Prompt  # noqa: E402
 from SegmentWithSAMSlicerLib import dependencies, mrml  # noqa: E402
-from SegmentWithSAMSlicerLib.editing import SegmentEditing  # noqa: E402
+from SegmentWithSAMSlicerLib.editing import SegmentEditing, ensure_editor_node  # noqa: E402
 from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher  # noqa: E402
 
 SHAPE = (12, 16, 20)  # K, J, I of the phantom; 1 mm voxels at integer RAS positions
@@ -80,21 +80,60 @@ def test_masked_writes_respect_masking_on_any_geometry_and_undo_exactly(scene, g
     before = {sid: mrml.segment_array(segmentation, sid, volume) for sid in (allowed_id, target_id)}
 
     # Entirely outside the editable area: nothing written, no undo step.
-    assert editing.write(segmentation, target_id, volume, box(2, 10, 10, 14, 4, 8), editor) == 0
+    assert editing.write(segmentation, target_id, volume, box(2, 10, 10, 14, 4, 8), editor).count == 0
     assert not editing.logic.CanUndo()
 
     wanted = box(2, 10, 2, 14, 4, 16)
-    written = editing.write(segmentation, target_id, volume, wanted, editor)
+    written = editing.write(segmentation, target_id, volume, wanted, editor).count
     expected = wanted & allowed & box(0, 12, 0, 16, 0, 10)  # inside "allowed" and the intensity range
     result = mrml.segment_array(segmentation, target_id, volume)
     assert np.array_equal(result, expected) and written == int(expected.sum())
     assert editing.logic.CanUndo()
 
     # The same write again changes nothing and leaves the history as it was: one undo restores the start.
-    assert editing.write(segmentation, target_id, volume, wanted, editor) == 0
+    assert editing.write(segmentation, target_id, volume, wanted, editor).count == 0
     editing.undo()
     assert all(np.array_equal(mrml.segment_array(segmentation, sid, volume), before[sid]) for sid in before)
     assert not editing.logic.CanUndo()
+
+
+@pytest.mark.parametrize("geometry", ["same", "coarse", "oversampled", "transformed"])
+def test_blocks_of_a_segment_read_as_slicers_export_does(scene, geometry):
+    """Reading a block of a segment (straight from its labelmap or resampled) gives, voxel for voxel, that block
+    of what Slicer's export of the segment to the volume's grid gives."""
+    volume = phantom(scene)
+    segmentation = segmentation_on(scene, volume, geometry)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "blob")
+    other_id = segmentation.GetSegmentation().AddEmptySegment("", "other")  # shares its labelmap layer
+    editing = SegmentEditing(scene)
+    rng = np.random.default_rng(1)
+    editing.write(segmentation, segment_id, volume, rng.random(SHAPE) < 0.3)
+    editing.write(segmentation, other_id, volume, box(0, 12, 0, 4, 0, 4))
+    exported = np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)) > 0
+    assert np.array_equal(mrml.segment_array(segmentation, segment_id, volume), exported)
+    block = ((3, 7), (2, 16), (5, 6))
+    assert np.array_equal(mrml.segment_array(segmentation, segment_id, volume, block),
+                          exported[mrml.block_index(block)])
+    assert mrml.segment_has_mask(segmentation, segment_id, volume)
+    empty_id = segmentation.GetSegmentation().AddEmptySegment("", "empty")
+    assert not mrml.segment_has_mask(segmentation, empty_id, volume)
+    assert not mrml.segment_array(segmentation, empty_id, volume, block).any()
+
+
+def test_a_write_within_a_block_leaves_the_rest_and_reads_back(scene):
+    volume = phantom(scene)
+    segmentation = segmentation_on(scene, volume, "same")
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "slab")
+    editing = SegmentEditing(scene)
+    editing.write(segmentation, segment_id, volume, box(0, 12, 4, 12, 4, 12))
+    block = ((5, 6), (0, 16), (0, 20))  # one slice: replace it by a smaller square
+    written = editing.write(segmentation, segment_id, volume, box(5, 6, 6, 8, 6, 8)[5:6], block=block)
+    expected = box(0, 12, 4, 12, 4, 12)
+    expected[5] = box(5, 6, 6, 8, 6, 8)[5]
+    assert np.array_equal(mrml.segment_array(segmentation, segment_id, volume), expected)
+    assert written.count == 64 - 4 and written.block == block and np.array_equal(written.segment, expected[5:6])
+    with pytest.raises(ValueError, match="shape"):
+        editing.write(segmentation, segment_id, volume, box(0, 12, 0, 16, 0, 20), block=block)
 
 
 def test_a_moving_preview_point_and_the_click_order_request_no_preview(scene, controller, colin_node,
@@ -160,3 +199,29 @@ def test_points_of_the_two_lists_are_each_sent_once_as_clicks_in_3d(scene):
     assert negative.GetNthControlPointID(0) == positive.GetNthControlPointID(0)  # the case this is about
     assert [(list(p), q) for p, q in mrml.new_clicks(positive, negative, sent)] == [([4.0, 5.0, 6.0], False)]
     assert mrml.new_clicks(positive, negative, sent) == []
+
+
+def test_writes_after_a_scene_close_go_through_a_segment_editor_node_and_undo(scene):  # last: clears the scene
+    """File → Close Scene (``Clear(0)``) removes nodes without a singleton tag: an editor node given to a write
+    may be gone. The write uses the scene's Segment Editor node then (created as the Segment Editor module
+    creates it), and stays one undoable step."""
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")  # e.g. the web app's own editor node
+    assert ensure_editor_node(scene, editor) is editor
+    editing = SegmentEditing(scene)
+    scene.Clear(0)
+    assert not scene.IsNodePresent(editor)
+    node = ensure_editor_node(scene, editor)
+    assert scene.IsNodePresent(node) and node.GetSingletonTag() == "SegmentEditor"
+    assert ensure_editor_node(scene, None) is node  # one per scene, as the module keeps it
+    scene.Clear(0)
+    assert ensure_editor_node(scene, None) is node  # a singleton survives the close (its settings reset)
+
+    volume = phantom(scene)
+    segmentation = segmentation_on(scene, volume, "same")
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "after close")
+    assert editing.write(segmentation, segment_id, volume, box(2, 4, 2, 4, 2, 4), editor).count == 8
+    assert editing.logic.GetSegmentEditorNode() is node and node.GetSegmentationNode() is segmentation
+    editing.undo()
+    assert not mrml.segment_array(segmentation, segment_id, volume).any()
+    scene.RemoveNode(node)  # even that one gone: a new one
+    assert scene.IsNodePresent(ensure_editor_node(scene, None))

@@ -2,14 +2,17 @@
 views that Slicer renders on the server, and every outcome checked on the server's scene.
 
 One app (on a free loopback port, with an access key) and one browser serve the whole module; the tests run in
-order, each continuing from the last: first frame, box → preview (Dice against AAL at least the CLI's for the
-same box), accept/undo/redo, cancelled and completed propagation, a click in the coronal view afterwards,
+order, each continuing from the last: first frame (the slice planes in 3D), box → preview (Dice against AAL at
+least the CLI's for the same box), accept/undo/redo, cancelled and completed propagation (the 3D view centred
+on the segment), no control cut off at 1280 × 760 or 1920 × 1080, a click in the coronal view afterwards,
 save/reload/download, refused uploads and keys, and a backend killed while propagating. A screenshot of each
 step goes to ``.pytest_cache/web-screenshots``.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import os
 import shutil
 import signal
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 from SegmentWithSAMLib.cli import main as cli
@@ -65,6 +69,31 @@ def _wait_enabled(page, element_id: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{element_id} is still disabled after {timeout:g} s")
         time.sleep(0.05)
+
+
+def _segment_on_screen(app, volume) -> tuple[np.ndarray, tuple[int, int]]:
+    """The corners of the active segment's voxel box (RAS, from its KJI mask on ``volume``'s grid) where the 3D
+    view's camera puts them: (8, 2) pixels, and the view's width and height."""
+    import vtk
+
+    mask = _segment(app)
+    ranges = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
+    corners = volume.to_ras(np.array(list(itertools.product(*[(r[0] - 0.5, r[-1] + 0.5) for r in ranges]))))
+    view = app.slicer_app.view_manager.get_threed_views()[0]
+    coordinate = vtk.vtkCoordinate()
+    coordinate.SetCoordinateSystemToWorld()
+    pixels = []
+    for corner in corners:
+        coordinate.SetValue(*corner)
+        pixels.append(coordinate.GetComputedDoubleDisplayValue(view.renderer()))
+    return np.array(pixels), tuple(view.render_window().GetSize())
+
+
+def _off_background(image) -> float:
+    """The fraction of a view's <img> that differs from its background (a gradient from top to bottom: each
+    row's colour at its left edge)."""
+    pixels = np.asarray(Image.open(io.BytesIO(image.screenshot_as_png)).convert("L"), dtype=float)
+    return float((np.abs(pixels - pixels[:, :1]) > 30).mean())
 
 
 def _segment_rows(page, count: int, timeout: float = 30.0) -> list:
@@ -121,6 +150,12 @@ def test_page_shows_the_first_frame_of_colin27(running, page):
     page.wait_text("swsam-volume", "Colin27")
     page.wait_text("swsam-message", "Loaded Colin27")
     app = running.app
+    assert running.call(lambda: [v.is_visible_in_3d() for v in app.slicer_app.view_manager.get_slice_views()]) \
+        == [True] * 3
+    deadline = time.monotonic() + 30  # the 3D view shows the slice planes: no longer a plain grey gradient
+    while (shown := _off_background(page.view_image("ThreeD"))) < 0.05 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert shown >= 0.05, shown
     own = running.call(lambda: mrml.display_window(app.workflow.volume_node))
     page.choose("swsam-display-window", "brain")  # a CT preset, then the volume's own window again
     running.until(lambda: mrml.display_window(app.workflow.volume_node) == (100.0, 50.0), what="the preset")
@@ -202,13 +237,17 @@ def test_a_propagation_to_the_end_is_one_undo_step(running, page, hippocampus, c
     centre = colin.to_ras(np.argwhere(propagated).mean(axis=0)[::-1])[0]
     for tag in ("Green", "Yellow"):  # the other slice views through the hippocampus, for the screenshot
         running.call(lambda t=tag: show_slice(app, t, centre))
-    page.reset_camera("ThreeD")  # the 3D view centred on the segment's surface
+    # the write centred the 3D view on the segment: all of it in sight, neither a speck nor filling the view
+    corners, (width, height) = running.call(lambda: _segment_on_screen(app, colin))
+    assert np.all((corners >= 0) & (corners <= (width, height))), (corners, width, height)
+    spans = np.ptp(corners, axis=0) / (width, height)
+    assert 0.05 <= spans.max() <= 0.8, spans
     ActionChains(page.driver).move_to_element(page.by_id("swsam-volume")).perform()
     time.sleep(1.0)
     page.shot("propagated")  # README's Resources/Screenshots/web.png
     assert running.call(lambda: app.workflow.undo_stack.index()) == steps + 1
     axes = slice_axes(running.call(lambda: app.workflow.controller.volume(app.workflow.volume_node)), "axial")
-    first, last = running.call(app.workflow.propagation_range)
+    first, last = running.call(app.workflow.front.shown_range)
     slices = np.flatnonzero(axes.oriented(propagated).any(axis=(1, 2)))
     assert first < index == slices.min() and index + 3 < slices.max() <= last
     # Dice over the slices done (benchmarks/propagation.py: 0.195 over the whole hippocampus, axial)
@@ -220,6 +259,21 @@ def test_a_propagation_to_the_end_is_one_undo_step(running, page, hippocampus, c
     running.until(lambda: np.array_equal(_segment(app), propagated), what="the redo of the propagation")
 
 
+def test_no_control_is_cut_off_at_1280x760_or_1920x1080(running, page):
+    """Every button, select, text field, checkbox, chip and slider lies whole within its area (the side drawer,
+    the toolbar, the views) and the page's width, and no label is cut short; the drawer may scroll vertically
+    (at 760 px it does), so only its width counts there. Checked after a propagation, with every part shown."""
+    original = page.driver.execute_script("return [innerWidth, innerHeight]")
+    try:
+        for width, height in ((1280, 760), (1920, 1080)):
+            page.set_viewport(width, height)
+            page.wait_for_view_sizes()
+            assert page.clipped_controls() == [], (width, height)
+            page.shot(f"layout-{width}x{height}")
+    finally:
+        page.set_viewport(*original)
+        page.wait_for_view_sizes()
+
 
 def test_killing_the_backend_mid_propagation_leaves_the_segment_and_the_page(running, page, hippocampus, colin):
     index, _, truth = hippocampus
@@ -228,7 +282,7 @@ def test_killing_the_backend_mid_propagation_leaves_the_segment_and_the_page(run
     steps = running.call(lambda: app.workflow.undo_stack.index())
     page.click("swsam-all-slices")  # beyond the box, down to where the hippocampus ends
     page.choose("swsam-direction", "down")
-    running.until(lambda: app.workflow.settings.direction == "down" and app.workflow.all_slices,
+    running.until(lambda: app.workflow.settings.direction == "down" and app.workflow.front.all_slices,
                   what="the direction and range")
     page.click("swsam-propagate")
     running.until(lambda: (p := app.workflow.controller.progress) is not None and p[0] > 0, 120,

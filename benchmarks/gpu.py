@@ -46,21 +46,22 @@ def synchronizer(device: torch.device):
     return {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
 
 
-def model_batch(session: Session, view: str, first: int, count: int) -> torch.Tensor:
+def model_batch(session: Session, view: str, first: int, count: int) -> np.ndarray:
     """``count`` consecutive slices of ``view`` from ``first`` as the encoder's input (count, 3, S, S)."""
     axes = session.axes(view)
     transform = SliceTransform.for_slice(axes.image_shape, axes.pixel_spacing, session.model.input_size)
-    return torch.cat([transform.image_to_model(normalize_slice(session.windowed_slice(axes, first + i)))
-                      for i in range(count)])
+    return np.concatenate([transform.image_to_model(normalize_slice(session.windowed_slice(axes, first + i)))
+                           for i in range(count)])
 
 
 def encoder_rows(session: Session, view: str, first: int, batches: list[int], sync) -> list[dict]:
     """ms per slice of the encoder at several batch sizes, fp32 and the core's autocast precision."""
     model, rows = session.model, []
     for batch in batches:
-        images = model_batch(session, view, first, batch).to(model.device)
+        batch_array = model_batch(session, view, first, batch)  # encode() takes NumPy: its copy to the GPU counts
+        images = torch.from_numpy(batch_array).to(model.device)
         fp32 = lambda im=images: model.image_encoder(model.normalize(im))  # noqa: E731
-        for precision, run in (("fp32", fp32), ("autocast", lambda im=images: model.encode(im))):
+        for precision, run in (("fp32", fp32), ("autocast", lambda im=batch_array: model.encode(im))):
             with torch.inference_mode():
                 times = timed_ms(run, 12, sync)[2:]
             rows.append({"encoder": precision, "batch": batch, "ms_per_slice": statistics.median(times) / batch,

@@ -51,7 +51,7 @@ def preview_once(running: EmbeddedApp, page: Page, corners: np.ndarray) -> tuple
 
     def reset() -> None:
         app.workflow.clear_prompts()
-        app.workflow.message = ""
+        app.workflow.front.begin()
 
     running.call(reset)
     while page.text("swsam-message"):  # the last preview's message is gone from the page

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from .disk_cache import DiskEmbeddingCache
-from .errors import SegmentWithSAMError
+from .disk_cache import DiskEmbeddingCache, megabytes_setting
 
-DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB
+DEFAULT_CACHE_MB = 1024
 CACHE_ENV = "SEGMENTWITHSAM_CACHE_MB"
 
 
 def default_cache_bytes() -> int:
     """The cache limit: ``$SEGMENTWITHSAM_CACHE_MB`` megabytes if set, else 1 GiB."""
-    value = os.environ.get(CACHE_ENV, "").strip()
-    if not value:
-        return DEFAULT_CACHE_BYTES
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise SegmentWithSAMError(f"{CACHE_ENV}={value!r} is not a number of megabytes.") from None
-    if megabytes < 0:
-        raise SegmentWithSAMError(f"{CACHE_ENV} must be >= 0, not {value}.")
-    return int(megabytes * (1 << 20))
+    return megabytes_setting(CACHE_ENV, DEFAULT_CACHE_MB)
 
 
-def _nbytes(tensor) -> int:
-    return int(tensor.element_size() * tensor.nelement())
+def _nbytes(embedding) -> int:
+    return int(embedding.nbytes)  # a NumPy array's or a torch tensor's
 
 
 class EmbeddingCache:
@@ -65,8 +54,8 @@ class EmbeddingCache:
         return value
 
     def put(self, key: Hashable, value) -> None:
-        """Store ``value`` (a tensor) under ``key``, evicting old entries to stay within ``max_bytes``; also on
-        disk when there is a disk level."""
+        """Store ``value`` (a NumPy array or a torch tensor) under ``key``, evicting old entries to stay within
+        ``max_bytes``; also on disk when there is a disk level."""
         self._put_memory(key, value)
         if self.disk is not None:
             self.disk.put(key, value)

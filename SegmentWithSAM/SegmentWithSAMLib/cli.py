@@ -90,20 +90,17 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
-def _stop_rules(args: argparse.Namespace):
-    from .propagation import StopRules
-
-    return StopRules.from_options(args.min_similarity, args.min_score, args.max_area_ratio, args.min_overlap,
-                                  args.max_empty)
-
-
 def _propagate(segmenter, index: int, direction: str, args, slice_range=None) -> dict:
     """Propagate the object from slice ``index``; a report of what happened."""
     from tqdm import tqdm
 
+    from .propagation import StopRules
+
+    rules = StopRules.from_options(args.min_similarity, args.min_score, args.max_area_ratio, args.min_overlap,
+                                   args.max_empty)
     quiet = True if args.json else None  # tqdm: None = show only on a terminal
     with tqdm(desc="propagating", unit="slice", file=sys.stderr, leave=False, disable=quiet) as bar:
-        update = segmenter.propagate(OBJECT, index, direction, slice_range, _stop_rules(args), args.skip,
+        update = segmenter.propagate(OBJECT, index, direction, slice_range, rules, args.skip,
                                      on_slice=lambda *_: bar.update())
     return {"slices": len(update.changed), "stopped": update.stopped,
             "slices_per_s": round(len(update.changed) / max(update.seconds, 1e-9), 2)}
@@ -151,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="R,A,S", help="then a positive click anywhere, correcting the 3D mask (repeatable)")
     seg.add_argument("--click-negative", dest="clicks", action="append", type=_click(False, "--click-negative"),
                      metavar="R,A,S", help="then a negative click anywhere")
-    seg.add_argument("--json", action="store_true", help="print one JSON object on one line")
 
     prop = commands.add_parser("propagate", help="propagate a mask on one slice through the volume")
     prop.add_argument("volume", help="image volume (as for segment)")
@@ -159,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--label", type=int, default=None, help="label value of the seed (default: any non-zero)")
     prop.add_argument("--view", required=True, choices=["axial", "coronal", "sagittal"])
     prop.add_argument("--out", required=True, help="labelmap to write (seed and propagated slices)")
-    prop.add_argument("--json", action="store_true", help="print one JSON object on one line")
     _add_model_options(prop)
     for parser_ in (seg, prop):
         _add_propagation_options(parser_, with_direction=parser_ is prop)
@@ -172,19 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slice", type=int, default=None, help="slice index (default: the label's middle slice)")
     evaluate.add_argument("--clicks", type=int, default=20, help="click budget (default 20)")
     _add_model_options(evaluate)
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object on one line")
 
     demo = commands.add_parser("demo", help="LiteMedSAM on the Colin27 MRI: left hippocampus from a box")
     demo.add_argument("--out-dir", default="segmentwithsam-demo", help="folder for the outputs")
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--json", action="store_true")
 
     cvpr25 = commands.add_parser("cvpr25", help="CVPR 2025 interactive 3D challenge format: predict every *.npz "
                                  "of INPUT_DIR (boxes, clicks) into OUTPUT_DIR (segs)")
     cvpr25.add_argument("input_dir", help="folder of challenge .npz files (imgs, spacing, boxes, clicks, ...)")
     cvpr25.add_argument("output_dir", help="folder for the predictions: <same name>.npz with segs (D, H, W) uint8")
     _add_model_options(cvpr25)
-    cvpr25.add_argument("--json", action="store_true", help="print one JSON object on one line")
 
     from .batch.command import add_arguments as add_batch_arguments
 
@@ -201,21 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="the models this knows, and which are installed")
     models.add_argument("--download", metavar="NAME", help="download NAME's checkpoint (SHA-256 checked, resumable)")
-    models.add_argument("--json", action="store_true")
-
     info = commands.add_parser("info", help="versions, device, models and cache settings")
-    info.add_argument("--json", action="store_true")
+    for command in (seg, prop, evaluate, demo, cvpr25, models, info):
+        command.add_argument("--json", action="store_true", help="print one JSON object on one line")
     return parser
 
 
-def _progress(total: int, enabled: bool):
+def cmd_segment(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=None if enabled else True, file=sys.stderr, leave=False,
-                bar_format="{desc} {bar} {n_fmt}/{total_fmt}")
-
-
-def cmd_segment(args: argparse.Namespace) -> dict:
     from .actions import parse_slice_range
     from .api import Segmenter
     from .io import check_writable, read_volume, write_labelmap
@@ -225,7 +211,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     slice_range = parse_slice_range(args.range)
     check_writable(args.out, labelmap=True)
     timings: dict[str, float] = {}
-    with _progress(4, not args.json) as bar:
+    with tqdm(total=4, disable=True if args.json else None, file=sys.stderr, leave=False,
+              bar_format="{desc} {bar} {n_fmt}/{total_fmt}") as bar:
         start = time.perf_counter()
         bar.set_description("reading volume")
         volume = read_volume(args.volume)
@@ -276,8 +263,7 @@ def cmd_propagate(args: argparse.Namespace) -> dict:
     seed = read_labelmap_on(args.mask, volume, args.volume)
     model = _load_model(args)
     segmenter = Segmenter(volume, model, args.view, window=args.window)
-    selected = seed.array != 0 if args.label is None else seed.array == args.label
-    index, mask2d = seed_slice(segmenter.axes, selected, args.mask, args.label)
+    index, mask2d = seed_slice(segmenter.axes, seed.array, args.label, args.mask)
     segmenter.step(OBJECT, UserEdit({index: mask2d}))
     report = _propagate(segmenter, index, args.direction, args, slice_range)
     mask = segmenter.mask(OBJECT)
@@ -367,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "segment":
             report = cmd_segment(args)
             text = "\n".join([*report["notices"], f"Segmented {report['voxels']} voxels on {report['view']} slice "
-                               f"{report['slice']} in "
-                               f"{report['ms']['total']:.0f} ms on {report['device']}; wrote {report['out']}"])
+                               f"{report['slice']} in {report['ms']['total']:.0f} ms on {report['device']}; wrote "
+                               f"{report['out']}"])
         elif args.command == "propagate":
             report = cmd_propagate(args)
             text = (f"Propagated from {report['view']} slice {report['seed_slice']} to {report['slices']} more slices "

@@ -16,11 +16,9 @@ image is fast: the slices' embeddings are kept on disk (:mod:`.disk_cache`, keye
 interaction's states after each call (:mod:`.interaction_store`, keyed by content and prompts), so a call with
 one click more than the last applies that click only.
 
-The boxes, clicks and orders are pickled object arrays in those files. They are never unpickled freely (a
-crafted file would run code): :class:`RestrictedUnpickler` admits NumPy's array and scalar reconstruction and
-the builtin list, dict, tuple, str, int, float, bool and complex, and refuses anything else by name. A bad file
-prints one line ``segmentwithsam: error: NAME: problem``, gets no output (a stale one is removed) and makes the
-exit status 2; the other files are still predicted.
+The boxes, clicks and orders are pickled object arrays, read only through :class:`RestrictedUnpickler`. A bad
+file prints one line ``segmentwithsam: error: NAME: problem``, gets no output (a stale one is removed) and makes
+the exit status 2; the other files are still predicted.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import io
 import os
 import pickle
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -120,10 +117,9 @@ class Case:
 
 
 def _integer(value, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not float(value).is_integer():
         raise PromptError(f"{what} is {value!r}, not a whole number")
-    if not float(value).is_integer():
-        raise PromptError(f"{what} is {value}, not a whole number")
     return int(value)
 
 
@@ -239,12 +235,12 @@ def read_case(path: str | os.PathLike) -> Case:
     clicks: list = [[] for _ in boxes] if boxes is not None else []
     if arrays["clicks"] is not None:
         clicks = _parse_clicks(arrays["clicks"], arrays["clicks_order"], None if boxes is None else len(boxes), shape)
-    objects = len(boxes) if boxes is not None else len(clicks)
-    if objects == 0 or (boxes is None and not any(clicks)):
+    case = Case(path.name, image, tuple(float(s) for s in spacing.ravel()), boxes, clicks)
+    if case.objects == 0 or (boxes is None and not any(clicks)):
         raise PromptError("it has no prompts: give 'boxes' and/or 'clicks'")
-    if objects > _MAX_OBJECTS:
-        raise PromptError(f"it has {objects} objects; segs (uint8) holds at most {_MAX_OBJECTS}")
-    return Case(path.name, image, tuple(float(s) for s in spacing.ravel()), boxes, clicks)
+    if case.objects > _MAX_OBJECTS:
+        raise PromptError(f"it has {case.objects} objects; segs (uint8) holds at most {_MAX_OBJECTS}")
+    return case
 
 
 def predict_case(case: Case, model, cache, window: str | None = None, store: bool = True) -> tuple[np.ndarray, int]:
@@ -333,18 +329,6 @@ def write_case(path: str | os.PathLike, image: np.ndarray, spacing, boxes: list[
     np.savez_compressed(path, **arrays)
 
 
-def write_segs(path: Path, segs: np.ndarray) -> None:
-    """Write ``segs`` to ``path`` (an .npz with that one key) atomically: a temporary file, then a rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, segs=segs)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model, on_error=None,
         window: str | None = None) -> dict:
     """Predict every ``*.npz`` of ``input_dir`` into ``output_dir``; ``load_model()`` is called once, for the first
@@ -353,6 +337,7 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
     clicks, seconds and encoder runs, and the failures."""
     from .cache import EmbeddingCache
     from .disk_cache import DiskEmbeddingCache
+    from .io import atomic_write
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
@@ -375,7 +360,7 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
                 start = time.perf_counter()
             encoded = model.encoder_runs
             segs, applied = predict_case(case, model, cache, window)
-            write_segs(out, segs)
+            atomic_write(out, ".npz", lambda tmp, segs=segs: np.savez_compressed(tmp, segs=segs))
         except SegmentWithSAMError as exc:
             out.unlink(missing_ok=True)  # a stale output would be scored as this step's
             report["failed"].append({"file": path.name, "error": str(exc)})
@@ -394,16 +379,13 @@ def cmd_cvpr25(args) -> int:
     """The ``cvpr25`` command: one error line per bad file on stderr; exit status 2 if any file failed."""
     import json
 
+    from .cli import _load_model
+
     def complain(name: str, message: str) -> None:
         print(f"segmentwithsam: error: {name}: {message}.", file=sys.stderr)
 
-    def load():  # PyTorch and the model only once a file is good
-        from .cli import _load_model
-
-        return _load_model(args)
-
     start = time.perf_counter()
-    report = run(args.input_dir, args.output_dir, load, complain, args.window)
+    report = run(args.input_dir, args.output_dir, lambda: _load_model(args), complain, args.window)
     report["seconds"] = round(time.perf_counter() - start, 3)
     if args.json:
         print(json.dumps(report, separators=(",", ":")))

@@ -71,29 +71,34 @@ def _version(package: str) -> str:
 
 
 def system_info() -> dict:
-    """Versions, the device that would be used, the models found and the cache settings."""
-    import torch
+    """Versions, the device that would be used, the models found and the cache settings; PyTorch's settings
+    only where it is installed (the default model runs without it)."""
+    import sys
 
-    from .cache import CACHE_ENV, default_cache_bytes
+    from .cache import CACHE_ENV, DEFAULT_CACHE_MB, default_cache_bytes
     from .device import select_device
-    from .engines import available_engines
+    from .engines import available_engines, has_torch
     from .models import registry
 
     models = {name: str(entry.path) if entry.installed else "not installed" for name, entry in registry().items()}
     data = colin27()
+    device = str(select_device())
+    torch = sys.modules.get("torch")  # select_device imported it only if a GPU may be there
+    if torch is None and has_torch():
+        import torch
     return {
         "segmentwithsam": _version("segmentwithsam"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch.__version__ if torch else "not installed",
+        "openvino": _version("openvino"),
         "numpy": np.__version__,
         "SimpleITK": _version("SimpleITK"),
-        "device": str(select_device()),
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+        **({"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+            "cpu_threads": torch.get_num_threads()} if torch else {}),
         "models": models,
         "engines": available_engines(),
         "cache_max_mb": round(default_cache_bytes() / (1 << 20), 1),
-        "cache_setting": f"${CACHE_ENV} (megabytes; default 1024)",
+        "cache_setting": f"${CACHE_ENV} (megabytes; default {DEFAULT_CACHE_MB})",
         "demo_data": "shipped Colin27 crop" if data.shipped else str(data.image),
     }

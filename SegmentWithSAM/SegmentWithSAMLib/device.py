@@ -2,16 +2,48 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import platform
+import sys
+from pathlib import Path
+
+
+class DeviceName(str):
+    """A device named without importing PyTorch ("cpu"), with ``torch.device``'s ``type``; PyTorch takes it
+    wherever it takes a device's name."""
+
+    @property
+    def type(self) -> str:
+        return self.partition(":")[0]
+
+
+CPU = DeviceName("cpu")
+
+
+def _may_have_gpu() -> bool:
+    """Whether PyTorch is installed and could see a GPU here, judged without importing it: an NVIDIA device node
+    on Linux, Apple silicon (MPS) on macOS; elsewhere only PyTorch can tell."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    return not sys.platform.startswith("linux") or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def select_device(preference: str | None = None):
-    """The torch device to run on: ``preference`` ("cuda", "cuda:1", "mps", "cpu") or, when None/"auto",
-    CUDA if available, then Apple MPS, then CPU."""
-    import torch
-
+    """The device to run on: ``preference`` ("cuda", "cuda:1", "mps", "cpu") or, when None/"auto", CUDA if
+    available, then Apple MPS, then CPU. The CPU is :data:`CPU` (PyTorch is not imported for it), any other a
+    ``torch.device``."""
     from .errors import ModelError
 
+    if preference == "cpu" or (preference in (None, "auto") and not _may_have_gpu()):
+        return CPU
+    try:
+        import torch
+    except ImportError:
+        raise ModelError(f"The device {preference} needs PyTorch, which is not installed: "
+                         "pip install 'segmentwithsam[torch]'.") from None
     if preference and preference != "auto":
         try:
             device = torch.device(preference)
@@ -26,7 +58,7 @@ def select_device(preference: str | None = None):
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
-    return torch.device("cpu")
+    return CPU
 
 
 def encoder_dtype(device):
@@ -48,14 +80,18 @@ def configure_cpu_threads(engine: str = "torch") -> int:
     spin against them (measured: about 3 ms more per click). Returns the thread count."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    threads = cores if engine == "torch" else 1
+    threads = len(cpu_cores()) if engine == "torch" else 1
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def cpu_cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return list(range(os.cpu_count() or 1))
 
 
 def encode_batch(device) -> int:

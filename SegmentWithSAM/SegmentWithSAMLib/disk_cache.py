@@ -16,13 +16,14 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
+import sys
 from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 
-from .errors import SegmentWithSAMError
+from .errors import OutputError, SegmentWithSAMError
+from .io import atomic_write
 
 DISK_CACHE_ENV = "SEGMENTWITHSAM_DISK_CACHE_MB"
 DISK_CACHE_DIR_ENV = "SEGMENTWITHSAM_EMBEDDING_CACHE"
@@ -36,15 +37,15 @@ def default_disk_cache_dir() -> Path:
     return Path(os.environ.get(DISK_CACHE_DIR_ENV) or default)
 
 
-def default_disk_cache_bytes() -> int:
-    """The bound: ``$SEGMENTWITHSAM_DISK_CACHE_MB`` megabytes if set, else 2 GiB."""
-    value = os.environ.get(DISK_CACHE_ENV, "").strip() or str(DEFAULT_DISK_CACHE_MB)
+def megabytes_setting(env: str, default_mb: float) -> int:
+    """A cache's bound in bytes: ``$env`` megabytes if set, else ``default_mb``."""
+    value = os.environ.get(env, "").strip() or str(default_mb)
     try:
         megabytes = float(value)
     except ValueError:
-        raise SegmentWithSAMError(f"{DISK_CACHE_ENV}={value!r} is not a number of megabytes.") from None
+        raise SegmentWithSAMError(f"{env}={value!r} is not a number of megabytes.") from None
     if not megabytes >= 0:
-        raise SegmentWithSAMError(f"{DISK_CACHE_ENV} must be >= 0, not {value}.")
+        raise SegmentWithSAMError(f"{env} must be >= 0, not {value}.")
     return int(megabytes * (1 << 20))
 
 
@@ -76,22 +77,25 @@ def model_identity(model) -> str:
 
 
 class DiskEmbeddingCache:
-    """Embeddings (torch tensors) in ``folder``, at most ``max_bytes`` of files; ``namespace`` names the model
-    (see :func:`model_identity`) and ``device`` is where loaded tensors go."""
+    """Embeddings in ``folder``, at most ``max_bytes`` of files; ``namespace`` names the model (see
+    :func:`model_identity`). They load as NumPy arrays, or as torch tensors on ``device`` when one is given."""
 
     def __init__(self, namespace: str, folder: str | os.PathLike | None = None, max_bytes: int | None = None,
                  device=None) -> None:
         self.namespace = namespace
         self.folder = Path(folder) if folder is not None else default_disk_cache_dir()
-        self.max_bytes = default_disk_cache_bytes() if max_bytes is None else int(max_bytes)
+        if max_bytes is None:
+            max_bytes = megabytes_setting(DISK_CACHE_ENV, DEFAULT_DISK_CACHE_MB)
+        self.max_bytes = int(max_bytes)
         self.device = device
         self.hits = self.misses = self.writes = self.evictions = self.corrupt = 0
 
     @classmethod
     def for_model(cls, model, folder: str | os.PathLike | None = None,
                   max_bytes: int | None = None) -> DiskEmbeddingCache:
-        """The disk cache for ``model``'s embeddings (in the user's cache folder unless ``folder`` is given)."""
-        return cls(model_identity(model), folder, max_bytes, getattr(model, "device", None))
+        """The disk cache for ``model``'s embeddings (in the user's cache folder unless ``folder`` is given): as
+        tensors on its device for a PyTorch model, NumPy arrays for OpenVINO."""
+        return cls(model_identity(model), folder, max_bytes, model.device if model.engine == "torch" else None)
 
     def path(self, key: Hashable) -> Path | None:
         """The file of ``key``, or None when the key cannot be named the same way in another process."""
@@ -107,7 +111,7 @@ class DiskEmbeddingCache:
         return path is not None and path.is_file()
 
     def get(self, key: Hashable):
-        """The embedding stored for ``key`` as a tensor on ``device`` (its file marked recently used), or None."""
+        """The embedding stored for ``key`` (its file marked recently used), or None."""
         path = self.path(key)
         if path is None or not path.is_file():
             self.misses += 1
@@ -122,55 +126,43 @@ class DiskEmbeddingCache:
         with contextlib.suppress(FileNotFoundError):
             os.utime(path)
         self.hits += 1
+        if self.device is None:
+            return array
         import torch
 
-        tensor = torch.from_numpy(array)
-        return tensor if self.device is None else tensor.to(self.device)
+        return torch.from_numpy(array).to(self.device)
 
     def put(self, key: Hashable, value) -> bool:
-        """Store ``value`` (a tensor of a NumPy-representable dtype) under ``key``; returns whether it was
-        written (other values, keys without a stable name and entries above the bound are not)."""
+        """Store ``value`` (a NumPy array, or a tensor of a NumPy-representable dtype) under ``key``; returns
+        whether it was written (other values, keys without a stable name and entries above the bound are not)."""
         path = self.path(key)
         array = _as_array(value)
         if path is None or array is None or array.nbytes > self.max_bytes:
             return False
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=_SUFFIX)
         try:
-            with os.fdopen(handle, "wb") as file:
-                np.save(file, array, allow_pickle=False)
-            os.replace(temporary, path)
-        except OSError:
-            Path(temporary).unlink(missing_ok=True)
+            atomic_write(path, _SUFFIX, lambda temporary: np.save(temporary, array, allow_pickle=False))
+        except (OSError, OutputError):
             return False  # a full or read-only disk only costs the speed-up
         self.writes += 1
         self._evict()
         return True
 
-    def _entries(self) -> list[tuple[float, int, Path]]:
-        entries = []
-        for path in self.folder.glob(f"*{_SUFFIX}"):
-            if path.name.startswith(".tmp-"):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                stat = path.stat()
-                entries.append((stat.st_mtime, stat.st_size, path))
-        return entries
-
     def _evict(self) -> None:
         """Delete the least recently used files until the folder holds at most ``max_bytes``."""
-        entries = sorted(self._entries())
+        entries = []
+        for path in self.folder.glob(f"*{_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                if not path.name.startswith("."):  # a write in progress (io.atomic_write)
+                    stat = path.stat()
+                    entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
-        for _, size, path in entries:
+        for _, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
             path.unlink(missing_ok=True)
             total -= size
             self.evictions += 1
-
-    def size_bytes(self) -> int:
-        """The bytes of entry files in the folder now."""
-        return sum(size for _, size, _ in self._entries())
 
     def stats(self) -> dict:
         return {"folder": str(self.folder), "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses,
@@ -178,10 +170,12 @@ class DiskEmbeddingCache:
 
 
 def _as_array(value) -> np.ndarray | None:
-    """A CPU NumPy copy of a tensor whose dtype NumPy has (float32 embeddings), or None (bf16, tuples, ...)."""
-    import torch
-
-    if not isinstance(value, torch.Tensor) or value.dtype == torch.bfloat16 or value.is_complex():
+    """``value`` as a NumPy array: itself, a CPU copy of a tensor whose dtype NumPy has (float32 embeddings), or
+    None (bf16, tuples, ...). A tensor exists only once PyTorch is imported, so it is not imported here."""
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor) or value.dtype == torch.bfloat16 or value.is_complex():
         return None
     return np.ascontiguousarray(value.detach().cpu().numpy())
 

@@ -1,27 +1,12 @@
-"""One engine under every front end: ``Engine(session, view).step(state, action) → (state, update)``.
+"""One engine under every front end: ``Engine(session, view).step(state, action) → (state, update)``, one step
+over one object's :class:`~.state.ObjectState` per action (:mod:`.actions`; the design: docs/engine.md).
 
-One :class:`~.state.ObjectState` per object holds the slice range it spans, its mask on each slice of the view
-and who wrote it (the engine, a key slice, the user), the 3D clicks per slice and how the box sat around its
-mask. Every operation is one step over that state (:mod:`.actions`); the Python API, the command line, the
-batch, ``cvpr25``, the backend and both front ends call it, so the same prompts give the same mask everywhere.
-
-- :class:`~.actions.Prompt`: a 2D prompt on one slice, the box (or the first positive click) giving the mask
-  and each later click correcting it where it was placed (:mod:`.refinement`: fewer clicks to a good mask). A
-  preview is this step alone; the slice becomes a key slice.
-- :class:`~.actions.Propagate`: from a slice with a mask through the engine's and empty slices, up to a key or
-  user slice, the range end or a stop rule (:mod:`.propagation`; SAM 2 models track with their memory). The
-  engine's slices in that reach that it does not reach again are cleared (they came from an older propagation).
-- :class:`~.actions.Box3D`: a prompt with a box spanning slices, then propagate both ways. Within the range the
-  user gave, only empty masks stop (:data:`RANGE_RULES`).
-- :class:`~.actions.Click`: the slice through the click is refined from its current mask and its earlier clicks
-  and becomes a key slice. A positive click is then propagated outwards through the engine's slices, which only
-  gain the parts that continue what the click added (never lose any), and through empty ones, until a key or
-  user slice, the range end, a stop rule, a slice that agrees with the new mask, or one with nothing to add. A
-  negative click trims the engine's neighbouring slices around the same pixel as far as it lay deep in the 3D
-  mask. A positive click past the range extends it; a negative click on an end slice of the object removes its
-  part whole, and a click that empties a slice ends the object there for good, clearing the engine's slices
-  beyond it.
-- :class:`~.actions.UserEdit`: slices painted outside the engine, kept as the user's.
+The actions: :class:`~.actions.Prompt` (a 2D prompt; a preview is this step alone), :class:`~.actions.Box3D`
+(a prompt whose box spans slices, then propagation both ways; within the range only empty masks stop,
+:data:`RANGE_RULES`), :class:`~.actions.Propagate`, :class:`~.actions.Click` (a correction anywhere: its slice is
+refined and becomes a key slice, then the change is carried through the engine's slices) and
+:class:`~.actions.UserEdit` (slices painted outside the engine). What each does to the slices, and why, is in
+docs/interaction.md ("How a click works") and docs/engine.md.
 
 A step never changes the state it is given; a cancelled or failed step changes nothing.
 """
@@ -125,7 +110,11 @@ class Engine:
     def _prompt(self, state: ObjectState | None, prompt: Prompt, update: Update) -> ObjectState:
         index = self._check_index(prompt.index)
         state = state if state is not None else self._new_state()
-        box = None if prompt.box is None else self._clip_box(prompt.box, update.notices)
+        box = None
+        if prompt.box is not None:  # users draw boxes generously near the edges: clipped, with a notice
+            box, clipped = clip_box(prompt.box, self.axes.image_shape)
+            if clipped:
+                update.notices.append("The box reached past the volume's edge; it was clipped to the volume.")
         if prompt.slice_range is not None:
             low, high = self._clip_range(prompt.slice_range, update.notices)
             if not low <= index <= high:
@@ -237,13 +226,6 @@ class Engine:
         if xy.shape != (2,) or not (-0.5 <= xy[0] <= cols - 0.5 and -0.5 <= xy[1] <= rows - 0.5):
             raise PromptError(f"The click at pixel {xy.tolist()} is outside the slice ({cols}×{rows} pixels).")
         return np.rint(xy)
-
-    def _clip_box(self, box, notices: list[str]) -> np.ndarray:
-        """The box (4,) clipped to the slice (users draw boxes generously near the edges), with a notice."""
-        clipped, was_clipped = clip_box(box, self.axes.image_shape)
-        if was_clipped:
-            notices.append("The box reached past the volume's edge; it was clipped to the volume.")
-        return clipped
 
     def _clip_range(self, slice_range, notices: list[str]) -> tuple[int, int]:
         low, high = sorted(int(v) for v in slice_range)

@@ -29,7 +29,6 @@ class ManifestError(SegmentWithSAMError):
     """A batch manifest (or its command line) is malformed: the message names the row and the field."""
 
 
-
 class BackendError(SegmentWithSAMError):
     """The background inference process failed, crashed, hung or could not be started."""
 

@@ -160,31 +160,23 @@ class SliceAxes:
         view = np.moveaxis(array, [2 - self.slice_axis, 2 - self.row_axis, 2 - self.col_axis], [0, 1, 2])
         return view[:, :: -1 if self.row_flip else 1, :: -1 if self.col_flip else 1]
 
+    def _flip(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """IJK row and column coordinates ⇄ pixel ones (the same map both ways)."""
+        rows, cols = self.image_shape
+        return rows - 1 - row if self.row_flip else row, cols - 1 - col if self.col_flip else col
+
     def ijk_to_pixel(self, ijk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """IJK points (N, 3) → (slice coordinates (N,), pixel XY (N, 2) as (col, row)), all continuous."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
-        rows, cols = self.image_shape
-        row = ijk[:, self.row_axis]
-        col = ijk[:, self.col_axis]
-        if self.row_flip:
-            row = rows - 1 - row
-        if self.col_flip:
-            col = cols - 1 - col
+        row, col = self._flip(ijk[:, self.row_axis], ijk[:, self.col_axis])
         return ijk[:, self.slice_axis], np.stack([col, row], axis=1)
 
     def pixel_to_ijk(self, slice_coord: np.ndarray | float, xy: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`ijk_to_pixel`: slice coordinate(s) and pixel XY (N, 2) → IJK (N, 3)."""
         xy = np.atleast_2d(np.asarray(xy, dtype=float))
-        rows, cols = self.image_shape
-        col, row = xy[:, 0], xy[:, 1]
-        if self.row_flip:
-            row = rows - 1 - row
-        if self.col_flip:
-            col = cols - 1 - col
         ijk = np.empty((len(xy), 3))
         ijk[:, self.slice_axis] = slice_coord
-        ijk[:, self.row_axis] = row
-        ijk[:, self.col_axis] = col
+        ijk[:, self.row_axis], ijk[:, self.col_axis] = self._flip(xy[:, 1], xy[:, 0])
         return ijk
 
 
@@ -305,9 +297,10 @@ def box_on_slice(volume: Volume, view: View | str, corners_ras: np.ndarray, cent
     return volume.to_ras(axes.pixel_to_ijk(np.rint(slice_coord[0]), extent))
 
 
-def seed_slice(axes: SliceAxes, selected: np.ndarray, source: str, label: int | None = None) -> tuple[int, np.ndarray]:
-    """The slice index and its 2D mask (rows, cols) of a seed, ``selected`` (bool, KJI) read from ``source``;
-    :class:`PromptError` unless it is non-empty and on one slice of ``axes``' view."""
+def seed_slice(axes: SliceAxes, labels: np.ndarray, label: int | None, source: str) -> tuple[int, np.ndarray]:
+    """The slice index and 2D mask (rows, cols) of a seed: the voxels of ``labels`` (KJI, read from ``source``)
+    of value ``label`` (None: any non-zero); :class:`PromptError` unless it is non-empty and on one slice."""
+    selected = labels != 0 if label is None else labels == label
     slices = slices_with(axes, selected)
     if not len(slices):
         raise PromptError(f"The seed mask {source} is empty" + (f" for label {label}." if label else "."))

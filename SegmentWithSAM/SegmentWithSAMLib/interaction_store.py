@@ -3,7 +3,7 @@ the same prompts plus one more click (each step of the CVPR 2025 challenge is a 
 click instead of replaying the box and every click before it.
 
 An entry is one ``.npz`` file written with ``allow_pickle=False`` (the states' JSON header as a string array
-and their masks, :meth:`~.interaction.ObjectState.to_message`), named by a BLAKE2b hash of the model's identity,
+and their masks, :meth:`~.state.ObjectState.to_message`), named by a BLAKE2b hash of the model's identity,
 the image's content hash, window, view, the engine's code (a changed engine never reads older states) and the
 prompts in order. Files are written atomically; an unreadable one counts as a miss and is removed. At most
 ``max_files`` are kept, the least recently used going first.
@@ -15,12 +15,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .disk_cache import default_disk_cache_dir, model_identity
+from .errors import OutputError
+from .io import atomic_write
 from .state import ObjectState
 
 MAX_FILES = 256
@@ -77,16 +78,11 @@ class InteractionStore:
             header, state_arrays = state.to_message()
             headers[name] = header
             arrays.update({f"{number}/{key}": value for key, value in state_arrays.items()})
-        temporary = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
-            with os.fdopen(handle, "wb") as file:
-                np.savez_compressed(file, header=np.array(json.dumps(headers)), **arrays)
-            os.replace(temporary, self._path(prompts))
-        except OSError:
-            if temporary is not None:
-                Path(temporary).unlink(missing_ok=True)
+            atomic_write(self._path(prompts), ".npz",
+                         lambda tmp: np.savez_compressed(tmp, header=np.array(json.dumps(headers)), **arrays))
+        except (OSError, OutputError):
             return
         entries = sorted(self.folder.glob("*.npz"), key=lambda p: p.stat().st_mtime if p.exists() else 0)
         for path in entries[: max(0, len(entries) - self.max_files)]:

@@ -19,7 +19,8 @@ SEGMENTATION_SUFFIX = ".seg.nrrd"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def _suffix(path: Path) -> str:
+def file_suffix(path: Path) -> str:
+    """The known suffix that ends ``path``'s name (lower case), or ""."""
     name = path.name.lower()
     for suffix in (SEGMENTATION_SUFFIX, *IMAGE_SUFFIXES):
         if name.endswith(suffix):
@@ -76,7 +77,7 @@ def _ijk_to_lps(image) -> np.ndarray:
     return matrix
 
 
-def _to_itk(array: np.ndarray, ijk_to_ras: np.ndarray):
+def _write_image(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path, suffix: str) -> None:
     import SimpleITK as sitk
 
     ijk_to_lps = LPS_TO_RAS @ ijk_to_ras
@@ -85,11 +86,11 @@ def _to_itk(array: np.ndarray, ijk_to_ras: np.ndarray):
     image.SetSpacing(spacing.tolist())
     image.SetDirection((ijk_to_lps[:3, :3] / spacing).ravel().tolist())
     image.SetOrigin(ijk_to_lps[:3, 3].tolist())
-    return image
+    atomic_write(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def _check_output(path: Path) -> str:
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if not suffix:
         raise OutputError(f"Cannot write {path}: use a .nii.gz, .nii, .nrrd, .mha or {SEGMENTATION_SUFFIX} file name.")
     return suffix
@@ -147,14 +148,11 @@ def clear_partial_writes(path: str | os.PathLike) -> int:
 
 def write_volume(volume: Volume, path: str | os.PathLike) -> None:
     """Write a volume with its geometry (NIfTI, NRRD or MHA by file name)."""
-    import SimpleITK as sitk
-
     path = Path(path)
     suffix = _check_output(path)
     if suffix == SEGMENTATION_SUFFIX:
         raise OutputError(f"Cannot write {path}: {SEGMENTATION_SUFFIX} is for labelmaps; use .nrrd or .nii.gz.")
-    image = _to_itk(volume.array, volume.ijk_to_ras)
-    atomic_write(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
+    _write_image(volume.array, volume.ijk_to_ras, path, suffix)
 
 
 def write_labelmap(mask: np.ndarray, reference: Volume, path: str | os.PathLike, *,
@@ -180,8 +178,6 @@ def write_labels(labels: np.ndarray, reference: Volume, path: str | os.PathLike,
     """Write an integer KJI labelmap on ``reference``'s grid: a labelmap image by file name, or a Slicer
     segmentation (.seg.nrrd) with one segment per value of ``names`` (label value → segment name), coloured by
     ``colors`` (value → RGB in 0..1; default a palette)."""
-    import SimpleITK as sitk
-
     path = Path(path)
     suffix = _check_output(path)
     labels = np.asarray(labels)
@@ -198,5 +194,4 @@ def write_labels(labels: np.ndarray, reference: Volume, path: str | os.PathLike,
                                  {"id": name, "name": name, "color": list(color)})
         atomic_write(path, suffix, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
     else:
-        image = _to_itk(labels, reference.ijk_to_ras)
-        atomic_write(path, suffix, lambda tmp: sitk.WriteImage(image, tmp, True))
+        _write_image(labels, reference.ijk_to_ras, path, suffix)

@@ -83,10 +83,8 @@ class SlicePredictor:
         its key; the current image stays. On a GPU this is much faster per slice than one at a time."""
         if self.cache is None:
             raise ValueError("embed_many fills the embedding cache; this predictor has none.")
-        import torch
-
         transform = SliceTransform.for_slice(np.shape(images[0]), pixel_spacing, self.model.input_size)
-        batch = torch.cat([transform.image_to_model(normalize_slice(np.asarray(image))) for image in images])
+        batch = np.concatenate([transform.image_to_model(normalize_slice(np.asarray(image))) for image in images])
         embeddings = self.model.encode(batch)
         for i, key in enumerate(cache_keys):
             self.cache.put(self._key(transform, key), embeddings[i: i + 1])
@@ -133,36 +131,27 @@ class SlicePredictor:
         ``point_coords`` (N, 2) XY with ``point_labels`` (N,) (1 = positive, 0 = negative); ``box`` (4,) as
         x0, y0, x1, y1; ``mask_input`` (1, h, w) low-res logits from an earlier :class:`Prediction`.
         """
-        import torch
-
         points, labels, boxes = self._model_prompts(point_coords, point_labels, box)
         masks = None
         if mask_input is not None:
-            masks = torch.as_tensor(np.asarray(mask_input, dtype=np.float32)).reshape(1, 1, *np.shape(mask_input)[-2:])
+            masks = np.asarray(mask_input, dtype=np.float32).reshape(1, 1, *np.shape(mask_input)[-2:])
         decoded = self.model.decode(self._embedding, points, labels, boxes, masks, multimask_output)
         return self._prediction(decoded.logits[0], decoded.scores[0])
 
-    def _prediction(self, low_res_logits, scores) -> Prediction:
-        """A :class:`Prediction` from the decoder's low-res logits (M, h, w) and scores (M,) (tensors)."""
-        logits = self.transform.logits_to_slice(low_res_logits[None])[0].float().cpu().numpy()
-        return Prediction(masks=logits > 0, scores=scores.float().cpu().numpy(),
-                          low_res_logits=low_res_logits.float().cpu().numpy(), logits=logits)
+    def _prediction(self, low_res_logits: np.ndarray, scores: np.ndarray) -> Prediction:
+        """A :class:`Prediction` from the decoder's low-res logits (M, h, w) and scores (M,)."""
+        logits = self.transform.logits_to_slice(low_res_logits[None])[0]
+        return Prediction(masks=logits > 0, scores=scores, low_res_logits=low_res_logits, logits=logits)
 
     def region_feature(self, mask: np.ndarray) -> np.ndarray:
         """The unit-length mean embedding vector (C,) of the region ``mask`` (rows, cols) on the current slice:
         a cheap appearance signature for comparing regions across slices (cosine similarity)."""
-        import torch
-        import torch.nn.functional as F
-
         transform = self._require_image()
-        embedding = self._embedding[0]  # (C, h, w)
-        weights = torch.zeros((1, 1, transform.input_size, transform.input_size))
-        resized = F.interpolate(torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None],
-                                size=transform.resized_shape, mode="bilinear", align_corners=False)
-        weights[..., : transform.resized_shape[0], : transform.resized_shape[1]] = resized
-        weights = F.adaptive_avg_pool2d(weights, embedding.shape[-2:])[0, 0].to(embedding.device)
-        vector = (embedding * weights).sum(dim=(1, 2)) / weights.sum().clamp(min=1e-6)
-        return F.normalize(vector, dim=0).cpu().numpy()
+        embedding = self._embedding[0]  # (C, h, w): NumPy, or a PyTorch model's tensor
+        embedding = embedding if isinstance(embedding, np.ndarray) else embedding.float().cpu().numpy()
+        weights = transform.to_grid(mask, embedding.shape[-2:])
+        vector = np.tensordot(embedding, weights, axes=2) / max(float(weights.sum()), 1e-6)
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     def predict_boxes(self, boxes: np.ndarray, point_coords: np.ndarray | None = None,
                       point_labels: np.ndarray | None = None) -> Prediction:

@@ -7,6 +7,7 @@ also makes anisotropic pixels (a sagittal slice of a 0.8×0.8×5 mm CT) square. 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,23 +105,67 @@ class SliceTransform:
         box = np.asarray(box, dtype=float).reshape(2, 2)
         return (box * self.scale_xy).ravel() + np.array([0.0, 0.0, self.scale_xy[0], self.scale_xy[1]]) - 0.5
 
-    def image_to_model(self, image01: np.ndarray):
-        """Slice image (rows, cols) in [0, 1] → float32 tensor (1, 3, S, S): resized, zero padded, 3 channels."""
-        import torch
-        import torch.nn.functional as F
-
-        tensor = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
-        resized = F.interpolate(tensor, size=self.resized_shape, mode="bilinear", align_corners=False,
-                                antialias=True).clamp_(0.0, 1.0)
-        out = torch.zeros((1, 3, self.input_size, self.input_size), dtype=torch.float32)
+    def image_to_model(self, image01: np.ndarray) -> np.ndarray:
+        """Slice image (rows, cols) in [0, 1] → float32 (1, 3, S, S): resized (bilinear, antialiased), zero padded,
+        3 channels."""
+        resized = np.clip(resize(np.asarray(image01, dtype=np.float32), self.resized_shape, antialias=True), 0.0, 1.0)
+        out = np.zeros((1, 3, self.input_size, self.input_size), dtype=np.float32)
         out[:, :, : self.resized_shape[0], : self.resized_shape[1]] = resized
         return out
 
-    def logits_to_slice(self, low_res_logits):
-        """Low-res logits tensor (B, M, h, w) → logits (B, M, rows, cols) on the slice grid."""
-        import torch.nn.functional as F
+    def logits_to_slice(self, low_res_logits: np.ndarray) -> np.ndarray:
+        """Low-res logits (B, M, h, w) → float32 logits (B, M, rows, cols) on the slice grid: bilinear to the
+        model's input size, cropped to the content, bilinear to the slice (one product per axis)."""
+        return _resample(low_res_logits, *(self._to_slice(axis, low_res_logits.shape[axis - 2]) for axis in (0, 1)))
 
-        logits = F.interpolate(low_res_logits.float(), size=(self.input_size, self.input_size), mode="bilinear",
-                               align_corners=False)
-        logits = logits[..., : self.resized_shape[0], : self.resized_shape[1]]
-        return F.interpolate(logits, size=self.image_shape, mode="bilinear", align_corners=False)
+    def _to_slice(self, axis: int, low_res: int) -> np.ndarray:
+        """The weights (slice pixels, low-res pixels) of :meth:`logits_to_slice` along ``axis`` (0 rows, 1 cols)."""
+        to_input = resize_weights(low_res, self.input_size, antialias=False)[: self.resized_shape[axis]]
+        return resize_weights(self.resized_shape[axis], self.image_shape[axis], antialias=False) @ to_input
+
+    def to_grid(self, mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """A slice mask (rows, cols) as the share of each cell of the model's ``grid`` (h, w) it covers, float32:
+        bilinear to the model's input frame, zero padded, averaged over each cell (an embedding's pixels)."""
+        weights = [pool_weights(self.input_size, size)[:, : self.resized_shape[axis]]
+                   @ resize_weights(self.image_shape[axis], self.resized_shape[axis], antialias=False)
+                   for axis, size in enumerate(grid)]
+        return _resample(np.asarray(mask, dtype=np.float32), *weights)
+
+
+def _resample(array: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``array`` (..., r, c) → (..., R, C) float32 through per-axis weights ``rows`` (R, r) and ``cols`` (C, c)."""
+    return (rows.astype(np.float32) @ np.asarray(array, dtype=np.float32) @ cols.T.astype(np.float32))
+
+
+def resize(image: np.ndarray, shape: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """``image`` (..., rows, cols) bilinearly resized to ``shape``, float32: PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=False, antialias=antialias)`` in NumPy (tested against it)."""
+    sizes = zip(np.shape(image)[-2:], shape, strict=True)
+    return _resample(image, *(resize_weights(n, size, antialias) for n, size in sizes))
+
+
+@functools.lru_cache(maxsize=64)
+def resize_weights(size_in: int, size_out: int, antialias: bool) -> np.ndarray:
+    """The (size_out, size_in) float64 weights of a bilinear resize along one axis, pixel centres at i + 0.5: a
+    triangle around each output centre, one input pixel wide, or with ``antialias`` and fewer output pixels as
+    wide as an output pixel (PIL's and PyTorch's antialiasing); taps past the edges are dropped and each row
+    renormalised (PyTorch's clamping at the edges does the same)."""
+    scale = size_in / size_out
+    width = max(scale, 1.0) if antialias else 1.0
+    offsets = (np.arange(size_in) + 0.5)[None, :] - (np.arange(size_out) + 0.5)[:, None] * scale
+    weights = np.clip(1.0 - np.abs(offsets) / width, 0.0, None)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights.setflags(write=False)
+    return weights
+
+
+@functools.lru_cache(maxsize=16)
+def pool_weights(size_in: int, size_out: int) -> np.ndarray:
+    """The (size_out, size_in) weights of PyTorch's adaptive average pooling along one axis: output i averages
+    input pixels floor(i·n/m) to ceil((i+1)·n/m)."""
+    starts = np.arange(size_out) * size_in // size_out
+    ends = -((-(np.arange(size_out) + 1) * size_in) // size_out)
+    pixels = np.arange(size_in)[None, :]
+    weights = ((pixels >= starts[:, None]) & (pixels < ends[:, None])) / (ends - starts)[:, None]
+    weights.setflags(write=False)
+    return weights

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import PromptError
+from .metrics import dice
 from .predictor import SlicePredictor
 from .prompts import ensemble_boxes, predict_box_ensemble, remove_clicked_regions
 
@@ -80,12 +81,11 @@ class Refiner:
         self.shape = predictor.transform.image_shape
         self.clicks: list[Click] = []
         self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
-        self.first = None  # the first prompt's Prediction (score, low-res logits)
         self.mask = np.zeros(self.shape, dtype=bool)
         if box is not None and logits is not None:
             raise ValueError("Give a box or a logit map to refine, not both.")
         if box is not None:
-            self._set_logits(predictor.predict(box=box))
+            self.logits = predictor.predict(box=box).logits[0]
         elif logits is not None:
             if np.shape(logits) != self.shape:
                 raise ValueError(f"The logit map has shape {np.shape(logits)}; the slice is {self.shape}.")
@@ -93,16 +93,12 @@ class Refiner:
         if self.logits is not None:
             self.mask = self.logits > 0
 
-    def _set_logits(self, prediction) -> None:
-        self.first = prediction
-        self.logits = prediction.logits[0]
-
     def add_click(self, xy: tuple[float, float], positive: bool) -> np.ndarray:
         """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
         row, col = _pixel(xy, self.shape)
         if self.logits is None and positive:
-            self._set_logits(predict_box_ensemble(self.predictor, ensemble_boxes(np.array([xy], float),
-                                                                                 self.pixel_spacing)))
+            boxes = ensemble_boxes(np.array([xy], float), self.pixel_spacing)
+            self.logits = predict_box_ensemble(self.predictor, boxes).logits[0]
         max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
         radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))
@@ -176,8 +172,6 @@ def simulate_click(truth: np.ndarray, mask: np.ndarray) -> tuple[tuple[float, fl
 def run_clicks(step, truth: np.ndarray, budget: int = 20, start: np.ndarray | None = None) -> list[float]:
     """Drive ``step(xy, positive) -> mask`` with simulated clicks against ``truth`` for ``budget`` clicks and
     return the Dice after each click. Once the mask is perfect, the remaining clicks score 1.0."""
-    from .metrics import dice
-
     if budget < 1:
         raise ValueError(f"The click budget must be at least 1, not {budget}.")
     mask = np.zeros_like(truth, dtype=bool) if start is None else start

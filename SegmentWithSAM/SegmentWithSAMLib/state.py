@@ -73,27 +73,24 @@ class ObjectState:
         (``mask/<slice>``, ``base/<slice>``: the masks' bits, packed): with ``changed_since`` a step's delta, else
         the whole state.
         A slice that lost everything is sent as ``null`` and removed where the message is applied."""
-        per_slice = {}
+        per_slice, arrays = {}, {}
         for i in sorted(self.slices() if slices is None else slices):
             if i not in self.kinds and i not in self.clicks and i not in self.base:
                 per_slice[str(i)] = None
                 continue
             entry: dict = {"kind": self.kinds[i].value if i in self.kinds else None}
+            if i in self.kinds:
+                arrays[f"mask/{i}"] = np.packbits(self.masks[i])  # 8 pixels a byte
             if i in self.clicks:
                 entry["clicks"] = [[float(x), float(y), bool(p)] for x, y, p in self.clicks[i]]
             if i in self.base:
                 entry["base"] = self.base[i] is not None
+                if self.base[i] is not None:
+                    arrays[f"base/{i}"] = np.packbits(self.base[i])
             per_slice[str(i)] = entry
         header = {"range": [int(v) for v in self.slice_range], "offset": [float(v) for v in self.offset],
                   "box": None if self.box is None else [int(self.box[0]), [float(v) for v in self.box[1]]],
                   "rules": None if self.rules is None else asdict(self.rules), "slices": per_slice}
-        arrays = {}
-        for key, entry in per_slice.items():
-            i = int(key)
-            if entry is not None and entry["kind"] is not None:
-                arrays[f"mask/{i}"] = np.packbits(self.masks[i])  # 8 pixels a byte
-            if entry is not None and entry.get("base"):
-                arrays[f"base/{i}"] = np.packbits(self.base[i])
         return header, arrays
 
     def apply_message(self, header: dict, arrays: dict[str, np.ndarray], image_shape: tuple[int, int],
@@ -119,11 +116,11 @@ class ObjectState:
                 if entry.get("kind") is not None:
                     new.kinds[i] = Kind(entry["kind"])
                     new.masks[i] = keep[i] if entry.get("kept") and keep and i in keep else \
-                        _mask(arrays, f"mask/{i}", image_shape)
+                        unpack_mask(arrays, f"mask/{i}", image_shape)
                 if "clicks" in entry:
                     new.clicks[i] = [(float(x), float(y), bool(p)) for x, y, p in entry["clicks"]]
                 if "base" in entry:
-                    new.base[i] = _mask(arrays, f"base/{i}", image_shape) if entry["base"] else None
+                    new.base[i] = unpack_mask(arrays, f"base/{i}", image_shape) if entry["base"] else None
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PromptError(f"The object state is malformed: {type(error).__name__}: {error}.") from None
         return new
@@ -134,7 +131,7 @@ class ObjectState:
         return cls((0, 0)).apply_message(header, arrays, image_shape)
 
 
-def _mask(arrays: dict[str, np.ndarray], name: str, image_shape: tuple[int, int]) -> np.ndarray:
+def unpack_mask(arrays: dict[str, np.ndarray], name: str, image_shape: tuple[int, int]) -> np.ndarray:
     """A mask (rows, cols) from its bits as :meth:`ObjectState.to_message` packed them."""
     value, size = arrays.get(name), int(np.prod(image_shape))
     if value is None or np.shape(value) != ((size + 7) // 8,) or np.asarray(value).dtype != np.uint8:

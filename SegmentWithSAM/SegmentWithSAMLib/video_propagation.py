@@ -32,8 +32,10 @@ class SliceFrames:
 
     def __getitem__(self, frame: int):
         self.session.model.encoder_runs += 1  # SAM 2 reads a frame only to encode it
+        import torch
+
         image = self.session.windowed_slice(self.axes, self.indices[frame])
-        return self.session.model.normalize(self.transform.image_to_model(normalize_slice(image)))[0]
+        return self.session.model.normalize(torch.from_numpy(self.transform.image_to_model(normalize_slice(image))))[0]
 
 
 @contextlib.contextmanager
@@ -98,12 +100,12 @@ class Tracker:
         while self._current[0] != index:
             self._advance()
         logits = self._current[1]
-        mask = self._frames.transform.logits_to_slice(logits[0:1].float())[0, 0] > 0
+        mask = self._frames.transform.logits_to_slice(logits[0:1].float().cpu().numpy())[0, 0] > 0
         output = self._state["output_dict_per_obj"][0]
         frame = self._frames.indices.index(index)
         out = output["non_cond_frame_outputs"].get(frame) or output["cond_frame_outputs"].get(frame)
         presence = float(torch.sigmoid(out["object_score_logits"].float()).max()) if out else 1.0
-        return mask.cpu().numpy(), presence
+        return mask, presence
 
     def similarity(self, mask: np.ndarray) -> None:
         """No appearance check: SAM 2's memory and its object-presence score take that role."""
@@ -113,5 +115,4 @@ class Tracker:
         """Stop tracking (SAM 2 stops computing further slices) and let go of its state."""
         if self._stream is not None:
             self._stream.close()
-        self._stream = self._current = self._frames = None
-        self._state = None
+        self._stream = self._current = self._frames = self._state = None

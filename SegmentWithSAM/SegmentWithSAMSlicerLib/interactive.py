@@ -7,10 +7,15 @@ tag (their masks still as written), every other slice with voxels is the user's 
 state after the segment's last step (its box, range, key slices and clicks) is kept in memory per segment and
 used while the segment still matches it; when it matches on every slice it is used as it is, so the backend,
 which holds it under a version, is sent only the next action.
+
+Reading a CT-sized segment whole takes tenths of a second, so :class:`SegmentCache` keeps the last read of each
+segment and reads it again only when its labelmap changed; the controller's own writes patch the block they
+wrote, and results are written and previewed block by block (:meth:`Pending.result_block`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +72,52 @@ def state_from_segment(oriented: np.ndarray, axes: SliceAxes, written: dict[int,
     return state
 
 
+class SegmentCache:
+    """The segments last read (KJI bool on a volume's grid, read-only), each with the
+    :func:`~.mrml.segment_stamp` it was read at; ``size`` segments at most (each is a volume's worth of bytes)."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, tuple[tuple, np.ndarray]] = OrderedDict()
+
+    @staticmethod
+    def _key(segmentation_node, segment_id: str, volume_node) -> tuple:
+        return segmentation_node.GetID(), segment_id, volume_node.GetID()
+
+    def array(self, segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+        """The segment as :func:`~.mrml.segment_array` reads it, read again only if it changed since."""
+        key = self._key(segmentation_node, segment_id, volume_node)
+        stamp = mrml.segment_stamp(segmentation_node, segment_id, volume_node)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            array = mrml.segment_array(segmentation_node, segment_id, volume_node)
+            array.flags.writeable = False
+            entry = (stamp, array)
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry[1]
+
+    def current(self, segmentation_node, segment_id: str, volume_node) -> np.ndarray | None:
+        """The segment's read if it is still the segment (known without reading it), else None."""
+        entry = self._entries.get(self._key(segmentation_node, segment_id, volume_node))
+        fresh = entry is not None and entry[0] == mrml.segment_stamp(segmentation_node, segment_id, volume_node)
+        return entry[1] if fresh else None
+
+    def patch(self, segmentation_node, segment_id: str, volume_node, before: np.ndarray, written) -> None:
+        """After a write (a :class:`~.editing.Written`) into a segment that was ``before`` when it started: keep
+        ``before`` with the written block as the segment's read, so the next read costs nothing."""
+        key = self._key(segmentation_node, segment_id, volume_node)
+        entry = self._entries.get(key)
+        if entry is None or entry[1] is not before:
+            return
+        array = before.copy()
+        array[mrml.block_index(written.block)] = written.segment
+        array.flags.writeable = False
+        self._entries[key] = (mrml.segment_stamp(segmentation_node, segment_id, volume_node), array)
+
+
 @dataclass
 class Pending:
     """Steps on one segment whose results are not written yet: ``kind`` "preview" (a 2D prompt), "propagation"
@@ -89,7 +140,7 @@ class Pending:
     waiting: list = field(default_factory=list)
     changed: set[int] = field(default_factory=set)
     update: Update | None = None  # the latest step's
-    stream: np.ndarray | None = None  # a propagation's slices done so far (KJI bool), for its preview
+    stream: dict[int, np.ndarray] = field(default_factory=dict)  # a propagation's slices so far, for its preview
     slice_range: tuple[int, int] | None = None  # the 3D box's slices, for a preview of one
 
     @property
@@ -101,22 +152,34 @@ class Pending:
         self.state, self.update = state, update
         self.changed |= set(update.changed)
 
-    def result(self) -> np.ndarray:
-        """The segment (KJI bool) with the changed slices as the steps made them."""
-        new = self.before.copy()
-        oriented = self.axes.oriented(new)
-        empty = np.zeros(self.axes.image_shape, bool)
-        for index in self.changed:
-            oriented[index] = self.state.masks.get(index, empty)
-        return new
+    def slice_block(self, indices) -> mrml.Block:
+        """The block of the volume from the first to the last of the view's slices ``indices``."""
+        block = list(mrml.whole_block(self.volume_node))
+        block[2 - self.axes.slice_axis] = (min(indices), max(indices) + 1)
+        return tuple(block)
 
-    def changed_slices(self) -> np.ndarray:
-        """KJI bool: True on the slices the steps changed (what the preview shows)."""
-        out = np.zeros(self.before.shape, bool)
-        oriented = self.axes.oriented(out)
-        for index in self.changed:
-            oriented[index] = True
-        return out
+    def result_block(self) -> tuple[mrml.Block, np.ndarray]:
+        """The block of the changed slices and the segment there (KJI bool) with them as the steps made them."""
+        block = self.slice_block(self.changed)
+        new = self.before[mrml.block_index(block)].copy()
+        oriented, first = self.axes.oriented(new), block[2 - self.axes.slice_axis][0]
+        for index, mask in self.changed_masks().items():
+            oriented[index - first] = mask
+        return block, new
+
+    def changed_masks(self) -> dict[int, np.ndarray]:
+        """{slice: mask} of the changed slices in the newest state (what the preview shows)."""
+        empty = np.zeros(self.axes.image_shape, bool)
+        return {index: self.state.masks.get(index, empty) for index in self.changed}
+
+    def preview_block(self, masks: dict[int, np.ndarray]) -> tuple[mrml.Block, np.ndarray]:
+        """The block of the slices of ``masks`` ({slice: mask}) and those masks in it (KJI bool), nothing else."""
+        block = self.slice_block(masks)
+        out = np.zeros([stop - start for start, stop in block], bool)
+        oriented, first = self.axes.oriented(out), block[2 - self.axes.slice_axis][0]
+        for index, mask in masks.items():
+            oriented[index - first] = mask
+        return block, out
 
     def engine_slices(self) -> dict[int, int]:
         """{slice: crc} of the engine's slices in the newest state (for the propagated-slices tag)."""

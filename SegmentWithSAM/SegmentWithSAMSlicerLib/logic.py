@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import slicer
 
 from SegmentWithSAMLib.actions import Propagate, prompt_from_ras
 from SegmentWithSAMLib.backend.client import BackendClient, Handle
@@ -26,7 +25,7 @@ from SegmentWithSAMLib.propagation import StopRules
 
 from . import mrml
 from .editing import SegmentEditing
-from .interactive import Pending, state_from_segment
+from .interactive import Pending, SegmentCache, state_from_segment
 
 PREVIEW_NODE_NAME = "SegmentWithSAM preview"
 PREVIEW_SEGMENT = "preview"
@@ -50,12 +49,32 @@ class SegmentationController:
         self.last_accepted: tuple[str, str, View, int] | None = None  # segmentation ID, segment ID, view, slice
         self.last_accepted_range: tuple[int, int] | None = None  # the slices its box spans, if it was 3D
         self._remembered: dict[tuple, object] = {}  # (segmentation, segment, view) → state after its last step
-        self.status = ""
+        self._status = ("", False)
         self.progress: tuple[int, int] | None = None
         self.download: dict | None = None  # a model download in progress (see start_download)
         self.editing = SegmentEditing(scene)
+        self._segments = SegmentCache()  # segments as last read: a prompt event reads none that did not change
+        self._state_memo: tuple | None = None  # the last state rebuilt from a segment, and what it came from
 
     # ---- backend and inputs --------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """What the last operation did or is doing, in a sentence."""
+        return self._status[0]
+
+    @status.setter
+    def status(self, text: str) -> None:
+        self._status = (text, False)
+
+    @property
+    def status_error(self) -> bool:
+        """Whether :attr:`status` reports a failure (set by :meth:`fail`)."""
+        return self._status[1]
+
+    def fail(self, text: str) -> None:
+        """A failure: the status says what failed and what was kept."""
+        self._status = (text, True)
+
     def engine(self, model: str = DEFAULT_MODEL, device: str | None = None) -> BackendClient:
         """The backend client for ``model`` on ``device`` (a new backend if either changed)."""
         if self.client is None or self._client_key != (model, device):
@@ -106,8 +125,10 @@ class SegmentationController:
             self.status = f"Downloading {job['entry'].name}: {job['done'] >> 20} of {total >> 20} MB…"
             return
         self.download, self.progress = None, None
-        self.status = (f"Download of {job['entry'].name} failed: {job['error']}" if job["error"]
-                       else f"{job['entry'].name} is installed.")
+        if job["error"]:
+            self.fail(f"Download of {job['entry'].name} failed: {job['error']}")
+        else:
+            self.status = f"{job['entry'].name} is installed."
 
     def close(self) -> None:
         if self.download is not None:
@@ -145,14 +166,20 @@ class SegmentationController:
         axes = slice_axes(volume, view)
         known = segmentation_node is not None and bool(segment_id) \
             and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
-        before = mrml.segment_array(segmentation_node, segment_id, volume_node) if known \
+        before = self._segments.array(segmentation_node, segment_id, volume_node) if known \
             else np.zeros(volume.array.shape, bool)
         state = None
         if known:
             key = (segmentation_node.GetID(), segment_id, view)
-            state = state_from_segment(axes.oriented(before), axes,
-                                       mrml.propagated_slices(segmentation_node, segment_id, view),
-                                       self._remembered.get(key))
+            source = (key, before, mrml.propagated_slices(segmentation_node, segment_id, view),
+                      self._remembered.get(key))
+            memo = self._state_memo
+            if memo is not None and memo[0] == key and memo[1] is before and memo[2] == source[2] \
+                    and memo[3] is source[3]:
+                state = memo[4]  # the same segment, tag and remembered state: the same state, without a scan
+            else:
+                state = state_from_segment(axes.oriented(before), axes, source[2], source[3])
+                self._state_memo = (*source, state)
         return Pending(kind, segmentation_node, segment_id, volume_node, view, axes, before, state, editor_node,
                        save_state, auto_accept, window if window is not None else self.window(volume_node))
 
@@ -209,9 +236,9 @@ class SegmentationController:
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         return node
 
-    def show_preview(self, volume_node, mask_kji: np.ndarray) -> None:
-        mask, node = np.asarray(mask_kji, np.uint8), self._preview_node(volume_node)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, node, PREVIEW_SEGMENT, volume_node)
+    def show_preview(self, volume_node, block: mrml.Block, mask_kji: np.ndarray) -> None:
+        """Show ``mask_kji`` (KJI bool of ``block`` of the volume) as the preview, and nothing else."""
+        mrml.write_block(self._preview_node(volume_node), PREVIEW_SEGMENT, volume_node, mask_kji, block)
 
     def clear_preview(self) -> None:
         job, self.preview = self.preview, None
@@ -246,12 +273,12 @@ class SegmentationController:
         if handle.state != "done":
             self.preview = None
             if handle.state == "failed":
-                self.status = f"Preview failed: {handle.error}"
+                self.fail(f"Preview failed: {handle.error}")
             return
         state, update = handle.result
         job.add(update, state)
         (index, mask), = update.changed.items()
-        self.show_preview(job.volume_node, job.changed_slices() & job.result())
+        self.show_preview(job.volume_node, *job.preview_block(job.changed_masks()))
         ms = (time.perf_counter() - self._preview_sent) * 1e3
         self.status = " ".join([f"Preview: {int(mask.sum())} pixels on {job.view.value} slice {index}, "
                                 f"{ms:.0f} ms.", *update.notices])
@@ -292,38 +319,52 @@ class SegmentationController:
             raise PromptError("Nothing to accept: place points or a box and wait for the preview.")
         segment_id = self.ensure_segment(segmentation_node, segment_id, job.volume_node)
         (index, mask), = job.update.changed.items()
-        new = mrml.segment_array(segmentation_node, segment_id, job.volume_node)
-        job.axes.oriented(new)[index] = mask
-        changed = self.editing.write(segmentation_node, segment_id, job.volume_node, new, editor_node, save_state)
+        before = self._segments.array(segmentation_node, segment_id, job.volume_node)
+        block = job.slice_block([index])
+        new = before[mrml.block_index(block)].copy()
+        job.axes.oriented(new)[0] = mask
+        written = self.editing.write(segmentation_node, segment_id, job.volume_node, new, editor_node, save_state,
+                                     block)
+        self._segments.patch(segmentation_node, segment_id, job.volume_node, before, written)
         if (job.segmentation_node, job.segment_id) != (segmentation_node, segment_id):
-            # previewed for another segment (or none): this one's state is its voxels, with the prompt's slice,
-            # box, range and rules
+            # previewed for another segment (or none): this one's state is its voxels with the mask accepted, with
+            # the prompt's slice, box, range and rules
             job.segmentation_node, job.segment_id = segmentation_node, segment_id
-            job.state = state_from_segment(job.axes.oriented(new), job.axes,
+            wanted = before.copy()
+            wanted[mrml.block_index(block)] = new
+            job.state = state_from_segment(job.axes.oriented(wanted), job.axes,
                                            mrml.propagated_slices(segmentation_node, segment_id, job.view), job.state)
-        self._remember(job)
+        self._remember(job, np.array_equal(written.segment, new))
         self.last_accepted = (segmentation_node.GetID(), segment_id, job.view, index)
         self.last_accepted_range = job.slice_range
         self.clear_preview()
-        self.status = self._accepted_status(changed, new, segmentation_node, segment_id, job.volume_node, index)
+        self.status = self._accepted_status(written, new, segment_id, index)
         return segment_id
 
-    def _remember(self, job: Pending) -> None:
-        """Keep the job's newest state for the segment, and tag the slices the engine wrote."""
+    def _remember(self, job: Pending, complete: bool) -> None:
+        """Keep the job's newest state for the segment, and tag the slices the engine wrote. ``complete``: its
+        result was written whole (no voxel kept out by masking), so the segment is now exactly that state (its
+        unchanged slices matched the segment before, its changed ones were written): the next step on the
+        segment takes it without scanning the segment (:meth:`_pending`)."""
         written = mrml.propagated_slices(job.segmentation_node, job.segment_id, job.view)
         written = {i: crc for i, crc in written.items() if i not in job.state.kinds}
         written.update(job.engine_slices())
         mrml.set_propagated_slices(job.segmentation_node, job.segment_id, job.view, written)
-        self._remembered[(job.segmentation_node.GetID(), job.segment_id, job.view)] = job.state
+        key = (job.segmentation_node.GetID(), job.segment_id, job.view)
+        self._remembered[key] = job.state
+        segment = self._segments.current(job.segmentation_node, job.segment_id, job.volume_node) if complete else None
+        if segment is not None:
+            self._state_memo = (key, segment, written, job.state, job.state)
 
     @staticmethod
-    def _accepted_status(changed: int, wanted: np.ndarray, segmentation_node, segment_id: str, volume_node,
-                         index: int) -> str:
-        """What an accept actually wrote, saying so when the editor's masking kept part of the mask out."""
+    def _accepted_status(written, wanted: np.ndarray, segment_id: str, index: int) -> str:
+        """What an accept actually wrote (a :class:`~.editing.Written` for ``wanted``, KJI bool of its block),
+        saying so when the editor's masking kept part of the mask out."""
+        changed = written.count
         if not changed:
             return (f"Nothing was written into {segment_id} on slice {index}: it already had this mask, or the "
                     "Segment Editor's masking settings (editable area, intensity range) exclude it.")
-        missing = int(np.count_nonzero(wanted & ~mrml.segment_array(segmentation_node, segment_id, volume_node)))
+        missing = int(np.count_nonzero(wanted & ~written.segment))
         kept_out = (f"; {missing} voxels were kept out (the Segment Editor's masking settings, or outside the "
                     "segmentation's geometry)") if missing else ""
         return f"Accepted into {segment_id} on slice {index}: {changed} voxels changed{kept_out}."
@@ -356,7 +397,6 @@ class SegmentationController:
                 or not job.state.masks[seed].any():
             raise PromptError(f"The segment is empty on {view.value} slice {seed}: accept a mask there first.")
         self.engine(model, device)
-        job.stream = np.zeros_like(job.before)
         self._send(job, Propagate(int(seed), str(getattr(direction, "value", direction)), slice_range,
                                   StopRules(**rules) if rules else None, skip))
         self.propagation = job
@@ -377,12 +417,12 @@ class SegmentationController:
     def _poll_propagation(self) -> None:
         job = self.propagation
         events = job.handle.take_events()
-        for index, mask in events:
-            job.axes.oriented(job.stream)[index] = mask
+        job.stream.update(events)
         if events:
-            self.show_preview(job.volume_node, job.stream)
             self.progress = job.handle.progress
         if not job.handle.done:
+            if events:
+                self.show_preview(job.volume_node, *job.preview_block(job.stream))
             return
         handle, job.handle = job.handle, None
         self.propagation, self.progress = None, None
@@ -391,21 +431,38 @@ class SegmentationController:
             try:
                 self.status = self._apply_propagation(job, *handle.result)
             except SegmentWithSAMError as error:
-                self.status = f"Propagation not applied: {error}"
+                self.fail(f"Propagation not applied: {error}")
         elif handle.state == "cancelled":
             self.status = "Propagation cancelled; the segment is unchanged."
         else:
-            self.status = f"Propagation failed; the segment is unchanged. {handle.error or ''}".strip()
+            self.fail(f"Propagation failed; the segment is unchanged. {handle.error or ''}".strip())
+
+    def _segment_as_before(self, job: Pending) -> np.ndarray | None:
+        """The segment's read if it is still as when the job began (None if it was edited since): known from its
+        labelmap's stamp, read again only when that changed (e.g. another segment of its layer was edited)."""
+        if self._segments.current(job.segmentation_node, job.segment_id, job.volume_node) is job.before:
+            return job.before
+        current = self._segments.array(job.segmentation_node, job.segment_id, job.volume_node)
+        return current if np.array_equal(current, job.before) else None
+
+    def _write_job(self, job: Pending, before: np.ndarray) -> int:
+        """Write the job's changed slices into its segment (``before``: the segment's read) as one step and
+        remember its state; returns how many voxels changed."""
+        block, new = job.result_block()
+        written = self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, new, job.editor_node,
+                                     job.save_state, block)
+        self._segments.patch(job.segmentation_node, job.segment_id, job.volume_node, before, written)
+        if written.count:
+            self._remember(job, np.array_equal(written.segment, new))
+        return written.count
 
     def _apply_propagation(self, job: Pending, state, update) -> str:
-        current = mrml.segment_array(job.segmentation_node, job.segment_id, job.volume_node)
-        if not np.array_equal(current, job.before):
+        before = self._segment_as_before(job)
+        if before is None:
             raise PromptError("the segment was edited while propagating; propagate again.")
         job.add(update, state)
-        if not self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, job.result(),
-                                  job.editor_node, job.save_state):
+        if not self._write_job(job, before):
             return "Propagation found nothing to change."
-        self._remember(job)
         stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
         return f"Propagated to {len(update.changed)} slices in {update.seconds:.1f} s ({stops})."
 
@@ -459,7 +516,7 @@ class SegmentationController:
         if handle.state != "done":
             job.waiting.clear()
             reason = "cancelled" if handle.state == "cancelled" else f"failed: {handle.error or handle.message}"
-            self.status = f"The 3D click {reason}; the segment is unchanged."
+            self.fail(f"The 3D click {reason}; the segment is unchanged.")
             if not job.changed:  # nothing pending any more (its status stays: it says why)
                 self.refinement = None
                 self.clear_preview()
@@ -469,7 +526,7 @@ class SegmentationController:
         if job.waiting:
             self._send_click(job)
             return
-        self.show_preview(job.volume_node, job.result() & job.changed_slices())
+        self.show_preview(job.volume_node, *job.preview_block(job.changed_masks()))
         stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
         self.status = " ".join([f"3D click: {len(update.changed)} slices changed ({stops}) in {update.seconds:.1f} s.",
                                 *update.notices])
@@ -485,14 +542,15 @@ class SegmentationController:
             raise PromptError("A 3D click is still being computed: wait for its preview, then accept.")
         self.refinement = None
         self.clear_preview()
-        current = mrml.segment_array(job.segmentation_node, job.segment_id, job.volume_node)
-        if not np.array_equal(current, job.before):
+        before = self._segment_as_before(job)
+        if before is None:
             raise PromptError("The segment was edited while the 3D correction was pending; it was not applied. "
                               "Click again.")
-        changed = self.editing.write(job.segmentation_node, job.segment_id, job.volume_node, job.result(),
-                                     job.editor_node, job.save_state)
-        self._remember(job)
-        self.status = (f"Corrected {len(job.changed)} {job.view.value} slices of {job.segment_id} in 3D "
+        changed = self._write_job(job, before)
+        if not changed:
+            self._remember(job, False)
+        name = job.segmentation_node.GetSegmentation().GetSegment(job.segment_id).GetName()
+        self.status = (f"Corrected {len(job.changed)} {job.view.value} slices of {name} in 3D "
                        f"({changed} voxels changed).")
         return job.segment_id
 

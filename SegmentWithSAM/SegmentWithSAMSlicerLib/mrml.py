@@ -17,6 +17,8 @@ import vtk
 from SegmentWithSAMLib.errors import PromptError, VolumeError
 from SegmentWithSAMLib.geometry import View, Volume, box_on_slice, slice_axes, view_for_normal
 
+Block = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) along K, J, I; stop excluded
+_NOTHING, _NOWHERE = np.zeros((0, 0, 0), np.uint8), (slice(0, 0),) * 3  # an empty labelmap's values, and where
 ORDER_PREFIX = "SegmentWithSAM click "  # a control point's description: its place in the click order
 PROPAGATED_TAG = "SegmentWithSAM.propagated."  # + view: JSON {slice: crc32 of the mask it was given}
 
@@ -97,11 +99,17 @@ def new_clicks(positive_node, negative_node, sent: set) -> list[tuple[np.ndarray
 
 
 def segment_has_mask(segmentation_node, segment_id: str, volume_node) -> bool:
-    """Whether the segment exists and has voxels (then points placed on it correct it in 3D)."""
+    """Whether the segment exists and has voxels on the volume's grid (then points placed on it correct it in 3D).
+    Stops at the first slab of voxels found, so a segment with voxels costs far less than reading it whole."""
     if segmentation_node is None or not segment_id or volume_node is None \
             or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         return False
-    return bool(segment_array(segmentation_node, segment_id, volume_node).any())
+    whole = whole_block(volume_node)
+    aligned = _aligned_labelmap(segmentation_node, segment_id, volume_node, whole)
+    if aligned is None:
+        return bool(segment_array(segmentation_node, segment_id, volume_node).any())
+    values, label, _ = aligned
+    return any(bool((values[k: k + 8] == label).any()) for k in range(0, values.shape[0], 8))
 
 
 def ordered_clicks(positive_node, negative_node) -> tuple[np.ndarray, np.ndarray]:
@@ -170,11 +178,158 @@ def view_of_prompts(points_ras: np.ndarray, slice_nodes, volume: Volume, prefer=
     return node, slice_node_view(node, volume)
 
 
-def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """The segment as a boolean KJI array on the volume's grid (all False for an empty segment)."""
+def whole_block(volume_node) -> Block:
+    """The block of all of a volume's voxels."""
+    return tuple((0, n) for n in volume_node.GetImageData().GetDimensions()[::-1])
+
+
+def block_index(block: Block, within: Block | None = None) -> tuple[slice, slice, slice]:
+    """NumPy index of a block in a KJI array of the volume, or of the part of it in block ``within``."""
+    starts = [0, 0, 0] if within is None else [start for start, _ in within]
+    return tuple(slice(start - first, stop - first) for (start, stop), first in zip(block, starts, strict=True))
+
+
+def mask_block(mask: np.ndarray, within: Block | None = None) -> Block | None:
+    """The smallest block holding the True voxels of ``mask`` (KJI bool), or None if there are none; ``mask`` may
+    be the part of a volume in block ``within`` (the result is then in the volume's indices)."""
+    starts = [0, 0, 0] if within is None else [start for start, _ in within]
+    block = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hit):
+            return None
+        block.append((starts[axis] + int(hit[0]), starts[axis] + int(hit[-1]) + 1))
+    return tuple(block)
+
+
+def _shifted(matrix: np.ndarray, block: Block) -> np.ndarray:
+    """An IJK→RAS (4, 4) moved to start at the block's first voxel."""
+    shift = np.eye(4)
+    shift[:3, 3] = [start for start, _ in block][::-1]
+    return matrix @ shift
+
+
+def _grid_in_segmentation(segmentation_node, volume_node) -> np.ndarray:
+    """The volume's IJK → the segmentation node's own coordinates (4, 4), where its labelmaps live."""
+    return world_to_segmentation(segmentation_node) @ world_ijk_to_ras(volume_node)
+
+
+def segment_labelmap(segmentation_node, segment_id: str):
+    """The segment's binary labelmap (the layer it may share with others; None if it has none) and its label."""
+    segmentation = segmentation_node.GetSegmentation()
+    name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if not segmentation.ContainsRepresentation(name):
+        segmentation.CreateRepresentation(name)  # as Slicer's export does for a segmentation of surfaces
+    segment = segmentation.GetSegment(segment_id)
+    return segment.GetRepresentation(name), segment.GetLabelValue()
+
+
+def image_array(image) -> np.ndarray | None:
+    """The scalars of a one-component image as a KJI view (None if it has none)."""
+    from vtk.util import numpy_support
+
+    extent = image.GetExtent() if image is not None else (0, -1, 0, -1, 0, -1)
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    if scalars is None or extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+        return None
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    return numpy_support.vtk_to_numpy(scalars).reshape(shape)
+
+
+def _aligned_labelmap(segmentation_node, segment_id: str, volume_node, block: Block):
+    """(layer values (K, J, I) over ``block`` ∩ the layer, the segment's label, where in the block they go) when
+    the segment's labelmap lies on the volume's grid up to a whole-voxel shift (the usual case: a segmentation
+    made on this volume), so that it is read without resampling; None otherwise. An empty segment gives empty
+    values."""
+    labelmap, label = segment_labelmap(segmentation_node, segment_id)
+    if labelmap is None:
+        return _NOTHING, label, _NOWHERE
+    to_layer = np.linalg.inv(slicer.util.arrayFromVTKMatrix(image_to_world(labelmap))) \
+        @ _grid_in_segmentation(segmentation_node, volume_node)  # volume IJK → layer IJK
+    shift = np.round(to_layer[:3, 3])
+    if not (np.allclose(to_layer[:3, :3], np.eye(3), atol=1e-6) and np.allclose(to_layer[:3, 3], shift, atol=1e-4)):
+        return None
+    values = image_array(labelmap)
+    if values is None:
+        return _NOTHING, label, _NOWHERE
+    extent, shift_kji = labelmap.GetExtent(), shift[::-1].astype(int)
+    source, target = [], []
+    for axis, (start, stop) in enumerate(block):
+        first = extent[2 * (2 - axis)]  # the layer's first index on this axis, in its own IJK
+        low = max(start + shift_kji[axis], first)
+        high = min(stop + shift_kji[axis], first + values.shape[axis])
+        high = max(high, low)
+        source.append(slice(low - first, high - first))
+        target.append(slice(low - shift_kji[axis] - start, high - shift_kji[axis] - start))
+    return values[tuple(source)], label, tuple(target)
+
+
+def image_to_world(image) -> vtk.vtkMatrix4x4:
+    """An oriented image's IJK → coordinates matrix."""
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return matrix
+
+
+def _geometry(matrix: np.ndarray, block: Block):
+    """An image without voxels: the grid of ``matrix`` (IJK → coordinates) over ``block``."""
+    image = slicer.vtkOrientedImageData()
+    (k0, k1), (j0, j1), (i0, i1) = block
+    image.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    return image
+
+
+def segment_array(segmentation_node, segment_id: str, volume_node, block: Block | None = None) -> np.ndarray:
+    """The segment as a boolean KJI array on the volume's grid (all False for an empty segment), only within
+    ``block`` if given (then of the block's shape). Voxel for voxel what Slicer's export of the segment to a
+    labelmap on the volume gives (``slicer.util.arrayFromSegmentBinaryLabelmap``), without its temporary nodes:
+    read straight from the labelmap when it lies on the volume's grid, else resampled as the export does
+    (nearest neighbour, the segmentation's parent transform undone)."""
     if not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         raise PromptError(f"The segment {segment_id!r} is not in {segmentation_node.GetName()}.")
-    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)) > 0
+    block = whole_block(volume_node) if block is None else block
+    out = np.zeros([stop - start for start, stop in block], bool)
+    aligned = _aligned_labelmap(segmentation_node, segment_id, volume_node, block)
+    if aligned is not None:
+        values, label, target = aligned
+        out[target] = values == label
+        return out
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    merged = slicer.vtkOrientedImageData()
+    geometry = _geometry(_grid_in_segmentation(segmentation_node, volume_node), block)
+    segmentation_node.GenerateMergedLabelmapForAllSegments(merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+                                                           geometry, ids)
+    values = image_array(merged)
+    return out if values is None else values.reshape(out.shape) > 0
+
+
+def segment_stamp(segmentation_node, segment_id: str, volume_node) -> tuple:
+    """What a read of the segment on the volume's grid depends on: its labelmap (object and modification time),
+    label value and geometry; equal stamps mean an equal :func:`segment_array`."""
+    labelmap, label = segment_labelmap(segmentation_node, segment_id)
+    image = volume_node.GetImageData()
+    return (labelmap, labelmap.GetMTime() if labelmap is not None else 0, label, image.GetDimensions(),
+            _grid_in_segmentation(segmentation_node, volume_node).tobytes())
+
+
+def write_block(segmentation_node, segment_id: str, volume_node, mask: np.ndarray, block: Block) -> None:
+    """Make the segment ``mask`` (KJI bool of the block's shape) and nothing else, with no undo step (for a
+    preview segment of its own)."""
+    image = oriented_image(mask, _shifted(_grid_in_segmentation(segmentation_node, volume_node), block))
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+
+def labelmap_image(mask_kji: np.ndarray, geometry):
+    """A uint8 0/1 image of a KJI mask over the extent and on the grid of ``geometry`` (an image)."""
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(geometry.GetExtent())
+    image.SetImageToWorldMatrix(image_to_world(geometry))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image_array(image)[:] = mask_kji
+    return image
 
 
 def oriented_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
@@ -202,17 +357,44 @@ def world_to_segmentation(segmentation_node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(matrix)
 
 
-def modifier_labelmap(editor_logic, segmentation_node, volume_node, mask_kji: np.ndarray):
-    """``mask_kji`` (KJI bool on the volume's grid) as a modifier labelmap for ``editor_logic`` (pointed at
-    ``segmentation_node``): resampled (nearest neighbour) into the segmentation's reference geometry, in the
-    segmentation node's coordinates, as Segment Editor effects build theirs (``ResetModifierLabelmapToDefault``).
-    Voxels outside that geometry cannot be written, as with any effect."""
-    editor_logic.ResetModifierLabelmapToDefault()
-    reference = editor_logic.GetModifierLabelmap()
-    source = oriented_image(mask_kji, world_to_segmentation(segmentation_node) @ world_ijk_to_ras(volume_node))
+def reference_geometry(segmentation_node, volume_node):
+    """The segmentation's reference geometry, as Segment Editor effects get it (``vtkSlicerSegmentEditorLogic::
+    GetReferenceImageGeometryString``: its reference image geometry, grown to hold every segment; the volume's
+    when it has none, which it then keeps): an image without voxels, in the segmentation node's coordinates."""
+    segmentation = segmentation_node.GetSegmentation()
+    text = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(segmentation)
+    if not text:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        text = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(segmentation)
+    geometry = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, geometry, False)
+    return geometry
+
+
+def modifier_labelmap(segmentation_node, volume_node, mask: np.ndarray, block: Block):
+    """``mask`` (KJI bool of ``block`` of the volume) as a Segment Editor modifier labelmap: resampled (nearest
+    neighbour) onto the segmentation's reference geometry in the segmentation node's coordinates, as effects
+    build theirs (``ResetModifierLabelmapToDefault``), but only over the part of that geometry the block covers
+    (the masking in ``ModifySegmentByLabelmap`` compares geometries without extents, so it applies there as on a
+    whole one). Voxels outside the reference geometry cannot be written, as with any effect. None if nothing of
+    the mask lands on it."""
+    reference = reference_geometry(segmentation_node, volume_node)
+    source_matrix = _shifted(_grid_in_segmentation(segmentation_node, volume_node), block)
+    to_reference = np.linalg.inv(slicer.util.arrayFromVTKMatrix(image_to_world(reference))) @ source_matrix
+    sizes = [stop - start for start, stop in block][::-1]  # I, J, K
+    corners = np.array([[x, y, z, 1.0] for x in (-0.5, sizes[0] - 0.5) for y in (-0.5, sizes[1] - 0.5)
+                        for z in (-0.5, sizes[2] - 0.5)]) @ to_reference.T
+    extent = reference.GetExtent()
+    low = np.maximum(np.floor(corners[:, :3].min(axis=0)).astype(int), extent[0::2])
+    high = np.minimum(np.ceil(corners[:, :3].max(axis=0)).astype(int), extent[1::2])
+    if np.any(high < low):
+        return None
+    reference.SetExtent(low[0], high[0], low[1], high[1], low[2], high[2])
     modifier = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(source, reference, modifier)
-    return modifier
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        oriented_image(mask, source_matrix), reference, modifier)
+    values = image_array(modifier)
+    return modifier if values is not None and values.any() else None
 
 
 def mask_crc(mask2d: np.ndarray) -> int:

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from trame.app import get_server
@@ -27,6 +27,7 @@ from SegmentWithSAMLib.data import colin27
 from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
 from SegmentWithSAMLib.io import SEGMENTATION_SUFFIX
 from SegmentWithSAMLib.models import DEFAULT_MODEL, registry
+from SegmentWithSAMSlicerLib.settings import Settings, coerce
 
 from .page import build_page, view_marker
 from .security import DataFolder, UploadedFile, Uploads, access_key, page_url, read_checked
@@ -89,15 +90,17 @@ def threed_view_ui(server, view_id: str, view) -> None:
 
 
 def action(method):
-    """A page handler: user errors become the page's message, and the page shows the outcome at once."""
+    """A page handler: one user action of the front end (its error is the status line until the next one), and
+    the page shows the outcome at once."""
 
     @functools.wraps(method)
     async def run(self, *args):
+        self.workflow.front.begin()
         try:
             result = method(self, *args)
             return await result if inspect.isawaitable(result) else result
         except SegmentWithSAMError as error:
-            self.workflow.message = str(error)
+            self.workflow.front.say(str(error), error=True)
             return None
         finally:
             self.push()
@@ -127,6 +130,7 @@ class WebApp:
         self.layout_manager.set_layout(LAYOUT)
         self.workflow = WebWorkflow(self.slicer_app, client_factory, multisamples=options.multisamples)
         self.workflow.settings.model, self.workflow.settings.device = options.model, options.device
+        self.settings_keys = [f.name for f in fields(Settings)]  # the page's state keys are the settings' names
         self.given = {Path(v).name: Path(v) for v in options.volumes}  # offered besides the data folder
         models = [options.model, *(name for name in registry() if name != options.model)]
         build_page(self, self.layout_manager, models, self.uploads.max_bytes)
@@ -136,7 +140,7 @@ class WebApp:
         self.state.change("place_kind")(self._on_place_kind)
         self.state.change("display_window")(self._on_display_window)
         self.state.change("model")(self._on_model)
-        self.state.change("device", "model_window", "direction", "skip", "auto_accept")(self._on_setting)
+        self.state.change(*(name for name in self.settings_keys if name != "model"))(self._on_setting)
         self.server.controller.on_server_ready.add(self._on_ready)
         self._shown: dict = {}
 
@@ -191,9 +195,12 @@ class WebApp:
 
     def _on_setting(self, **_) -> None:
         settings = self.workflow.settings
-        settings.device, settings.window = self.state.device, self.state.model_window
-        settings.direction, settings.skip = self.state.direction, int(self.state.skip)
-        settings.auto_accept = bool(self.state.auto_accept)
+        for name in self.settings_keys:
+            if name != "model" and name in self.state:
+                try:
+                    setattr(settings, name, coerce(name, self.state[name]))
+                except ValueError as error:
+                    self.workflow.front.say(str(error), error=True)
 
     def _on_model(self, model=DEFAULT_MODEL, **_) -> None:
         self.workflow.settings.model = model
@@ -201,18 +208,18 @@ class WebApp:
         try:
             entry = self.workflow.controller.missing_model(model)
         except SegmentWithSAMError as error:
-            self.workflow.message = str(error)
+            self.workflow.front.say(str(error), error=True)
             return
         if entry is not None:
             self.state.model_download = entry.name
-            self.workflow.message = (f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence "
-                                     f"{entry.licence}): 'Download the model' gets it (SHA-256 checked).")
+            self.workflow.front.say(f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence "
+                                    f"{entry.licence}): 'Download the model' gets it (SHA-256 checked).")
 
     def _guarded(self, change) -> None:
         try:
             change()
         except SegmentWithSAMError as error:
-            self.workflow.message = str(error)
+            self.workflow.front.say(str(error), error=True)
 
     # ---- opening -------------------------------------------------------------------------------------------
     @action
@@ -275,7 +282,7 @@ class WebApp:
 
     @action
     def whole_range(self) -> None:
-        self.workflow.all_slices = True
+        self.workflow.front.all_slices = True
 
     @action
     def download_model(self) -> None:
@@ -316,7 +323,7 @@ class WebApp:
         """Save the active segment into the data folder under the page's file name."""
         path = self.data.output(self.state.save_name or "")
         voxels = await asyncio.to_thread(self.workflow.export().write, path)
-        self.workflow.message = f"Saved {voxels} voxels to {path.name} in the data folder."
+        self.workflow.front.say(f"Saved {voxels} voxels to {path.name} in the data folder.")
         self.state.data_files = self.choices()
 
     @action

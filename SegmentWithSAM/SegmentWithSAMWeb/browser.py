@@ -24,6 +24,36 @@ from .embedded import EmbeddedApp
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 VIEW_TAGS = ("Red", "Green", "Yellow", "ThreeD")  # axial, coronal, sagittal, 3D
+# The page's controls that lie outside their area (the drawer's content box without its scroll bar, the toolbar,
+# the views) or the viewport, and the labels cut short inside them ("…"); the drawer scrolls, so only its
+# horizontal extent counts, while the toolbar and the views must hold their controls whole both ways.
+CLIPPED_CONTROLS_JS = """
+const controls = '.v-btn, .v-select, .v-text-field, .v-file-input, .v-checkbox, .v-chip, .v-slider, '
+    + 'input[type=color]';
+const areas = '.v-navigation-drawer__content, .v-toolbar__content, .v-main';
+const labels = '.v-btn__content, .v-field-label, .v-label, .v-chip__content, .v-select__selection-text';
+const shown = (e) => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden';
+const name = (e) => e.id || e.querySelector('[id]')?.id || (e.innerText || e.getAttribute('aria-label') || '')
+    .trim().split('\\n')[0] || e.className;
+const found = [];
+for (const control of document.querySelectorAll(controls)) {
+  const area = control.closest(areas);
+  if (!area || !shown(control)) continue;
+  const r = control.getBoundingClientRect(), a = area.getBoundingClientRect();
+  const left = Math.max(0, a.left + area.clientLeft), right = Math.min(innerWidth, left + area.clientWidth);
+  const top = Math.max(0, a.top + area.clientTop), bottom = Math.min(innerHeight, top + area.clientHeight);
+  const vertical = !area.matches('.v-navigation-drawer__content');
+  if (r.left < left - 0.5 || r.right > right + 0.5 || (vertical && (r.top < top - 0.5 || r.bottom > bottom + 0.5)))
+    found.push(`${name(control)}: ${r.left.toFixed(0)}–${r.right.toFixed(0)} × ${r.top.toFixed(0)}–`
+      + `${r.bottom.toFixed(0)} outside ${left.toFixed(0)}–${right.toFixed(0)} × ${top.toFixed(0)}–`
+      + `${bottom.toFixed(0)}`);
+}
+for (const label of document.querySelectorAll(labels)) {
+  if (label.closest(areas) && shown(label) && label.scrollWidth > label.clientWidth)
+    found.push(`${name(label)}: cut short (${label.scrollWidth} px in ${label.clientWidth})`);
+}
+return found;
+"""
 
 
 def chromium_available() -> bool:
@@ -83,6 +113,16 @@ class Page:
             time.sleep(0.02)
         raise AssertionError("the views never showed a frame")
 
+    def wait_for_view_sizes(self, timeout: float = 30.0) -> None:
+        """After a resize: wait until every view shows a frame drawn at its new width on the page."""
+        images = [self.view_image(tag) for tag in VIEW_TAGS]
+        fitted = "return arguments[0].every(i => Math.abs(i.naturalWidth - i.clientWidth) <= 2)"
+        deadline = time.monotonic() + timeout
+        while not self.driver.execute_script(fitted, images):
+            if time.monotonic() > deadline:
+                raise AssertionError("the views were not drawn again at their new size")
+            time.sleep(0.05)
+
     def choose(self, select_id: str, item: str) -> None:
         """Pick ``item`` in one of the page's drop-down lists, as a user does: open it, click the entry."""
         self.by_id(select_id).find_element(By.XPATH, "./ancestor::div[contains(@class, 'v-field')][1]").click()
@@ -98,15 +138,26 @@ class Page:
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys(Keys.BACKSPACE, text, Keys.TAB)
 
+    def set_viewport(self, width: int, height: int) -> None:
+        """Resize the browser's window so that the page itself is ``width`` × ``height`` CSS pixels."""
+        self.driver.set_window_size(width, height)
+        inner_width, inner_height = self.driver.execute_script("return [innerWidth, innerHeight]")
+        self.driver.set_window_size(2 * width - inner_width, 2 * height - inner_height)
+        deadline = time.monotonic() + 10
+        while self.driver.execute_script("return [innerWidth, innerHeight]") != [width, height]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the page is not {width} × {height} after resizing the window")
+            time.sleep(0.05)
+
+    def clipped_controls(self) -> list[str]:
+        """Each button, select, text field, checkbox, chip or slider cut off by its area or the viewport, and each
+        label cut short, in words (see ``CLIPPED_CONTROLS_JS``); empty when everything fits."""
+        return self.driver.execute_script(CLIPPED_CONTROLS_JS)
+
     def view_image(self, tag: str):
         """The <img> the server's frames of view ``tag`` (see ``VIEW_TAGS``) are drawn into."""
         marker = self.by_id(f"swsam-view-{tag}")
         return marker.find_element(By.XPATH, "./ancestor::div[.//img][1]//img")
-
-    def reset_camera(self, tag: str) -> None:
-        """Click view ``tag``'s own "Reset Camera" button (the first of its toolbar)."""
-        view = self.by_id(f"swsam-view-{tag}").find_element(By.XPATH, "./ancestor::div[.//img][1]")
-        view.find_elements(By.CSS_SELECTOR, ".view-gutter button")[0].click()
 
     def click_ras(self, tag: str, *points_ras: np.ndarray, settle: float = 0.5) -> float:
         """Real clicks at RAS points in slice view ``tag``: each point mapped to the view's pixels by its slice

@@ -1,4 +1,4 @@
-"""The page: a toolbar (open, upload, sample, window/level, backend state), a side panel (prompts, accept,
+"""The page: a toolbar (open, upload, sample, window/level), a side panel (backend state, prompts, accept,
 undo/redo, propagation, segments, model, save) and Slicer's views (axial, coronal, sagittal, 3D).
 
 Only layout and bindings are here; every handler is a method of :class:`~.app.WebApp`. The state it reads:
@@ -13,12 +13,14 @@ from trame.widgets import vuetify3 as v3
 from trame_vuetify.ui.vuetify3 import VAppLayout
 
 from SegmentWithSAMLib.preprocessing import CT_PRESETS
+from SegmentWithSAMSlicerLib.settings import DEVICES, DIRECTIONS, window_choices
 
 from .workflow import DOWNLOAD_SUFFIXES
 
-WINDOWS = ["display", "auto", *CT_PRESETS]  # the model's intensity window, as in the desktop module
-DEVICES = ["auto", "cpu", "cuda", "mps"]
 DRAWER_WIDTH = 340
+# the drawer's rows of buttons: small, sharing the row's width, wrapping rather than overflowing if ever too wide
+BUTTON_ROW = "d-flex flex-wrap ga-1 mt-2"
+BUTTON = {"size": "small", "classes": "flex-grow-1"}
 
 
 def view_marker(_server, _view_id: str, view) -> None:
@@ -57,14 +59,13 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
             v3.VSelect(v_model=("display_window", "volume"), items=("display_windows", ["volume", *CT_PRESETS]),
                        label="Window/level", id="swsam-display-window", density="compact", hide_details=True,
                        style="max-width: 160px", classes="mx-2")
-            v3.VSpacer()
-            v3.VChip("Backend: {{ sam.backend }}", id="swsam-backend", size="small", classes="mr-2")
         with v3.VNavigationDrawer(permanent=True, width=DRAWER_WIDTH):
             with html.Div(classes="pa-3 text-body-2"):
                 html.Div("{{ sam.volume_name || 'No volume: open one above.' }}", id="swsam-volume",
                          classes="text-subtitle-2")
-                html.Div("{{ upload_refused || sam.message }}", id="swsam-message", classes="my-2",
-                         style="min-height: 3em")
+                html.Div("Backend: {{ sam.backend }}", id="swsam-backend", classes="text-caption text-medium-emphasis")
+                html.Div("{{ upload_refused || sam.message }}", id="swsam-message", style="min-height: 3em",
+                         classes=("(sam.error || upload_refused) ? 'my-2 text-error' : 'my-2'",))  # errors in red
                 _section("Prompts")
                 with v3.VBtnToggle(v_model=("place_kind", None), id="swsam-place", density="compact",
                                    divided=True, variant="outlined"):
@@ -74,12 +75,12 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                             size="small", color="red")
                     v3.VBtn("Box", id="swsam-box", value="box", prepend_icon="mdi-vector-square", size="small",
                             color="amber")
-                with html.Div(classes="d-flex flex-wrap ga-1 mt-2"):
+                with html.Div(classes=BUTTON_ROW):
                     v3.VBtn("Accept", id="swsam-accept", color="primary", click=app.accept,
-                            disabled=("!sam.can_accept",))
-                    v3.VBtn("Clear", id="swsam-clear", click=app.clear_prompts)
-                    v3.VBtn("Undo", id="swsam-undo", click=app.undo, disabled=("!sam.can_undo",))
-                    v3.VBtn("Redo", id="swsam-redo", click=app.redo, disabled=("!sam.can_redo",))
+                            disabled=("!sam.can_accept",), **BUTTON)
+                    v3.VBtn("Clear", id="swsam-clear", click=app.clear_prompts, **BUTTON)
+                    v3.VBtn("Undo", id="swsam-undo", click=app.undo, disabled=("!sam.can_undo",), **BUTTON)
+                    v3.VBtn("Redo", id="swsam-redo", click=app.redo, disabled=("!sam.can_redo",), **BUTTON)
                 v3.VCheckbox(v_model=("auto_accept", False), label="Write 3D clicks at once", density="compact",
                              hide_details=True, id="swsam-auto-accept")
                 html.Div("Points on a segment that has voxels correct it in 3D; Accept writes the correction.",
@@ -89,16 +90,17 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                          "{{ sam.range ? sam.range[0] + '–' + sam.range[1] + ' (the box)' : 'all' }}",
                          id="swsam-range")
                 with html.Div(classes="d-flex ga-2 mt-1"):
-                    v3.VSelect(v_model=("direction", "both"), items=("directions", ["both", "up", "down"]),
-                               label="Direction", id="swsam-direction", density="compact", hide_details=True)
+                    v3.VSelect(v_model=("direction", "both"), items=("directions", list(DIRECTIONS)),
+                               label="Direction", id="swsam-direction", density="compact", hide_details=True,
+                               style="flex: 0 0 120px")
                     v3.VSelect(v_model=("skip", 0), items=("[0, 1, 2, 3, 4]",), label="Interpolate between",
                                density="compact", hide_details=True)
-                with html.Div(classes="d-flex ga-1 mt-2"):
+                with html.Div(classes=BUTTON_ROW):
                     v3.VBtn("Propagate", id="swsam-propagate", color="primary", click=app.propagate,
-                            disabled=("!sam.can_propagate",))
-                    v3.VBtn("Cancel", id="swsam-cancel", click=app.cancel, disabled=("!sam.propagating",))
+                            disabled=("!sam.can_propagate",), **BUTTON)
+                    v3.VBtn("Cancel", id="swsam-cancel", click=app.cancel, disabled=("!sam.propagating",), **BUTTON)
                     v3.VBtn("All slices", id="swsam-all-slices", variant="text", click=app.whole_range,
-                            disabled=("!sam.range",))
+                            disabled=("!sam.range",), **BUTTON)
                 v3.VProgressLinear(v_if=("sam.progress",), id="swsam-progress", classes="mt-2", height=6,
                                    model_value=("sam.progress ? 100 * sam.progress[0] / sam.progress[1] : 0",))
                 _section("Segments")
@@ -122,21 +124,21 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                 v3.VSelect(v_model=("model", models[0]), items=("models", models), label="Model",
                            id="swsam-model", density="compact", hide_details=True)
                 with html.Div(classes="d-flex ga-2 mt-2"):
-                    v3.VSelect(v_model=("device", "auto"), items=("devices", DEVICES), label="Device",
+                    v3.VSelect(v_model=("device", "auto"), items=("devices", list(DEVICES)), label="Device",
                                density="compact", hide_details=True)
-                    v3.VSelect(v_model=("model_window", "display"), items=("windows", WINDOWS),
+                    v3.VSelect(v_model=("model_window", "display"), items=("windows", window_choices()),
                                label="Model window", density="compact", hide_details=True)
                 v3.VBtn("Download the model", v_if=("model_download",), id="swsam-model-download",
                         size="small", click=app.download_model, classes="mt-2")
                 _section("Save")
                 v3.VTextField(v_model=("save_name", ""), label="File name in the data folder", id="swsam-save-name",
                               density="compact", hide_details=True)
-                with html.Div(classes="d-flex ga-1 mt-2 align-center"):
-                    v3.VBtn("Save", id="swsam-save", click=app.save, disabled=("!sam.volume_name",))
-                    v3.VSelect(v_model=("download_format", DOWNLOAD_SUFFIXES[0]),
-                               items=("formats", list(DOWNLOAD_SUFFIXES)), density="compact", hide_details=True,
-                               style="max-width: 130px")
-                    v3.VBtn("Download", id="swsam-download", disabled=("!sam.volume_name",),
+                v3.VBtn("Save", id="swsam-save", click=app.save, disabled=("!sam.volume_name",), classes="mt-2",
+                        size="small")
+                with html.Div(classes="d-flex ga-2 mt-3 align-center"):
+                    v3.VSelect(v_model=("download_format", DOWNLOAD_SUFFIXES[0]), label="Download as",
+                               items=("formats", list(DOWNLOAD_SUFFIXES)), density="compact", hide_details=True)
+                    v3.VBtn("Download", id="swsam-download", disabled=("!sam.volume_name",), size="small",
                             click=(f"utils.download(sam.segment_name + download_format, "
                                    f"trigger('{download}', [download_format]), 'application/octet-stream')"))
         with v3.VMain(), html.Div(style="position: relative; width: 100%; height: calc(100vh - 48px)",

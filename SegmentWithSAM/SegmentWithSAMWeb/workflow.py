@@ -1,9 +1,11 @@
 """The SAM workflow of the web app on one trame-slicer ``SlicerApp``, without any page: volumes in, prompts
 placed with Slicer's markups, previews, accept, undo/redo, propagation and saving.
 
-Everything that decides what is written lives in :class:`~SegmentWithSAMSlicerLib.logic.SegmentationController`
-(the desktop module's rules); this class only holds the web app's nodes, routes its buttons to the controller
-and reports what the page shows (:meth:`WebWorkflow.snapshot`). It never blocks: :meth:`WebWorkflow.poll` is
+The rules are the desktop module's: :class:`~SegmentWithSAMSlicerLib.front_end.FrontEnd` (which prompts do what,
+the view, the range, the status line) over :class:`~SegmentWithSAMSlicerLib.logic.SegmentationController` (what
+is written), with one :class:`~SegmentWithSAMSlicerLib.settings.Settings`. This class is their :class:`Host`: it
+holds the web app's nodes, routes the page's buttons and reports what the page shows
+(:meth:`WebWorkflow.snapshot`). It never blocks: :meth:`WebWorkflow.poll` is
 called from the trame server's event loop and only picks up what the backend process has sent.
 """
 
@@ -20,20 +22,19 @@ from trame_slicer.core.volume_window_level import VolumeWindowLevel
 from trame_slicer.segmentation import SegmentProperties
 from undo_stack import UndoStack
 
-from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
-from SegmentWithSAMLib.geometry import View, Volume, slice_axes
+from SegmentWithSAMLib.errors import PromptError
+from SegmentWithSAMLib.geometry import Volume
 from SegmentWithSAMLib.io import SEGMENTATION_SUFFIX, write_labelmap
-from SegmentWithSAMLib.models import DEFAULT_MODEL
 from SegmentWithSAMLib.preprocessing import CT_PRESETS
 from SegmentWithSAMSlicerLib import mrml
+from SegmentWithSAMSlicerLib.front_end import FrontEnd, add_prompt_nodes
 from SegmentWithSAMSlicerLib.logic import SegmentationController
 from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher
+from SegmentWithSAMSlicerLib.settings import Settings
 
 from .host import PlaceMode, UndoSeam, bind_slicer_util
+from .threed import center_on_segment, show_volume_in_3d
 
-PROMPTS = {"positive": ("vtkMRMLMarkupsFiducialNode", "SAM positive", (0.2, 0.9, 0.2)),
-           "negative": ("vtkMRMLMarkupsFiducialNode", "SAM negative", (0.95, 0.2, 0.2)),
-           "box": ("vtkMRMLMarkupsROINode", "SAM box", (1.0, 0.85, 0.1))}
 STATUS_EVERY_S = 1.0  # how often the backend's state (model loaded, device) is asked for while it runs
 UNDO_LIMIT = 20  # each step holds two copies of the segmentation
 DOWNLOAD_SUFFIXES = (SEGMENTATION_SUFFIX, ".nii.gz", ".nrrd")
@@ -64,18 +65,6 @@ class SegmentExport:
             return path.name, path.read_bytes()
 
 
-@dataclass
-class Settings:
-    """What the page's selectors choose (model from the registry, device, the model's intensity window)."""
-
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    window: str = "display"
-    direction: str = "both"
-    skip: int = 0
-    auto_accept: bool = False  # write each 3D click's correction at once (else on Accept)
-
-
 class WebWorkflow:
     """The web app's SAM workflow on ``slicer_app`` (see the module docstring). ``client_factory(model,
     device)`` makes the backend client, as for the desktop controller."""
@@ -91,20 +80,36 @@ class WebWorkflow:
         self.undo_seam = UndoSeam(self.editor, self.undo_stack)
         self.place_mode = PlaceMode(slicer_app.markups_logic)
         self.multisamples = multisamples
-        self.settings = Settings()
         self.volume_node = None
         self.volume_name = ""
         self.prompts: dict[str, object] = {}
         self.own_window: tuple[float, float] | None = None  # the volume's display window when it was loaded
         self.placing: str | None = None
-        self.all_slices = False  # propagate through the whole volume, not the accepted box's range
-        self.message = ""
+        self.front = FrontEnd(self.controller, Settings(), self)
         self.watcher = PromptWatcher(self._on_prompts_changed)
-        self._sent_clicks: set[tuple[str, str]] = set()  # control points already sent as clicks in 3D
         self._prompts_changed = False
         self._status_handle = None
         self._status_asked = 0.0
         self.backend_info: dict = {}
+
+    @property
+    def settings(self) -> Settings:
+        return self.front.settings
+
+    @property
+    def message(self) -> str:
+        return self.front.status.text
+
+    # ---- the Host of the front-end rules -------------------------------------------------------------------
+    @property
+    def segment_id(self) -> str:
+        return self.editor.active_segment_id
+
+    def slice_nodes(self) -> list:
+        return [view.get_view_node() for view in self.app.view_manager.get_slice_views()]
+
+    def edit_target(self):
+        return self.editor.editor_node, self.undo_seam.save_state
 
     # ---- volumes -------------------------------------------------------------------------------------------
     def load_volume(self, volume: Volume, name: str) -> None:
@@ -122,25 +127,17 @@ class WebWorkflow:
         for view in views.get_views():
             view.render_window().SetMultiSamples(self.multisamples)
         manager.reset_views()
-        bounds = [0.0] * 6
-        node.GetRASBounds(bounds)
-        for view in views.get_threed_views():  # the segments' surfaces appear within the volume's bounds
-            view.renderer().ResetCamera(bounds)
-            view.schedule_render()
+        show_volume_in_3d(views, node)
         segmentation = self.editor.create_empty_segmentation_node()
         segmentation.SetName(f"{name} segmentation")
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
         segmentation.GetSegmentation().AddEmptySegment("", "Segment_1", (0.9, 0.3, 0.2))
         self.editor.set_active_segmentation(segmentation, node)
         self.editor.set_surface_representation_enabled(True)
-        for kind, (cls, label, color) in PROMPTS.items():
-            prompt = self.scene.AddNewNodeByClass(cls, label)
-            prompt.CreateDefaultDisplayNodes()
-            prompt.GetDisplayNode().SetSelectedColor(*color)
-            self.prompts[kind] = prompt
+        self.prompts = add_prompt_nodes(self.scene)
         self.watcher.watch(list(self.prompts.values()))
-        self.all_slices = False
-        self.message = f"Loaded {name}: place a box or points in any slice view."
+        self.front.all_slices = False
+        self.front.say(f"Loaded {name}: place a box or points in any slice view.")
 
     def close_volume(self) -> None:
         """Remove the loaded volume, its segmentation and the prompts from the scene."""
@@ -170,7 +167,7 @@ class WebWorkflow:
         self.editor.set_surface_representation_enabled(True)
         if old is not None:
             self.scene.RemoveNode(old)
-        self.message = f"Opened {path.name}: {node.GetSegmentation().GetNumberOfSegments()} segment(s)."
+        self.front.say(f"Opened {path.name}: {node.GetSegmentation().GetNumberOfSegments()} segment(s).")
 
     @property
     def segmentation_node(self):
@@ -211,106 +208,43 @@ class WebWorkflow:
     def clear_prompts(self) -> None:
         """Remove every prompt, a pending 3D correction and the preview (the segment stays as it is)."""
         with self.watcher.paused():  # one step: no preview of the prompts left while removing node by node
-            for node in self.prompts.values():
-                node.RemoveAllControlPoints()
-        self._sent_clicks.clear()
-        self.controller.discard_refinement()
-        self.controller.clear_preview()
+            self.front.clear_prompts()
 
     def _on_prompts_changed(self) -> None:
         self._prompts_changed = True  # acted on at the next poll: one request per burst of events
 
-    def _on_new_prompts(self) -> None:
-        """As the desktop module: points on a segment that has voxels correct it in 3D; any other prompts (or a
-        box) give a 2D preview on the slice they lie on."""
-        self._prompts_changed = False
-        if self.volume_node is None:
-            return
-        segment_id = self.editor.active_segment_id
-        if mrml.roi_corners(self.prompts["box"]) is None \
-                and mrml.segment_has_mask(self.segmentation_node, segment_id, self.volume_node):
-            self.send_clicks_3d()
-            return
-        p = self.prompts
-        handle = self.controller.request_preview(
-            self.volume_node, p["positive"], p["negative"], p["box"], self.prompt_view(),
-            self.controller.window(self.volume_node, self.settings.window), self.settings.model, self._device(),
-            self.segmentation_node, segment_id)
-        if handle is not None:
-            self.message = "Segmenting…"
-
-    def send_clicks_3d(self) -> None:
-        """Send each point placed since the last as a click in 3D on the active segment, in click order (the
-        controller shows the slices it would change as the preview; Accept writes them as one step)."""
-        s = self.settings
-        for position, is_positive in mrml.new_clicks(self.prompts["positive"], self.prompts["negative"],
-                                                     self._sent_clicks):
-            self.controller.click_3d(self.volume_node, self.segmentation_node, self.editor.active_segment_id,
-                                     position, is_positive, window=self.controller.window(self.volume_node, s.window),
-                                     model=s.model, device=self._device(), editor_node=self.editor.editor_node,
-                                     save_state=self.undo_seam.save_state, auto_accept=s.auto_accept)
-        self.message = self.controller.status
-
-    def prompt_view(self) -> View:
-        """The view whose slice holds the prompts (the slice view they were placed in)."""
-        volume = self.controller.volume(self.volume_node)
-        points, _ = mrml.ordered_clicks(self.prompts["positive"], self.prompts["negative"])
-        placed = mrml.roi_corners(self.prompts["box"])
-        anchors = points if placed is None else [*points, placed[1]]
-        if not len(anchors):
-            return View.AXIAL
-        slice_nodes = [view.get_view_node() for view in self.app.view_manager.get_slice_views()]
-        return mrml.view_of_prompts(anchors, slice_nodes, volume)[1]
-
-    def _device(self) -> str | None:
-        return None if self.settings.device == "auto" else self.settings.device
-
     # ---- segment writes (each one undo step) ---------------------------------------------------------------
     def accept(self) -> str:
-        """Write the preview (or the pending 3D correction) into the active segment as one undo step; a box that
-        spans slices sets the propagation range (the controller keeps it). Returns the segment ID."""
+        """Write the preview (or the pending 3D correction) into the active segment as one undo step (see
+        :meth:`FrontEnd.accept`). Returns the segment ID."""
         self._require_volume()
-        segment_id = self.controller.accept(self.segmentation_node, self.editor.active_segment_id,
-                                            self.editor.editor_node, self.undo_seam.save_state)
+        with self.watcher.paused():
+            segment_id = self.front.accept()
         self.undo_seam.commit()
         self.editor.set_active_segment_id(segment_id)
-        self.all_slices = False
-        self.clear_prompts()
-        self.message = self.controller.status
+        self.center_3d()
         return segment_id
 
     def undo(self) -> None:
         self.undo_stack.undo()
+        self.front.say("Undid the last change (Redo brings it back).")
+        self.center_3d()
 
     def redo(self) -> None:
         self.undo_stack.redo()
+        self.front.say("Redid the change.")
+        self.center_3d()
 
-    def propagation_range(self) -> tuple[int, int] | None:
-        """The slices the next propagation stays in: the accepted box's extent across slices (None: all)."""
-        c = self.controller
-        last = c.last_accepted
-        if self.all_slices or last is None or self.segmentation_node is None:
-            return None
-        return c.last_accepted_range if last[:2] == (self.segmentation_node.GetID(), self.editor.active_segment_id) \
-            else None
+    def center_3d(self) -> None:
+        """After a write: the 3D view centred on the active segment (see :func:`~.threed.center_on_segment`)."""
+        center_on_segment(self.app.view_manager, self.segmentation_node, self.segment_id, self.volume_node)
 
     def propagate(self) -> None:
-        """Propagate the active segment from the slice last accepted, within the range, in the backend."""
-        volume_node = self._require_volume()
-        s = self.settings
-        whole = None
-        if self.all_slices and self.controller.last_accepted is not None:
-            view = self.controller.last_accepted[2]
-            whole = (0, slice_axes(self.controller.volume(volume_node), view).num_slices - 1)
-        self.controller.propagate(volume_node, self.segmentation_node, self.editor.active_segment_id,
-                                  direction=s.direction, slice_range=whole,
-                                  window=self.controller.window(volume_node, s.window), model=s.model,
-                                  device=self._device(), editor_node=self.editor.editor_node,
-                                  save_state=self.undo_seam.save_state, skip=s.skip)
-        self.message = self.controller.status
+        self._require_volume()
+        self.front.propagate()
 
     def cancel(self) -> None:
-        self.controller.cancel()
+        self.front.cancel()
 
     # ---- segments ------------------------------------------------------------------------------------------
     def add_segment(self) -> str:
@@ -353,16 +287,13 @@ class WebWorkflow:
     # ---- polling -------------------------------------------------------------------------------------------
     def poll(self) -> None:
         """Send a preview for new prompts, apply what the backend sent, push completed writes onto the undo
-        stack and ask for the backend's state now and then. Never blocks; user errors become ``message``."""
-        try:
-            if self._prompts_changed:
-                self._on_new_prompts()
-        except SegmentWithSAMError as error:
-            self.message = str(error)
-        before = self.controller.status
-        self.controller.poll()
-        if self.undo_seam.commit() or self.controller.status != before:
-            self.message = self.controller.status
+        stack and ask for the backend's state now and then. Never blocks; user errors go to the status line."""
+        if self._prompts_changed:
+            self._prompts_changed = False
+            self.front.prompts_changed()
+        self.front.poll()
+        if self.undo_seam.commit():
+            self.center_3d()
         self._poll_backend_state()
 
     def _poll_backend_state(self) -> None:
@@ -399,23 +330,14 @@ class WebWorkflow:
 
     def snapshot(self) -> dict:
         """What the page shows, as plain data (the app copies it into the trame state when it changed)."""
-        c = self.controller
-        last = c.last_accepted
-        progress = c.progress
         return {
+            **self.front.panel(),
             "volume_name": self.volume_name if self.volume_node is not None else "",
-            "message": self.message, "backend": self.backend_state(), "placing": self.placing,
-            "can_accept": c.preview_result is not None or (c.refinement is not None and c.refinement.handle is None),
-            "propagating": c.propagation is not None,
-            "progress": [int(progress[0]), int(progress[1])] if progress else None,
+            "backend": self.backend_state(), "placing": self.placing,
             "can_undo": self.undo_stack.can_undo(), "can_redo": self.undo_stack.can_redo(),
-            "can_propagate": c.propagation is None and last is not None and self.segmentation_node is not None
-            and last[:2] == (self.segmentation_node.GetID(), self.editor.active_segment_id),
-            "range": list(r) if (r := self.propagation_range()) else None,
-            "seed": f"{last[2].value} slice {last[3]}" if last else "",
             "segments": self.segments() if self.volume_node is not None else [],
             "active_segment": self.editor.active_segment_id, "segment_name": self._segment_name(),
         }
 
     def close(self) -> None:
-        self.controller.close()
+        self.front.close()

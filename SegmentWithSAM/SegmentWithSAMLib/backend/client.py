@@ -33,11 +33,21 @@ import numpy as np
 from ..errors import BackendError
 from ..geometry import View, Volume, slice_axes
 from ..models import DEFAULT_MODEL
-from .protocol import PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode
+from .protocol import PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode, write_all
 
 TERMINAL = ("done", "failed", "cancelled", "dropped")
 _CLIENTS = itertools.count(1)  # numbers each client's log file
 _LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds SegmentWithSAMLib
+# Windows gives a console program (python.exe, PythonSlicer) started from a GUI a console window of its own.
+# Slicer's slicer.util.launchConsoleProcess (Base/Python/slicer/util.py) hides it with a STARTUPINFO; the
+# backend gets none at all (its output goes to pipes and a log file). The value of subprocess.CREATE_NO_WINDOW,
+# which exists only on Windows.
+CREATE_NO_WINDOW = 0x08000000
+
+
+def popen_flags(platform: str = sys.platform) -> dict:
+    """The extra :class:`subprocess.Popen` arguments that start the backend without a window on ``platform``."""
+    return {"creationflags": CREATE_NO_WINDOW} if platform == "win32" else {}
 
 
 @dataclass
@@ -108,7 +118,6 @@ class BackendClient:
         self._outbox: queue.Queue | None = None
         self._loaded: list[str] = []  # volumes the backend holds, least recently used first
         self._synced: dict[str, tuple[int, object]] = {}  # object key → (version, state) the backend holds
-        self.bytes_sent = self.bytes_received = 0
         self._last_heard = time.monotonic()
         self._hello: Handle | None = None
         self.restarts = 0
@@ -146,7 +155,7 @@ class BackendClient:
         env[TOKEN_ENV] = token
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
         self._process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                         env=env, bufsize=0, close_fds=True)
+                                         env=env, bufsize=0, close_fds=True, **popen_flags())
         log.close()
         self._generation += 1
         self._loaded = []
@@ -169,13 +178,8 @@ class BackendClient:
                 sock.settimeout(None)
                 read, write = sock.recv, sock.sendall
             else:
-                fd_in, fd_out = process.stdout.fileno(), process.stdin.fileno()
+                fd_in, write = process.stdout.fileno(), write_all(process.stdin.fileno())
                 read = lambda n: os.read(fd_in, n)  # noqa: E731
-
-                def write(buffer) -> None:
-                    view = memoryview(buffer)
-                    while view:
-                        view = view[os.write(fd_out, view):]
             threading.Thread(target=self._read_loop, args=(generation, read), name="backend-reader",
                              daemon=True).start()
             while True:
@@ -222,11 +226,9 @@ class BackendClient:
     def _send(self, handle: Handle, header: dict, arrays: dict | None) -> None:
         buffers = encode({**header, "id": handle.id}, arrays)
         handle.sent += sum(memoryview(buffer).nbytes for buffer in buffers)
-        self.bytes_sent += sum(memoryview(buffer).nbytes for buffer in buffers)
         self._outbox.put(buffers)
 
     def _send_again(self, handle: Handle, header: dict, arrays: dict | None) -> None:
-        """Send ``handle``'s request again (under a new id) with ``header`` and ``arrays``."""
         self._handles.pop(handle.id, None)
         handle.id = next(self._ids)
         self._handles[handle.id] = handle
@@ -258,7 +260,7 @@ class BackendClient:
         this one while it waits. A propagation's slices arrive as ``(index, mask)`` events; the result, given
         only when the whole step completed, is ``(new_state, update)``."""
         from ..actions import to_message
-        from ..state import ObjectState, Update
+        from ..state import ObjectState, Update, unpack_mask
 
         axes = slice_axes(volume, view)
         self.load_volume(volume)
@@ -272,8 +274,8 @@ class BackendClient:
             request = self._step_request(header, action_arrays, state, synced, whole)
 
         def stream(message: Message):
-            index, size = int(message.header["index"]), int(np.prod(axes.image_shape))
-            streamed[index] = np.unpackbits(message.arrays["mask"], count=size).astype(bool).reshape(axes.image_shape)
+            index = int(message.header["index"])
+            streamed[index] = unpack_mask(message.arrays, "mask", axes.image_shape)
             return index, streamed[index]
 
         def finish(message: Message):
@@ -314,11 +316,6 @@ class BackendClient:
         """Device, model, cache and queue of the backend (a dict result)."""
         return self._request({"op": "status"}, finish=lambda m: m.header)
 
-    def set_model(self, model: str, device: str | None = None) -> Handle:
-        """Load another model (name or checkpoint path) in the backend; restarts use it too."""
-        self.model, self.device = model, device
-        return self._request({"op": "set_model", "model": model, "device": device}, finish=lambda m: m.header)
-
     # ---- replies -------------------------------------------------------------------------------------------
     def poll(self) -> list[Handle]:
         """Apply what arrived and check the backend is alive; returns the handles that changed. Never blocks."""
@@ -349,9 +346,7 @@ class BackendClient:
             if op == "error":  # an error not tied to a request: the backend keeps serving, just note it
                 self.errors.append(message.header.get("message", ""))
             return
-        size = len(json.dumps(message.header)) + sum(a.nbytes for a in message.arrays.values())
-        handle.received += size
-        self.bytes_received += size
+        handle.received += len(json.dumps(message.header)) + sum(a.nbytes for a in message.arrays.values())
         if op == "error" and message.header.get("kind") == "StateUnknown" and handle.resend is not None:
             resend, handle.resend = handle.resend, None
             resend()  # the backend lost this object's state (it restarted or forgot it): send it whole

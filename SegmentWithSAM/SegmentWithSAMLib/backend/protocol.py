@@ -12,6 +12,7 @@ Everything is checked before any array is built, so a hostile or corrupt frame c
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,16 +77,18 @@ def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list[by
     return [PREFIX.pack(MAGIC, len(body), payload), body, *buffers]
 
 
-def encode_bytes(header: dict, arrays: dict[str, np.ndarray] | None = None) -> bytes:
-    """:func:`encode` joined into one bytes object (small messages, tests)."""
-    return b"".join(bytes(b) for b in encode(header, arrays))
+def write_all(fd: int) -> Callable[[bytes | memoryview], None]:
+    """A function writing a whole buffer to the pipe ``fd`` (``os.write`` may write only part of it)."""
+    def write(buffer) -> None:
+        view = memoryview(buffer)
+        while view:
+            view = view[os.write(fd, view):]
+    return write
 
 
 def parse_prefix(prefix: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[int, int]:
     """Header and payload lengths from the 16-byte frame prefix; :class:`ProtocolError` if they are invalid.
     An oversized payload raises :class:`OversizedFrame`, so a stream reader can discard it."""
-    if len(prefix) != PREFIX.size:
-        raise ProtocolError(f"A frame starts with {PREFIX.size} bytes, got {len(prefix)}.")
     magic, header_len, payload_len = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise ProtocolError("Not a SegmentWithSAM frame (bad magic bytes).")
@@ -138,16 +141,6 @@ def parse_body(header_bytes: bytes, payload: bytes | bytearray | memoryview) -> 
     if offset != len(payload):
         raise ProtocolError(f"The payload has {len(payload) - offset} bytes beyond its arrays.")
     return Message(header, arrays)
-
-
-def decode(frame: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message:
-    """The message in one complete frame (the fuzz tests' entry point)."""
-    header_len, payload_len = parse_prefix(frame[: PREFIX.size], max_payload)
-    if len(frame) != PREFIX.size + header_len + payload_len:
-        raise ProtocolError(f"The frame is {len(frame)} bytes; its prefix announces "
-                            f"{PREFIX.size + header_len + payload_len}.")
-    body = memoryview(frame)[PREFIX.size:]
-    return parse_body(body[:header_len], body[header_len:])
 
 
 class StreamReader:

@@ -46,10 +46,6 @@ class Scheduler:
         self.order: deque[int] = deque(maxlen=64)  # the ids of the latest tasks in the order they started
         self.progress_at = time.monotonic()  # when the running task last made progress
 
-    @property
-    def running(self) -> Task | None:
-        return self._running[-1] if self._running else None
-
     def submit(self, task: Task) -> list[Task]:
         """Queue ``task``; returns the queued tasks it supersedes (same target), now dropped."""
         with self._cond:
@@ -139,5 +135,5 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cond:
             return {"queued": len(self._interactive) + len(self._bulk), "interactive": len(self._interactive),
-                    "running": self.running.op if self.running else None,
+                    "running": self._running[-1].op if self._running else None,
                     "prefetch_planned": len(self._prefetch), "dropped": self.dropped}

@@ -17,6 +17,7 @@ import hmac
 import itertools
 import json
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -34,11 +35,11 @@ from ..geometry import View, Volume
 from ..models import DEFAULT_MODEL
 from ..propagation import Cancelled
 from ..state import ObjectState
-from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode
+from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode, write_all
 from .scheduler import Scheduler, Task
 
 HEARTBEAT_S = 0.25
-QUEUED_OPS = {"load_volume", "unload_volume", "step", "set_model"}
+QUEUED_OPS = {"load_volume", "unload_volume", "step"}
 INTERACTIVE_ACTIONS = {name for name, kind in KINDS.items() if kind in INTERACTIVE}  # run before the others
 MAX_STATES = 64  # object states kept between steps (least recently used go; their clients send them again)
 
@@ -86,17 +87,12 @@ def _window(spec):
     raise PromptError(f"A window is 'auto', a preset name, 'W,L' or [width, level], not {spec!r}.")
 
 
-def _points(header: dict, name: str, columns: int) -> np.ndarray | None:
-    value = header.get(name)
-    if value is None:
-        return None
+def _matrix(value) -> np.ndarray:
+    """A 4×4 matrix from its 16 numbers in a header (row by row)."""
     try:
-        array = np.asarray(value, dtype=float)
+        return np.asarray(value, dtype=float).reshape(4, 4)
     except (TypeError, ValueError):
-        raise PromptError(f"{name} must be a list of numbers.") from None
-    if array.size % columns or not np.all(np.isfinite(array)):
-        raise PromptError(f"{name} must hold finite numbers in groups of {columns}.")
-    return array.reshape(-1, columns)
+        raise ProtocolError("load_volume needs a 4×4 'ijk_to_ras' (16 numbers).") from None
 
 
 class Backend:
@@ -178,21 +174,14 @@ class Backend:
             self.send({"op": "cancelled", "id": task.id, "message": "The backend is shutting down."})
 
     # ---- model thread --------------------------------------------------------------------------------------
-    def _load_model(self, spec: str, device: str | None) -> None:
-        from ..loading import configure_process_threads, load_model
-
-        self.model = load_model(spec, device, self.engine)
-        configure_process_threads(self.model)  # this process's own model thread: the one place it is set
-        self.model_spec, self.device_spec, self.model_error = spec, device, None
-        self.sessions.clear()
-        self.states.clear()
-        self.cache.clear()
-
     def serve_forever(self) -> None:
         """The model thread's loop: load the model, then run tasks and prefetch until stopped."""
+        from ..loading import configure_process_threads, load_model
+
         if self.model is None:
             try:
-                self._load_model(self.model_spec, self.device_spec)
+                self.model = load_model(self.model_spec, self.device_spec, self.engine)
+                configure_process_threads(self.model)  # this process's own model thread: the one place it is set
             except SegmentWithSAMError as error:
                 self.model_error = error
             except Exception as error:  # requests must get a reason, not wait for a model that never comes
@@ -208,10 +197,7 @@ class Backend:
 
     def _run(self, task: Task) -> None:
         try:
-            if task.op == "set_model":
-                self._load_model(str(task.header.get("model") or DEFAULT_MODEL), task.header.get("device"))
-                header, arrays = {"model": self.model.name, "device": str(self.model.device)}, None
-            elif self.model is None:
+            if self.model is None:
                 raise self.model_error or BackendError("The model is not loaded.")
             else:
                 header, arrays = getattr(self, "_" + task.op)(task)
@@ -239,10 +225,9 @@ class Backend:
 
     def _load_volume(self, task: Task) -> tuple[dict, None]:
         volume_id = task.header.get("volume")
-        matrix = _points(task.header, "ijk_to_ras", 4)
-        if "array" not in task.arrays or matrix is None or matrix.shape != (4, 4):
-            raise ProtocolError("load_volume needs an 'array' and a 4×4 'ijk_to_ras'.")
-        volume = Volume(task.arrays["array"], matrix)
+        if "array" not in task.arrays:
+            raise ProtocolError("load_volume needs an 'array' (the voxels).")
+        volume = Volume(task.arrays["array"], _matrix(task.header.get("ijk_to_ras")))
         if volume.identity != volume_id:
             raise ProtocolError(f"The volume's content hash is {volume.identity}, not {volume_id!r} as announced.")
         self.volumes[volume_id] = volume
@@ -374,14 +359,6 @@ def _serve_connection(backend: Backend, reader: StreamReader, token: str | None)
         backend.handle(message)
 
 
-def _write_all(fd: int) -> Callable[[bytes | memoryview], None]:
-    def write(buffer) -> None:
-        view = memoryview(buffer)
-        while view:
-            view = view[os.write(fd, view):]
-    return write
-
-
 def _heartbeat(backend: Backend) -> None:
     while not backend.stopping.wait(HEARTBEAT_S):
         running, stalled = backend.scheduler.stalled()
@@ -396,7 +373,7 @@ def serve(backend: Backend, channel: Channel, tcp: tuple[str, int] | None = None
     out_fd = os.dup(1)
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the channel
     if tcp is None:
-        channel.attach(_write_all(out_fd))
+        channel.attach(write_all(out_fd))
         _serve_connection(backend, StreamReader(lambda n: os.read(0, n), max_payload), None)
         backend.stop()
         return
@@ -438,8 +415,6 @@ def main(argv: list[str] | None = None) -> None:
         tcp = (host or "127.0.0.1", int(port))
     token = os.environ.get(TOKEN_ENV)
     if tcp is not None and not token:
-        import secrets
-
         token = secrets.token_urlsafe(32)
         print(f"Token for clients: {token}", file=sys.stderr, flush=True)
     channel = Channel()

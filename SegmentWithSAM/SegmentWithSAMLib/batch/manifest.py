@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ManifestError, SegmentWithSAMError
-from ..io import IMAGE_SUFFIXES
+from ..io import file_suffix
 from ..propagation import MAX_SKIP, StopRules
 
 DIRECTIONS = ("up", "down", "both", "none")  # none: the prompted slice only
@@ -175,10 +175,7 @@ def _options(cells: _Cells, base: Path, defaults: Options) -> Options:
 def volume_stem(volume: str) -> str:
     """A volume's file name without its image suffix (a DICOM folder's name)."""
     name = Path(volume).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return name[: len(name) - len(file_suffix(Path(name)))]
 
 
 def _safe(text: str) -> str:

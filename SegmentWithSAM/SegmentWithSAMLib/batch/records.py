@@ -73,14 +73,10 @@ def job_keys(job: Job, memo: dict) -> tuple[str, ...]:
     return tuple(_sha({"job": shared, "row": content}) for content in contents)
 
 
-def record_path(records: Path, key: str) -> Path:
-    return records / f"{key}.json"
-
-
 def finished(records: Path, key: str, output: str) -> dict | None:
     """The record of the row with ``key`` if it was done and its ``output`` is as then, else None."""
     try:
-        record = json.loads(record_path(records, key).read_text(encoding="utf-8"))
+        record = json.loads((records / f"{key}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("key") != key or not Path(output).is_file():
@@ -90,7 +86,7 @@ def finished(records: Path, key: str, output: str) -> dict | None:
 
 def write_record(records: Path, key: str, result: dict, output_sha256: str) -> None:
     """Record a finished row (its report entry), after its output was written."""
-    path = record_path(records, key)
+    path = records / f"{key}.json"
     clear_partial_writes(path)
     payload = json.dumps({**result, "key": key, "output_sha256": output_sha256}, indent=1)
     atomic_write(path, ".json", lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..device import cpu_cores
 from ..errors import ManifestError, SegmentWithSAMError
 from .manifest import Job, Options, Row, group_jobs, parse_rows
 from .records import RECORDS, finished, job_keys, write_report
@@ -42,14 +43,6 @@ class BatchReport:
         return 1 if self.failed else 0
 
 
-def cpu_cores() -> list[int]:
-    """The CPU cores this process may run on."""
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return list(range(os.cpu_count() or 1))
-
-
 def gpu_count() -> int:
     """CUDA GPUs PyTorch sees (0 without importing torch where no NVIDIA device is present)."""
     if os.name == "posix" and not Path("/dev/nvidia0").exists():
@@ -65,22 +58,6 @@ def worker_plan(workers: int | None, threads: int | None, cores: list[int], gpus
     count = workers or gpus or len(cores)
     per_worker = threads or max(1, len(cores) // count)
     return [[cores[(i * per_worker + t) % len(cores)] for t in range(per_worker)] for i in range(count)]
-
-
-def _local_cluster(workers: int | None, threads: int | None, devices: set[str]):
-    """A LocalCluster on 127.0.0.1 and the plugin for its workers (their cores, the GPU count)."""
-    import logging
-
-    from distributed import LocalCluster
-
-    from .tasks import ModelCache
-
-    gpus = gpu_count() if devices & {"auto", "cuda"} else 0
-    pins = worker_plan(workers, threads, cpu_cores(), gpus)
-    # CRITICAL: a closing cluster's heartbeat errors are noise; a task's failures come back in the report
-    cluster = LocalCluster(n_workers=len(pins), threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
-    return cluster, ModelCache(pins, gpus)
 
 
 class _Progress:
@@ -112,14 +89,21 @@ class _Progress:
 
 
 def _connect(scheduler: str | None, workers: int | None, threads: int | None, devices: set[str]):
-    """A Dask client: on the scheduler at ``scheduler``, or on a new local cluster; the plugin for its workers."""
-    from distributed import Client
+    """A Dask client: on the scheduler at ``scheduler``, or on a new local cluster on 127.0.0.1; the plugin for its
+    workers (on a local cluster: their cores and the GPU count)."""
+    import logging
+
+    from distributed import Client, LocalCluster
 
     from .tasks import ModelCache
 
     if scheduler is None:
-        cluster, plugin = _local_cluster(workers, threads, devices)
-        return Client(cluster), cluster, plugin
+        gpus = gpu_count() if devices & {"auto", "cuda"} else 0
+        pins = worker_plan(workers, threads, cpu_cores(), gpus)
+        # CRITICAL: a closing cluster's heartbeat errors are noise; a task's failures come back in the report
+        cluster = LocalCluster(n_workers=len(pins), threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
+        return Client(cluster), cluster, ModelCache(pins, gpus)
     if workers is not None or threads is not None:
         raise ManifestError("--workers and --threads are for the local cluster; with --scheduler the cluster's "
                             "own workers run the rows (see `dask worker --nworkers N --nthreads 1`).")
@@ -203,9 +187,9 @@ def run_batch(rows: Iterable[Mapping[str, Any]] | list[Row], out_dir: str | os.P
     ``out_dir`` and write ``out_dir/report.csv`` and ``report.json``; the report.
 
     Relative input paths are relative to ``base`` (default: the working folder), relative outputs to
-    ``out_dir``. ``scheduler``: a Dask scheduler's
-    address (``tcp://HOST:PORT``); without it a local cluster of ``workers`` processes (default one per core,
-    or one per GPU) with ``threads`` cores each. Raises :class:`~..errors.ManifestError` for a malformed row.
+    ``out_dir``. ``scheduler``: a Dask scheduler's address (``tcp://HOST:PORT``); without it a local cluster of
+    ``workers`` processes (default one per core, or one per GPU) with ``threads`` cores each. Raises
+    :class:`~..errors.ManifestError` for a malformed row.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -19,6 +19,7 @@ import numpy as np
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..cache import EmbeddingCache
 from ..errors import SegmentWithSAMError
 from .manifest import Job, Options, Row
 from .records import finished, write_record
@@ -91,21 +92,12 @@ class ModelCache(WorkerPlugin):
         return sum(getattr(model, "encoder_runs", 0) for model in self.models.values())
 
 
-def _seed(volume, row: Row) -> tuple[int, np.ndarray]:
-    from ..geometry import seed_slice, slice_axes
-    from ..io import read_labelmap_on
-
-    seed = read_labelmap_on(row.seed, volume, row.volume)
-    selected = seed.array != 0 if row.label is None else seed.array == row.label
-    return seed_slice(slice_axes(volume, row.view), selected, row.seed, row.label)
-
-
 class TaskVolume:
     """A task's volume, read on first need (once), and its sessions: one per model and window, sharing one
     embedding cache, so rows on the same slices encode them once."""
 
     def __init__(self, path: str) -> None:
-        self.path, self._volume, self._sessions, self._cache = path, None, {}, None
+        self.path, self._volume, self._sessions, self._cache = path, None, {}, EmbeddingCache()
 
     @property
     def volume(self):
@@ -116,11 +108,8 @@ class TaskVolume:
         return self._volume
 
     def session(self, model, window: str | None):
-        from ..cache import EmbeddingCache
         from ..session import Session
 
-        if self._cache is None:
-            self._cache = EmbeddingCache()
         key = (id(model), window)
         if key not in self._sessions:
             self._sessions[key] = Session(self.volume, model, window=window, cache=self._cache)
@@ -132,7 +121,8 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
     ``segmentwithsam segment … --propagate`` (or ``propagate --mask``) gives them: the same engine steps."""
     from ..actions import Propagate, UserEdit, prompt_from_ras
     from ..api import Segmenter
-    from ..geometry import slice_axes, slices_with
+    from ..geometry import seed_slice, slice_axes, slices_with
+    from ..io import read_labelmap_on
     from ..metrics import dice
     from ..propagation import StopRules
 
@@ -145,7 +135,8 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
                                 None if row.box is None else np.reshape(row.box, (2, 3)),
                                 row.slice_range if propagating else None)
     else:
-        index, mask2d = _seed(volume, row)
+        seed = read_labelmap_on(row.seed, volume, row.volume).array
+        index, mask2d = seed_slice(slice_axes(volume, row.view), seed, row.label, row.seed)
         first = UserEdit({index: mask2d})
     model = models.model(options)
     segmenter = Segmenter(volume, model, row.view, session=work.session(model, options.window))
@@ -165,8 +156,6 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
              "slices": len(slices_with(segmenter.axes, mask)),
              "stopped": "; ".join(f"{k}: {v}" for k, v in stopped.items())}
     if row.reference is not None:
-        from ..io import read_labelmap_on
-
         reference = read_labelmap_on(row.reference, volume, row.volume).array
         truth = reference != 0 if row.reference_label is None else reference == row.reference_label
         entry["dice"] = round(dice(mask, truth), 4)

@@ -1,7 +1,9 @@
 """The model adapter interface: encode a prepared slice, decode prompts against its embedding.
 
-Adapters see only model-frame tensors: images (B, 3, S, S) in [0, 1] (content top-left, zero padded) and
-prompts in model-input pixels, XY order. They never see IJK, RAS or slice geometry.
+Adapters see only the model's frame: images (B, 3, S, S) float32 NumPy in [0, 1] (content top-left, zero
+padded) and prompts in model-input pixels, XY order; they return NumPy masks and scores. An embedding is the
+adapter's own (a tensor on the model's device for PyTorch, a NumPy array for OpenVINO), passed back as it came.
+They never see IJK, RAS or slice geometry.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,10 +21,32 @@ from ..device import encoder_dtype
 @dataclass
 class Decoded:
     """Decoder output for B prompt sets: ``logits`` (B, M, h, w) low-res mask logits and ``scores`` (B, M)
-    predicted mask quality (IoU), both on the model's device."""
+    predicted mask quality (IoU), float32."""
 
-    logits: object
-    scores: object
+    logits: np.ndarray
+    scores: np.ndarray
+
+
+def labelled_points(points: np.ndarray | None, labels: np.ndarray | None,
+                    boxes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's sparse prompts as one set of labelled points, in its prompt encoder's order: the points (B, N, 2)
+    with their labels (B, N) (1 positive, 0 negative, -1 padding), a padding point when there is no box, then
+    the corners of each box (B, 4), labelled 2 (x0, y0) and 3 (x1, y1); model-input pixels, XY. Returns
+    coordinates (B, N', 2) float32 and labels (B, N') int64 (see :func:`.factored_decoder.embed_labelled_points`)."""
+    coords, kinds = [], []
+    if points is not None and len(points) and np.shape(points)[1]:
+        coords.append(np.asarray(points, dtype=np.float32))
+        kinds.append(np.asarray(labels, dtype=np.int64))
+        if boxes is None:
+            coords.append(np.zeros((len(coords[0]), 1, 2), np.float32))
+            kinds.append(np.full((len(coords[0]), 1), -1, np.int64))
+    if boxes is not None:
+        corners = np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2)
+        coords.append(corners)
+        kinds.append(np.broadcast_to(np.array([2, 3], np.int64), corners.shape[:2]))
+    if not coords:
+        raise ValueError("A decoder prompt needs points or a box.")
+    return np.concatenate(coords, axis=1), np.concatenate(kinds, axis=1)
 
 
 class SamLikeAdapter:
@@ -39,8 +64,12 @@ class SamLikeAdapter:
     runs_in_openvino = True  # SAM's mask decoder and a plain image encoder: ..engines can export it
     # per stage of encoder_stages(): whether its output stays faithful in bf16 (measured; unmeasured: False)
     stage_bf16: tuple[bool, ...] = (False,)
+    shipped_export: Path | None = None  # an OpenVINO export shipped with the package (see ..engines.shipped_export)
 
     def __init__(self, image_encoder, prompt_encoder, mask_decoder, device) -> None:
+        import torch
+
+        device = torch.device(device)  # also a device named without torch (..device.DeviceName)
         self.image_encoder = image_encoder.to(device).eval()
         self.prompt_encoder = prompt_encoder.to(device).eval()
         self.mask_decoder = mask_decoder.to(device).eval()
@@ -58,7 +87,7 @@ class SamLikeAdapter:
         raise NotImplementedError
 
     def normalize(self, images01):
-        """Model-specific normalisation of images (B, 3, S, S) in [0, 1]."""
+        """Model-specific normalisation of images (B, 3, S, S) in [0, 1] (a tensor)."""
         return images01
 
     def encoder_stages(self) -> list:
@@ -86,11 +115,11 @@ class SamLikeAdapter:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def encode(self, images01):
-        """Images (B, 3, S, S) float in [0, 1] → embeddings (B, C, h, w) float32 on the model's device."""
+        """Images (B, 3, S, S) float32 in [0, 1] → embeddings (B, C, h, w), a float32 tensor on the model's device."""
         import torch
 
         with torch.inference_mode(), self.encoder_precision():
-            embeddings = self.image_encoder(self.normalize(images01.to(self.device, non_blocking=True)))
+            embeddings = self.image_encoder(self.normalize(torch.from_numpy(images01).to(self.device)))
         self.encoder_runs += int(images01.shape[0])
         return embeddings.float()
 
@@ -99,7 +128,7 @@ class SamLikeAdapter:
         """Decode B prompt sets against one embedding (1, C, h, w).
 
         ``points`` (B, N, 2) XY and ``labels`` (B, N) (1 positive, 0 negative, -1 padding), ``boxes`` (B, 4)
-        as x0, y0, x1, y1 — all in model-input pixels; ``mask_logits`` (B, 1, h, w) low-res logits of an
+        as x0, y0, x1, y1 — all in model-input pixels; ``mask_logits`` (B, 1, h, w) float32 low-res logits of an
         earlier prediction. Returns :class:`Decoded` with M = 3 masks if ``multimask`` else 1.
         """
         import torch
@@ -114,7 +143,7 @@ class SamLikeAdapter:
                 multimask_output=multimask,
             )
         self.decoder_runs += int(logits.shape[0])
-        return Decoded(logits, scores)
+        return Decoded(logits.float().cpu().numpy(), scores.float().cpu().numpy())
 
     def no_mask_embedding(self):
         """The prompt encoder's dense embedding when no mask is given, one vector (1, C, 1, 1): the same at every
@@ -131,7 +160,7 @@ class SamLikeAdapter:
         if points is not None and len(points) and np.asarray(points).shape[1]:
             point_prompt = (as_tensor(points), torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device))
         box_prompt = as_tensor(boxes).reshape(-1, 4) if boxes is not None else None
-        masks = mask_logits.to(self.device, torch.float32) if mask_logits is not None else None
+        masks = as_tensor(mask_logits) if mask_logits is not None else None
         with torch.inference_mode():
             sparse, dense = self.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=masks)
         return sparse.detach(), dense.detach()  # the no-mask embedding is a view of a parameter

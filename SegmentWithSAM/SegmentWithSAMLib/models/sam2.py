@@ -73,8 +73,8 @@ def build_network(variant: str):
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
     except ImportError:
-        raise ModelError("SAM 2 models need the sam2 package: pip install --no-build-isolation sam2 "
-                         "(with SAM2_BUILD_CUDA=0), or run scripts/setup.sh.") from None
+        raise ModelError("SAM 2 models need the sam2 package: SAM2_BUILD_CUDA=0 pip install --no-build-isolation "
+                         "--no-deps sam2 hydra-core iopath (beside PyTorch), or run scripts/setup.sh --sam2.") from None
     spec = VARIANTS[variant]
     overrides = list(_OVERRIDES)
     if spec.input_size != 1024:
@@ -99,7 +99,6 @@ class SAM2(SAM):
         super().__init__(net.image_encoder, net.sam_prompt_encoder, net.sam_mask_decoder, device)
         self.variant = variant
         self.low_res_size = self.input_size // 4
-        self._grid = self.input_size // 16
 
     @classmethod
     def load(cls, device, checkpoint: str | os.PathLike, variant: str | None, name: str,
@@ -121,12 +120,13 @@ class SAM2(SAM):
         return model
 
     def encode(self, images01):
-        """Images (B, 3, S, S) in [0, 1] → packed features (B, 1024, g, g) float32 (see the module doc)."""
+        """Images (B, 3, S, S) float32 in [0, 1] → packed features (B, 1024, g, g), a float32 tensor (see the
+        module doc)."""
         import torch
         import torch.nn.functional as F
 
         with torch.inference_mode(), self.encoder_precision():
-            out = self.net.forward_image(self.normalize(images01.to(self.device, non_blocking=True)))
+            out = self.net.forward_image(self.normalize(torch.from_numpy(images01).to(self.device)))
         quarter, half, embed = (level.float() for level in out["backbone_fpn"])
         if self.net.directly_add_no_mem_embed:
             embed = embed + self.net.no_mem_embed.float().view(1, -1, 1, 1)
@@ -158,7 +158,7 @@ class SAM2(SAM):
         if len(coords) == 2 and coords[0].shape[0] != coords[1].shape[0]:
             coords[1], codes[1] = coords[1].expand(coords[0].shape[0], -1, -1), codes[1].expand(codes[0].shape[0], -1)
         prompt = (torch.cat(coords, dim=1), torch.cat(codes, dim=1)) if coords else None
-        masks = mask_logits.to(self.device, torch.float32) if mask_logits is not None else None
+        masks = as_tensor(mask_logits) if mask_logits is not None else None
         embed, high_res = self.unpack(embedding)
         with torch.inference_mode():
             sparse, dense = self.prompt_encoder(points=prompt, boxes=None, masks=masks)
@@ -172,4 +172,4 @@ class SAM2(SAM):
                 high_res_features=high_res,
             )
         self.decoder_runs += int(logits.shape[0])
-        return Decoded(logits, scores)
+        return Decoded(logits.float().cpu().numpy(), scores.float().cpu().numpy())

@@ -1,0 +1,90 @@
+"""The one settings object of both front ends: what the user chooses (model, device, the model's intensity
+window, live preview, propagation direction, range and stop rules).
+
+The desktop module builds its parameter node from these fields (``SegmentWithSAM.py``, bound to the panel by
+``connectGui`` through the widgets' ``SlicerParameterName``, which are these names); the web app binds each field
+to the trame state key of the same name. Each field's ``metadata`` holds its choices (a function, read when a
+front end is built) or its range, so the choices a panel offers are these and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from SegmentWithSAMLib.models import DEFAULT_MODEL, registry
+from SegmentWithSAMLib.preprocessing import CT_PRESETS
+from SegmentWithSAMLib.propagation import StopRules
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DIRECTIONS = ("both", "up", "down")
+
+
+def model_choices() -> list[str]:
+    """The models of the registry (``models/registry.json``), the default first."""
+    return [DEFAULT_MODEL, *(name for name in registry() if name != DEFAULT_MODEL)]
+
+
+def window_choices() -> list[str]:
+    """The model's intensity window: the volume's display window, percentiles, or a CT preset."""
+    return ["display", "auto", *CT_PRESETS]
+
+
+def _choice(default: str, choices) -> str:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _within(default, low, high):
+    return field(default=default, metadata={"range": (low, high)})
+
+
+@dataclass
+class Settings:
+    """What the user chooses; see the module docstring. A stop rule at 0 is switched off; a range end at -1
+    means "not set" (the accepted box's range, else the whole volume)."""
+
+    model: str = _choice(DEFAULT_MODEL, model_choices)
+    device: str = _choice("auto", lambda: list(DEVICES))
+    model_window: str = _choice("display", window_choices)
+    live_preview: bool = True
+    auto_accept: bool = False  # write each 3D click's correction at once (else on Accept)
+    direction: str = _choice("both", lambda: list(DIRECTIONS))
+    range_start: int = _within(-1, -1, 4096)
+    range_end: int = _within(-1, -1, 4096)
+    min_similarity: float = _within(StopRules.min_similarity, 0.0, 1.0)
+    min_score: float = _within(StopRules.min_score, 0.0, 1.0)
+    max_area_ratio: float = _within(StopRules.max_area_ratio, 0.0, 20.0)
+    min_overlap: float = _within(StopRules.min_overlap, 0.0, 1.0)
+    max_empty: int = _within(StopRules.max_empty, 1, 20)
+    skip: int = _within(0, 0, 4)
+
+
+def stop_rules(settings) -> dict:
+    """The propagation stop rules of ``settings`` (a :class:`Settings` or an object with its fields)."""
+    return {"min_similarity": settings.min_similarity or None, "min_score": settings.min_score or None,
+            "max_area_ratio": settings.max_area_ratio or None, "min_overlap": settings.min_overlap or None,
+            "max_empty": settings.max_empty}
+
+
+def device_of(settings) -> str | None:
+    """The backend's device: None lets it choose (the GPU when there is one)."""
+    return None if settings.device == "auto" else settings.device
+
+
+def coerce(name: str, value):
+    """``value`` (from a page or a widget) as the type of field ``name``, checked against its choices or range;
+    ``ValueError`` naming the field otherwise."""
+    found = {f.name: f for f in fields(Settings)}.get(name)
+    if found is None:
+        raise ValueError(f"There is no setting {name!r}.")
+    kind = {"str": str, "bool": bool, "int": int, "float": float}[found.type]
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"The setting {name} must be a {found.type}, not {value!r}.") from None
+    if "choices" in found.metadata and value not in found.metadata["choices"]():
+        raise ValueError(f"The setting {name} must be one of {', '.join(found.metadata['choices']())}, "
+                         f"not {value!r}.")
+    low, high = found.metadata.get("range", (value, value))
+    if not low <= value <= high:
+        raise ValueError(f"The setting {name} must be between {low} and {high}, not {value}.")
+    return value
