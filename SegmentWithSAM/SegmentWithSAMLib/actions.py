@@ -1,10 +1,9 @@
 """What a user can do to an object, as :func:`.engine.Engine.step` takes it: a 2D prompt on a slice, a 3D box,
 a click anywhere, propagate, a user edit.
 
-Actions are in slice pixels of the engine's view (XY = (col, row), as :mod:`.geometry` maps them). Prompts in
-RAS millimetres, as the front ends and the command line have them, become actions here and nowhere else
-(:func:`prompt_from_ras`, :func:`box3d_from_ras`, :func:`click_from_ras`), and the backend carries them as
-JSON (:func:`to_message`, :func:`from_message`).
+Actions are in slice pixels of the engine's view (XY = (col, row), :mod:`.geometry`). RAS prompts become
+actions here only (:func:`prompt_from_ras`, :func:`box3d_from_ras`, :func:`click_from_ras`); the backend
+carries them as JSON (:func:`to_message`, :func:`from_message`).
 """
 
 from __future__ import annotations

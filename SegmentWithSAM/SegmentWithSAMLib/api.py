@@ -1,7 +1,6 @@
 """The Python API: named objects on one volume, prompts in RAS millimetres, masks on the volume's grid.
 
-A thin holder of one :class:`~.state.ObjectState` per object over :meth:`.engine.Engine.step`, which the command
-line, the batch and ``cvpr25`` use as they are (the backend and the front ends step the same engine)::
+One :class:`~.state.ObjectState` per object over :meth:`.engine.Engine.step`, as every front end uses it::
 
     seg = Segmenter(volume, load_model("litemedsam"), view="axial")
     seg.prompt("liver", box_ras=corners)                 # a 2D box → the mask on its slice

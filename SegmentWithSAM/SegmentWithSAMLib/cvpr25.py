@@ -9,12 +9,10 @@ each click an index (d, h, w) — the script's docstring says [x, y, z], its cod
 Output: ``OUTPUT_DIR/<same name>.npz`` with ``segs`` (D, H, W) uint8, object i + 1 for the i-th entry of
 ``boxes``/``clicks``.
 
-Every call's result is that of the whole interaction from the prompts — the boxes in order, then the clicks in
-their order, one click per object per round as the challenge adds them — so a step's result depends only on its
-file. ``prev_pred`` (the script's copy of our previous output) is therefore not read. A second call on the same
-image is fast: the slices' embeddings are kept on disk (:mod:`.disk_cache`, keyed by content), and so are the
-interaction's states after each call (:mod:`.interaction_store`, keyed by content and prompts), so a call with
-one click more than the last applies that click only.
+Every call's result is that of the whole interaction from the prompts (the boxes, then the clicks in their
+order, one per object per round), so it depends only on its file and ``prev_pred`` is not read. A second call is
+fast: embeddings (:mod:`.disk_cache`) and the states after each call (:mod:`.interaction_store`) are kept on
+disk, so a call with one click more applies that click only.
 
 The boxes, clicks and orders are pickled object arrays, read only through :class:`RestrictedUnpickler`. A bad
 file prints one line ``segmentwithsam: error: NAME: problem``, gets no output (a stale one is removed) and makes

@@ -1,13 +1,10 @@
 """Image embeddings on disk, keyed by content, so that a fresh process on the same image encodes nothing.
 
-The challenge format (:mod:`.cvpr25`) runs one process per interaction step, as the CVPR 2025 challenge does;
-without this each step would encode the object's slices again. An entry is one ``.npy`` file (written with
-``allow_pickle=False``, in the embedding's own dtype, so a result from disk equals one from the encoder),
-named by a BLAKE2b hash of the model's identity and the memory cache's key — which holds the volume's content
-hash, the view, the slice index, the window and the slice transform (shape and pixel spacing). Files are
-written atomically (temporary file + rename); an unreadable file counts as a miss and is replaced. The
-folder is bounded in bytes: the least recently used files (by modification time, refreshed on every read) go
-first.
+The challenge format (:mod:`.cvpr25`) runs one process per interaction step. An entry is one ``.npy`` file
+(``allow_pickle=False``, the embedding's own dtype: a result from disk equals one from the encoder), named by a
+BLAKE2b hash of the model's identity and the memory cache's key (volume content hash, view, slice, window, slice
+transform), written atomically; an unreadable file is a miss. The folder is bounded in bytes, least recently
+used files (by modification time, refreshed on read) first.
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 OpenVINO (the fast CPU path, about 3× PyTorch's encoder speed with masks faithful to it; figures and what was
 tried and left out: docs/measurements.md).
 
-The encoder is exported in stages (:meth:`~.models.base.SamLikeAdapter.encoder_stages`), each compiled at its
-own precision: bf16 moves mask edges except in the stages flagged faithful in ``stage_bf16`` (TinyViT's last
-stage and neck), so ``openvino`` runs those in bf16 where the CPU has it natively and the rest in f32;
-``openvino-f32`` runs all in f32; ``openvino-bf16`` (faster, unfaithful) is offered, never chosen. The decoder
-is exported re-associated (:mod:`.models.factored_decoder`) in parts (``DECODER_GRAPHS``) and runs every
-prompt type in NumPy, with no PyTorch. LiteMedSAM's export ships with the package (:func:`shipped_export`,
-made by ``scripts/export_litemedsam.py``; weights in fp16, as faithful as f32); any other checkpoint is
-exported once through ONNX (needs PyTorch) into a per-user cache keyed by its SHA-256 and the runtime version.
+The encoder is exported in stages (:meth:`~.models.base.SamLikeAdapter.encoder_stages`), each at its own
+precision: ``openvino`` runs the stages flagged faithful in bf16 (``stage_bf16``) in bf16 where the CPU has it
+and the rest in f32; ``openvino-f32`` all in f32; ``openvino-bf16`` (unfaithful) is never chosen. The decoder is
+exported re-associated (:mod:`.models.factored_decoder`) in parts (``DECODER_GRAPHS``), run from NumPy.
+LiteMedSAM's export ships with the package (:func:`shipped_export`, made by ``scripts/export_litemedsam.py``,
+fp16 weights); any other checkpoint is exported once through ONNX (needs PyTorch) into a per-user cache keyed
+by its SHA-256 and the runtime version.
 """
 
 from __future__ import annotations

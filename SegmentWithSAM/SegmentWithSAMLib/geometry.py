@@ -1,7 +1,5 @@
-"""Volumes and slice geometry: KJI voxel arrays with an IJK→RAS matrix, and the slice a view shows.
-
-Conventions (as in 3D Slicer):
-
+"""Volumes and slice geometry: KJI voxel arrays with an IJK→RAS matrix, and the slice a view shows. Conventions
+(as in 3D Slicer):
 - A :class:`Volume` holds ``array`` in KJI order (``array[k, j, i]``, as ``slicer.util.arrayFromVolume``
   returns it) and ``ijk_to_ras``, a 4×4 matrix from voxel (i, j, k) to RAS millimetres.
 - A view (axial, coronal, sagittal) looks along the RAS normal S, A or R. Its slice axis is the IJK axis most

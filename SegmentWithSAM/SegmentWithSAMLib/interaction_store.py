@@ -2,11 +2,10 @@
 the same prompts plus one more click (each step of the CVPR 2025 challenge is a new process) applies that one
 click instead of replaying the box and every click before it.
 
-An entry is one ``.npz`` file written with ``allow_pickle=False`` (the states' JSON header as a string array
-and their masks, :meth:`~.state.ObjectState.to_message`), named by a BLAKE2b hash of the model's identity,
-the image's content hash, window, view, the engine's code (a changed engine never reads older states) and the
-prompts in order. Files are written atomically; an unreadable one counts as a miss and is removed. At most
-``max_files`` are kept, the least recently used going first.
+An entry is one ``.npz`` file (``allow_pickle=False``; :meth:`~.state.ObjectState.to_message`), named by a
+BLAKE2b hash of the model, the image's content, window, view, the engine's code (a changed engine never reads
+older states) and the prompts in order; written atomically, an unreadable one is a miss; at most ``max_files``,
+least recently used first.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""A first positive click as model calls that a box-trained model such as LiteMedSAM handles well, and the
-removal of the parts a negative click falls in.
+"""A first positive click as calls a box-trained model (LiteMedSAM) handles well; removing negative-click parts.
 
-Measured on Colin27 + AAL (36 structure/view pairs, one click at the structure's interior point; see
-``benchmarks/quality.py``): LiteMedSAM given the click as a point prompt reaches a mean 2D Dice of 0.02 — its
-point embeddings were never trained. Square boxes centred on the click, 14–40 mm wide, each decoded and their
-low-res logits averaged ("box ensemble"), reach 0.65: as good as a tight ground-truth box (0.64).
+LiteMedSAM's point embeddings were never trained (a click as a point prompt: mean 2D Dice 0.02 on Colin27 +
+AAL); square boxes 14–40 mm wide centred on the click, their low-res logits averaged ("box ensemble"), reach
+0.65, as good as a tight ground-truth box (``benchmarks/quality.py``, docs/measurements.md).
 """
 
 from __future__ import annotations

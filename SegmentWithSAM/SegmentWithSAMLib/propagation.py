@@ -6,13 +6,10 @@ mask on slice k. A model's mask rarely fills its box, so chaining mask boxes shr
 box-to-mask offset (grown by half a millimetre) is kept on every slice, and the previous mask is added as a
 shape prior to the logits. LiteMedSAM's predicted quality, the area and the overlap with the previous slice
 hardly change when the mask drifts onto a neighbour; the mean image-embedding feature of the mask does, so each
-object's mask is compared with its seed's (cosine similarity) to stop. Figures: ``benchmarks/propagation.py``,
-docs/measurements.md. SAM 2 models track the objects with their memory instead (:mod:`.video_propagation`);
-:class:`Propagator` chooses between them, nowhere else. With ``skip`` the model segments every (skip + 1)-th
-slice and the slices between are interpolated (about twice as fast on a CPU, for 0.01 of mean 3D Dice).
-
-Nothing is written anywhere: the caller (:mod:`.engine`) takes the slices as they come and commits them only
-when the step completed, so a cancelled or failed propagation changes nothing.
+object's mask is compared with its seed's (cosine similarity) to stop (figures: docs/measurements.md). SAM 2
+models track with their memory instead (:mod:`.video_propagation`), chosen in :class:`Propagator` only. With
+``skip`` every (skip + 1)-th slice is segmented and the slices between are interpolated. Nothing is written
+here: the caller (:mod:`.engine`) commits the slices when the step completed.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ later click worse, and SAM-style point prompts barely move the mask. So refineme
 1. The first prompt (a box, or a positive click through the box ensemble of :mod:`.prompts`) gives a logit map.
 2. Each click moves the mask's iso-contour locally so that it passes through the click: near a positive click
    the threshold drops to the click's logit, near a negative click it rises above it. "Near" is 2 × the
-   click's distance to the mask edge when it was placed, at most 4 mm (reach 1.25, 1.5, 2, 2.5, 3 measured:
-   6.4, 5.7, 5.5, 5.8, 6.0 mean NoC@85 without the cap), so a click fixes the error region it sits in.
+   click's distance to the mask edge when it was placed, at most 4 mm (the reach measured best: docs/
+   measurements.md), so a click fixes the error region it sits in.
 3. The clicked pixel and a disk of that radius always follow the click, so every click is honoured and later
    clicks override earlier ones where they overlap; a separate part of the mask holding a negative click and
    no positive one is removed whole.

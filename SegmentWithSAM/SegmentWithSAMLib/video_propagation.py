@@ -1,11 +1,10 @@
 """Propagation with SAM 2's video predictor (SAM 2.1, MedSAM2): the object is tracked through the slices with
 SAM 2's memory of earlier slices instead of being re-prompted slice by slice.
 
-The slices go to SAM 2 straight from the volume in memory (no image files): :class:`SliceFrames` prepares each
-one when SAM 2 asks for it. Each direction is its own "video" that starts at the seed slice, so SAM 2's memory
-holds only slices of that direction. :class:`Tracker` is the per-slice mask source that
-:class:`~.propagation.Propagator` uses for such models; range, stop rules, key slices, streaming and cancel are
-the Propagator's.
+The slices go to SAM 2 from the volume in memory (:class:`SliceFrames`, prepared when asked for). Each direction
+is its own "video" starting at the seed slice, so the memory holds only that direction. :class:`Tracker` is the
+mask source :class:`~.propagation.Propagator` uses for such models (range, stop rules etc. stay the
+Propagator's).
 """
 
 from __future__ import annotations

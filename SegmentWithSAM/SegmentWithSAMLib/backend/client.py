@@ -1,14 +1,10 @@
 """The non-blocking client of the backend process.
 
-Every request returns a :class:`Handle` at once; the bytes go out on a writer thread and replies come in on a
-reader thread, so no call blocks the caller for more than a queue operation. :meth:`BackendClient.poll`
-(Slicer calls it from a ``qt.QTimer``) applies what has arrived to the handles on the caller's thread; with
-``dispatch="thread"`` a helper thread polls instead, for plain Python programs.
-
-The client notices a backend that died (end of its pipe), stopped answering (no heartbeat for
-``heartbeat_timeout`` s) or spent longer than ``request_timeout`` s on one request without news: every open
-handle fails with a :class:`~..errors.BackendError`, and the next request starts a fresh backend (sending the
-volume again). A propagation's masks are handed over only once it completed, so nothing partial is applied.
+Every request returns a :class:`Handle` at once (writer and reader threads); :meth:`BackendClient.poll` (from a
+``qt.QTimer`` in Slicer, or a helper thread with ``dispatch="thread"``) applies what arrived on the caller's
+thread. A backend that died, stopped its heartbeat for ``heartbeat_timeout`` s or spent ``request_timeout`` s on
+one request without news fails every open handle with a :class:`~..errors.BackendError`; the next request
+starts a fresh one. A propagation's masks are handed over only once it completed.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ default it speaks on its stdin/stdout pipes and opens no socket; with ``--tcp HO
 address (127.0.0.1 unless told otherwise) and serves one connection at a time, each of which must say hello
 with the token from ``$SEGMENTWITHSAM_TOKEN`` first.
 
-Threads: the reader parses messages and answers hello/status/cancel/shutdown at once; the model thread runs
-everything that touches the model (:class:`~.scheduler.Scheduler` picks what next); a heartbeat thread tells
-the client every :data:`HEARTBEAT_S` seconds that the process is alive.
+Threads: the reader answers hello/status/cancel/shutdown at once; the model thread runs the rest, in the order
+:class:`~.scheduler.Scheduler` picks; a heartbeat thread says every :data:`HEARTBEAT_S` s that it is alive.
 """
 
 from __future__ import annotations

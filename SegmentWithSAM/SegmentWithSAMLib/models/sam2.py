@@ -2,11 +2,10 @@
 images at 512²) behind the same adapter interface as SAM and LiteMedSAM, plus the network itself for
 :mod:`..video_propagation` (SAM 2's memory-based tracking through a volume).
 
-SAM 2's mask decoder also reads two high-resolution feature maps of the encoder. So that the embedding cache,
-batching and slicing keep working on one tensor per slice, :meth:`SAM2.encode` packs the three maps into one
-(B, 1024, g, g) tensor (g = input size / 16) with ``pixel_unshuffle``: channels 0–255 are the image embedding
-(with SAM 2's "no memory" embedding added, as its image predictor does), 256–511 the 2g² map, 512–1023 the
-4g² map. :meth:`SAM2.decode` unpacks them exactly.
+SAM 2's decoder also reads two high-resolution maps, so :meth:`SAM2.encode` packs the three into one
+(B, 1024, g, g) tensor per slice (g = input size / 16, ``pixel_unshuffle``; channels 0–255 the image embedding
+with the "no memory" embedding added, 256–511 the 2g² map, 512–1023 the 4g² map) for the embedding cache and
+batching; :meth:`SAM2.decode` unpacks them exactly.
 """
 
 from __future__ import annotations
