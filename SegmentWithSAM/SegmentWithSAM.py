@@ -130,8 +130,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegmentWithSAMLogic()
+        from SegmentWithSAMSlicerLib.backend_choice import key_from_environment
         from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher
 
+        self.ui.serverKeyLineEdit.text = key_from_environment()  # the key lives in this widget, never in the scene
         self.promptWatcher = PromptWatcher(self.onPromptsChanged)  # previews only when placed prompts change
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
@@ -140,9 +142,12 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentSelector.setCurrentNode)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        # the server's fields follow the backend chosen at the next poll
+        self.ui.backendComboBox.connect("currentIndexChanged(int)", lambda _index: self.timer.start())
         for button, slot in ((self.ui.previewButton, self.onPreview), (self.ui.acceptButton, self.onAccept),
                              (self.ui.clearButton, self.onClear), (self.ui.undoButton, self.onUndo),
-                             (self.ui.propagateButton, self.onPropagate), (self.ui.cancelButton, self.onCancel)):
+                             (self.ui.propagateButton, self.onPropagate), (self.ui.cancelButton, self.onCancel),
+                             (self.ui.testConnectionButton, self.onTestConnection)):
             button.connect("clicked(bool)", lambda _checked, s=slot: self.run(s))
         self.initializeParameterNode()
 
@@ -191,6 +196,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.promptWatcher.close()
             return
         self._parameterNodeGuiTag = p.connectGui(self.ui)
+        from SegmentWithSAMSlicerLib.settings import choice_labels
+
+        for index, label in enumerate(choice_labels("backend")):  # connectGui shows the values; read by index
+            self.ui.backendComboBox.setItemText(index, label)
         self.ui.segmentSelector.setCurrentNode(p.segmentation)
         self.ui.segmentSelector.setCurrentSegmentID(p.segmentID)
         for widget, node in ((self.ui.positivePlaceWidget, p.positivePoints),
@@ -199,6 +208,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.promptWatcher.watch([p.positivePoints, p.negativePoints, p.box])
         self.ui.positivePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self.ui.negativePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        self.timer.start()  # the panel follows the parameter node's backend at the next poll
 
     # ---- the front end's host ------------------------------------------------------------------------------
     @property
@@ -256,15 +266,17 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             self.frontEnd = FrontEnd(self.logic.controller, self._parameterNode, self)
         self.frontEnd.settings = self._parameterNode
+        self.frontEnd.controller.backend.key = self.ui.serverKeyLineEdit.text
         return self.frontEnd
 
     def ensureDependencies(self, ask: bool = True) -> bool:
         """Install what the chosen model and device need after asking (on the main thread, with a wait cursor):
         LiteMedSAM on the CPU needs no PyTorch (``dependencies.plan``)."""
         from SegmentWithSAMSlicerLib import dependencies
+        from SegmentWithSAMSlicerLib.settings import runs_here
 
         p = self._parameterNode
-        needed = dependencies.missing(p.model, p.device)
+        needed = dependencies.missing(p.model, p.device) if runs_here(p) else []
         if not needed:
             return True
         if not ask:
@@ -288,10 +300,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def offerDownload(self) -> None:
         """Ask to download the chosen model if it is not installed (the download runs in the background)."""
         controller = self.logic.controller
-        entry = controller.missing_model(self._parameterNode.model)
+        entry = self.front().model_to_download()
         if entry is not None and controller.download is None and slicer.util.confirmOkCancelDisplay(
                 f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence {entry.licence}).\n"
-                f"Download it now from {entry.url}? Its SHA-256 is checked before use."):
+                f"Download it now from {entry.url}? It is kept only if its SHA-256 is the expected one."):
             controller.start_download(entry)
 
     def onPreview(self) -> None:
@@ -323,6 +335,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self) -> None:
         self.front().cancel()
 
+    def onTestConnection(self) -> None:
+        self.front().test_connection()
+
     def onSegmentChanged(self, segmentID) -> None:
         if self._parameterNode:
             self._parameterNode.segmentID = segmentID or ""
@@ -339,6 +354,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.enabled = panel["can_accept"]
         self.ui.cancelButton.enabled = panel["propagating"]
         self.ui.propagateButton.enabled = panel["can_propagate"]
+        for widget in (self.ui.serverAddressLineEdit, self.ui.serverKeyLineEdit, self.ui.serverCafileLineEdit):
+            widget.enabled = panel["server"]
+        self.ui.modelComboBox.enabled = self.ui.deviceComboBox.enabled = not panel["server"]  # the server's own
+        self.ui.testConnectionButton.enabled = panel["can_test_connection"]
         if not busy:
             self.timer.stop()
 
@@ -384,12 +403,17 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
 
     def test_panel_and_parameters(self):
         self.delayDisplay("Panel and parameter node (no torch needed)")
-        from SegmentWithSAMSlicerLib.settings import model_choices, stop_rules
+        from SegmentWithSAMSlicerLib.settings import choice_labels, model_choices, stop_rules
 
         widget = self.widget()
         p = widget.logic.getParameterNode()
         self.assertEqual([widget.ui.modelComboBox.itemText(i) for i in range(widget.ui.modelComboBox.count)],
                          model_choices())
+        backends = widget.ui.backendComboBox
+        self.assertEqual([backends.itemText(i) for i in range(backends.count)], choice_labels("backend"))
+        backends.currentIndex = 1
+        self.assertEqual(p.backend, "server")  # the labels are shown, the values stored
+        p.backend = "local"
         p.min_score, p.max_empty = 0.0, 3
         rules = stop_rules(p)
         self.assertIsNone(rules["min_score"])

@@ -1,7 +1,8 @@
-"""Shared fixtures: real data (Colin27 + AAL, the InVesalius CT) and one LiteMedSAM model for the session.
+"""Shared fixtures: real data (Colin27 + AAL, the InVesalius CT) and LiteMedSAM for the session (the PyTorch
+reference and the default engine).
 
-The encoder takes about 1.5 s per slice on a 2-core CPU, so every test shares one model and one embedding
-cache: a slice encoded by one test is free for the next.
+The encoder takes about 1.5 s per slice in PyTorch (0.5 s in OpenVINO) on a 2-core CPU, so every test shares one
+model per engine and one embedding cache: a slice encoded by one test is free for the next.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from SegmentWithSAMLib.geometry import Volume
 from SegmentWithSAMLib.geometry import bounding_box as tight_box  # noqa: F401 (imported by the tests from here)
 from SegmentWithSAMLib.io import read_volume
 
-HEAVY = {"test_backend", "test_batch", "test_parity", "test_web", "test_propagation", "test_sam2", "test_front_end"}
+HEAVY = {"test_backend", "test_batch", "test_parity", "test_web", "test_propagation", "test_sam2", "test_front_end",
+         "test_remote", "test_web_security"}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -77,6 +79,15 @@ def model():
     from SegmentWithSAMLib.loading import load_model
 
     return load_model("litemedsam", "cpu", engine="torch")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """LiteMedSAM on the engine a user gets by default (OpenVINO on this CPU, about three times faster to encode
+    than the reference): for tests of what surrounds the model (propagation, the entry points), not of the model."""
+    from SegmentWithSAMLib.loading import load_model
+
+    return load_model("litemedsam", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The engine on real data: a 3D box fills its range, clicks anywhere correct the 3D mask without touching key or
 user slices, a negative click on an over-segmented end slice removes it for good, a positive click past the extent
 extends it; a step never changes the state it is given and its delta rebuilds the new state exactly (real
-LiteMedSAM on Colin27 + AAL and on the head CT)."""
+LiteMedSAM on the default engine, OpenVINO here, on Colin27 + AAL and on the head CT)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ HALF = 3  # slices on each side of the box's slice: a 7-slice range keeps the en
 
 
 @pytest.fixture(scope="module")
-def session(colin, model, cache):
-    return Session(colin, model, cache=cache)
+def session(colin, default_model, cache):
+    return Session(colin, default_model, cache=cache)
 
 
 @pytest.fixture(scope="module")
@@ -284,9 +284,9 @@ def test_a_prompt_with_a_box_then_propagate_is_a_3d_box_bit_for_bit(session, tru
     assert_same(seg.states["2d"], seg.states["3d"])
 
 
-def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, model, cache):
+def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, default_model, cache):
     """Users draw ROIs generously near borders: the head touches the CT's field of view."""
-    session = Session(cranium, model, window="brain", cache=cache)
+    session = Session(cranium, default_model, window="brain", cache=cache)
     seg = segmenter(session)
     axes = seg.axes
     head = axes.oriented(cranium.array > -300)

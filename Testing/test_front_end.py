@@ -1,24 +1,31 @@
 """The front-end rules both the desktop panel and the web app follow (``SegmentWithSAMSlicerLib.front_end``) and
 their one settings object, on real MRML (``slicer-core``) with a real backend process: which prompts preview and
-which correct in 3D, the status line (an error stays until the next action), the propagation range. (The desktop
-panel's bindings to the settings: Testing/test_packaging.py.)"""
+which correct in 3D, the status line (an error stays until the next action), the propagation range, and the
+backend: this computer or a real `segmentwithsam serve` process. (The desktop panel's bindings to the
+settings: Testing/test_packaging.py.)"""
 
 from __future__ import annotations
+
+import re
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
+from SegmentWithSAMLib.errors import BackendError
 from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.release import RELEASE
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install -e .[test])")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module here is not Slicer's core", allow_module_level=True)
 
+from test_remote import KEY, Server  # noqa: E402
 from test_slicer_logic import hippocampus_roi, new_segmentation  # noqa: E402
 
 from SegmentWithSAMSlicerLib import mrml  # noqa: E402
 from SegmentWithSAMSlicerLib.front_end import FrontEnd, Status, add_prompt_nodes  # noqa: E402
-from SegmentWithSAMSlicerLib.settings import Settings, coerce, stop_rules  # noqa: E402
+from SegmentWithSAMSlicerLib.settings import Settings, choice_labels, coerce, device_of, stop_rules  # noqa: E402
 
 
 class Host:
@@ -53,6 +60,20 @@ def front(scene, controller, colin_node):
         scene.RemoveNode(node)
 
 
+def place_hippocampus_box(front, atlas) -> tuple[int, np.ndarray]:
+    """A box around the left hippocampus on its middle axial slice, placed as a user drags it in the red view;
+    returns that slice and the structure on it (2D truth)."""
+    host, scene = front.host, front.controller.scene
+    roi, index, truth = hippocampus_roi(scene, atlas, front.controller.volume(host.volume_node))
+    center = [0.0] * 3
+    roi.GetCenter(center)
+    host.show_axial(center[2])
+    host.prompts["box"].SetCenter(*center)
+    host.prompts["box"].SetSize(*roi.GetSize())
+    scene.RemoveNode(roi)
+    return index, truth
+
+
 def test_settings_from_a_page_are_checked_and_name_the_field():
     assert coerce("skip", "2") == 2 and coerce("live_preview", 1) is True
     for name, value, message in (("model", "sam9", "must be one of litemedsam"), ("min_score", 1.5, "between 0.0"),
@@ -83,13 +104,7 @@ def test_an_error_stays_until_the_next_action_and_a_failure_replaces_it(front, c
 
 def test_a_box_previews_points_on_a_segment_with_voxels_correct_it_in_3d(front, controller, colin_node, atlas):
     host, volume = front.host, controller.volume(colin_node)
-    roi, index, truth = hippocampus_roi(controller.scene, atlas, volume)
-    center = [0.0] * 3
-    roi.GetCenter(center)
-    host.show_axial(center[2])
-    host.prompts["box"].SetCenter(*center)
-    host.prompts["box"].SetSize(*roi.GetSize())
-    controller.scene.RemoveNode(roi)
+    index, truth = place_hippocampus_box(front, atlas)
     front.settings.live_preview = False  # a box previews all the same
     front.prompts_changed()
     controller.wait()
@@ -124,3 +139,110 @@ def test_the_propagation_range_is_the_panels_then_the_whole_volume_then_the_boxs
     assert front.propagation_range() == (20, count - 1)
     front.settings.range_end = 10_000
     assert front.propagation_range() == (20, count - 1)
+
+
+# ---- the backend: this computer or a server --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `segmentwithsam serve` process on 127.0.0.1 for the module: the server a desktop reaches through an SSH
+    tunnel. (Over TLS, Testing/test_remote.py; here the certificate part is the CA file's checks.)"""
+    folder = tmp_path_factory.mktemp("backend")
+    served = Server(folder)
+    yield served.address
+    served.close()
+
+
+def settle(front, controller) -> None:
+    """Wait for what the backend (or the connection test) sends, then poll once as the panel's timer does."""
+    controller.wait(300)
+    front.poll()
+
+
+def test_the_backend_is_a_setting_shown_with_labels_and_the_key_is_none(front, tmp_path):
+    assert Settings().backend == "local" and choice_labels("backend") == ["this computer", "a server"]
+    assert choice_labels("direction") == ["both", "up", "down"]  # a choice without labels shows its value
+    assert not any("key" in f.name for f in fields(Settings))  # settings go into the scene file; the key must not
+    with pytest.raises(ValueError, match="must be one of local, server"):
+        coerce("backend", "this computer")
+    panel = front.panel()
+    assert panel["server"] is False and panel["can_test_connection"] is False
+    front.settings.backend = "server"
+    panel = front.panel()
+    assert panel["server"] is True and panel["can_test_connection"] is True
+    choice = front.controller.backend
+    assert choice.chosen("local", "not an address") is None  # the server's fields matter only for a server
+    choice.key, certificate = KEY, tmp_path / "server.pem"
+    certificate.write_text("-----BEGIN CERTIFICATE-----\n")
+    chosen = choice.chosen("server", " tls://gpu-host:8765 ", str(certificate))
+    assert (chosen.address, chosen.cafile) == ("tls://gpu-host:8765", str(certificate)) and KEY not in repr(chosen)
+    with pytest.raises(BackendError, match="one of local, server"):
+        choice.chosen("elsewhere")
+
+
+def test_a_server_previews_tests_refuses_bad_input_and_this_computer_takes_over_again(front, controller, colin_node,
+                                                                                       atlas, server):
+    """Settings on a server (address, key): a box previews through it and is accepted; the connection test says
+    what it serves; a wrong key, a malformed or empty address, no key or a missing CA file are red errors that
+    change nothing; back on this computer, the same box gives the server's mask."""
+    s, host = front.settings, front.host
+    local = controller.engine(s.model, device_of(s))  # this computer's backend, as the tests before used it
+    s.backend, s.server_address = "server", server
+    controller.backend.key = KEY
+    index, _ = place_hippocampus_box(front, atlas)
+    front.prompts_changed()
+    settle(front, controller)
+    remote = controller.client
+    assert str(remote.address) == server and controller.preview_result is not None, front.status
+    assert list(controller.preview_result.changed) == [index] and front.status.text.startswith("Preview:")
+    assert remote.wait(remote.status(), 60)["volumes"] == [controller.volume(colin_node).identity]  # it went there
+    with pytest.raises(BackendError, match="closed"):
+        local.status()  # switching closed this computer's backend
+    served = controller.preview_result.changed[index].copy()
+    host.segment_id = front.accept()
+    segment = mrml.segment_array(host.segmentation_node, host.segment_id, colin_node)
+    assert segment.any()
+
+    front.act(front.test_connection)  # in the background: the status says so at once
+    assert front.status == Status(f"Testing the connection to {server}…")
+    assert front.panel()["can_test_connection"] is False
+    settle(front, controller)
+    pattern = (rf"Connected to {re.escape(server)}: SegmentWithSAM {re.escape(RELEASE)}, litemedsam on cpu, "
+               r"round trip \d+\.\d ms\.")
+    assert re.fullmatch(pattern, front.status.text) and not front.status.error, front.status
+    assert controller.client is remote  # the test has a connection of its own
+
+    controller.backend.key = "not-the-key-at-all"
+    front.act(front.test_connection)
+    settle(front, controller)
+    assert front.status.error and "Wrong or missing key" in front.status.text, front.status
+    place_hippocampus_box(front, atlas)  # Accept cleared the prompts
+    front.prompts_changed()
+    settle(front, controller)
+    # The status names the refusal, or, when the client's writer hits the connection the server closed (while it
+    # sends the volume) before its reader hands over the refusal, the broken connection: a race in the client.
+    assert front.status.error and "Nothing from this request was applied" in front.status.text, front.status
+    assert controller.preview is None and controller.client is not remote  # the session with the key was closed
+    refused = controller.client
+    unchanged = mrml.segment_array(host.segmentation_node, host.segment_id, colin_node)
+    assert np.array_equal(unchanged, segment)
+
+    chosen = controller.backend.server
+    for given, key, cafile, message in ((server.replace("tcp://", ""), KEY, "", "tcp://HOST:PORT or tls://HOST:PORT"),
+                                        ("", KEY, "", "Enter the server's address"),
+                                        (server, " ", "", "Enter the server's access key"),
+                                        (server, KEY, "/no/such/ca.pem", "does not exist")):
+        s.server_address, s.server_cafile, controller.backend.key = given, cafile, key
+        front.prompts_changed()
+        assert front.status.error and message in front.status.text, (given, front.status)
+        assert controller.client is refused and controller.backend.server == chosen and controller.preview is None
+        front.act(front.test_connection)  # the connection test checks the same, at once
+        assert front.status.error and message in front.status.text and not controller.backend.testing
+
+    s.backend = "local"  # the server's fields no longer matter, wrong as they are
+    host.segment_id = ""  # a preview on no segment, as the first one was
+    front.prompts_changed()
+    settle(front, controller)
+    assert controller.client.address is None and controller.preview_result is not None, front.status
+    with pytest.raises(BackendError, match="closed"):
+        refused.status()
+    assert np.array_equal(controller.preview_result.changed[index], served)  # the same model on the same CPU

@@ -1,5 +1,6 @@
 """More models: the registry as data, SAM/MedSAM loaded from checkpoints the test builds (no network), the
-architecture check, and the consent-only downloader against a local HTTP server (resume, SHA-256)."""
+architecture check, and the consent-only downloader against a local HTTP server (resume, the whole SHA-256, a
+failure of any kind ending the Slicer module's download job)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,20 @@ from conftest import FileServer, structure_box_ras
 def test_registry_entries_pass_their_schema_and_bad_ones_are_named():
     models = registry()
     assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"} <= set(models)
-    assert all(entry.url is None or entry.sha256 for entry in models.values())
+    downloadable = [entry for entry in models.values() if entry.url is not None]
+    assert {entry.name for entry in downloadable} == {"sam_vit_b", "sam_vit_l", "sam_vit_h"}
+    assert all(len(entry.sha256) == 64 and len(set(entry.sha256_sources)) >= 2 for entry in downloadable)
     good = {k: v for k, v in vars(models["sam_vit_b"]).items() if k != "bundled"}
-    for change, message in [({"url": "http://example.org/x.pth"}, "https"), ({"sha256": None}, "sha256"),
+    assert check_entry(good) == models["sam_vit_b"]
+    digest = good["sha256"]
+    for change, message in [({"url": "http://example.org/x.pth"}, "https"),
+                            ({"sha256": None, "sha256_sources": ()}, "come with a sha256"),
+                            ({"sha256": "01ec64"}, "64 lowercase hex"), ({"sha256": digest[:6]}, "64 lowercase hex"),
+                            ({"sha256": digest[:63]}, "64 lowercase hex"), ({"sha256": digest.upper()}, "64 lowercase"),
+                            ({"sha256_sources": good["sha256_sources"][:1]}, "two independent public sources"),
+                            ({"sha256_sources": good["sha256_sources"][:1] * 2}, "two independent public sources"),
+                            ({"sha256": None, "url": None}, "two independent public sources"),
+                            ({"sha256_sources": ["http://example.org/a", "http://example.org/b"]}, "https addresses"),
                             ({"architecture": "unet"}, "unknown architecture"), ({"size": "big"}, "'size'"),
                             ({"extra": 1}, "unknown fields")]:
         with pytest.raises(ModelError, match=message):
@@ -106,9 +118,32 @@ def test_download_resumes_after_an_interruption_and_checks_sha256(tmp_path):
         assert server.ranges == [0, 1 << 20] and target.read_bytes() == payload
         assert not (tmp_path / "models" / "model.pth.part").exists()
 
-        bad = replace(entry, sha256="0" * 64)
-        with pytest.raises(CheckpointError, match="SHA-256 .* it was deleted"):
-            download(bad, server.url, tmp_path / "other.pth", progress=False)
-        assert not (tmp_path / "other.pth").exists() and not (tmp_path / "other.pth.part").exists()
+        # the whole digest counts: one differing in its last hex digit only (its first 63 the file's) is refused
+        digest = entry.sha256
+        for near in (digest[:-1] + ("1" if digest[-1] == "0" else "0"), digest[:6] + "0" * 58):
+            with pytest.raises(CheckpointError, match=f"SHA-256 {digest}, not the expected {near}: it was deleted"):
+                download(replace(entry, sha256=near), server.url, tmp_path / "other.pth", progress=False)
+            assert not (tmp_path / "other.pth").exists() and not (tmp_path / "other.pth.part").exists()
     finally:
         server.close()
+
+
+def test_a_download_that_fails_in_an_unexpected_way_ends_its_job(controller, tmp_path, monkeypatch):
+    """The Slicer module's controller (real MRML scene): a download thread ended by an error that is not one of
+    ours (here the ValueError urllib raises for an address it cannot parse) reports it, and the next one runs."""
+    from SegmentWithSAMLib.models.catalog import MODELS_ENV
+
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    payload = b"weights" * 1000
+    entry = replace(registry()["sam_vit_b"], sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    controller.start_download(entry, "no-scheme/sam_vit_b.pth")
+    controller.wait(30)
+    assert controller.download is None and controller.progress is None and controller.status_error
+    assert controller.status.startswith("Download of sam_vit_b failed: unexpected ValueError (unknown url type")
+    server = FileServer(payload)
+    try:
+        controller.start_download(entry, server.url)
+        controller.wait(30)
+    finally:
+        server.close()
+    assert controller.status == "sam_vit_b is installed." and entry.path.read_bytes() == payload

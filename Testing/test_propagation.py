@@ -1,4 +1,5 @@
-"""Propagation of one object on Colin27 + AAL with real LiteMedSAM: quality and stops, cancel, key slices, skip,
+"""Propagation of one object on Colin27 + AAL with real LiteMedSAM on the default engine (OpenVINO here, as the
+command line and the measurements in docs/measurements.md run it): quality and stops, cancel, key slices, skip,
 encoding ahead, and the command line."""
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from SegmentWithSAMLib.cli import main
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
 from SegmentWithSAMLib.engine import Engine
 from SegmentWithSAMLib.errors import PromptError
+from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.io import read_volume, write_labelmap
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.propagation import Cancelled, Propagator, StopRules, interpolate_masks
 from SegmentWithSAMLib.session import Session
 from SegmentWithSAMLib.state import Kind
 
-from conftest import tight_box
+from conftest import middle_slice, tight_box
 
 
 @pytest.fixture(scope="module")
-def session(colin, model, cache):
-    return Session(colin, model, cache=cache)
+def session(colin, default_model, cache):
+    return Session(colin, default_model, cache=cache)
 
 
 def seed_from_box(session, atlas, view, structure):
@@ -163,24 +165,33 @@ def test_segment_then_propagate_in_one_command(tmp_path, capsys):
     assert written.sum() == report["voxels"]
 
 
-def test_encoding_ahead_in_batches_never_encodes_a_slice_twice(model, colin, atlas):
-    """As on a GPU (8 slices per batch there): same masks, each slice encoded exactly once."""
-    from conftest import middle_slice
-
-    rules = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
-    index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
-    results = []
-    for batch in (1, 3):
-        propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules)
-        propagator.batch = batch
-        before = model.encoder_runs
-        results.append(propagated(propagator, (index, truth), "up", (index, index + 4)))
-        assert model.encoder_runs - before == 5  # the seed and four slices, once each
-    assert sorted(results[0]) == sorted(results[1]) == [index + 1, index + 2, index + 3, index + 4]
-    assert min(dice(results[0][i], results[1][i]) for i in results[0]) >= 0.99
-
-
 NEVER_STOP = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None)
+
+
+@pytest.fixture(scope="module")
+def climb(colin, atlas, default_model):
+    """Eight slices up from the left putamen's middle axial slice (its true mask the seed), never stopping, one
+    slice encoded at a time from an empty cache: (seed index, seed mask, slice → mask, encoder runs, stops), the
+    reference the batched and the skipping runs below are compared with."""
+    index, truth = middle_slice(atlas, slice_axes(colin, "axial"), "Putamen_L")
+    propagator = Propagator(Session(colin, default_model, cache=EmbeddingCache()), "axial", NEVER_STOP)
+    propagator.batch = 1
+    before = default_model.encoder_runs
+    masks = propagated(propagator, (index, truth), "up", (index, index + 8))
+    return index, truth, masks, default_model.encoder_runs - before, propagator.stopped
+
+
+def test_encoding_ahead_in_batches_never_encodes_a_slice_twice(climb, colin, default_model):
+    """As on a GPU (8 slices per batch there): same masks as one slice at a time, each slice encoded once."""
+    index, truth, one_by_one, encoded, _ = climb
+    assert encoded == 9  # one at a time: the seed and eight slices, once each
+    propagator = Propagator(Session(colin, default_model, cache=EmbeddingCache()), "axial", NEVER_STOP)
+    propagator.batch = 3
+    before = default_model.encoder_runs
+    batched = propagated(propagator, (index, truth), "up", (index, index + 4))
+    assert default_model.encoder_runs - before == 5  # the seed and four slices, once each
+    assert sorted(batched) == [index + 1, index + 2, index + 3, index + 4]
+    assert min(dice(one_by_one[i], batched[i]) for i in batched) >= 0.99
 
 
 def test_interpolated_masks_move_and_grow_gradually():
@@ -206,33 +217,28 @@ class RefuseCalls(StopRules):
         return "refused" if self.calls in self.refused else None
 
 
-def test_skipping_slices_encodes_fewer_and_fills_every_slice(colin, atlas, model):
-    from conftest import middle_slice
-
-    index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
-    masks = {}
-    for skip in (0, 2):
-        before = model.encoder_runs
-        propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", NEVER_STOP, skip=skip)
-        masks[skip] = propagated(propagator, (index, truth), "up", (index, index + 8))
-        assert sorted(masks[skip]) == list(range(index + 1, index + 9))
-        assert propagator.stopped == {"up": "range end"}
-        # skip 2: the seed and slices +3, +6, then +7 and +8 one by one (no room to skip before the range end)
-        assert model.encoder_runs - before == {0: 9, 2: 5}[skip]
-    assert np.mean([dice(masks[0][i], masks[2][i]) for i in masks[0]]) >= 0.85
+def test_skipping_slices_encodes_fewer_and_fills_every_slice(climb, colin, default_model):
+    index, truth, every, encoded, stopped = climb  # skip 0
+    assert sorted(every) == list(range(index + 1, index + 9)) and stopped == {"up": "range end"} and encoded == 9
+    before = default_model.encoder_runs
+    propagator = Propagator(Session(colin, default_model, cache=EmbeddingCache()), "axial", NEVER_STOP, skip=2)
+    skipped = propagated(propagator, (index, truth), "up", (index, index + 8))
+    assert sorted(skipped) == list(range(index + 1, index + 9))
+    assert propagator.stopped == {"up": "range end"}
+    # skip 2: the seed and slices +3, +6, then +7 and +8 one by one (no room to skip before the range end)
+    assert default_model.encoder_runs - before == 5
+    assert np.mean([dice(every[i], skipped[i]) for i in every]) >= 0.85
 
 
-def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, model):
-    from conftest import middle_slice
-
-    index, truth = middle_slice(atlas, Session(colin, model).axes("axial"), "Putamen_L")
+def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, default_model):
+    index, truth = middle_slice(atlas, slice_axes(colin, "axial"), "Putamen_L")
     rules = RefuseCalls({2, 5})  # the step to +6 is refused, then +4, +5 pass and +6 is refused again
-    before = model.encoder_runs
-    propagator = Propagator(Session(colin, model, cache=EmbeddingCache()), "axial", rules, skip=2)
+    before = default_model.encoder_runs
+    propagator = Propagator(Session(colin, default_model, cache=EmbeddingCache()), "axial", rules, skip=2)
     masks = propagated(propagator, (index, truth), "up", (index, index + 20))
     assert sorted(masks) == list(range(index + 1, index + 6))
     assert propagator.stopped == {"up": "refused"}
-    assert model.encoder_runs - before == 5  # the seed, +3, +6, +4, +5: nothing encoded twice
+    assert default_model.encoder_runs - before == 5  # the seed, +3, +6, +4, +5: nothing encoded twice
 
 
 def test_skip_is_checked(session):

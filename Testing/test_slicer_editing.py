@@ -97,6 +97,178 @@ def test_masked_writes_respect_masking_on_any_geometry_and_undo_exactly(scene, g
     assert not editing.logic.CanUndo()
 
 
+MASK_MODES = {"everywhere": slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere,
+              "inside all": slicer.vtkMRMLSegmentationNode.EditAllowedInsideAllSegments,
+              "inside visible": slicer.vtkMRMLSegmentationNode.EditAllowedInsideVisibleSegments,
+              "outside all": slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments,
+              "outside visible": slicer.vtkMRMLSegmentationNode.EditAllowedOutsideVisibleSegments,
+              "inside b": slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment}
+OVERWRITE_MODES = {"all": slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments,
+                   "visible": slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments,
+                   "none (overlap allowed)": slicer.vtkMRMLSegmentEditorNode.OverwriteNone}
+LAYERED = {"a": box(0, 12, 0, 8, 0, 10), "b": box(0, 12, 8, 16, 0, 10), "c": box(2, 10, 4, 12, 6, 16),
+           "d": box(0, 12, 12, 16, 16, 20)}  # "c" overlaps "a" and "b": it lies on a layer of its own
+
+
+def layered_segmentation(scene, volume, geometry: str):
+    """Segments "a", "b", "d" sharing a labelmap layer and "c" on another, overlapping "a" and "b", with "c"
+    hidden; written as the Segment Editor would, with overlap allowed."""
+    node = segmentation_on(scene, volume, geometry)
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetOverwriteMode(OVERWRITE_MODES["none (overlap allowed)"])
+    editing = SegmentEditing(scene)
+    for segment_id, mask in LAYERED.items():
+        node.GetSegmentation().AddEmptySegment(segment_id, segment_id)
+        editing.write(node, segment_id, volume, mask, editor)
+    node.GetDisplayNode().SetSegmentVisibility("c", False)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 2 and segmentation.GetLayerIndex("a") != segmentation.GetLayerIndex("c")
+    return node
+
+
+def editor_with(scene, mask: str, overwrite: str, intensity: bool):
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetMaskMode(MASK_MODES[mask])
+    editor.SetMaskSegmentID("b")
+    editor.SetOverwriteMode(OVERWRITE_MODES[overwrite])
+    editor.SetSourceVolumeIntensityMask(intensity)
+    editor.SetSourceVolumeIntensityMaskRange(50, 150)
+    return editor
+
+
+def slicers_own_write(scene, segmentation, segment_id: str, volume, new: np.ndarray, editor) -> None:
+    """What an effect does: each change as a modifier over the whole reference geometry, given to
+    ``ModifySegmentByLabelmap`` for the segmentation itself."""
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editor)
+    logic.SetSegmentationNode(segmentation)
+    logic.SetSourceVolumeNode(volume)
+    logic.SetCurrentSegmentID(segment_id)
+    old = mrml.segment_array(segmentation, segment_id, volume)
+    for change, mode in ((new & ~old, logic.ModificationModeAdd), (old & ~new, logic.ModificationModeRemove)):
+        modifier = mrml.modifier_labelmap(segmentation, volume, change, mrml.whole_block(volume))
+        if modifier is not None:
+            logic.ModifySegmentByLabelmap(segmentation, segment_id, modifier, mode, False, False)
+
+
+def segments_of(segmentation, volume) -> dict[str, np.ndarray]:
+    ids = segmentation.GetSegmentation().GetSegmentIDs()
+    return {segment_id: mrml.segment_array(segmentation, segment_id, volume) for segment_id in ids}
+
+
+@pytest.mark.parametrize("overwrite", list(OVERWRITE_MODES))
+@pytest.mark.parametrize("geometry", ["same", "coarse", "transformed"])
+def test_a_write_leaves_every_segment_as_slicers_own_write_would(scene, geometry, overwrite, monkeypatch):
+    """Writes run Slicer's code on a replica of the segmentation's layers over the changed extent and copy the
+    outcome back: under every masking, overwrite and intensity setting each segment ends voxel for voxel as an
+    effect's own ``ModifySegmentByLabelmap`` on the segmentation leaves it (the overwritten segments of the other
+    layer, the hidden one spared, "a" moved to a layer of its own where it may not overwrite "b"), and one undo
+    restores them all."""
+    volume = phantom(scene)
+    wanted = LAYERED["a"] | box(3, 9, 2, 14, 4, 14)  # over "b" (its layer), "c" (the other layer, hidden)
+    wanted[:, :3] = False  # and less of "a"
+    on_the_segmentation = []
+    real_modify = SegmentEditing._modify
+    monkeypatch.setattr(SegmentEditing, "_modify", lambda self, node, *args: on_the_segmentation.append(
+        node.GetScene() is not None) or real_modify(self, node, *args))
+    for mask in MASK_MODES:
+        for intensity in (False, True):
+            ours, theirs = (layered_segmentation(scene, volume, geometry) for _ in range(2))
+            before = segments_of(ours, volume)
+            editing = SegmentEditing(scene)
+            on_the_segmentation.clear()
+            written = editing.write(ours, "a", volume, wanted, editor_with(scene, mask, overwrite, intensity))
+            slicers_own_write(scene, theirs, "a", volume, wanted, editor_with(scene, mask, overwrite, intensity))
+            case = f"{mask}, intensity range {intensity}"
+            expected = segments_of(theirs, volume)
+            assert all(np.array_equal(result, expected[sid]) for sid, result in segments_of(ours, volume).items()), \
+                case
+            assert ours.GetSegmentation().GetNumberOfLayers() == theirs.GetSegmentation().GetNumberOfLayers(), case
+            assert written.count == np.count_nonzero(expected["a"] != before["a"]), case
+            if overwrite != "visible" and ours.GetSegmentation().GetNumberOfLayers() == 2:
+                assert not any(on_the_segmentation), case  # the outcome was copied, not written again by Slicer
+            if written.count:
+                editing.undo()
+            assert all(np.array_equal(result, before[sid]) for sid, result in segments_of(ours, volume).items()), \
+                case
+            for node in (ours, theirs):
+                scene.RemoveNode(node)
+
+
+def test_a_first_write_into_a_new_segment_and_into_a_segmentation_with_surfaces(scene):
+    """A new segment's empty labelmap (a layer of its own in a new segmentation, else it shares one) takes the
+    reference grid and grows to hold the write; where the segmentation also holds closed surfaces, Slicer writes
+    it (and converts the changed segment again). Each ends as Slicer's own write leaves it, and undo restores it."""
+    volume = phantom(scene)
+    wanted = box(1, 5, 2, 12, 3, 16)  # the intensity range admits i < 10 only
+    for case in ("alone", "beside others", "with surfaces"):
+        if case == "alone":
+            ours, theirs = (segmentation_on(scene, volume, "same") for _ in range(2))
+        else:
+            ours, theirs = (layered_segmentation(scene, volume, "same") for _ in range(2))
+        for node in (ours, theirs):
+            node.GetSegmentation().AddEmptySegment("new", "new")
+            if case == "with surfaces":
+                node.CreateClosedSurfaceRepresentation()
+        before = segments_of(ours, volume)
+        editing = SegmentEditing(scene)
+        assert editing.write(ours, "new", volume, wanted, editor_with(scene, "everywhere", "all", True)).count \
+            == 4 * 10 * 7, case
+        # an editor node of its own: a logic given a node follows the segmentation that node points at (and
+        # starts a new undo history for it)
+        slicers_own_write(scene, theirs, "new", volume, wanted, editor_with(scene, "everywhere", "all", True))
+        expected = segments_of(theirs, volume)
+        assert all(np.array_equal(result, expected[sid]) for sid, result in segments_of(ours, volume).items()), case
+        surface = ours.GetSegmentation().GetSegment("new").GetRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName())
+        assert (surface is not None and surface.GetNumberOfPoints() > 0) == (case == "with surfaces")
+        editing.undo()
+        assert all(np.array_equal(result, before[sid]) for sid, result in segments_of(ours, volume).items()), case
+
+
+def test_a_layer_spanning_the_volume_is_cropped_to_its_voxels_before_the_undo_state_is_saved(scene):
+    """A segment imported from an array (or read from a file) spans the whole volume; as Slicer's own writes do,
+    a write crops its layer to the voxels, before the undo state (a copy of the layer) is saved."""
+    volume = phantom(scene)
+    segmentation = segmentation_on(scene, volume, "same")
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "imported")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(box(2, 6, 3, 9, 4, 8).astype(np.uint8), segmentation,
+                                                     segment_id, volume)
+    layer, _ = mrml.segment_labelmap(segmentation, segment_id)
+    assert layer.GetExtent() == (0, 19, 0, 15, 0, 11)
+    editing = SegmentEditing(scene)
+    assert editing.write(segmentation, segment_id, volume, box(2, 6, 3, 9, 4, 10)).count == 4 * 6 * 2
+    assert layer.GetExtent() == (4, 9, 3, 8, 2, 5)
+    editing.undo()
+    assert np.array_equal(mrml.segment_array(segmentation, segment_id, volume), box(2, 6, 3, 9, 4, 8))
+    restored, _ = mrml.segment_labelmap(segmentation, segment_id)
+    assert restored.GetExtent() == (4, 7, 3, 8, 2, 5)  # the state saved: cropped
+
+
+def test_a_copied_write_tells_the_undo_history_and_the_views(scene):
+    """The layer and each segment whose voxels changed report it: ``SourceRepresentationModified`` (the undo
+    history and the node observe it) and ``SegmentModified`` (on which the slice views redraw a segment)."""
+    import vtk
+
+    volume = phantom(scene)
+    segmentation = layered_segmentation(scene, volume, "same")
+    heard = []
+
+    @vtk.calldata_type(vtk.VTK_STRING)
+    def on_segment(caller, event, segment_id):
+        heard.append(segment_id)
+
+    segmentation.GetSegmentation().AddObserver(slicer.vtkSegmentation.SegmentModified, on_segment)
+    sources = []
+    segmentation.GetSegmentation().AddObserver(slicer.vtkSegmentation.SourceRepresentationModified,
+                                               lambda *args: sources.append(args))
+    wanted = LAYERED["a"] | box(3, 9, 2, 14, 4, 14)
+    assert SegmentEditing(scene).write(segmentation, "a", volume, wanted, editor_with(scene, "everywhere", "all",
+                                                                                      False)).count
+    assert sorted(heard) == ["a", "b", "c"] and sources  # once each, "d" untouched; the layers changed
+
+
 @pytest.mark.parametrize("geometry", ["same", "coarse", "oversampled", "transformed"])
 def test_blocks_of_a_segment_read_as_slicers_export_does(scene, geometry):
     """Reading a block of a segment (straight from its labelmap or resampled) gives, voxel for voxel, that block

@@ -7,11 +7,15 @@ One :class:`~.state.ObjectState` per object over :meth:`.engine.Engine.step`, as
     seg.propagate("liver", direction="both")             # through the volume from that slice
     seg.click("liver", point_ras, positive=False)        # a correction anywhere, in 3D
     mask = seg.mask("liver")                             # bool (K, J, I)
+
+With ``backend=BackendClient(server="tls://gpu-host:8765", key=...)`` instead of a model, every step runs on that
+backend (:mod:`.backend`) and gives the same masks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,34 +23,52 @@ from . import actions
 from .cache import EmbeddingCache
 from .engine import Engine
 from .errors import PromptError
-from .geometry import View, Volume
+from .geometry import View, Volume, slice_axes
 from .propagation import StopRules
 from .session import Session
 from .state import ObjectState, Update, labelmap
 
 
 class Segmenter:
-    """Objects on ``view`` of ``volume`` segmented with ``model`` (see the module docstring). ``window``: the
-    intensity window spec (:func:`.preprocessing.resolve_window`); ``rules``: the stop rules where a prompt
-    gives none (default :class:`~.propagation.StopRules`)."""
+    """Objects on ``view`` of ``volume`` segmented with ``model``, or by ``backend`` (a
+    :class:`~.backend.client.BackendClient`); see the module docstring. ``window``: the intensity window spec
+    (:func:`.preprocessing.resolve_window`); ``rules``: the stop rules where a prompt gives none (default
+    :class:`~.propagation.StopRules`)."""
 
-    def __init__(self, volume: Volume, model, view: View | str = View.AXIAL, window=None,
+    def __init__(self, volume: Volume, model=None, view: View | str = View.AXIAL, window=None,
                  cache: EmbeddingCache | None = None, rules: StopRules | None = None,
-                 session: Session | None = None) -> None:
-        self.session = session if session is not None else Session(volume, model, window, cache)
-        self.engine = Engine(self.session, view, rules)
-        self.axes = self.engine.axes
+                 session: Session | None = None, backend=None) -> None:
+        if (model is None and session is None) == (backend is None):
+            raise ValueError("A Segmenter needs a model (or a session), or a backend: one of them.")
+        self.volume = volume
+        self.backend, self.window, self.rules = backend, window, rules
+        if backend is None:
+            self.session = session if session is not None else Session(volume, model, window, cache)
+            self.engine = Engine(self.session, view, rules)
+            self.axes = self.engine.axes
+        else:
+            self.axes = slice_axes(volume, view)
         self.states: dict[str, ObjectState] = {}
         self.last_slice: dict[str, int] = {}  # per object, the slice of its latest prompt (propagate's default)
 
-    @property
-    def volume(self) -> Volume:
-        return self.session.volume
+    def describe(self) -> dict:
+        """The model that segments, its device and engine."""
+        if self.backend is not None:
+            info = self.backend.server_info
+            return {"model": info.get("model"), "device": info.get("device"), "engine": info.get("engine")}
+        model = self.session.model
+        return {"model": model.name, "device": str(model.device), "engine": model.engine}
 
     def step(self, name: str, action: actions.Action, cancel: Callable[[], bool] | None = None,
              on_slice=None) -> Update:
         """Apply ``action`` to object ``name`` (kept only when it succeeds) and return what changed."""
-        state, update = self.engine.step(self.states.get(name), action, cancel, on_slice)
+        if self.backend is None:
+            state, update = self.engine.step(self.states.get(name), action, cancel, on_slice)
+        else:
+            if isinstance(action, actions.Propagate) and action.rules is None and self.rules is not None:
+                action = replace(action, rules=self.rules)
+            handle = self.backend.step(self.volume, self.axes.view, name, self.states.get(name), action, self.window)
+            state, update = self.backend.wait(handle, on_event=on_slice, cancel=cancel)
         self.states[name] = state
         if isinstance(action, (actions.Prompt, actions.Box3D, actions.Click)):
             self.last_slice[name] = action.index

@@ -50,6 +50,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default=None,
                         help="intensity window: auto (0.5-99.5 percentiles), W,L (e.g. 400,40) or a CT preset "
                              "(abdomen, brain, bone, lung, ...)")
+    parser.add_argument("--backend", metavar="ADDRESS", default=None,
+                        help="segment on a server (segmentwithsam serve) at tcp://HOST:PORT or tls://HOST:PORT, with "
+                             "the key in $SEGMENTWITHSAM_KEY; the server's model is used (--model etc. are ignored)")
+    parser.add_argument("--cafile", default=None, help="the certificate (PEM) that a TLS server's is checked against, "
+                                                       "if the system's CAs do not know it")
 
 
 def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bool) -> None:
@@ -88,6 +93,21 @@ def _load_model(args: argparse.Namespace):
     model = load_model(args.model, args.device, args.engine, args.checkpoint)
     configure_process_threads(model)
     return model
+
+
+def _segmenter(args: argparse.Namespace, volume):
+    """The :class:`~.api.Segmenter` the options ask for: the model in this process, or a server's."""
+    from .api import Segmenter
+
+    if args.backend is None:
+        return Segmenter(volume, _load_model(args), args.view, window=args.window)
+    import atexit
+
+    from .backend.client import BackendClient
+
+    client = BackendClient(server=args.backend, cafile=args.cafile, dispatch="poll")
+    atexit.register(client.close)  # ends the session on the server
+    return Segmenter(volume, view=args.view, window=args.window, backend=client)
 
 
 def _propagate(segmenter, index: int, direction: str, args, slice_range=None) -> dict:
@@ -187,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_propagation_options(batch, with_direction=True)
 
     commands.add_parser("serve", add_help=False,
-                        help="run the backend process: stdin/stdout, or --tcp HOST:PORT with a token (--help)")
+                        help="serve the model to clients on other machines: --host, --port, TLS, a key (--help)")
     commands.add_parser("web", add_help=False,
                         help="the same tool in a web browser (pip install segmentwithsam[web]; --help)")
 
@@ -203,7 +223,6 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from .actions import parse_slice_range
-    from .api import Segmenter
     from .io import check_writable, read_volume, write_labelmap
 
     if not any(positive for _, positive in args.points) and args.box is None:
@@ -217,13 +236,12 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         bar.set_description("reading volume")
         volume = read_volume(args.volume)
         bar.update()
-        bar.set_description("loading model")
+        bar.set_description("loading model" if args.backend is None else "connecting")
         t = time.perf_counter()
-        model = _load_model(args)
+        segmenter = _segmenter(args, volume)
         timings["load_model"] = (time.perf_counter() - t) * 1e3
         bar.update()
         bar.set_description("segmenting")
-        segmenter = Segmenter(volume, model, args.view, window=args.window)
         points = np.array([p for p, _ in args.points]).reshape(-1, 3)
         labels = np.array([int(positive) for _, positive in args.points])
         first = segmenter.prompt(OBJECT, points, labels, None if args.box is None else args.box.reshape(2, 3),
@@ -245,14 +263,12 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         timings["write"] = (time.perf_counter() - t) * 1e3
         timings["total"] = (time.perf_counter() - start) * 1e3
         bar.update()
-    return {"voxels": int(mask.sum()), "slice": index, "view": segmenter.axes.view.value,
-            "model": model.name, "device": str(model.device), "engine": model.engine, "out": str(Path(args.out)),
-            "ms": {k: round(v, 1) for k, v in timings.items()}, **extra}
+    return {"voxels": int(mask.sum()), "slice": index, "view": segmenter.axes.view.value, **segmenter.describe(),
+            "out": str(Path(args.out)), "ms": {k: round(v, 1) for k, v in timings.items()}, **extra}
 
 
 def cmd_propagate(args: argparse.Namespace) -> dict:
     from .actions import UserEdit, parse_slice_range
-    from .api import Segmenter
     from .geometry import seed_slice
     from .io import check_writable, read_labelmap_on, read_volume, write_labelmap
 
@@ -261,16 +277,15 @@ def cmd_propagate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     volume = read_volume(args.volume)
     seed = read_labelmap_on(args.mask, volume, args.volume)
-    model = _load_model(args)
-    segmenter = Segmenter(volume, model, args.view, window=args.window)
+    segmenter = _segmenter(args, volume)
     index, mask2d = seed_slice(segmenter.axes, seed.array, args.label, args.mask)
     segmenter.step(OBJECT, UserEdit({index: mask2d}))
     report = _propagate(segmenter, index, args.direction, args, slice_range)
     mask = segmenter.mask(OBJECT)
     write_labelmap(mask, volume, args.out)
     report.update({"seed_slice": index, "voxels": int(mask.sum()), "view": segmenter.axes.view.value,
-                   "model": model.name, "device": str(model.device), "engine": model.engine,
-                   "out": str(Path(args.out)), "ms": round((time.perf_counter() - start) * 1e3, 1)})
+                   **segmenter.describe(), "out": str(Path(args.out)),
+                   "ms": round((time.perf_counter() - start) * 1e3, 1)})
     return report
 
 
@@ -288,7 +303,6 @@ def _join_coordinates(argv: list[str]) -> list[str]:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from .actions import Prompt
-    from .api import Segmenter
     from .errors import PromptError
     from .geometry import slices_with
     from .io import read_labelmap_on, read_volume
@@ -299,7 +313,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         raise PromptError(f"--clicks must be at least 1, not {args.clicks}.")
     volume = read_volume(args.volume)
     labels = read_labelmap_on(args.labels, volume, args.volume)
-    segmenter = Segmenter(volume, _load_model(args), args.view, window=args.window)
+    segmenter = _segmenter(args, volume)
     axes = segmenter.axes
     truth = axes.oriented(labels.array == args.label)
     present = slices_with(axes, labels.array == args.label)
@@ -319,7 +333,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     dices = run_clicks(click, truth[index], args.clicks)
     report = {f"noc{t}": clicks_to_reach(dices, t / 100) for t in (80, 85, 90)}
     report.update({"dice_per_click": [round(d, 4) for d in dices], "label": args.label, "view": axes.view.value,
-                   "slice": index, "clicks": args.clicks, "model": segmenter.session.model.name,
+                   "slice": index, "clicks": args.clicks, "model": segmenter.describe()["model"],
                    "ms": round((time.perf_counter() - start) * 1e3, 1)})
     return report
 

@@ -379,6 +379,10 @@ def cmd_cvpr25(args) -> int:
 
     from .cli import _load_model
 
+    if args.backend is not None:
+        raise SegmentWithSAMError("cvpr25 runs the model in this process, as the challenge's container does: "
+                                  "--backend is not for it.")
+
     def complain(name: str, message: str) -> None:
         print(f"segmentwithsam: error: {name}: {message}.", file=sys.stderr)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError, SegmentWithSAMError
+from .folders import private_folder, user_cache
 from .io import atomic_write
 
 DISK_CACHE_ENV = "SEGMENTWITHSAM_DISK_CACHE_MB"
@@ -30,8 +31,7 @@ _SUFFIX = ".npy"
 
 def default_disk_cache_dir() -> Path:
     """``$SEGMENTWITHSAM_EMBEDDING_CACHE``, else ``embeddings`` beside the engine exports in the user's cache."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segmentwithsam" / "embeddings"
-    return Path(os.environ.get(DISK_CACHE_DIR_ENV) or default)
+    return user_cache("embeddings", DISK_CACHE_DIR_ENV)
 
 
 def megabytes_setting(env: str, default_mb: float) -> int:
@@ -136,7 +136,7 @@ class DiskEmbeddingCache:
         array = _as_array(value)
         if path is None or array is None or array.nbytes > self.max_bytes:
             return False
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)  # patients' data: the owner's only
         try:
             atomic_write(path, _SUFFIX, lambda temporary: np.save(temporary, array, allow_pickle=False))
         except (OSError, OutputError):

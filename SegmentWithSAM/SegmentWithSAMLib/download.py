@@ -1,8 +1,9 @@
 """Downloading a model checkpoint, only when the user agreed: into the per-user model folder, resumable,
-with a progress bar, and checked against the registry's SHA-256 before it is used."""
+with a progress bar, and kept only when its SHA-256 equals the registry's full digest."""
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import os
 import sys
@@ -28,7 +29,8 @@ def download(entry: ModelEntry, url: str | None = None, target: Path | None = No
     partial file for a later resume.
 
     A partial ``.part`` file from an interrupted transfer is resumed with an HTTP range request. The file is
-    moved into place only after its SHA-256 matches; a mismatch deletes it and raises :class:`CheckpointError`.
+    moved into place only after its whole SHA-256 equals ``entry.sha256``; a mismatch deletes it and raises
+    :class:`CheckpointError`. An entry without a digest (see :class:`ModelEntry`) is not downloaded.
     """
     url = url or entry.url
     if not url or not entry.sha256:
@@ -60,9 +62,9 @@ def download(entry: ModelEntry, url: str | None = None, target: Path | None = No
         raise CheckpointError(f"Downloading {entry.name} stopped ({error}); run the download again to resume "
                               f"({part.stat().st_size if part.exists() else 0} bytes kept).") from None
     digest = sha256_of(part)
-    if not digest.startswith(entry.sha256):
+    if not hmac.compare_digest(digest, entry.sha256):
         part.unlink()
-        raise CheckpointError(f"The download of {entry.name} has SHA-256 {digest[:16]}…, not {entry.sha256}…: it was "
-                              "deleted. Try again, or check the URL.")
+        raise CheckpointError(f"The download of {entry.name} has SHA-256 {digest}, not the expected "
+                              f"{entry.sha256}: it was deleted. Try again, or check the URL.")
     os.replace(part, target)
     return target

@@ -30,6 +30,7 @@ import numpy as np
 from .checkpoints import sha256_of
 from .device import CPU
 from .errors import ModelError
+from .folders import user_cache
 from .models.base import Decoded, SamLikeAdapter, labelled_points
 
 ENGINES = ("torch", "openvino", "openvino-f32", "openvino-bf16")
@@ -75,8 +76,7 @@ def resolve_engine(name: str | None, device) -> str:
 
 
 def engine_cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segmentwithsam" / "engines"
-    return Path(os.environ.get(ENGINE_CACHE_ENV) or default)
+    return user_cache("engines", ENGINE_CACHE_ENV)
 
 
 # the decoder's exported graphs (see models.factored_decoder): per image; per click, for one mask or for the

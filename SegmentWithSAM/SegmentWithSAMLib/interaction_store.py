@@ -20,6 +20,7 @@ import numpy as np
 
 from .disk_cache import default_disk_cache_dir, model_identity
 from .errors import OutputError
+from .folders import private_folder
 from .io import atomic_write
 from .state import ObjectState
 
@@ -78,7 +79,7 @@ class InteractionStore:
             headers[name] = header
             arrays.update({f"{number}/{key}": value for key, value in state_arrays.items()})
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            private_folder(self.folder)  # patients' data: the owner's only
             atomic_write(self._path(prompts), ".npz",
                          lambda tmp: np.savez_compressed(tmp, header=np.array(json.dumps(headers)), **arrays))
         except (OSError, OutputError):

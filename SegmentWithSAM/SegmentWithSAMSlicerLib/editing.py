@@ -1,26 +1,38 @@
 """Undoable segment writes, made the way Slicer's Segment Editor effects make them.
 
 A write turns "the segment should now be this KJI mask within this block of the volume" into at most two
-labelmap modifications (add the new voxels, remove the dropped ones) through ``vtkSlicerSegmentEditorLogic``, so
-the editor node's masking (editable area, editable intensity range) and overwrite settings apply as for any
-effect.
+labelmap modifications (add the new voxels, remove the dropped ones) through ``vtkSlicerSegmentEditorLogic::
+ModifySegmentByLabelmap``, so the editor node's masking (editable area, editable intensity range) and overwrite
+settings (overwrite other segments, or allow overlap) apply as for any effect.
 
-Three things of Slicer's ``ModifySegmentByLabelmap`` (``Modules/Loadable/Segmentations/Logic/
-vtkSlicerSegmentEditorLogic.cxx``, the same in 5.10 and 5.12) decide how this is built:
+What Slicer's code does decides how (``Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentEditorLogic.cxx`` and
+``Libs/vtkSegmentationCore/vtkSegmentationModifier.cxx``, the same in 5.10 and 5.12):
 
-- it combines the editor's mask with the modifier through ``vtkOrientedImageDataResample::ModifyImage``, which
-  refuses an image of another geometry and whose result it does not check, and with the editable intensity range
-  on it returns without writing when the modifier's geometry is not the aligned source volume's. So the modifier
-  is built in the segmentation's own reference geometry, in the segmentation node's coordinates (its parent
-  transform undone), never on the volume's grid (:func:`.mrml.modifier_labelmap`);
+- ``ModifySegmentByLabelmap`` combines the editor's mask with the modifier through ``vtkOrientedImageDataResample::
+  ModifyImage``, which refuses an image of another geometry and whose result it does not check, and with the
+  editable intensity range on it returns without writing when the modifier's geometry is not the aligned source
+  volume's. So the modifier is built in the segmentation's own reference geometry, in the segmentation node's
+  coordinates, never on the volume's grid (:func:`.mrml.modifier_labelmap`);
 - those geometry checks compare origin, spacing and axes, not extents, and every mask is combined over the
-  modifier's extent: so the modifier covers only the part of the reference geometry the change touches, and
-  Slicer's masking is computed there alone;
-- masking can leave nothing to write. An undo state saved for a write that changed nothing would be an undo step
-  that does nothing, so each write is first tried on a scratch segmentation node outside the scene holding a copy
-  of just the one segment's labelmap within the modifier's extent (the same call, with the real editor node, so
-  Slicer's own masking code decides from the real segmentation and source volume), and the state is saved and
-  the real segment touched only when the copy changed.
+  modifier's extent: so the modifier covers only the part of the reference geometry the change touches;
+- yet a call costs in proportion to the whole of every labelmap layer it writes to, whatever the modifier's
+  size: ``vtkSegmentationModifier::ModifyBinaryLabelmap`` pads the layer to hold the modifier (``MergeImage`` →
+  ``PadImageToContainImage``) and then scans it for its effective extent and crops it to that
+  (``ShrinkSegmentToEffectiveExtent``), and with "overwrite other segments" the layer of every other segment is
+  written to so (the ``segmentsToErase`` loop of ``ModifySegmentByLabelmap``). On a CT-sized segmentation of two
+  layers that is about a tenth of a second for a one-slice change.
+
+So the calls run on a replica (:class:`_Replica`): a segmentation node outside the scene holding every layer of the
+segmentation over the modifier's extent alone, with the same segment IDs, labels and layer sharing, while the
+editor logic points at the real segmentation, source volume and editor node, from which it computes the masks.
+Slicer's own code thus decides every voxel, and the replica shows what changed. If nothing did (masking left
+nothing to write), nothing is written and no undo state is saved: an undo step that does nothing. Otherwise the
+undo state is saved and the changed voxels are copied into the segmentation's layers within that extent; the
+layers and the changed segments then report themselves modified, as ``slicer.util.
+arrayFromSegmentInternalBinaryLabelmap`` prescribes after an edit in place (the layer's ``Modified`` sends
+``SourceRepresentationModified``, which the undo history and the node observe; the segment's sends
+``SegmentModified``, on which the slice views redraw it). The calls run on the segmentation itself instead, after
+the undo state is saved, where the replica cannot stand for it (:meth:`_Replica.copyable`).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 import slicer
+import vtk
 
 from . import mrml
 
@@ -69,6 +82,146 @@ class Written(NamedTuple):
     segment: np.ndarray
 
 
+def _labelmap_name() -> str:
+    return slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+
+
+class _Replica:
+    """The labelmap layers of a segmentation node over ``geometry`` (an extent of its reference geometry, an
+    image without voxels), in a segmentation node outside the scene (``node``: no MRML events, no subject
+    hierarchy items) with the same segment IDs, labels and layer sharing: every segment with voxels there, and
+    the one written to (``segment_id``). The others, and layers without voxels there, are left out: no call can
+    change them there (only the segment written to gains voxels; overwriting and masks by other segments involve
+    only voxels they have), and each segment of a node costs its removal an event to every other one (a
+    TotalSegmentator segmentation has over a hundred). ``layers``: the segmentation's layer → (its replica, the
+    replica's voxels as copied (KJI), the IDs of its segments in the replica)."""
+
+    def __init__(self, segmentation_node, segment_id: str, geometry) -> None:
+        self.segmentation_node, self.geometry = segmentation_node, geometry
+        self.node = slicer.vtkMRMLSegmentationNode()
+        self.layers: dict = {}
+        members: dict = {}  # the segmentation's layer → [(segment ID, label)]
+        for member_id in segmentation_node.GetSegmentation().GetSegmentIDs():
+            layer, label = mrml.segment_labelmap(segmentation_node, member_id)
+            members.setdefault(layer, []).append((member_id, label))
+        for layer, segments in members.items():
+            values = mrml.image_values(layer, geometry)
+            present = set(np.unique(values).tolist())
+            segments = [(i, label) for i, label in segments if label in present or i == segment_id]
+            if not segments:
+                continue
+            copy = mrml.labelmap_image(values, geometry)
+            self.layers[layer] = (copy, values, [i for i, _ in segments])
+            for member_id, label in segments:
+                segment = slicer.vtkSegment()
+                segment.SetLabelValue(label)
+                segment.AddRepresentation(_labelmap_name(), copy)
+                self.node.GetSegmentation().AddSegment(segment, member_id)
+
+    def outcome(self) -> tuple[dict, bool]:
+        """After the calls on the replica: ({the segmentation's layer: its replica's voxels (KJI)} for the layers
+        whose voxels changed, whether the replica stopped standing for the segmentation: a segment moved to a
+        layer of its own (``SeparateModifiedSegmentFromSharedLabelmap``: overlap allowed with a segment of its
+        layer) or a layer changed its scalar type to hold a label (``CastImageForValue``))."""
+        segmentation, changed, apart = self.node.GetSegmentation(), {}, False
+        for layer, (copy, before, ids) in self.layers.items():
+            apart |= any(segmentation.GetSegment(i).GetRepresentation(_labelmap_name()) is not copy for i in ids)
+            after = mrml.image_values(copy, self.geometry)
+            apart |= after.dtype != before.dtype
+            if not np.array_equal(after, before):
+                changed[layer] = after
+        return changed, apart
+
+    def copyable(self, changed: dict, editor_node) -> bool:
+        """Whether the changed voxels can be copied into the segmentation as they are in the replica, which holds
+        unless: "overwrite visible segments" is set (visibility lives in the display node, which a node outside the
+        scene has not); the segmentation holds a representation besides the labelmap, or another one is its source
+        (``SetBinaryLabelmapToSegment`` converts the changed segments again; in place the others would be dropped);
+        a changed layer is not on the reference grid (Slicer resamples the whole layer onto the modifier's)."""
+        segmentation, names = self.segmentation_node.GetSegmentation(), []
+        segmentation.GetContainedRepresentationNames(names)
+        return (editor_node.GetOverwriteMode() != editor_node.OverwriteVisibleSegments
+                and segmentation.GetSourceRepresentationName() == _labelmap_name() and names == [_labelmap_name()]
+                and all(mrml.image_array(layer) is None
+                        or slicer.vtkOrientedImageDataResample.DoGeometriesMatch(layer, self.geometry)
+                        for layer in changed))
+
+    def copy_into_segmentation(self, changed: dict, segment_id: str) -> None:
+        """Copy the changed voxels (the block of each layer's replica that holds them) into the segmentation's
+        layers, which then report themselves modified (``SourceRepresentationModified``), and mark the segment in
+        progress, as ``ModifySegmentByLabelmap`` does. A layer that does not hold the block is replaced (in place,
+        so that its segments still share it) by a grown copy, as ``MergeImage`` grows it
+        (``PadImageToContainImage``); an empty one by the block, as ``AppendLabelmapToSegment`` copies the
+        modifier into it. Erasing never grows a layer: only voxels it has change. The layers are grown before any
+        of them changes, and report the change once all are written."""
+        segmentation, targets, modified = self.segmentation_node.GetSegmentation(), {}, []
+        matrix, extent = slicer.util.arrayFromVTKMatrix(mrml.image_to_world(self.geometry)), _block_of(self.geometry)
+        for layer, after in changed.items():
+            _, before, ids = self.layers[layer]
+            block = mrml.mask_block(after != before, within=extent)  # in the reference grid's indices
+            values, where = after[mrml.block_index(block, within=extent)], mrml.geometry_image(matrix, block)
+            if mrml.image_array(layer) is None:
+                target = mrml.labelmap_image(values, where)
+            elif _holds(layer, where):
+                target = layer
+            else:
+                target = slicer.vtkOrientedImageData()
+                if not slicer.vtkOrientedImageDataResample.PadImageToContainImage(layer, where, target):
+                    raise RuntimeError("Slicer could not grow a labelmap layer to hold the change.")
+            targets[layer] = (target, mrml.block_index(block, within=_block_of(target)), values)
+            was, now = before[after != before], after[after != before]
+            modified += [i for i in ids if _label_changed(segmentation.GetSegment(i).GetLabelValue(), was, now)]
+        for target, index, values in targets.values():
+            mrml.image_array(target)[index] = values
+        for layer, (target, _, _) in targets.items():
+            if target is layer:
+                layer.GetPointData().GetScalars().Modified()
+                layer.Modified()
+            else:
+                layer.ShallowCopy(target)  # geometry included (vtkOrientedImageData::ShallowCopy)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if logic.GetSegmentStatus(segmentation.GetSegment(segment_id)) == logic.NotStarted:
+            logic.SetSegmentStatus(segmentation.GetSegment(segment_id), logic.InProgress)
+        for modified_id in modified:
+            segmentation.GetSegment(modified_id).Modified()  # → SegmentModified: the slice views redraw it
+
+
+def _crop_to_voxels(layer) -> None:
+    """Crop a labelmap layer with an empty face (one as read from a file spans the whole reference geometry) to
+    the extent of its voxels, as Slicer crops every layer it writes to (``ShrinkSegmentToEffectiveExtent``, with
+    ``CalculateEffectiveExtent``): the undo history keeps a copy of each changed layer, whole, per step, so a
+    write crops before the undo state is saved. The voxels stay as they are."""
+    values = mrml.image_array(layer)
+    faces = () if values is None else (values[0], values[-1], values[:, 0], values[:, -1], values[:, :, 0],
+                                       values[:, :, -1])
+    extent = [0] * 6
+    if all(face.any() for face in faces) \
+            or not slicer.vtkOrientedImageDataResample.CalculateEffectiveExtent(layer, extent):
+        return  # tight already, or no voxels at all
+    crop = vtk.vtkImageConstantPad()
+    crop.SetInputData(layer)
+    crop.SetOutputWholeExtent(extent)
+    crop.Update()
+    layer.ShallowCopy(crop.GetOutput())  # the layer's axes are kept, as in ShrinkSegmentToEffectiveExtent
+
+
+def _block_of(image) -> mrml.Block:
+    """An image's extent as a block of its grid's indices."""
+    extent = image.GetExtent()
+    return (extent[4], extent[5] + 1), (extent[2], extent[3] + 1), (extent[0], extent[1] + 1)
+
+
+def _holds(image, geometry) -> bool:
+    """Whether an image's extent holds that of ``geometry``."""
+    have, want = image.GetExtent(), geometry.GetExtent()
+    return all(have[2 * a] <= want[2 * a] and want[2 * a + 1] <= have[2 * a + 1] for a in range(3))
+
+
+def _label_changed(label: int, was: np.ndarray, now: np.ndarray) -> bool:
+    """Whether the voxels of ``label`` changed, given the changed voxels' values before and after."""
+    return bool(np.any((was == label) != (now == label)))
+
+
 class SegmentEditing:
     """Writes into segments of ``scene`` as single undoable steps (see the module docstring).
 
@@ -92,72 +245,62 @@ class SegmentEditing:
         for modifier, mode in modifiers:
             self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, mode, False, False)
 
-    def _changes_anything(self, segmentation_node, segment_id: str, modifiers) -> bool:
-        """Whether the modifiers would change the segment: tried on a segmentation node outside the scene (no
-        MRML events, no subject hierarchy items) holding a copy of the segment's labelmap within their extent."""
-        extents = np.array([modifier.GetExtent() for modifier, _ in modifiers])
-        reference = slicer.vtkOrientedImageData()
-        extent = np.empty(6, int)
-        extent[0::2], extent[1::2] = extents[:, 0::2].min(axis=0), extents[:, 1::2].max(axis=0)
-        reference.SetExtent([int(v) for v in extent])
-        reference.SetImageToWorldMatrix(mrml.image_to_world(modifiers[0][0]))
-        before = self._segment_on(segmentation_node, segment_id, reference)
-        trial = slicer.vtkMRMLSegmentationNode()
-        segment = slicer.vtkSegment()
-        segment.SetLabelValue(1)
-        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName(),
-                                  mrml.labelmap_image(before, reference))
-        trial.GetSegmentation().AddSegment(segment, segment_id)
-        self._modify(trial, segment_id, modifiers)
-        return not np.array_equal(self._segment_on(trial, segment_id, reference), before)
-
-    @staticmethod
-    def _segment_on(segmentation_node, segment_id: str, reference) -> np.ndarray:
-        """The segment (KJI bool) on the voxels of ``reference`` (a geometry in the node's coordinates)."""
-        labelmap, label = mrml.segment_labelmap(segmentation_node, segment_id)
-        extent = reference.GetExtent()
-        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-        if mrml.image_array(labelmap) is None:
-            return np.zeros(shape, bool)
-        resampled = slicer.vtkOrientedImageData()
-        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference,
-                                                                                        resampled)
-        values = mrml.image_array(resampled)
-        return np.zeros(shape, bool) if values is None else values.reshape(shape) == label
-
     def write(self, segmentation_node, segment_id: str, volume_node, new_kji: np.ndarray, editor_node=None,
               save_state: Callable[[], None] | None = None, block: mrml.Block | None = None) -> Written:
         """Make the segment ``new_kji`` (KJI bool) within ``block`` of the volume's grid (the whole volume when
         None) as one undoable step, only adding the new voxels and removing the dropped ones, as far as the
         editor's masking lets it; the segment outside the block is not read or touched. Saves an undo state
-        only when the segment changes."""
+        only when the segmentation changes."""
         block = mrml.whole_block(volume_node) if block is None else block
         new_kji = np.asarray(new_kji, dtype=bool)
         if new_kji.shape != tuple(stop - start for start, stop in block):
             raise ValueError(f"The mask's shape {new_kji.shape} is not the block's {block}.")
         old = mrml.segment_array(segmentation_node, segment_id, volume_node, block)
-        add, remove = new_kji & ~old, old & ~new_kji
-        changed = mrml.mask_block(add | remove, within=block)
+        differ = new_kji != old
+        changed = mrml.mask_block(differ, within=block)
         if changed is None:
             return Written(0, block, old)
         inner = mrml.block_index(changed, within=block)
+        differ, new_inner = differ[inner], new_kji[inner]
         editor_node = ensure_editor_node(self.scene, editor_node)
         self._point_at(editor_node, segmentation_node, segment_id, volume_node)
-        modifiers = [(modifier, mode) for change, mode in ((add, self.logic.ModificationModeAdd),
-                                                           (remove, self.logic.ModificationModeRemove))
-                     if change[inner].any()
-                     for modifier in [mrml.modifier_labelmap(segmentation_node, volume_node, change[inner], changed)]
+        modifiers = [(modifier, mode) for change, mode in ((differ & new_inner, self.logic.ModificationModeAdd),
+                                                           (differ & ~new_inner, self.logic.ModificationModeRemove))
+                     if change.any()
+                     for modifier in [mrml.modifier_labelmap(segmentation_node, volume_node, change, changed)]
                      if modifier is not None]
-        if not modifiers or not self._changes_anything(segmentation_node, segment_id, modifiers):
+        if not modifiers:
             return Written(0, block, old)
+        replica = _Replica(segmentation_node, segment_id, self._extent_of(modifiers))
+        self._modify(replica.node, segment_id, modifiers)
+        layers, apart = replica.outcome()
+        if not layers and not apart:
+            return Written(0, block, old)
+        copied = not apart and replica.copyable(layers, editor_node)
+        for layer in layers if copied else ():
+            _crop_to_voxels(layer)
         if save_state is not None:
             save_state()
         else:
             self.logic.SaveStateForUndo()
-        self._modify(segmentation_node, segment_id, modifiers)
+        if copied:
+            replica.copy_into_segmentation(layers, segment_id)
+        else:
+            self._modify(segmentation_node, segment_id, modifiers)
         after = old.copy()
         after[inner] = mrml.segment_array(segmentation_node, segment_id, volume_node, changed)
         return Written(int(np.count_nonzero(after[inner] != old[inner])), block, after)
+
+    @staticmethod
+    def _extent_of(modifiers):
+        """The smallest extent of the modifiers' grid (an image without voxels) that holds all of them."""
+        extents = np.array([modifier.GetExtent() for modifier, _ in modifiers])
+        extent = np.empty(6, int)
+        extent[0::2], extent[1::2] = extents[:, 0::2].min(axis=0), extents[:, 1::2].max(axis=0)
+        geometry = slicer.vtkOrientedImageData()
+        geometry.SetExtent([int(v) for v in extent])
+        geometry.SetImageToWorldMatrix(mrml.image_to_world(modifiers[0][0]))
+        return geometry
 
     def undo(self) -> None:
         """Undo the last write saved in this object's own history."""

@@ -7,7 +7,9 @@ bind widgets to it):
 - the prompt markups nodes (names and colours) and clearing them in one step;
 - the propagation range: the panel's range if set, else the whole volume when asked, else the accepted box's;
 - one status line: an error stays until the user's next action, even while background results arrive; a
-  background failure replaces what is shown.
+  background failure replaces what is shown;
+- the backend: each request goes where the settings say (this computer, or a server, whose model is used and
+  needs nothing downloaded or installed here); the server's fields apply only when a server is chosen.
 
 What differs between the two hosts is behind :class:`Host`: which nodes are selected, the slice nodes, and the
 Segment Editor node + undo-state function writes go through.
@@ -25,7 +27,7 @@ from SegmentWithSAMLib.geometry import View, slice_axes
 
 from . import mrml
 from .logic import SegmentationController
-from .settings import Settings, device_of, stop_rules
+from .settings import Settings, device_of, runs_here, stop_rules
 
 PROMPTS = {"positive": ("vtkMRMLMarkupsFiducialNode", "SAM positive", (0.2, 0.9, 0.2)),
            "negative": ("vtkMRMLMarkupsFiducialNode", "SAM negative", (0.95, 0.2, 0.2)),
@@ -147,12 +149,20 @@ class FrontEnd:
     def _window(self):
         return self.controller.window(self.host.volume_node, self.settings.model_window)
 
+    def model_to_download(self):
+        """The registry entry of the chosen model if it must be downloaded to run here (None when it is ready, or
+        with a server: it has its own); ``PromptError`` if it cannot be downloaded at all."""
+        return self.controller.missing_model(self.settings.model) if runs_here(self.settings) else None
+
     def require_model(self) -> None:
-        """``PromptError`` if the chosen model must be downloaded first."""
-        entry = self.controller.missing_model(self.settings.model)
+        """Use the chosen backend (``BackendError`` for a bad address, or no key: nothing changes), then
+        ``PromptError`` if the chosen model must be downloaded first."""
+        s = self.settings
+        self.controller.use_backend(s.backend, s.server_address, s.server_cafile)
+        entry = self.model_to_download()
         if entry is not None:
             raise PromptError(f"{entry.name} is not downloaded yet ({entry.size / 1e6:.0f} MB, licence "
-                              f"{entry.licence}): download it first (its SHA-256 is checked).")
+                              f"{entry.licence}): download it first (kept only if its SHA-256 is the expected one).")
 
     def preview(self) -> None:
         """A mask from the placed prompts on their slice, as a step on the selected segment."""
@@ -239,11 +249,18 @@ class FrontEnd:
     def cancel(self) -> None:
         self.controller.cancel()
 
+    def test_connection(self) -> None:
+        """Check the server of the settings with the key in the background; the status line then says what it
+        serves (model, device, round trip), or why it cannot be reached."""
+        self.controller.test_connection(self.settings.server_address, self.settings.server_cafile)
+        self.say(self.controller.status)
+
     # ---- what the panel shows ------------------------------------------------------------------------------
     def panel(self) -> dict:
         """What both panels show, as plain data: the status line, which buttons work now, the propagation's
-        progress (done, total) and where the next one starts and stays."""
+        progress (done, total), where the next one starts and stays, and whether the server's fields apply."""
         c, host = self.controller, self.host
+        server = not runs_here(self.settings)
         last, progress = c.last_accepted, c.progress
         accepted_here = last is not None and host.segmentation_node is not None \
             and last[:2] == (host.segmentation_node.GetID(), host.segment_id)
@@ -255,6 +272,7 @@ class FrontEnd:
             "progress": [int(progress[0]), int(progress[1])] if progress else None,
             "range": list(r) if (r := self.shown_range()) else None,
             "seed": f"{last[2].value} slice {last[3]}" if last else "",
+            "server": server, "can_test_connection": server and not c.backend.testing,
         }
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from SegmentWithSAMLib.models import DEFAULT_MODEL
 from SegmentWithSAMLib.propagation import StopRules
 
 from . import mrml
+from .backend_choice import BackendChoice
 from .editing import SegmentEditing
 from .interactive import Pending, SegmentCache, state_from_segment
 
@@ -33,14 +34,15 @@ PREVIEW_COLOR = (1.0, 0.85, 0.1)
 
 
 class SegmentationController:
-    """The module's logic for one scene. ``client_factory(model, device)`` makes the backend client (tests and
-    the widget choose the Python that runs it)."""
+    """The module's logic for one scene. ``client_factory(model, device)`` makes the backend client on this
+    computer (tests and the widget choose the Python that runs it); :meth:`use_backend` chooses a server instead."""
 
     def __init__(self, scene, client_factory=None) -> None:
         self.scene = scene
         self._client_factory = client_factory or (lambda model, device: BackendClient(model, device))
         self.client: BackendClient | None = None
         self._client_key: tuple | None = None
+        self.backend = BackendChoice()  # this computer or a server, the server's access key, a connection test
         self._volumes: dict[str, tuple[tuple, Volume]] = {}
         self.preview: Pending | None = None  # a 2D prompt's result, written on Accept
         self.propagation: Pending | None = None  # written when it completes
@@ -76,12 +78,30 @@ class SegmentationController:
         self._status = (text, True)
 
     def engine(self, model: str = DEFAULT_MODEL, device: str | None = None) -> BackendClient:
-        """The backend client for ``model`` on ``device`` (a new backend if either changed)."""
-        if self.client is None or self._client_key != (model, device):
+        """The backend client for ``model`` on ``device`` (a new backend if either changed), or a session on the
+        chosen server, which serves its own model (a new session if the server or the key changed)."""
+        server = self.backend.server
+        if self.client is None or self._client_key != (server or (model, device)):
             if self.client is not None:
-                self.client.close()
-            self.client, self._client_key = self._client_factory(model, device), (model, device)
+                self.client.close()  # nothing accepted is lost: the segments are in MRML, their states here
+            self.client = server.client() if server is not None else self._client_factory(model, device)
+            self._client_key = server or (model, device)
         return self.client
+
+    def use_backend(self, backend: str, address: str = "", cafile: str = "") -> None:
+        """Send the next requests to this computer's backend ("local") or to the server at ``address``
+        ("server", with :attr:`backend`'s key); :meth:`engine` then closes the current client. Bad input raises
+        :class:`BackendError` and changes nothing."""
+        server = self.backend.chosen(backend, address, cafile)
+        busy = self.propagation is not None or (self.refinement is not None and self.refinement.handle is not None)
+        if server != self.backend.server and busy:
+            raise PromptError("Wait for the propagation or 3D click (or cancel it) before changing the backend.")
+        self.backend.server = server
+
+    def test_connection(self, address: str, cafile: str = "") -> None:
+        """Check the server at ``address`` with :attr:`backend`'s key in the background; :meth:`poll` reports
+        what it serves, or why it cannot be reached. Bad input raises :class:`BackendError` at once."""
+        self.status = self.backend.start_test(address, cafile)
 
     def missing_model(self, model: str):
         """The registry entry of ``model`` if it must be downloaded before use (None if it is ready or is a
@@ -104,18 +124,25 @@ class SegmentationController:
 
         if self.download is not None:
             raise PromptError("A download is already running.")
-        job = {"entry": entry, "done": 0, "total": entry.size, "error": None, "finished": False, "cancel": False}
+        # "error" stays set unless the download returns, so a thread ended by anything at all reports a failure
+        job = {"entry": entry, "done": 0, "total": entry.size, "error": "it stopped unexpectedly; try again",
+               "finished": False, "cancel": False}
 
         def run() -> None:
             try:
                 download(entry, url, progress=False, on_progress=lambda n, total: job.update(done=n, total=total),
                          cancel=lambda: job["cancel"])
             except SegmentWithSAMError as error:
-                job["error"] = error
-            job["finished"] = True
+                job["error"] = str(error)
+            except Exception as error:  # a failure of any kind must end the job, or "Downloading…" stays forever
+                job["error"] = f"unexpected {type(error).__name__} ({error}); try again"
+            else:
+                job["error"] = None
+            finally:
+                job["finished"] = True
 
-        self.download = job
         threading.Thread(target=run, name="model-download", daemon=True).start()
+        self.download = job  # only once the thread runs: a thread that never started would block every download
 
     def _poll_download(self) -> None:
         job = self.download
@@ -254,8 +281,10 @@ class SegmentationController:
         Returns True while a request is still in flight."""
         if self.download is not None:
             self._poll_download()
+        if (tested := self.backend.test_outcome()) is not None:
+            self._status = tested
         if self.client is None:
-            return self.download is not None
+            return self.download is not None or self.backend.testing
         self.client.poll()
         if self.preview is not None and self.preview.handle is not None and self.preview.handle.done:
             self._poll_preview()
@@ -265,7 +294,7 @@ class SegmentationController:
             self._poll_refinement()
         busy = [job for job in (self.preview, self.propagation, self.refinement)
                 if job is not None and job.handle is not None]
-        return bool(busy) or self.download is not None
+        return bool(busy) or self.download is not None or self.backend.testing
 
     def _poll_preview(self) -> None:
         job = self.preview

@@ -193,13 +193,12 @@ def mask_block(mask: np.ndarray, within: Block | None = None) -> Block | None:
     """The smallest block holding the True voxels of ``mask`` (KJI bool), or None if there are none; ``mask`` may
     be the part of a volume in block ``within`` (the result is then in the volume's indices)."""
     starts = [0, 0, 0] if within is None else [start for start, _ in within]
-    block = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(hit):
-            return None
-        block.append((starts[axis] + int(hit[0]), starts[axis] + int(hit[-1]) + 1))
-    return tuple(block)
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))  # in memory order, then only the slices with voxels
+    if not len(slices):
+        return None
+    plane = mask[slices[0]: slices[-1] + 1].any(axis=0)  # (J, I)
+    hits = (slices, np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0)))
+    return tuple((start + int(hit[0]), start + int(hit[-1]) + 1) for start, hit in zip(starts, hits, strict=True))
 
 
 def _shifted(matrix: np.ndarray, block: Block) -> np.ndarray:
@@ -236,6 +235,14 @@ def image_array(image) -> np.ndarray | None:
     return numpy_support.vtk_to_numpy(scalars).reshape(shape)
 
 
+def _whole_voxel_shift(grid_to_grid: np.ndarray) -> np.ndarray | None:
+    """The (I, J, K) whole-voxel translation that an IJK → IJK matrix (4, 4) is, or None if it is not one."""
+    shift = np.round(grid_to_grid[:3, 3])
+    if np.allclose(grid_to_grid[:3, :3], np.eye(3), atol=1e-6) and np.allclose(grid_to_grid[:3, 3], shift, atol=1e-4):
+        return shift.astype(int)
+    return None
+
+
 def _aligned_labelmap(segmentation_node, segment_id: str, volume_node, block: Block):
     """(layer values (K, J, I) over ``block`` ∩ the layer, the segment's label, where in the block they go) when
     the segment's labelmap lies on the volume's grid up to a whole-voxel shift (the usual case: a segmentation
@@ -244,15 +251,14 @@ def _aligned_labelmap(segmentation_node, segment_id: str, volume_node, block: Bl
     labelmap, label = segment_labelmap(segmentation_node, segment_id)
     if labelmap is None:
         return _NOTHING, label, _NOWHERE
-    to_layer = np.linalg.inv(slicer.util.arrayFromVTKMatrix(image_to_world(labelmap))) \
-        @ _grid_in_segmentation(segmentation_node, volume_node)  # volume IJK → layer IJK
-    shift = np.round(to_layer[:3, 3])
-    if not (np.allclose(to_layer[:3, :3], np.eye(3), atol=1e-6) and np.allclose(to_layer[:3, 3], shift, atol=1e-4)):
+    shift = _whole_voxel_shift(np.linalg.inv(slicer.util.arrayFromVTKMatrix(image_to_world(labelmap)))
+                               @ _grid_in_segmentation(segmentation_node, volume_node))  # volume IJK → layer IJK
+    if shift is None:
         return None
     values = image_array(labelmap)
     if values is None:
         return _NOTHING, label, _NOWHERE
-    extent, shift_kji = labelmap.GetExtent(), shift[::-1].astype(int)
+    extent, shift_kji = labelmap.GetExtent(), shift[::-1]
     source, target = [], []
     for axis, (start, stop) in enumerate(block):
         first = extent[2 * (2 - axis)]  # the layer's first index on this axis, in its own IJK
@@ -271,8 +277,9 @@ def image_to_world(image) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def _geometry(matrix: np.ndarray, block: Block):
-    """An image without voxels: the grid of ``matrix`` (IJK → coordinates) over ``block``."""
+def geometry_image(matrix: np.ndarray, block: Block):
+    """An image without voxels: the grid of ``matrix`` (IJK → coordinates, (4, 4)) over ``block`` of its
+    indices."""
     image = slicer.vtkOrientedImageData()
     (k0, k1), (j0, j1), (i0, i1) = block
     image.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
@@ -293,12 +300,12 @@ def segment_array(segmentation_node, segment_id: str, volume_node, block: Block 
     aligned = _aligned_labelmap(segmentation_node, segment_id, volume_node, block)
     if aligned is not None:
         values, label, target = aligned
-        out[target] = values == label
+        np.equal(values, label, out=out[target])
         return out
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
     merged = slicer.vtkOrientedImageData()
-    geometry = _geometry(_grid_in_segmentation(segmentation_node, volume_node), block)
+    geometry = geometry_image(_grid_in_segmentation(segmentation_node, volume_node), block)
     segmentation_node.GenerateMergedLabelmapForAllSegments(merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
                                                            geometry, ids)
     values = image_array(merged)
@@ -322,14 +329,42 @@ def write_block(segmentation_node, segment_id: str, volume_node, mask: np.ndarra
         image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
 
 
-def labelmap_image(mask_kji: np.ndarray, geometry):
-    """A uint8 0/1 image of a KJI mask over the extent and on the grid of ``geometry`` (an image)."""
+def labelmap_image(values_kji: np.ndarray, geometry):
+    """An image of KJI label values (any integer type, kept) over the extent and on the grid of ``geometry``."""
+    from vtk.util import numpy_support
+
     image = slicer.vtkOrientedImageData()
     image.SetExtent(geometry.GetExtent())
     image.SetImageToWorldMatrix(image_to_world(geometry))
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    image_array(image)[:] = mask_kji
+    image.AllocateScalars(numpy_support.get_vtk_array_type(values_kji.dtype), 1)
+    image_array(image)[:] = values_kji
     return image
+
+
+def image_values(image, geometry) -> np.ndarray:
+    """The voxels of a labelmap ``image`` (KJI, its scalar type; uint8 zeros for an empty one) over the extent of
+    ``geometry``, zero where the image has none: copied where both are on one grid (origin, spacing and axes
+    equal), else resampled onto it (nearest neighbour)."""
+    extent = geometry.GetExtent()
+    values = image_array(image)
+    out = np.zeros((extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1),
+                   np.uint8 if values is None else values.dtype)
+    if values is None:
+        return out
+    if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(image, geometry):
+        resampled = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, geometry, resampled)
+        values = image_array(resampled)
+        return out if values is None else values.reshape(out.shape).astype(out.dtype)
+    have, source, target = image.GetExtent(), [], []
+    for axis in (2, 1, 0):  # K, J, I
+        low, high = max(have[2 * axis], extent[2 * axis]), min(have[2 * axis + 1], extent[2 * axis + 1])
+        if high < low:
+            return out
+        source.append(slice(low - have[2 * axis], high - have[2 * axis] + 1))
+        target.append(slice(low - extent[2 * axis], high - extent[2 * axis] + 1))
+    out[tuple(target)] = values[tuple(source)]
+    return out
 
 
 def oriented_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
@@ -372,27 +407,35 @@ def reference_geometry(segmentation_node, volume_node):
 
 
 def modifier_labelmap(segmentation_node, volume_node, mask: np.ndarray, block: Block):
-    """``mask`` (KJI bool of ``block`` of the volume) as a Segment Editor modifier labelmap: resampled (nearest
-    neighbour) onto the segmentation's reference geometry in the segmentation node's coordinates, as effects
-    build theirs (``ResetModifierLabelmapToDefault``), but only over the part of that geometry the block covers
-    (the masking in ``ModifySegmentByLabelmap`` compares geometries without extents, so it applies there as on a
-    whole one). Voxels outside the reference geometry cannot be written, as with any effect. None if nothing of
-    the mask lands on it."""
+    """``mask`` (KJI bool of ``block`` of the volume) as a Segment Editor modifier labelmap: on the segmentation's
+    reference geometry in the segmentation node's coordinates, as effects build theirs
+    (``ResetModifierLabelmapToDefault``), but only over the part of that geometry the block covers (the masking
+    in ``ModifySegmentByLabelmap`` compares geometries without extents, so it applies there as on a whole one);
+    the mask's voxels themselves where the volume's grid is the reference's up to a whole-voxel shift, else
+    resampled (nearest neighbour). Voxels outside the reference geometry cannot be written, as with any effect.
+    None if nothing of the mask lands on it."""
     reference = reference_geometry(segmentation_node, volume_node)
     source_matrix = _shifted(_grid_in_segmentation(segmentation_node, volume_node), block)
     to_reference = np.linalg.inv(slicer.util.arrayFromVTKMatrix(image_to_world(reference))) @ source_matrix
     sizes = [stop - start for start, stop in block][::-1]  # I, J, K
     corners = np.array([[x, y, z, 1.0] for x in (-0.5, sizes[0] - 0.5) for y in (-0.5, sizes[1] - 0.5)
                         for z in (-0.5, sizes[2] - 0.5)]) @ to_reference.T
+    # the reference voxels whose centres lie within the block's box (its voxels' faces), give or take a rounding
+    # error: on the volume's own grid, exactly the block's voxels
     extent = reference.GetExtent()
-    low = np.maximum(np.floor(corners[:, :3].min(axis=0)).astype(int), extent[0::2])
-    high = np.minimum(np.ceil(corners[:, :3].max(axis=0)).astype(int), extent[1::2])
+    low = np.maximum(np.ceil(corners[:, :3].min(axis=0) - 1e-3).astype(int), extent[0::2])
+    high = np.minimum(np.floor(corners[:, :3].max(axis=0) + 1e-3).astype(int), extent[1::2])
     if np.any(high < low):
         return None
     reference.SetExtent(low[0], high[0], low[1], high[1], low[2], high[2])
-    modifier = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        oriented_image(mask, source_matrix), reference, modifier)
+    shift = _whole_voxel_shift(to_reference)
+    if shift is not None:  # the block lies on the reference grid (the usual case): its voxels are the modifier's
+        (i0, j0, k0), (i1, j1, k1) = low - shift, high - shift + 1
+        modifier = labelmap_image(mask[k0:k1, j0:j1, i0:i1].astype(np.uint8), reference)
+    else:  # resampling: slow (a general transform, voxel by voxel), but exact
+        modifier = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            oriented_image(mask, source_matrix), reference, modifier)
     values = image_array(modifier)
     return modifier if values is not None and values.any() else None
 

@@ -1,10 +1,14 @@
 """The one settings object of both front ends: what the user chooses (model, device, the model's intensity
-window, live preview, propagation direction, range and stop rules).
+window, live preview, propagation direction, range and stop rules, and the backend: this computer or a server).
 
 The desktop module builds its parameter node from these fields (``SegmentWithSAM.py``, bound to the panel by
 ``connectGui`` through the widgets' ``SlicerParameterName``, which are these names); the web app binds each field
 to the trame state key of the same name. Each field's ``metadata`` holds its choices (a function, read when a
-front end is built) or its range, so the choices a panel offers are these and nothing else.
+front end is built; ``labels`` says what a panel shows for a choice, where that is not the value itself) or its
+range, so the choices a panel offers are these and nothing else.
+
+A server's access key is no setting: the parameter node is saved in the scene file, which would keep it
+(:mod:`.backend_choice` holds it, in memory).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from SegmentWithSAMLib.propagation import StopRules
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DIRECTIONS = ("both", "up", "down")
+BACKENDS = {"local": "this computer", "server": "a server"}  # where the model runs → what a panel shows
 
 
 def model_choices() -> list[str]:
@@ -29,8 +34,8 @@ def window_choices() -> list[str]:
     return ["display", "auto", *CT_PRESETS]
 
 
-def _choice(default: str, choices) -> str:
-    return field(default=default, metadata={"choices": choices})
+def _choice(default: str, choices, labels: dict[str, str] | None = None) -> str:
+    return field(default=default, metadata={"choices": choices, "labels": labels or {}})
 
 
 def _within(default, low, high):
@@ -56,6 +61,9 @@ class Settings:
     min_overlap: float = _within(StopRules.min_overlap, 0.0, 1.0)
     max_empty: int = _within(StopRules.max_empty, 1, 20)
     skip: int = _within(0, 0, 4)
+    backend: str = _choice("local", lambda: list(BACKENDS), BACKENDS)
+    server_address: str = ""  # tcp://HOST:PORT or tls://HOST:PORT (backend "server")
+    server_cafile: str = ""  # for a TLS server whose certificate this computer's CAs did not sign: that certificate
 
 
 def stop_rules(settings) -> dict:
@@ -63,6 +71,17 @@ def stop_rules(settings) -> dict:
     return {"min_similarity": settings.min_similarity or None, "min_score": settings.min_score or None,
             "max_area_ratio": settings.max_area_ratio or None, "min_overlap": settings.min_overlap or None,
             "max_empty": settings.max_empty}
+
+
+def runs_here(settings) -> bool:
+    """Whether the model runs on this computer (its packages and checkpoint are needed here), not on a server."""
+    return settings.backend != "server"
+
+
+def choice_labels(name: str) -> list[str]:
+    """What a panel shows for each choice of setting ``name``, in the order of its choices."""
+    found = _field(name)
+    return [found.metadata["labels"].get(choice, choice) for choice in found.metadata["choices"]()]
 
 
 def device_of(settings) -> str | None:
@@ -73,9 +92,7 @@ def device_of(settings) -> str | None:
 def coerce(name: str, value):
     """``value`` (from a page or a widget) as the type of field ``name``, checked against its choices or range;
     ``ValueError`` naming the field otherwise."""
-    found = {f.name: f for f in fields(Settings)}.get(name)
-    if found is None:
-        raise ValueError(f"There is no setting {name!r}.")
+    found = _field(name)
     kind = {"str": str, "bool": bool, "int": int, "float": float}[found.type]
     try:
         value = kind(value)
@@ -88,3 +105,10 @@ def coerce(name: str, value):
     if not low <= value <= high:
         raise ValueError(f"The setting {name} must be between {low} and {high}, not {value}.")
     return value
+
+
+def _field(name: str):
+    found = {f.name: f for f in fields(Settings)}.get(name)
+    if found is None:
+        raise ValueError(f"There is no setting {name!r}.")
+    return found

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from aiohttp import web
 from trame.app import get_server
 from trame_server.utils.asynchronous import create_task
 from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
@@ -30,7 +31,18 @@ from SegmentWithSAMLib.models import DEFAULT_MODEL, registry
 from SegmentWithSAMSlicerLib.settings import Settings, coerce
 
 from .page import build_page, view_marker
-from .security import DataFolder, UploadedFile, Uploads, access_key, page_url, read_checked
+from .security import (
+    KEY_ENV,
+    DataFolder,
+    OwnOrigin,
+    UploadedFile,
+    Uploads,
+    access_key,
+    default_data_folder,
+    page_url,
+    read_checked,
+    tls_context,
+)
 from .workflow import WebWorkflow
 
 POLL_S = 0.05
@@ -44,8 +56,11 @@ class WebOptions:
     volumes: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8080
-    key: str | None = None
-    data: str = "."
+    key: str | None = None  # for a program that embeds the app; the command reads --key-file or the environment
+    key_file: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    data: str | None = None  # None: a private folder of the user's (see security.default_data_folder)
     max_upload_mb: float = 1024.0
     model: str = DEFAULT_MODEL
     device: str = "auto"
@@ -56,12 +71,14 @@ def parse_args(argv: list[str]) -> WebOptions:
     parser = argparse.ArgumentParser(prog="segmentwithsam web", description="SegmentWithSAM in a web browser.")
     parser.add_argument("volumes", nargs="*", metavar="VOLUME", help="volumes to offer (the first is opened)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; any other needs an access key)")
+                        help="address to listen on (default 127.0.0.1; any other needs --certfile)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = a free one)")
-    parser.add_argument("--key", default=None, help="access key every connection must present (default "
-                        "$SEGMENTWITHSAM_WEB_KEY, else generated for a non-loopback --host)")
-    parser.add_argument("--data", default=".", help="the only folder files are opened from and saved to "
-                        "(default: the current folder)")
+    parser.add_argument("--key-file", help=f"read the access key every connection must present from this file "
+                        f"(default ${KEY_ENV}, else a new one, printed in the URL)")
+    parser.add_argument("--certfile", help="TLS certificate (PEM): serve https (needed off 127.0.0.1)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
+    parser.add_argument("--data", help="the only folder files are opened from and saved to (default: "
+                        "segmentwithsam/web in your data folder, ~/.local/share, readable by you only)")
     parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload (default 1024 MB)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model at start (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
@@ -114,9 +131,11 @@ class WebApp:
     def __init__(self, options: WebOptions, server=None, client_factory=None) -> None:
         configure_environment()
         self.options = options
-        self.data = DataFolder(options.data)
+        self.tls = tls_context(options.host, options.certfile, options.keyfile)
+        self.key, self.key_generated = access_key(options.key, options.key_file)
+        self.own_origin = OwnOrigin.serving(options.host, self.tls is not None)
+        self.data = DataFolder(options.data or default_data_folder())
         self.uploads = Uploads(int(options.max_upload_mb * 2**20))
-        self.key, self.key_generated = access_key(options.host, options.key)
         self.server = server or get_server("segmentwithsam", client_type="vue3")
         self.state = self.server.state
         self.slicer_app = SlicerApp()
@@ -136,7 +155,8 @@ class WebApp:
         build_page(self, self.layout_manager, models, self.uploads.max_bytes)
         self.state.update({"sam": self.workflow.snapshot(), "upload_refused": "", "data_files": self.choices(),
                            "model_download": "", "trame__title": "SegmentWithSAM"})
-        self.server.cli.set_defaults(authKey=self.key or "wslink-secret")
+        self.server.cli.set_defaults(authKey=self.key)
+        self.server.controller.on_server_bind.add(self._on_bind)
         self.state.change("place_kind")(self._on_place_kind)
         self.state.change("display_window")(self._on_display_window)
         self.state.change("model")(self._on_model)
@@ -152,13 +172,31 @@ class WebApp:
 
     @property
     def url(self) -> str:
-        return page_url(self.options.host, self.server.port, self.key)
+        return page_url(self.options.host, self.server.port, self.key, self.tls is not None)
+
+    def _on_bind(self, wslink_server) -> None:
+        """Before wslink listens: its TLS context, and the check of every request's Host and Origin first."""
+        if self.tls is not None:
+            wslink_server.config["ssl"] = self.tls
+        wslink_server.app.middlewares.insert(0, self._own_pages_only)
+
+    @web.middleware
+    async def _own_pages_only(self, request: web.Request, handler):
+        """403 for a request (page, script, websocket upgrade) that does not name this server as its Host and,
+        when sent, its Origin (see :class:`~.security.OwnOrigin`)."""
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        refusal = "Refused: the connection is gone." if not local else self.own_origin.refusal(
+            request.headers.get("Host"), request.headers.get("Origin"), local[:2])
+        if refusal:
+            return web.Response(status=403, text=refusal)
+        return await handler(request)
 
     def _on_ready(self, **_) -> None:
         print(f"SegmentWithSAM is running at {self.url}", flush=True)
-        if self.key_generated:
-            print(f"Access key (shown once; every connection needs it): {self.key}", flush=True)
-        print(f"Files are opened from and saved to {self.data.root}", flush=True)
+        print("Open that address: every page needs the access key in it" + (
+            " (a new one at each start; keep it to yourself)." if self.key_generated else "."), flush=True)
+        given = "" if self.options.data else " (--data chooses another folder)"
+        print(f"Files are opened from and saved to {self.data.root}{given}", flush=True)
         create_task(self._poll_loop())
         if self.given:
             create_task(self.open_choice(next(iter(self.given))))

@@ -94,11 +94,12 @@ class Page:
         return self.by_id(element_id).text
 
     def wait_text(self, element_id: str, part: str, timeout: float = 30.0) -> str:
-        """Wait until the element shows ``part`` (the page follows the server within one poll, ~50 ms)."""
+        """Wait until the element is on the page (a page just loaded builds it once connected) and shows ``part``
+        (it follows the server within one poll, ~50 ms)."""
         deadline = time.monotonic() + timeout
-        while part not in (text := self.text(element_id)):
+        while part not in (text := " ".join(e.text for e in self.driver.find_elements(By.ID, element_id))):
             if time.monotonic() > deadline:
-                raise AssertionError(f"the page shows {text!r}, not {part!r}")
+                raise AssertionError(f"the page shows {text!r} in {element_id}, not {part!r}")
             time.sleep(0.05)
         return text
 
@@ -123,14 +124,21 @@ class Page:
                 raise AssertionError("the views were not drawn again at their new size")
             time.sleep(0.05)
 
-    def choose(self, select_id: str, item: str) -> None:
-        """Pick ``item`` in one of the page's drop-down lists, as a user does: open it, click the entry."""
+    def choose(self, select_id: str, item: str, timeout: float = 10.0) -> None:
+        """Pick ``item`` in one of the page's drop-down lists, as a user does: open it, and click the entry once
+        the list has slid in (the entry stands still)."""
         self.by_id(select_id).find_element(By.XPATH, "./ancestor::div[contains(@class, 'v-field')][1]").click()
         entry = f"//div[@role='option'][.//div[contains(@class, 'v-list-item-title')][.='{item}']]"
-        deadline = time.monotonic() + 10
-        while not (found := self.driver.find_elements(By.XPATH, entry)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.4)  # the list slides in
+        deadline, last = time.monotonic() + timeout, None
+        while True:
+            found = self.driver.find_elements(By.XPATH, entry)
+            where = found[0].rect if found else None
+            if where is not None and where == last:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{item!r} never stood still in the list {select_id}")
+            last = where
+            time.sleep(0.05)
         found[0].click()
 
     def type_into(self, element_id: str, text: str) -> None:

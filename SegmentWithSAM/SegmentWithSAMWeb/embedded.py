@@ -4,6 +4,7 @@ process, with its own event loop, and reachable from the caller through :meth:`E
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -46,10 +47,12 @@ class EmbeddedApp:
         return self.app.url
 
     def call(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
-        """Run ``fn()`` on the app's loop and return its result (or raise its exception)."""
+        """Run ``fn()`` on the app's loop and return its result, awaited if it is awaitable (a page handler of
+        :class:`~.app.WebApp`), or raise its exception."""
 
         async def run():
-            return fn()
+            result = fn()
+            return await result if inspect.isawaitable(result) else result
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 

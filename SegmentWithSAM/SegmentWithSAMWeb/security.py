@@ -1,11 +1,22 @@
-"""Who may connect and which files the web app may touch: the access key, the data folder and uploads.
+"""Who may connect and which files the web app may touch: the access key, the page's own origin, TLS, the data
+folder and uploads.
 
-- The app binds 127.0.0.1 unless told otherwise. Any other address needs an access key (``--key``,
-  ``$SEGMENTWITHSAM_WEB_KEY``, or one generated here and printed once). The key is wslink's secret: every
-  websocket connection must present it in its hello (the page sends the ``?secret=`` of its URL), and a
-  connection without it gets no state, no views and no calls (wslink answers "Authentication failed").
-- Files are opened from one folder (``--data``) only: a name that resolves outside it (``..``, an absolute
-  path, a link leading out) is refused before anything is read, and saved files go into the same folder.
+- **A key, always.** Every websocket connection must present the access key in its hello (the page sends the
+  ``?secret=`` of its URL and then removes it from the address bar); a connection without it gets no state, no
+  views and no calls (wslink answers "Authentication failed"). The key is read from ``--key-file`` or
+  ``$SEGMENTWITHSAM_WEB_KEY`` (never from the command line, which other users of the machine can see), else a
+  new one is made at each start and printed once, inside the URL to open (as Jupyter does).
+- **Its own pages only.** Every HTTP request and websocket upgrade must name this server in its Host header,
+  and, when the browser sends one, in its Origin: the address the connection arrived at (or ``localhost`` on a
+  loopback connection, or this machine's own names when serving the network) and the port served. Anything else
+  gets 403. This stops other web sites' pages (a cross-origin websocket) and DNS rebinding (a foreign name
+  pointed at this address) from reaching the server through the user's browser.
+- **TLS off this machine.** The app binds 127.0.0.1 unless told otherwise; any other address needs a TLS
+  certificate (``--certfile``, ``--keyfile``), else it refuses to start: the key and the images would cross the
+  network in clear.
+- **One folder.** Files are opened from one folder (``--data``; by default a private folder of the user's,
+  ``segmentwithsam/web`` in the data folder, made readable by its owner only) and saved into it: a name that
+  resolves outside it (``..``, an absolute path, a link leading out) is refused before anything is read.
 - Uploads are limited in size, written under their base name into a private temporary folder (mode 0700) and
   read with the core's :func:`~SegmentWithSAMLib.io.read_volume` before anything enters the scene. Downloads are
   sent over the authenticated websocket; no HTTP route serves data.
@@ -17,16 +28,26 @@ import ipaddress
 import os
 import secrets
 import shutil
+import socket
+import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from SegmentWithSAMLib.errors import OutputError, VolumeError
+from SegmentWithSAMLib.errors import OutputError, SegmentWithSAMError, VolumeError
+from SegmentWithSAMLib.folders import private_folder
 from SegmentWithSAMLib.geometry import Volume, check_segmentable
 from SegmentWithSAMLib.io import IMAGE_SUFFIXES, read_volume
 
 KEY_ENV = "SEGMENTWITHSAM_WEB_KEY"
 MAX_LISTED = 500  # files offered from the data folder (the page lists them; a huge folder is cut)
+WILDCARDS = ("", "0.0.0.0", "::")  # every address of the machine
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ServeError(SegmentWithSAMError):
+    """The web app cannot serve as asked: another address without TLS, an unusable certificate or key file."""
 
 
 def is_loopback(host: str) -> bool:
@@ -39,19 +60,109 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def access_key(host: str, given: str | None = None) -> tuple[str | None, bool]:
-    """The key connections must present and whether it was generated here (then print it once). None on a
-    loopback address with no key given: only this machine can connect."""
-    key = given or os.environ.get(KEY_ENV) or None
-    if key is not None or is_loopback(host):
-        return key, False
-    return secrets.token_urlsafe(24), True
+def access_key(given: str | None = None, key_file: str | None = None) -> tuple[str, bool]:
+    """The key connections must present (``given``, else the contents of ``key_file``, else ``$SEGMENTWITHSAM_WEB_KEY``,
+    else a new one) and whether it is new (then it is printed once, in the URL)."""
+    if not given and key_file:
+        try:
+            given = Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ServeError(f"Cannot read the key file {key_file}: {error.strerror}.") from None
+        if not given:
+            raise ServeError(f"The key file {key_file} is empty: put the access key in it.")
+    key = given or os.environ.get(KEY_ENV, "").strip()
+    return (key, False) if key else (secrets.token_urlsafe(32), True)
 
 
-def page_url(host: str, port: int, key: str | None) -> str:
-    """The address to open (with the key, which the page removes from the address bar once read)."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/" + (f"?secret={key}" if key else "")
+def tls_context(host: str, certfile: str | None, keyfile: str | None = None) -> ssl.SSLContext | None:
+    """The TLS context to serve ``host`` with (PEM files; the key may be inside ``certfile``); None on a loopback
+    address without a certificate; a :class:`ServeError` on any other address without one."""
+    if keyfile and not certfile:
+        raise ServeError("--keyfile needs --certfile.")
+    if not certfile:
+        if is_loopback(host):
+            return None
+        raise ServeError(
+            f"Refusing to serve {host or 'every address'} without TLS: anyone on the network could read the access "
+            "key, the images and the masks. Give --certfile (and --keyfile), or serve on 127.0.0.1 and reach it "
+            "through an SSH tunnel: ssh -N -L 8080:127.0.0.1:8080 you@this-machine, then open the printed URL "
+            "on your computer.")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as error:
+        raise ServeError(f"Cannot use the TLS certificate {certfile}: {error}.") from None
+    return context
+
+
+def page_url(host: str, port: int, key: str, tls: bool = False) -> str:
+    """The address to open for a server bound to ``host`` (this machine's name when that is every address), with
+    the key (which the page removes from the address bar once read)."""
+    shown = socket.getfqdn() if host in WILDCARDS else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"{'https' if tls else 'http'}://{shown}:{port}/?secret={key}"
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)  # an IPv4 client on a dual-stack socket
+    return mapped or address
+
+
+@dataclass(frozen=True)
+class OwnOrigin:
+    """Which Host and Origin headers name this server (see the module docstring): ``scheme`` "http" or
+    "https", and ``names``, the host names besides IP addresses and ``localhost`` that do (lower case)."""
+
+    scheme: str
+    names: frozenset[str]
+
+    @classmethod
+    def serving(cls, host: str, tls: bool) -> OwnOrigin:
+        """For a server bound to ``host``: on loopback, no names but ``localhost``; on the network, this machine's
+        host name and fully qualified name, and ``host`` itself when it is a name."""
+        names: set[str] = set()
+        if not is_loopback(host):
+            names = {socket.gethostname(), socket.getfqdn()}
+            if host not in WILDCARDS and _address(host) is None:
+                names.add(host)
+        return cls("https" if tls else "http", frozenset(n.lower() for n in names if n))
+
+    def refusal(self, host: str | None, origin: str | None, local: tuple[str, int]) -> str | None:
+        """Why a request with these Host and Origin headers (None: not sent), arriving at the local ``(address,
+        port)``, is refused; None when it names this server."""
+        if not host or not self._names_us(f"{self.scheme}://{host}", local):
+            return f"Refused: the Host {host!r} is not this server's address ({local[0]} port {local[1]})."
+        if origin is not None and not (origin.startswith(f"{self.scheme}://") and self._names_us(origin, local)):
+            return f"Refused: a page from {origin} may not use this server; open the address it printed."
+        return None
+
+    def _names_us(self, url: str, local: tuple[str, int]) -> bool:
+        try:
+            parts = urlsplit(url)
+            port = parts.port or DEFAULT_PORTS[self.scheme]
+        except ValueError:
+            return False
+        name = parts.hostname or ""
+        if port != local[1] or parts.path or parts.query or parts.username is not None:
+            return False
+        address, arrived = _address(name), _address(local[0])
+        if address is not None:
+            return address == arrived
+        if name == "localhost":
+            return arrived is not None and arrived.is_loopback
+        return name in self.names
+
+
+def default_data_folder() -> Path:
+    """``segmentwithsam/web`` in the user's data folder (``$XDG_DATA_HOME``, else ~/.local/share), readable by its
+    owner only: the folder files are opened from and saved to when no ``--data`` is given."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return private_folder(base / "segmentwithsam" / "web")
 
 
 def is_volume_name(name: str) -> bool:

@@ -11,8 +11,10 @@ Everything is checked before any array is built, so a hostile or corrupt frame c
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,16 +22,43 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ProtocolError
+from ..release import RELEASE
 
-PROTOCOL_VERSION = 2  # 2: one 'step' operation on object states kept under a version
-TOKEN_ENV = "SEGMENTWITHSAM_TOKEN"  # where a TCP backend finds the token clients must present
+PROTOCOL_VERSION = 3  # 2: one 'step' operation on object states kept under a version; 3: the key, sessions
+KEY_ENV = "SEGMENTWITHSAM_KEY"  # the access key of a server, for the server and its clients
+MIN_KEY_LENGTH = 16
+LISTENING = re.compile(r"Listening on (tcp|tls)://(\S+):(\d+)")  # the first line a network server prints
 MAGIC = b"SWS\x01"
 PREFIX = struct.Struct("<4sIQ")
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_PAYLOAD = 2 << 30  # a 512×512×2000 int16 volume fits
 MAX_DIMS = 4
+SMALL_FRAME = 1 << 16
 # Little-endian, fixed-size numeric types only: nothing that could carry objects.
 DTYPES = frozenset({"|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f4", "<f8"})
+
+
+class KeyRefused(ProtocolError):
+    """A peer's hello had no key, or the wrong one."""
+
+
+class VersionMismatch(ProtocolError):
+    """Client and server speak different protocol versions."""
+
+
+def check_hello(header: dict, key: str | None) -> None:
+    """The handshake's rules, for every server: the first message is a hello, then the key is checked (when
+    the server has one), then the protocol version. Raises :class:`KeyRefused`, :class:`VersionMismatch` or
+    :class:`ProtocolError` (not a hello)."""
+    if header.get("op") != "hello":
+        raise ProtocolError("Say hello first: the key and the protocol version are checked before anything else.")
+    if key is not None and not hmac.compare_digest(str(header.get("key", "")).encode(), key.encode()):
+        raise KeyRefused("Wrong or missing key: connection refused.")
+    version = header.get("version")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"The client speaks protocol version {version!r} (SegmentWithSAM "
+                              f"{header.get('release', '?')}); this server speaks {PROTOCOL_VERSION} (SegmentWithSAM "
+                              f"{RELEASE}). Install one release on both.")
 
 
 class OversizedFrame(ProtocolError):
@@ -64,7 +93,8 @@ def _wire_array(name: str, array) -> tuple[dict, np.ndarray]:
 
 
 def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
-    """The frame for ``header`` and ``arrays`` as a list of buffers (array bytes are not copied)."""
+    """The frame for ``header`` and ``arrays`` as a list of buffers (array bytes are not copied, except in a
+    small frame, joined into one buffer)."""
     specs, buffers = [], []
     for name, array in (arrays or {}).items():
         spec, wire = _wire_array(name, array)
@@ -74,7 +104,8 @@ def encode(header: dict, arrays: dict[str, np.ndarray] | None = None) -> list[by
     if len(body) > MAX_HEADER_BYTES:
         raise ProtocolError(f"The message header is {len(body)} bytes; at most {MAX_HEADER_BYTES} are allowed.")
     payload = sum(len(b) for b in buffers)
-    return [PREFIX.pack(MAGIC, len(body), payload), body, *buffers]
+    frame = [PREFIX.pack(MAGIC, len(body), payload), body, *buffers]
+    return [b"".join(frame)] if payload + len(body) <= SMALL_FRAME else frame  # small: one write, one packet
 
 
 def write_all(fd: int) -> Callable[[bytes | memoryview], None]:
@@ -151,9 +182,11 @@ class StreamReader:
     skipped up to the next frame.
     """
 
-    def __init__(self, read: Callable[[int], bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, read: Callable[[int], bytes], max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 resync: bool = True) -> None:
         self._read = read
         self.max_payload = max_payload
+        self.resync = resync  # False: bad magic bytes raise at once, nothing more is read (a peer not yet trusted)
         self._pending = b""
 
     def _exact(self, n: int) -> bytes | None:
@@ -211,6 +244,8 @@ class StreamReader:
                 skip -= len(chunk)
             raise
         except ProtocolError:
+            if not self.resync:
+                raise
             skipped = self._skip_to_magic(prefix)
             raise ProtocolError(f"Not a SegmentWithSAM frame: skipped {skipped} bytes to the next one.") from None
         header = self._exact(header_len) if header_len else b""

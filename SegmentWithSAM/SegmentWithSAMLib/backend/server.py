@@ -1,23 +1,19 @@
-"""The backend process: owns the model on one thread, serves requests from one local channel.
+"""The backend process: one model on one thread (:class:`~.worker.Worker`), serving one client per session.
 
-Run as ``python -m SegmentWithSAMLib.backend.server`` (the client does this) or ``segmentwithsam serve``. By
-default it speaks on its stdin/stdout pipes and opens no socket; with ``--tcp HOST:PORT`` it listens on that
-address (127.0.0.1 unless told otherwise) and serves one connection at a time, each of which must say hello
-with the token from ``$SEGMENTWITHSAM_TOKEN`` first.
+``python -m SegmentWithSAMLib.backend.server --stdio`` (what a local client starts) speaks on its stdin/stdout
+pipes and opens no socket. ``segmentwithsam serve --host H --port P`` serves many clients over TCP, or TLS with
+``--certfile/--keyfile`` (:mod:`.listener`): each connection presents the key first, then is its own session.
 
-Threads: the reader answers hello/status/cancel/shutdown at once; the model thread runs the rest, in the order
-:class:`~.scheduler.Scheduler` picks; a heartbeat thread says every :data:`HEARTBEAT_S` s that it is alive.
+Here: :class:`Backend`, one client's session (its volumes, object states and requests), and the stdio server.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import itertools
 import json
 import os
-import secrets
-import socket
+import queue
 import sys
 import threading
 import time
@@ -28,19 +24,20 @@ from collections.abc import Callable
 import numpy as np
 
 from ..actions import INTERACTIVE, KINDS
-from ..cache import EmbeddingCache
 from ..errors import BackendError, PromptError, ProtocolError, SegmentWithSAMError, VolumeError
 from ..geometry import View, Volume
 from ..models import DEFAULT_MODEL
 from ..propagation import Cancelled
+from ..release import RELEASE
 from ..state import ObjectState
-from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, TOKEN_ENV, Message, StreamReader, encode, write_all
-from .scheduler import Scheduler, Task
+from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, Message, StreamReader, check_hello, encode, write_all
+from .scheduler import Task
+from .worker import Worker, is_out_of_memory
 
-HEARTBEAT_S = 0.25
 QUEUED_OPS = {"load_volume", "unload_volume", "step"}
 INTERACTIVE_ACTIONS = {name for name, kind in KINDS.items() if kind in INTERACTIVE}  # run before the others
 MAX_STATES = 64  # object states kept between steps (least recently used go; their clients send them again)
+MAX_PENDING = 1 << 30  # reply bytes a client may leave unread before it is cut off
 
 
 class StateUnknown(ProtocolError):
@@ -48,33 +45,78 @@ class StateUnknown(ProtocolError):
     sends the state whole and the step is done again."""
 
 
+class VolumeUnknown(VolumeError):
+    """The session does not hold the volume a step names (it was freed, or the session is new): the client
+    sends the volume and the step again."""
+
+
 class Channel:
-    """Where replies go: a write function (swapped per connection) behind a lock, so frames never mix."""
+    """Where a session's replies go. Frames are queued and written by a thread of the connection's own, so a
+    client that reads slowly never holds up the model thread; one that leaves over ``max_pending`` bytes unread
+    is cut off (``cut()`` is called). Between connections (a session waiting for its client to come back)
+    replies are dropped."""
 
-    def __init__(self, write: Callable[[bytes | memoryview], None] | None = None) -> None:
+    def __init__(self, max_pending: int = MAX_PENDING) -> None:
         self._lock = threading.Lock()
-        self._write = write
+        self._queue: queue.SimpleQueue | None = None
+        self._pending = 0
+        self._cut: Callable[[], None] = lambda: None
+        self.max_pending = max_pending
 
-    def attach(self, write: Callable[[bytes | memoryview], None] | None) -> None:
+    def attach(self, write: Callable[[bytes | memoryview], None] | None,
+               cut: Callable[[], None] = lambda: None) -> None:
+        """Send from now on with ``write`` (None: drop replies); ``cut()`` ends a connection that reads too slowly."""
         with self._lock:
-            self._write = write
+            if self._queue is not None:
+                self._queue.put(None)
+            self._queue, self._pending, self._cut = None, 0, cut
+            if write is None:
+                return
+            self._queue = outbox = queue.SimpleQueue()
+        threading.Thread(target=self._write_loop, args=(outbox, write), name="reply-writer", daemon=True).start()
+
+    def _write_loop(self, outbox: queue.SimpleQueue, write: Callable[[bytes | memoryview], None]) -> None:
+        while (item := outbox.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            buffers, size = item
+            try:
+                for buffer in buffers:
+                    write(buffer)
+            except (OSError, ValueError):  # the client went away; its reader sees the end of the stream
+                with self._lock:
+                    if self._queue is outbox:
+                        self._queue = None
+                return
+            with self._lock:
+                if self._queue is outbox:
+                    self._pending -= size
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until what was sent so far is written (or ``timeout`` s)."""
+        written = threading.Event()
+        with self._lock:
+            if self._queue is None:
+                return
+            self._queue.put(written)
+        written.wait(timeout)
 
     def send(self, header: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
         buffers = encode(header, arrays)
+        size = sum(memoryview(buffer).nbytes for buffer in buffers)
         with self._lock:
-            if self._write is None:
+            if self._queue is None:
                 return
-            try:
-                for buffer in buffers:
-                    self._write(buffer)
-            except OSError:
-                self._write = None  # the client went away; the reader will see the end of stream
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
-    return (oom_type is not None and isinstance(error, oom_type)) or "out of memory" in str(error).lower()
+            if self._pending + size > self.max_pending:
+                self._queue.put(None)
+                self._queue = None
+                cut = self._cut
+            else:
+                self._pending += size
+                self._queue.put((buffers, size))
+                return
+        cut()
 
 
 def _window(spec):
@@ -95,111 +137,82 @@ def _matrix(value) -> np.ndarray:
 
 
 class Backend:
-    """The request handler, independent of the channel: ``send(header, arrays)`` delivers replies.
+    """One client's session: its volumes, object states and replies (``send(header, arrays)``), its requests
+    run by the shared :class:`~.worker.Worker`. ``session_id`` names it to a client that reconnects;
+    ``on_shutdown`` is what a shutdown request does (by default: stop the worker, as the one client of a backend
+    process may; a shared server's client ends only its own session)."""
 
-    ``model`` may be given (tests); otherwise ``model_spec`` is loaded on the model thread when it starts.
-    """
-
-    def __init__(self, send: Callable[..., None], model_spec: str = DEFAULT_MODEL, device: str | None = None,
-                 prefetch: int = 2, cache_bytes: int | None = None, model=None, engine: str = "auto") -> None:
+    def __init__(self, send: Callable[..., None], worker: Worker, session_id: str | None = None,
+                 on_shutdown: Callable[[], None] | None = None) -> None:
         self.send = send
-        self.scheduler = Scheduler()
-        self.cache = EmbeddingCache(cache_bytes)
-        self.model = model
-        self.model_spec, self.device_spec, self.engine = model_spec, device, engine
-        self.model_error: SegmentWithSAMError | None = None
-        self.prefetch = max(0, int(prefetch))
+        self.on_shutdown = on_shutdown or worker.stop
+        self.worker = worker
+        self.session_id = session_id
         self.volumes: dict[str, Volume] = {}
-        self.sessions: dict[tuple, object] = {}
+        self.sessions: dict[tuple, object] = {}  # (volume, window) → the volume's engine session
         self.states: OrderedDict[str, tuple[int, ObjectState | None]] = OrderedDict()  # key → (version, state)
         self._versions = itertools.count(1)  # one counter for every state: a version names one state, ever
-        self.stopping = threading.Event()
+        self.last_active = time.monotonic()
 
     # ---- reader thread -------------------------------------------------------------------------------------
     def reject(self, error: Exception, request_id=None) -> None:
         self.send({"op": "error", "id": request_id, "kind": type(error).__name__, "message": str(error)})
 
-    def hello(self, message: Message) -> bool:
-        version = message.header.get("version")
-        if version != PROTOCOL_VERSION:
-            self.reject(ProtocolError(f"The client speaks protocol version {version!r}; this backend speaks "
-                                      f"{PROTOCOL_VERSION}. Update SegmentWithSAM so both come from one "
-                                      f"release."), message.header.get("id"))
-            return False
-        self.send({"op": "hello", "id": message.header.get("id"), "version": PROTOCOL_VERSION, "pid": os.getpid()})
-        return True
+    def welcome(self, request_id, resumed: bool = False) -> None:
+        """Answer a client's accepted hello."""
+        self.send({"op": "hello", "id": request_id, "version": PROTOCOL_VERSION, "release": RELEASE,
+                   "pid": os.getpid(), "session": self.session_id, "resumed": resumed,
+                   **{k: v for k, v in self.worker.describe().items() if k in ("model", "device", "engine")}})
 
     def handle(self, message: Message) -> None:
         """Answer or queue one message from the client (called on the reader thread)."""
         header, op = message.header, message.op
         request_id = header.get("id")
+        self.last_active = time.monotonic()
         if type(request_id) is not int:
             self.reject(ProtocolError("Every request needs an integer 'id'."), None)
         elif op == "status":
             self.send({"op": "result", "id": request_id, **self.status()})
         elif op == "cancel":
-            cancelled = self.scheduler.cancel(header.get("target"))
+            cancelled = self.worker.scheduler.cancel(header.get("target"), self)
             if cancelled is not None:
                 self.send({"op": "cancelled", "id": cancelled.id, "message": "Cancelled before it started."})
             self.send({"op": "result", "id": request_id})
         elif op == "shutdown":
-            self.stop()
             self.send({"op": "result", "id": request_id})
+            self.on_shutdown()
         elif op in QUEUED_OPS:
             target, subject = header.get("target"), header.get("object")
             action = header.get("action") if isinstance(header.get("action"), dict) else {}
             interactive = op in ("load_volume", "unload_volume") or action.get("type") in INTERACTIVE_ACTIONS
             task = Task(request_id, op, header, message.arrays, target if isinstance(target, str) else None,
-                        interactive, subject if isinstance(subject, str) else None)
-            for stale in self.scheduler.submit(task):
+                        interactive, subject if isinstance(subject, str) else None, owner=self)
+            for stale in self.worker.scheduler.submit(task):
                 self.send({"op": "dropped", "id": stale.id})
         else:
             self.reject(ProtocolError(f"Unknown operation {op!r}."), request_id)
 
     def status(self) -> dict:
-        model = self.model
-        return {"pid": os.getpid(), "version": PROTOCOL_VERSION,
-                "model": getattr(model, "name", None), "device": str(getattr(model, "device", "loading")),
-                "engine": getattr(model, "engine", None),
-                "model_error": str(self.model_error) if self.model_error else None,
-                "encoder_runs": getattr(model, "encoder_runs", 0), "decoder_runs": getattr(model, "decoder_runs", 0),
-                "cache": self.cache.stats(), "queue": self.scheduler.stats(), "volumes": list(self.volumes),
-                "order": list(self.scheduler.order), "states": len(self.states),
-                "prefetch": self.prefetch}
+        return {"pid": os.getpid(), "version": PROTOCOL_VERSION, "release": RELEASE, "session": self.session_id,
+                "sessions": len(self.worker.sessions), **self.worker.describe(), "volumes": list(self.volumes),
+                "states": len(self.states)}
 
-    def stop(self) -> None:
-        self.stopping.set()
-        for task in self.scheduler.drain():
-            self.send({"op": "cancelled", "id": task.id, "message": "The backend is shutting down."})
+    def close(self) -> None:
+        """The session ends: stop its work and free its memory."""
+        for task in self.worker.scheduler.drain(self):
+            self.send({"op": "cancelled", "id": task.id, "message": "The session ended."})
+        self.volumes.clear()
+        self.sessions.clear()
+        self.states.clear()
 
     # ---- model thread --------------------------------------------------------------------------------------
-    def serve_forever(self) -> None:
-        """The model thread's loop: load the model, then run tasks and prefetch until stopped."""
-        from ..loading import configure_process_threads, load_model
-
-        if self.model is None:
-            try:
-                self.model = load_model(self.model_spec, self.device_spec, self.engine)
-                configure_process_threads(self.model)  # this process's own model thread: the one place it is set
-            except SegmentWithSAMError as error:
-                self.model_error = error
-            except Exception as error:  # requests must get a reason, not wait for a model that never comes
-                traceback.print_exc(file=sys.stderr)
-                self.model_error = BackendError(f"The model could not be loaded: {type(error).__name__}: {error}")
-        while not self.stopping.is_set():
-            item = self.scheduler.take(timeout=0.2)
-            if isinstance(item, Task):
-                self._run(item)
-                self.scheduler.finish(item)
-            elif item is not None:
-                self._prefetch_one(*item)
-
-    def _run(self, task: Task) -> None:
+    def run(self, task: Task) -> None:
+        """Run ``task`` and send its answer (on the worker's model thread)."""
         try:
-            if self.model is None:
-                raise self.model_error or BackendError("The model is not loaded.")
-            else:
-                header, arrays = getattr(self, "_" + task.op)(task)
+            model = self.worker.model
+            if model is None:
+                raise self.worker.model_error or BackendError("The model is not loaded.")
+            header, arrays = getattr(self, "_" + task.op)(task)
             if task.cancel.is_set():
                 self.send({"op": "cancelled", "id": task.id, "message": "Cancelled; nothing was applied."})
             else:
@@ -208,15 +221,11 @@ class Backend:
             kind = "cancelled" if isinstance(error, Cancelled) else "error"
             self.send({"op": kind, "id": task.id, "kind": type(error).__name__, "message": str(error)})
         except Exception as error:  # the backend must keep serving whatever one request does
-            if _is_out_of_memory(error):
-                self.cache.clear()
-                self.sessions.clear()
-                torch = sys.modules.get("torch")
-                if torch is not None and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            if is_out_of_memory(error):
+                self.worker.out_of_memory()
                 self.send({"op": "error", "id": task.id, "kind": "OutOfMemory",
-                           "message": f"Out of memory on {getattr(self.model, 'device', '?')}: the embedding cache "
-                                      f"was cleared and this request failed; the backend is still running."})
+                           "message": f"Out of memory on {getattr(self.worker.model, 'device', '?')}: the embedding "
+                                      f"cache was cleared and this request failed; the backend is still running."})
                 return
             traceback.print_exc(file=sys.stderr)
             self.send({"op": "error", "id": task.id, "kind": "InternalError",
@@ -237,7 +246,7 @@ class Backend:
         volume_id = task.header.get("volume")
         self.volumes.pop(volume_id, None)
         self.sessions = {k: s for k, s in self.sessions.items() if k[0] != volume_id}
-        self.scheduler.plan_prefetch(())
+        self.worker.scheduler.plan_prefetch(())
         return {"volume": volume_id}, None
 
     def _session(self, header: dict):
@@ -245,34 +254,26 @@ class Backend:
 
         volume_id = header.get("volume")
         if volume_id not in self.volumes:
-            raise VolumeError(f"The backend has no volume {volume_id!r}: load it first.")
+            raise VolumeUnknown(f"The backend has no volume {volume_id!r}: load it first.")
         window = _window(header.get("window"))
         key = (volume_id, json.dumps(window))
         if key not in self.sessions:
-            self.sessions[key] = Session(self.volumes[volume_id], self.model, window, self.cache)
+            self.sessions[key] = Session(self.volumes[volume_id], self.worker.model, window, self.worker.cache)
         return key, self.sessions[key]
 
     def _plan_prefetch(self, key: tuple, view: View, index: int, count: int) -> None:
-        near = [index + sign * d for d in range(1, self.prefetch + 1) for sign in (1, -1)]
-        self.scheduler.plan_prefetch((key, view, i) for i in near if 0 <= i < count)
+        near = [index + sign * d for d in range(1, self.worker.prefetch + 1) for sign in (1, -1)]
+        self.worker.scheduler.plan_prefetch((self, key, view, i) for i in near if 0 <= i < count)
 
-    def _prefetch_one(self, key: tuple, view: View, index: int) -> None:
+    def prefetch_one(self, key: tuple, view: View, index: int) -> None:
         session = self.sessions.get(key)
         if session is not None:
             try:
                 session.prefetch(view, index)
             except Exception as error:  # prefetch is best effort; the next real request reports problems
-                if _is_out_of_memory(error):
-                    self.cache.clear()
-                self.scheduler.plan_prefetch(())
-
-    def _let_through(self) -> None:
-        """Between two slices of a long step: run the interactive tasks waiting (on other objects) now."""
-        while (task := self.scheduler.take_interactive()) is not None:
-            try:
-                self._run(task)
-            finally:
-                self.scheduler.finish(task)
+                if is_out_of_memory(error):
+                    self.worker.cache.clear()
+                self.worker.scheduler.plan_prefetch(())
 
     def _state(self, task: Task, key: str, image_shape: tuple[int, int]) -> ObjectState | None:
         """The object's state this step applies to: the one sent whole, or the stored one of the version named."""
@@ -304,8 +305,8 @@ class Backend:
         streamed: dict[int, np.ndarray] = {}
 
         def between_slices() -> bool:
-            self.scheduler.touch()
-            self._let_through()
+            self.worker.scheduler.touch()
+            self.worker.let_through()
             return task.cancel.is_set()
 
         def on_slice(index: int, mask: np.ndarray) -> None:
@@ -331,95 +332,73 @@ class Backend:
         return {"version": version, "state": delta, "update": update.to_header()}, arrays
 
 
-def _serve_connection(backend: Backend, reader: StreamReader, token: str | None) -> None:
-    """Read messages until the stream ends or the backend stops. The first must be hello (with ``token``
-    when one is set); a connection with a wrong token is answered and dropped."""
-    greeted = False
-    while not backend.stopping.is_set():
+def _read(backend: Backend, reader: StreamReader) -> Message | None:
+    """The next message, or None at the end of the stream; a malformed frame is answered and skipped."""
+    while True:
         try:
-            message = reader.read()
+            return reader.read()
         except ProtocolError as error:
             backend.reject(error)
-            continue
         except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        if not greeted:
-            if message.op != "hello":
-                backend.reject(ProtocolError("Say hello first: the protocol version is checked before anything "
-                                             "else."), message.header.get("id"))
-                continue
-            if token is not None and not hmac.compare_digest(str(message.header.get("token", "")), token):
-                backend.reject(BackendError("Wrong or missing token: connection refused."), message.header.get("id"))
-                return
-            greeted = backend.hello(message)
-            continue
+            return None
+
+
+def serve_messages(backend: Backend, reader: StreamReader) -> None:
+    """Hand every message of an accepted connection to ``backend`` until the stream ends or the worker stops."""
+    while not backend.worker.stopping.is_set() and (message := _read(backend, reader)) is not None:
         backend.handle(message)
 
 
-def _heartbeat(backend: Backend) -> None:
-    while not backend.stopping.wait(HEARTBEAT_S):
-        running, stalled = backend.scheduler.stalled()
-        backend.send({"op": "heartbeat", "running": running, "stalled_s": round(stalled, 3)})
-
-
-def serve(backend: Backend, channel: Channel, tcp: tuple[str, int] | None = None, token: str | None = None,
-          max_payload: int = DEFAULT_MAX_PAYLOAD, watch_stdin: bool = False) -> None:
-    """Serve on stdin/stdout (``tcp`` None) or on a TCP address until shutdown or the end of the channel."""
-    threading.Thread(target=backend.serve_forever, name="model", daemon=True).start()
-    threading.Thread(target=_heartbeat, args=(backend,), name="heartbeat", daemon=True).start()
+def serve_stdio(worker: Worker, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    """Serve the one client that started this process, on stdin/stdout: it says hello first (the protocol
+    version is checked before anything else); no key, as nothing but the parent can write to the pipe."""
+    channel = Channel()
     out_fd = os.dup(1)
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the channel
-    if tcp is None:
-        channel.attach(write_all(out_fd))
-        _serve_connection(backend, StreamReader(lambda n: os.read(0, n), max_payload), None)
-        backend.stop()
-        return
-    if token is None:
-        raise BackendError(f"TCP needs a token in ${TOKEN_ENV}.")
-    server = socket.create_server(tcp)
-    os.write(out_fd, (json.dumps({"port": server.getsockname()[1]}) + "\n").encode())
-    if watch_stdin:  # launched by a client: end with it
-        threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
-    server.settimeout(0.5)
-    while not backend.stopping.is_set():
+    channel.attach(write_all(out_fd), lambda: os.close(0))
+    backend = Backend(channel.send, worker)
+    worker.start()
+    reader = StreamReader(lambda n: os.read(0, n), max_payload)
+    while (message := _read(backend, reader)) is not None:
         try:
-            conn, _ = server.accept()
-        except TimeoutError:
+            check_hello(message.header, None)
+        except ProtocolError as error:
+            backend.reject(error, message.header.get("id"))
             continue
-        with conn:
-            conn.settimeout(None)
-            channel.attach(conn.sendall)
-            _serve_connection(backend, StreamReader(conn.recv, max_payload), token)
-            channel.attach(None)
-    time.sleep(0.05)
+        worker.attach(backend)
+        backend.welcome(message.header.get("id"))
+        serve_messages(backend, reader)
+        break
+    for task in worker.stop():
+        backend.send({"op": "cancelled", "id": task.id, "message": "The backend is shutting down."})
+    channel.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .listener import add_arguments, serve_network
+
     parser = argparse.ArgumentParser(prog="segmentwithsam serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint path")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--engine", default="auto",
                         help="auto (default), torch, openvino, openvino-f32 or openvino-bf16")
-    parser.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdin/stdout")
     parser.add_argument("--prefetch", type=int, default=2, help="neighbouring slices to encode when idle")
     parser.add_argument("--cache-mb", type=int, default=None, help="embedding cache size (MB)")
     parser.add_argument("--max-payload-mb", type=int, default=DEFAULT_MAX_PAYLOAD >> 20)
-    parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stdio", action="store_true",
+                        help="serve the one client that started this process on stdin/stdout (no socket)")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    tcp = None
-    if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        tcp = (host or "127.0.0.1", int(port))
-    token = os.environ.get(TOKEN_ENV)
-    if tcp is not None and not token:
-        token = secrets.token_urlsafe(32)
-        print(f"Token for clients: {token}", file=sys.stderr, flush=True)
-    channel = Channel()
-    backend = Backend(channel.send, args.model, args.device, args.prefetch,
-                      None if args.cache_mb is None else args.cache_mb << 20, engine=args.engine)
-    serve(backend, channel, tcp, token, args.max_payload_mb << 20, args.watch_stdin)
+    worker = Worker(args.model, args.device, args.prefetch, None if args.cache_mb is None else args.cache_mb << 20,
+                    engine=args.engine)
+    try:
+        if args.stdio:
+            serve_stdio(worker, args.max_payload_mb << 20)
+        else:
+            serve_network(worker, args, args.max_payload_mb << 20)
+    except SegmentWithSAMError as error:
+        print(f"segmentwithsam serve: {error}", file=sys.stderr, flush=True)
+        os._exit(2)
     sys.stderr.flush()
     os._exit(0)  # the model thread may be inside torch: skip C++ static destructors racing with it
 

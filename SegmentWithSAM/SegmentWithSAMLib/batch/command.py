@@ -35,7 +35,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     defaults = Options(model=args.model, checkpoint=args.checkpoint and str(Path(args.checkpoint).resolve()),
                        device=args.device, engine=args.engine, window=args.window, direction=args.direction,
                        skip=args.skip, min_similarity=args.min_similarity, min_score=args.min_score,
-                       max_area_ratio=args.max_area_ratio, min_overlap=args.min_overlap, max_empty=args.max_empty)
+                       max_area_ratio=args.max_area_ratio, min_overlap=args.min_overlap, max_empty=args.max_empty,
+                       backend=args.backend, cafile=args.cafile and str(Path(args.cafile).resolve()))
     manifest = Path(args.manifest)
     report = run_batch(read_manifest(manifest), args.out, base=manifest.parent, defaults=defaults, group=args.group,
                        scheduler=args.scheduler, workers=args.workers, threads=args.threads, progress=not args.json,

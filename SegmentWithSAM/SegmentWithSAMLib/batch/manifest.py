@@ -41,6 +41,8 @@ class Options:
     max_area_ratio: float = _STOPS.max_area_ratio
     min_overlap: float = _STOPS.min_overlap
     max_empty: int = _STOPS.max_empty
+    backend: str | None = None  # a server (segmentwithsam serve) to segment on, instead of the model here
+    cafile: str | None = None  # the certificate a TLS server's is checked against
 
 
 @dataclass(frozen=True)

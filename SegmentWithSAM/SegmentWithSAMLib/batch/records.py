@@ -13,24 +13,17 @@ import hashlib
 import io
 import json
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..checkpoints import sha256_of
 from ..io import atomic_write, clear_partial_writes
+from ..release import RELEASE
 from .manifest import Job, Row
 
 RECORDS = ".records"  # the folder of the records, in the run's output folder
 RECORD_FORMAT = 1  # bumped when a record's meaning changes, so that older records no longer count
 REPORT_COLUMNS = ("row", "name", "volume", "status", "error", "output", "label", "voxels", "volume_ml", "slices",
                   "seconds", "stopped", "dice", "resumed")
-
-
-def _software() -> str:
-    try:
-        return version("segmentwithsam")
-    except PackageNotFoundError:  # run from a source tree (Slicer)
-        return "source"
 
 
 def content_digest(path: str | None, memo: dict[str, str | None]) -> str | None:
@@ -69,7 +62,7 @@ def job_keys(job: Job, memo: dict) -> tuple[str, ...]:
     """The key of each row of ``job``: its inputs' content and options, and those of the rows it shares its output
     with (a multi-label output is written whole)."""
     contents = [_row_content(row, value, memo) for row, value in zip(job.rows, job.values, strict=True)]
-    shared = _sha({"format": RECORD_FORMAT, "software": _software(), "output": job.output, "rows": contents})
+    shared = _sha({"format": RECORD_FORMAT, "software": RELEASE, "output": job.output, "rows": contents})
     return tuple(_sha({"job": shared, "row": content}) for content in contents)
 
 

@@ -88,6 +88,15 @@ class ModelCache(WorkerPlugin):
             self.loads += 1
         return self.models[key]
 
+    def client(self, options: Options):
+        """This worker's client of the server the row's options name (one session per worker and server)."""
+        from ..backend.client import BackendClient
+
+        key = (options.backend, options.cafile)
+        if key not in self.models:
+            self.models[key] = BackendClient(server=options.backend, cafile=options.cafile)
+        return self.models[key]
+
     def encoder_runs(self) -> int:
         return sum(getattr(model, "encoder_runs", 0) for model in self.models.values())
 
@@ -138,8 +147,11 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
         seed = read_labelmap_on(row.seed, volume, row.volume).array
         index, mask2d = seed_slice(slice_axes(volume, row.view), seed, row.label, row.seed)
         first = UserEdit({index: mask2d})
-    model = models.model(options)
-    segmenter = Segmenter(volume, model, row.view, session=work.session(model, options.window))
+    if options.backend is not None:
+        segmenter = Segmenter(volume, view=row.view, window=options.window, backend=models.client(options))
+    else:
+        model = models.model(options)
+        segmenter = Segmenter(volume, model, row.view, session=work.session(model, options.window))
     segmenter.step(row.name, first)
     update = None
     if propagating:

@@ -5,7 +5,6 @@ package, in the per-user model folder, or not there yet."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import CheckpointError, ModelError
+from ..folders import user_cache
 from .base import SamLikeAdapter
 from .litemedsam import LiteMedSAM, bundled_checkpoint
 from .sam import SAM, MedSAM
@@ -43,8 +43,9 @@ _FIELDS = {"name": str, "architecture": str, "input_size": int, "checkpoint": st
 class ModelEntry:
     """One registry entry. ``input_size`` is the side of the images the model takes (listed by ``segmentwithsam
     models``, checked against the network when loaded).
-    ``sha256`` is a full hex digest, or the digest's prefix that the publisher put in the file name (SAM's
-    convention), or None when unknown (then the model is never downloaded)."""
+    ``sha256`` is the checkpoint's full SHA-256 (64 hex digits), or None when none is confirmed (then the model is
+    never downloaded); ``sha256_sources`` are the public pages it was confirmed from, two at least, independent
+    (the six hex digits in SAM's file names are not part of its SHA-256)."""
 
     name: str
     architecture: str
@@ -56,6 +57,7 @@ class ModelEntry:
     licence: str
     bundled: str | None = None
     source: str | None = None  # where to get the file by hand when there is no verified download
+    sha256_sources: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -86,15 +88,14 @@ class ModelEntry:
 
 
 def models_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segmentwithsam" / "models"
-    return Path(os.environ.get(MODELS_ENV) or default)
+    return user_cache("models", MODELS_ENV)
 
 
 def check_entry(raw: dict) -> ModelEntry:
     """A :class:`ModelEntry` from a JSON object, or :class:`ModelError` saying which field is wrong."""
     if not isinstance(raw, dict):
         raise ModelError("A registry entry must be a JSON object.")
-    unknown = set(raw) - set(_FIELDS) - {"bundled", "source"}
+    unknown = set(raw) - set(_FIELDS) - {"bundled", "source", "sha256_sources"}
     if unknown:
         raise ModelError(f"Registry entry {raw.get('name')!r} has unknown fields: {sorted(unknown)}.")
     for key, kind in _FIELDS.items():
@@ -102,11 +103,18 @@ def check_entry(raw: dict) -> ModelEntry:
             raise ModelError(f"Registry entry {raw.get('name')!r}: field {key!r} is missing or of the wrong type.")
     if raw["architecture"] not in ARCHITECTURES:
         raise ModelError(f"Registry entry {raw['name']!r}: unknown architecture {raw['architecture']!r}.")
-    if raw["sha256"] is not None and not re.fullmatch(r"[0-9a-f]{6,64}", raw["sha256"]):
-        raise ModelError(f"Registry entry {raw['name']!r}: sha256 must be hex (a digest or its prefix).")
+    if raw["sha256"] is not None and not re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]):
+        raise ModelError(f"Registry entry {raw['name']!r}: sha256 must be a full digest, 64 lowercase hex digits.")
+    sources = raw.get("sha256_sources", ())
+    if not isinstance(sources, (list, tuple)) or not all(isinstance(s, str) and s.startswith("https://")
+                                                          for s in sources):
+        raise ModelError(f"Registry entry {raw['name']!r}: sha256_sources must be a list of https addresses.")
+    if (len(set(sources)) < 2) if raw["sha256"] is not None else bool(sources):
+        raise ModelError(f"Registry entry {raw['name']!r}: a sha256 is listed only when two independent public "
+                         "sources confirm it, both named in sha256_sources.")
     if raw["url"] is not None and (not raw["url"].startswith("https://") or raw["sha256"] is None):
         raise ModelError(f"Registry entry {raw['name']!r}: a download URL must be https and come with a sha256.")
-    return ModelEntry(**raw)
+    return ModelEntry(**{**raw, "sha256_sources": tuple(sources)})
 
 
 @cache
