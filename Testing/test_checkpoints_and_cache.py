@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,23 @@ def test_cache_limit_from_environment(monkeypatch):
     monkeypatch.setenv("SEGMENTWITHSAM_CACHE_MB", "lots")
     with pytest.raises(Exception, match="not a number of megabytes"):
         EmbeddingCache()
+
+
+def test_compiled_graphs_are_cached_owner_only_and_reused(tmp_path, monkeypatch):
+    """The OpenVINO engine keeps its compiled graphs in the user's engine cache (owner-only); a second load
+    reads them back and gives the same embeddings and masks."""
+    from SegmentWithSAMLib.engines import ENGINE_CACHE_ENV
+
+    monkeypatch.setenv(ENGINE_CACHE_ENV, str(tmp_path / "engines"))
+    image = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    first = load_model("litemedsam", "cpu", "openvino")
+    compiled = tmp_path / "engines" / "compiled"
+    blobs = sorted(p.name for p in compiled.iterdir())
+    assert blobs and compiled.stat().st_mode & 0o777 == 0o700
+    second = load_model("litemedsam", "cpu", "openvino")
+    assert sorted(p.name for p in compiled.iterdir()) == blobs  # read back, none compiled anew
+    embeddings = [model.encode(image) for model in (first, second)]
+    assert np.array_equal(*embeddings)
+    box = np.array([[50.0, 60.0, 150.0, 170.0]])
+    assert np.array_equal(*(m.decode(e, boxes=box).logits
+                                   for m, e in zip((first, second), embeddings, strict=True)))

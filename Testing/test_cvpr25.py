@@ -108,6 +108,7 @@ def _cli(*args, cache_dir) -> subprocess.CompletedProcess:
 def test_a_case_reads_back_as_written(tmp_path, colin_case):
     image, spacing, truths = colin_case
     boxes, clicks = [box_from_truth(t) for t in truths], _good_clicks(truths)
+    clicks[1] = [None, None]  # no click in either round: the evaluator's None in clicks_order (object perfect)
     write_case(tmp_path / "case.npz", image, spacing, boxes, clicks, prev_pred=np.zeros(image.shape, np.uint8))
     with zipfile.ZipFile(tmp_path / "case.npz") as archive:  # the official layout: pickled object arrays
         assert b"numpy" in archive.read("boxes.npy") and b"fg" in archive.read("clicks.npy")
@@ -308,9 +309,11 @@ def test_the_command_predicts_a_colin27_case_and_a_second_call_encodes_nothing(t
     assert again["files"][0]["encoded"] == 0 and again["files"][0]["prompts_applied"] == 0  # states on disk
     with np.load(outputs / "colin.npz", allow_pickle=False) as result:
         assert np.array_equal(result["segs"], segs)
-    # The next challenge step: the same prompts and one click more, in a fresh process, applies that click only.
+    # The next challenge step: the same prompts and one click more, in a fresh process, applies that click only;
+    # the other object, perfect as far as the evaluator knows, gets no click that round (None in its order).
     clicks = _good_clicks(truths)
     clicks[0].append((clicks[0][0][0], True))
+    clicks[1].append(None)
     for path in inputs.glob("*.npz"):
         path.unlink()
     write_case(inputs / "colin.npz", image, spacing, [box_from_truth(t) for t in truths], clicks)

@@ -246,6 +246,30 @@ def test_a_layer_spanning_the_volume_is_cropped_to_its_voxels_before_the_undo_st
     assert restored.GetExtent() == (4, 7, 3, 8, 2, 5)  # the state saved: cropped
 
 
+def test_a_write_beyond_a_layer_grows_it_on_every_side(scene):
+    """A layer holds only the extent of its voxels; a write past it on every side grows it there, in place (the
+    segment sharing it still does), and ends as Slicer's own write."""
+    volume = phantom(scene)
+    ours, theirs = (segmentation_on(scene, volume, "same") for _ in range(2))
+    editing = SegmentEditing(scene)
+    for node in (ours, theirs):
+        for segment_id, mask in (("inner", box(4, 8, 5, 10, 6, 9)), ("beside", box(4, 8, 5, 10, 9, 12))):
+            node.GetSegmentation().AddEmptySegment(segment_id, segment_id)
+            editing.write(node, segment_id, volume, mask)
+    layer, _ = mrml.segment_labelmap(ours, "inner")
+    assert layer.GetExtent() == (6, 11, 5, 9, 4, 7) and mrml.segment_labelmap(ours, "beside")[0] is layer
+    wanted = box(2, 10, 3, 12, 4, 13)  # over "beside", which it overwrites
+    before = segments_of(ours, volume)
+    assert editing.write(ours, "inner", volume, wanted, editor_with(scene, "everywhere", "all", False)).count \
+        == int((wanted & ~before["inner"]).sum())
+    slicers_own_write(scene, theirs, "inner", volume, wanted, editor_with(scene, "everywhere", "all", False))
+    expected = segments_of(theirs, volume)
+    assert all(np.array_equal(result, expected[sid]) for sid, result in segments_of(ours, volume).items())
+    assert layer.GetExtent() == (4, 12, 3, 11, 2, 9) and mrml.segment_labelmap(ours, "beside")[0] is layer
+    editing.undo()
+    assert all(np.array_equal(result, before[sid]) for sid, result in segments_of(ours, volume).items())
+
+
 def test_a_copied_write_tells_the_undo_history_and_the_views(scene):
     """The layer and each segment whose voxels changed report it: ``SourceRepresentationModified`` (the undo
     history and the node observe it) and ``SegmentModified`` (on which the slice views redraw a segment)."""

@@ -17,10 +17,11 @@ from test_slicer_logic import HIPPOCAMPUS, hippocampus_roi, new_segmentation  # 
 
 from SegmentWithSAMLib.engine import RANGE_RULES  # noqa: E402
 from SegmentWithSAMLib.errors import PromptError  # noqa: E402
-from SegmentWithSAMLib.geometry import View, slice_axes  # noqa: E402
+from SegmentWithSAMLib.geometry import View, Volume, slice_axes  # noqa: E402
 from SegmentWithSAMLib.metrics import dice  # noqa: E402
 from SegmentWithSAMLib.state import Kind  # noqa: E402
 from SegmentWithSAMSlicerLib import mrml  # noqa: E402
+from SegmentWithSAMSlicerLib.interactive import state_from_segment  # noqa: E402
 from SegmentWithSAMSlicerLib.logic import PREVIEW_NODE_NAME  # noqa: E402
 
 # What a click sends when the backend holds the segment's state: the action and the state's version (a JSON
@@ -158,3 +159,29 @@ def test_a_click_sends_only_the_action_until_the_segment_is_edited_by_hand(scene
     final = axes.oriented(mrml.segment_array(segmentation, segment_id, colin_node))
     assert np.array_equal(final[index + 2], user_slice)
     assert remembered(controller, segmentation, segment_id).kinds[index + 2] is Kind.USER
+
+
+@pytest.mark.parametrize("directions", [np.diag([1.0, 1, 1]), np.diag([-1.0, -1, 1]), np.diag([1.0, -1, -1]),
+                                        np.array([[0, 0, -1.0], [1, 0, 0], [0, -1, 0]])])
+def test_a_segment_matches_its_remembered_state_only_voxel_for_voxel_in_any_orientation(directions):
+    """The remembered state is taken back only while the segment is exactly its masks, whichever way the view
+    reads the segment's memory (slices are compared forwards, flipped rows or columns included); a voxel off is
+    an edit of the user's."""
+    rng = np.random.default_rng(3)
+    segment = np.zeros((12, 16, 24), bool)  # K, J, I: rows of 16 or 24 voxels, or 12 (not a multiple of 8)
+    segment[2:10, 3:13, 4:20] = rng.random((8, 10, 16)) < 0.6
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = directions
+    for view in View:
+        axes = slice_axes(Volume(segment.astype(np.int16), ijk_to_ras), view)
+        oriented = axes.oriented(segment)
+        remembered = state_from_segment(oriented, axes, {}, None)
+        assert state_from_segment(oriented, axes, {}, remembered) is remembered, view
+        edited = segment.copy()
+        slice_index = sorted(remembered.masks)[len(remembered.masks) // 2]
+        rows, cols = np.nonzero(remembered.masks[slice_index])
+        axes.oriented(edited)[slice_index, rows[0], cols[0]] = False
+        rebuilt = state_from_segment(axes.oriented(edited), axes, {}, remembered)
+        assert rebuilt is not remembered and rebuilt.kinds[slice_index] is Kind.USER, view
+        assert np.array_equal(rebuilt.masks[slice_index], axes.oriented(edited)[slice_index]), view
+        assert all(rebuilt.masks[i] is remembered.masks[i] for i in remembered.masks if i != slice_index), view

@@ -4,14 +4,15 @@ Colin27):
 1. a click's round trip — a 2D point prompt on a slice whose embedding is cached, and a 3D click correction on an
    object the backend holds — in this process (:class:`SegmentWithSAMLib.engine.Engine`), through a backend
    process of its own (pipes), a server over TCP, over TLS, and over TLS through a proxy that holds every chunk
-   ``--delay-ms`` each way (a network path); the clicks interleaved, each kind in turn, after one warm-up;
+   ``--delay-ms`` each way (a network path); the clicks interleaved, each kind in turn, after one warm-up, with
+   ``--pause-ms`` before each;
 2. the bytes of a click (the client's count of its frames; on the wire too through the proxy, TLS included) and of
    a session's first request (the volume goes once per session);
 3. clicks per second with 1, 2 and 4 clients clicking at once on one server, each in a session of its own; and
    whether a click waits behind another client's propagation: 3 clients click while a 4th propagates through
    ``--slices`` slices that have to be encoded.
 
-    python benchmarks/remote.py [--clicks 20] [--slices 30] [--delay-ms 20] [--device cpu] [--json]
+    python benchmarks/remote.py [--clicks 20] [--slices 30] [--delay-ms 20] [--pause-ms 100] [--device cpu] [--json]
 
 Backends and servers run without prefetch, so nothing encodes in the background of what is timed. Writes
 results/remote.json.
@@ -158,8 +159,8 @@ def _same(a, b) -> bool:
 
 class Clicker:
     """One kind of client: ``step(key, action)`` applies the action to the state it holds of object ``key`` and
-    returns the milliseconds from the request to the mask, with the bytes of the request and its reply (and on the
-    wire, through ``proxy``)."""
+    returns the milliseconds from the request to the mask and those of the engine's step within them (timed
+    where it ran), with the bytes of the request and its reply (and on the wire, through ``proxy``)."""
 
     def __init__(self, volume, view: str = VIEW, engine: Engine | None = None, client: BackendClient | None = None,
                  proxy: DelayProxy | None = None) -> None:
@@ -176,17 +177,19 @@ class Clicker:
             handle = self.client.step(self.volume, self.view, key, self.states.get(key), action)
             self.states[key], update = self.client.wait(handle, timeout)
             sent, received = handle.sent, handle.received
-        row = {"ms": (time.perf_counter() - start) * 1e3, "sent": sent, "received": received,
-               "changed": len(update.changed)}
+        row = {"ms": (time.perf_counter() - start) * 1e3, "engine_ms": update.seconds * 1e3, "sent": sent,
+               "received": received, "changed": len(update.changed)}
         if wire is not None:
             row.update({f"wire_{way}": self.proxy.bytes[way] - wire[way] for way in wire})
         return row
 
 
-def round_trips(clickers: dict[str, Clicker], index: int, truth: np.ndarray, clicks: int) -> dict:
+def round_trips(clickers: dict[str, Clicker], index: int, truth: np.ndarray, clicks: int, pause_s: float) -> dict:
     """2D point prompts on the cached slice ``index`` and 3D clicks inside the 7-slice object, the kinds of client
-    in turn (the order rotated each round), after one warm-up of each. The 3D clicks are chosen on the in-process
-    object and given to every kind alike, so each does the same work as long as their masks agree."""
+    in turn (the order rotated each round), after one warm-up of each, ``pause_s`` before each click (a user's
+    pause, short; without it a click started while the process before still had the cores). The 3D clicks are
+    chosen on the in-process object and given to every kind alike, so each does the same work as long as their
+    masks agree."""
     box = tuple(float(v) for v in tight_box(truth))
     order = list(clickers)
     local = clickers["in-process"]
@@ -197,6 +200,7 @@ def round_trips(clickers: dict[str, Clicker], index: int, truth: np.ndarray, cli
     for n in range(clicks + 1):
         turn = order[n % len(order):] + order[: n % len(order)]
         for kind in turn:  # the 2D prompt: the object "2d" of each client
+            time.sleep(pause_s)
             row = clickers[kind].step("2d", prompts[n])
             if n:
                 results["2d"][kind].append(row)
@@ -207,6 +211,7 @@ def round_trips(clickers: dict[str, Clicker], index: int, truth: np.ndarray, cli
         slice_index = target[n % len(target)]
         click = Click(slice_index, _pixels(masks[slice_index], 1, seed=n * 104729)[0], positive=True)
         for kind in turn:
+            time.sleep(pause_s)
             row = clickers[kind].step("3d", click)
             if n:
                 results["3d"][kind].append(row)
@@ -219,6 +224,8 @@ def round_trips(clickers: dict[str, Clicker], index: int, truth: np.ndarray, cli
         for kind, rows in per_kind.items():
             times = [r["ms"] for r in rows]
             entry = {**_summary(times), "overhead_ms": statistics.median(np.subtract(times, base)),
+                     "outside_engine_ms": statistics.median(r["ms"] - r["engine_ms"] for r in rows),
+                     "engine_ms": statistics.median(r["engine_ms"] for r in rows),
                      "ratio": statistics.median(times) / statistics.median(base),
                      "sent": statistics.median(r["sent"] for r in rows),
                      "received": statistics.median(r["received"] for r in rows),
@@ -232,15 +239,15 @@ def round_trips(clickers: dict[str, Clicker], index: int, truth: np.ndarray, cli
 
 
 def start_session(clicker: Clicker, box3d: Box3D, prompt: Prompt, connect=None, tries: int = 3) -> dict:
-    """The 3D box (and the volume, once) and a first 2D prompt; the bytes of the volume and of the first step.
-    A connection that fails meanwhile is noted and made again by ``connect()``, up to ``tries`` times."""
+    """The volume and the 3D box, then a first 2D prompt: the bytes of each request (and, through the proxy, on
+    the wire). A connection that fails meanwhile is noted and made again by ``connect()``, up to ``tries`` times."""
     failures = []
     while True:
-        load = clicker.client.load_volume(clicker.volume) if clicker.client else None
         wire = dict(clicker.proxy.bytes) if clicker.proxy else None
+        load = clicker.client.load_volume(clicker.volume) if clicker.client else None
         try:
             first = clicker.step("3d", box3d, timeout=900)
-            clicker.step("2d", prompt)
+            second = clicker.step("2d", prompt)
             break
         except BackendError as error:
             failures.append(str(error))
@@ -253,9 +260,10 @@ def start_session(clicker: Clicker, box3d: Box3D, prompt: Prompt, connect=None, 
         return {}
     clicker.client.wait(load, 60)
     row = {"volume_sent": load.sent, "first_step_sent": first["sent"], "first_step_received": first["received"],
-           "failed_starts": failures}
-    if wire is not None:
-        row["wire_up"] = clicker.proxy.bytes["up"] - wire["up"]  # the volume and the first step, in TLS records
+           "second_step_sent": second["sent"], "failed_starts": failures}
+    if wire is not None:  # in TLS records: the volume and the first step, then the second step
+        row["wire_up_first"] = clicker.proxy.bytes["up"] - wire["up"] - second["wire_up"]
+        row["wire_up_second"] = second["wire_up"]
     return row
 
 
@@ -295,6 +303,21 @@ def throughput(clients: list[Clicker], prompts: list[Prompt]) -> dict:
     return results
 
 
+def followed(clicker: Clicker, key: str, state, action, progress: list) -> object:
+    """Run the long ``action`` on ``clicker``'s backend, noting (when, slices done) in ``progress`` at its start,
+    as its slices arrive and at its end; returns its update."""
+    client = clicker.client
+    handle = client.step(clicker.volume, clicker.view, key, state, action)
+    progress.append((time.perf_counter(), 0))
+    while not handle.done:
+        client.poll()
+        if handle.progress and handle.progress[0] != progress[-1][1]:
+            progress.append((time.perf_counter(), handle.progress[0]))
+        time.sleep(0.005)
+    progress.append((time.perf_counter(), progress[-1][1]))
+    return client.wait(handle, 0)[1]
+
+
 def fairness(propagator: Clicker, clickers: list[Clicker], prompts: list[Prompt], seed: dict[int, np.ndarray],
              middle: int, slices: int) -> dict:
     """The clickers' latency alone; ``propagator``'s propagation through ``slices`` slices never encoded before,
@@ -303,39 +326,42 @@ def fairness(propagator: Clicker, clickers: list[Clicker], prompts: list[Prompt]
     alone = clicking(clickers, prompts)
     propagator.step("brain", UserEdit(seed))
     seeded = propagator.states["brain"]
-    up = propagator.step("brain", Propagate(middle, "up", (middle, middle + slices), THROUGH), timeout=3600)
-    client = propagator.client
-    began = time.perf_counter()
-    handle = client.step(propagator.volume, propagator.view, "brain", seeded,
-                         Propagate(middle, "down", (middle - slices, middle), THROUGH))
-    progress = [(began, 0)]  # (when, slices done)
+    solo: list = []
+    up = followed(propagator, "brain", seeded, Propagate(middle, "up", (middle, middle + slices), THROUGH), solo)
+    slice_ms = np.diff([when for when, _ in solo[1:-1]]) * 1e3  # between two slices' arrivals
+    progress: list = []
+    result: dict = {}
     done = threading.Event()
 
-    def follow() -> None:
-        while not handle.done:
-            client.poll()
-            if handle.progress and handle.progress[0] != progress[-1][1]:
-                progress.append((time.perf_counter(), handle.progress[0]))
-            time.sleep(0.005)
-        progress.append((time.perf_counter(), progress[-1][1]))
+    def propagate() -> None:
+        try:
+            result["update"] = followed(propagator, "brain", seeded,
+                                        Propagate(middle, "down", (middle - slices, middle), THROUGH), progress)
+        except Exception as error:  # raised again below, once the clickers stopped
+            result["error"] = error
         done.set()
 
-    thread = threading.Thread(target=follow)
+    thread = threading.Thread(target=propagate)
     thread.start()
+    while not progress and not done.is_set():  # the propagation is asked for first
+        time.sleep(0.001)
     during = clicking(clickers, prompts, until=done)
     clicked = time.perf_counter()
     thread.join()
-    _, update = client.wait(handle, 0)
-    ended = progress[-1][0]
-    times = [ms for per in during["log"] for start, ms in per if start < ended]
-    meanwhile = max(count for when, count in progress if when <= clicked)
+    if "error" in result:
+        raise result["error"]
+    began, ended = progress[0][0], progress[-1][0]
+    times = [(start - began, ms) for per in during["log"] for start, ms in per if start < ended]
+    longest = max(times, key=lambda t: t[1])
     return {"clicks_alone": _summary([ms for per in alone["log"] for _, ms in per]),
-            "clicks_during": _summary(times),
-            "propagation_alone": {"ms": up["ms"], "slices": up["changed"], "ms_per_slice": up["ms"] / up["changed"]},
-            "propagation_with_clicks": {"ms": (ended - began) * 1e3, "slices": len(update.changed),
-                                        "ms_per_slice": (ended - began) * 1e3 / len(update.changed),
+            "clicks_during": {**_summary([ms for _, ms in times]), "longest_started_s": longest[0]},
+            "propagation_alone": {"ms": (solo[-1][0] - solo[0][0]) * 1e3, "slices": len(up.changed),
+                                  "ms_per_slice": (solo[-1][0] - solo[0][0]) * 1e3 / len(up.changed),
+                                  "slice_ms_median": float(np.median(slice_ms)), "slice_ms_max": float(slice_ms.max())},
+            "propagation_with_clicks": {"ms": (ended - began) * 1e3, "slices": len(result["update"].changed),
+                                        "ms_per_slice": (ended - began) * 1e3 / len(result["update"].changed),
                                         "clicking_ms": (min(clicked, ended) - began) * 1e3,
-                                        "slices_while_clicking": meanwhile}}
+                                        "slices_while_clicking": max(n for when, n in progress if when <= clicked)}}
 
 
 def main() -> None:
@@ -343,6 +369,7 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=20, help="clicks timed per kind of client and per measure")
     parser.add_argument("--slices", type=int, default=30, help="slices of the long propagation (fairness)")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="the proxy's delay, one way, each direction")
+    parser.add_argument("--pause-ms", type=float, default=100.0, help="pause before each timed round-trip click")
     parser.add_argument("--device", default=None, help="the model's device everywhere (default: auto)")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
@@ -375,7 +402,7 @@ def main() -> None:
               flush=True)
         sessions = {kind: start_session(c, box3d, first_prompt, connect.get(kind)) for kind, c in clickers.items()}
         print(f"round trips: {args.clicks} clicks of each kind, {len(clickers)} kinds of client", flush=True)
-        clicks = round_trips(clickers, index, truth, args.clicks)
+        clicks = round_trips(clickers, index, truth, args.clicks, args.pause_ms / 1e3)
         for kind in ("pipe", "tls", "tls+delay"):
             clickers[kind].client.close()
         tls.close()  # what follows runs on the TCP server alone
@@ -403,22 +430,26 @@ def report(clicks: dict, sessions: dict, rates: dict, fair: dict, args) -> None:
     for what, per_kind in clicks.items():
         for kind, r in per_kind.items():
             rows.append([names[what], kind, f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
+                         f"{r['engine_ms']:.1f}", f"{r['outside_engine_ms']:.1f}",
                          "" if kind == "in-process" else f"{r['overhead_ms']:+.1f}",
                          "" if kind == "in-process" else f"×{r['ratio']:.2f}",
                          "" if kind == "in-process" else f"{r['sent']:.0f} / {r['received']:.0f}",
                          "yes" if r["same_masks_as_in_process"] else "NO"])
-    print(f"\nClick round trip, LiteMedSAM on Colin27 ({args.clicks} clicks each, after one warm-up; "
-          f"proxy delay {args.delay_ms:g} ms each way):\n")
-    print_table(["click", "client", "median ms", "p90 ms", "overhead vs in-process (median of pairs) ms", "ratio",
-                 "bytes sent / received", "same masks"], rows)
+    print(f"\nClick round trip, LiteMedSAM on Colin27 ({args.clicks} clicks each, after one warm-up, "
+          f"{args.pause_ms:g} ms pause before each; proxy delay {args.delay_ms:g} ms each way):\n")
+    print_table(["click", "client", "median ms", "p90 ms", "engine step ms", "outside the engine ms",
+                 "vs in-process (median of pairs) ms", "ratio", "bytes sent / received", "same masks"], rows)
+    print("\n(outside the engine: each click's round trip less its engine step as the process that ran it timed "
+          "it: framing, transport, the server's queue and the client's own work; medians)")
     rows = []
     for kind, s in sessions.items():
         if s:
             rows.append([kind, s["volume_sent"], f"{s['first_step_sent']} / {s['first_step_received']}",
-                         s.get("wire_up", "")])
-    print("\nA session's first request (the volume, once per session; then the 3D box over 7 slices):\n")
-    print_table(["client", "volume: bytes sent", "first step: bytes sent / received",
-                 "both on the wire, up (TLS through the proxy)"], rows)
+                         s["second_step_sent"], s.get("wire_up_first", ""), s.get("wire_up_second", "")])
+    print("\nA session's first requests (the volume, once per session, and a 3D box over 7 slices; then a 2D point "
+          "prompt), in bytes:\n")
+    print_table(["client", "volume sent", "3D box sent / received", "then 2D prompt sent",
+                 "on the wire up (TLS, proxy): volume + 3D box", "then 2D prompt"], rows)
     for kind, s in sessions.items():
         for failure in s.get("failed_starts", []):
             print(f"{kind}: a first request failed and was made again on a new connection: {failure}")
@@ -441,12 +472,14 @@ def report(clicks: dict, sessions: dict, rates: dict, fair: dict, args) -> None:
     print("\nFairness: the other clients' clicks during a long propagation:\n")
     print_table(["clients' 2D clicks", "median ms", "p90 ms", "max ms", "clicks"], rows)
     expected = pw["clicking_ms"] / pa["ms_per_slice"]
-    print(f"\npropagation alone: {pa['slices']} slices in {pa['ms'] / 1e3:.1f} s ({pa['ms_per_slice']:.0f} ms per "
-          f"slice); with the 3 clients clicking from its start: {pw['slices']} slices in {pw['ms'] / 1e3:.1f} s, "
-          f"{pw['slices_while_clicking']} of them in the {pw['clicking_ms'] / 1e3:.1f} s they clicked (alone: "
-          f"{expected:.1f}). Longest click meanwhile: {d['max_ms'] / pa['ms_per_slice']:.2f} slice-times, "
-          f"{d['max_ms'] / pw['ms']:.3f} of the propagation.")
-    write_json("remote", {"device": args.device or "auto", "delay_ms_each_way": args.delay_ms, "clicks": clicks,
+    print(f"\npropagation alone: {pa['slices']} slices in {pa['ms'] / 1e3:.1f} s (between two slices: median "
+          f"{pa['slice_ms_median']:.0f} ms, longest {pa['slice_ms_max']:.0f} ms); with the 3 clients clicking from "
+          f"its start: {pw['slices']} slices in {pw['ms'] / 1e3:.1f} s, {pw['slices_while_clicking']} of them in the "
+          f"{pw['clicking_ms'] / 1e3:.1f} s they clicked (alone: {expected:.1f}). Longest click meanwhile: "
+          f"{d['max_ms'] / pa['slice_ms_median']:.2f} median slice-times, started {d['longest_started_s']:.1f} s "
+          f"after the propagation; {d['max_ms'] / pw['ms']:.3f} of the propagation.")
+    write_json("remote", {"device": args.device or "auto", "delay_ms_each_way": args.delay_ms,
+                          "pause_ms": args.pause_ms, "clicks": clicks,
                           "session_start": sessions, "throughput": rates, "fairness": fair}, one_line=args.json)
 
 

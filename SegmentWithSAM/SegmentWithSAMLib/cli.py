@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_segment(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from .actions import parse_slice_range
+    from .actions import click_from_ras, parse_slice_range, prompt_from_ras
+    from .geometry import slice_axes
     from .io import check_writable, read_volume, write_labelmap
 
     if not any(positive for _, positive in args.points) and args.box is None:
@@ -235,6 +236,13 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         bar.set_description("reading volume")
         volume = read_volume(args.volume)
+        # every prompt is checked (inside the volume, on one slice) before the model loads
+        axes = slice_axes(volume, args.view)
+        points = np.array([p for p, _ in args.points]).reshape(-1, 3)
+        labels = np.array([int(positive) for _, positive in args.points])
+        prompt = prompt_from_ras(volume, axes, points, labels, None if args.box is None else args.box.reshape(2, 3),
+                                 slice_range if args.propagate else None)
+        clicks = [click_from_ras(volume, axes, point, positive) for point, positive in args.clicks]
         bar.update()
         bar.set_description("loading model" if args.backend is None else "connecting")
         t = time.perf_counter()
@@ -242,11 +250,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         timings["load_model"] = (time.perf_counter() - t) * 1e3
         bar.update()
         bar.set_description("segmenting")
-        points = np.array([p for p, _ in args.points]).reshape(-1, 3)
-        labels = np.array([int(positive) for _, positive in args.points])
-        first = segmenter.prompt(OBJECT, points, labels, None if args.box is None else args.box.reshape(2, 3),
-                                 slice_range if args.propagate else None)
-        index = segmenter.last_slice[OBJECT]
+        first = segmenter.step(OBJECT, prompt)
+        index = prompt.index
         timings["segment"] = first.seconds * 1e3
         bar.update()
         extra: dict = {"notices": list(first.notices)}
@@ -254,8 +259,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             extra.update(_propagate(segmenter, index, args.propagate, args))
             timings["propagate"] = (time.perf_counter() - t) * 1e3
-        for point, positive in args.clicks:
-            extra["notices"] += segmenter.click(OBJECT, point, positive).notices
+        for click in clicks:
+            extra["notices"] += segmenter.step(OBJECT, click).notices
         mask = segmenter.mask(OBJECT)
         bar.set_description("writing")
         t = time.perf_counter()

@@ -94,13 +94,14 @@ def _read_member(archive: zipfile.ZipFile, key: str):
 @dataclass
 class Case:
     """One challenge file: ``image`` (D, H, W), ``spacing`` (3,) mm in array order, the objects' ``boxes``
-    (None when the file has none) and each object's ``clicks`` as ((d, h, w), positive) in their order."""
+    (None when the file has none) and each object's ``clicks`` round by round: ((d, h, w), positive), or None in
+    a round where it had no click (the challenge's evaluator gives none to an object already perfect)."""
 
     name: str
     image: np.ndarray
     spacing: tuple[float, float, float]
     boxes: list[ChallengeBox] | None
-    clicks: list[list[tuple[tuple[int, int, int], bool]]]
+    clicks: list[list[tuple[tuple[int, int, int], bool] | None]]
 
     @property
     def objects(self) -> int:
@@ -168,20 +169,21 @@ def _parse_points(points, what: str, shape: tuple[int, int, int]) -> list[tuple[
     return parsed
 
 
-def _parse_order(order, fg: int, bg: int, number: int) -> list[bool]:
+def _parse_order(order, fg: int, bg: int, number: int) -> list[bool | None]:
+    """Each round's click of object ``number``: True (fg), False (bg) or None (a round without one)."""
     if order is None:
         return [True] * fg + [False] * bg
     values = np.asarray(order, dtype=object).ravel().tolist() if isinstance(order, (list, tuple, np.ndarray)) \
         else None
-    if values is None or any(v not in ("fg", "bg") for v in values):
-        raise PromptError(f"clicks_order {number} must list 'fg' and 'bg', not {order!r}")
+    if values is None or any(v not in ("fg", "bg", None) for v in values):
+        raise PromptError(f"clicks_order {number} must list 'fg', 'bg' and None (no click that round), not {order!r}")
     if values.count("fg") != fg or values.count("bg") != bg:
         raise PromptError(f"clicks_order {number} has {values.count('fg')} fg and {values.count('bg')} bg, but "
                           f"object {number} has {fg} fg and {bg} bg clicks")
-    return [v == "fg" for v in values]
+    return [None if v is None else v == "fg" for v in values]
 
 
-def _parse_clicks(clicks, orders, objects: int | None, shape) -> list[list[tuple[tuple[int, int, int], bool]]]:
+def _parse_clicks(clicks, orders, objects: int | None, shape) -> list[list[tuple[tuple[int, int, int], bool] | None]]:
     entries = _items(clicks, "clicks")
     if objects is not None and len(entries) != objects:
         raise PromptError(f"'boxes' has {objects} entries but 'clicks' {len(entries)}: one of each per object")
@@ -198,7 +200,8 @@ def _parse_clicks(clicks, orders, objects: int | None, shape) -> list[list[tuple
         bg = _parse_points(entry.get("bg", []), f"object {number}'s background click", shape)
         order = _parse_order(orders[number - 1] if orders is not None else None, len(fg), len(bg), number)
         fg_iter, bg_iter = iter(fg), iter(bg)
-        result.append([(next(fg_iter) if positive else next(bg_iter), positive) for positive in order])
+        result.append([None if positive is None else (next(fg_iter) if positive else next(bg_iter), positive)
+                       for positive in order])
     return result
 
 
@@ -258,7 +261,8 @@ def predict_case(case: Case, model, cache, window: str | None = None, store: boo
     prompts: list = [["box", name, box.as_dict()] for name, box in zip(names, case.boxes or [], strict=False)]
     for round_ in range(max((len(c) for c in case.clicks), default=0)):
         prompts += [["click", name, [int(v) for v in clicks[round_][0]], bool(clicks[round_][1])]
-                    for name, clicks in zip(names, case.clicks, strict=True) if round_ < len(clicks)]
+                    for name, clicks in zip(names, case.clicks, strict=True)
+                    if round_ < len(clicks) and clicks[round_] is not None]
     states = InteractionStore(model, volume.identity, window, VIEW) if store else None
     done = 0
     for count in range(len(prompts), 0, -1) if states is not None else ():
@@ -309,19 +313,21 @@ def _object_array(rows: list) -> np.ndarray:
 
 
 def write_case(path: str | os.PathLike, image: np.ndarray, spacing, boxes: list[ChallengeBox] | None = None,
-               clicks: list[list[tuple[tuple[int, int, int], bool]]] | None = None,
+               clicks: list[list[tuple[tuple[int, int, int], bool] | None]] | None = None,
                prev_pred: np.ndarray | None = None) -> None:
     """Write a case as the official script does before a step: boxes and clicks as lists of dicts of NumPy
-    integers (so pickled object arrays), ``clicks_order`` per object, ``prev_pred`` if given."""
+    integers (so pickled object arrays), ``clicks_order`` per object (None for a round without a click),
+    ``prev_pred`` if given."""
     arrays: dict = {"imgs": image, "spacing": np.asarray(spacing, dtype=float)}
     if boxes is not None:
         arrays["boxes"] = [{key: np.int64(value) for key, value in box.as_dict().items()} for box in boxes]
     if clicks is not None:
+        given = [[click for click in object_clicks if click is not None] for object_clicks in clicks]
         arrays["clicks"] = [{"fg": [[np.int64(v) for v in index] for index, positive in object_clicks if positive],
                              "bg": [[np.int64(v) for v in index] for index, positive in object_clicks if not positive]}
-                            for object_clicks in clicks]
-        arrays["clicks_order"] = _object_array([["fg" if positive else "bg" for _, positive in object_clicks]
-                                                for object_clicks in clicks])
+                            for object_clicks in given]
+        arrays["clicks_order"] = _object_array([[None if click is None else "fg" if click[1] else "bg"
+                                                 for click in object_clicks] for object_clicks in clicks])
     if prev_pred is not None:
         arrays["prev_pred"] = prev_pred
     np.savez_compressed(path, **arrays)
@@ -365,7 +371,8 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
             if on_error is not None:
                 on_error(path.name, str(exc))
             continue
-        report["files"].append({"file": path.name, "objects": case.objects, "clicks": sum(map(len, case.clicks)),
+        clicks = sum(click is not None for rounds in case.clicks for click in rounds)
+        report["files"].append({"file": path.name, "objects": case.objects, "clicks": clicks,
                                 "encoded": model.encoder_runs - encoded, "prompts_applied": applied,
                                 "seconds": round(time.perf_counter() - start, 3), "out": str(out)})
     if model is not None:

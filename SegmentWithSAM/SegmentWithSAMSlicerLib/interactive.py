@@ -39,19 +39,21 @@ def _filled(oriented: np.ndarray) -> list[int]:
 
 
 def _same(oriented: np.ndarray, index: int, mask: np.ndarray) -> bool:
-    """Whether slice ``index`` of ``oriented`` is ``mask`` (rows, cols); slices that differ mostly differ in their
-    voxel count, which is quick to tell."""
+    """Whether slice ``index`` of ``oriented`` is ``mask`` (rows, cols, bool)."""
     rows, cols = _memory_order(oriented)
     plain = oriented[index, ::rows, ::cols]
+    if cols < 0 and plain.strides[1] == 1 and mask.flags.c_contiguous and mask.shape[1] % 8 == 0:
+        # a row read backwards is its bytes in reverse order: its 8-byte words in reverse order, each byte-swapped
+        # (elementwise, a backwards row compares about five times slower)
+        return np.array_equal(plain.view(np.uint64), mask.view(np.uint64)[::rows, ::-1].byteswap())
+    # slices that differ mostly differ in their voxel count, which is quicker to tell
     return np.count_nonzero(plain) == np.count_nonzero(mask) and np.array_equal(plain, mask[::rows, ::cols])
 
 
-def _matches(oriented: np.ndarray, filled: list[int], state: ObjectState, written: dict[int, int]) -> bool:
-    """Whether the segment (slices, rows, cols; ``filled``: its slices with voxels) is exactly ``state``'s masks,
-    with the engine's slices tagged."""
-    if set(filled) - set(state.masks):
-        return False
-    if any(not _same(oriented, i, m) for i, m in state.masks.items()):
+def _matches(filled: list[int], same: dict[int, bool], state: ObjectState, written: dict[int, int]) -> bool:
+    """Whether a segment (``filled``: its slices with voxels; ``same``: which of ``state``'s masks its slices are)
+    is exactly ``state``'s masks, with the engine's slices tagged."""
+    if set(filled) - set(state.masks) or not all(same.values()):
         return False
     engine = {i for i, kind in state.kinds.items() if kind is Kind.ENGINE and state.masks[i].any()}
     return all(written.get(i) == mrml.mask_crc(state.masks[i]) for i in engine)
@@ -63,7 +65,8 @@ def state_from_segment(oriented: np.ndarray, axes: SliceAxes, written: dict[int,
     ({slice: crc}) the engine wrote; None for an empty segment without one. ``remembered``: the state after this
     segment's last step, returned as it is where the segment still matches it, else kept where its slices do."""
     filled = _filled(oriented)
-    if remembered is not None and _matches(oriented, filled, remembered, written):
+    same = {} if remembered is None else {i: _same(oriented, i, m) for i, m in remembered.masks.items()}
+    if remembered is not None and _matches(filled, same, remembered, written):
         return remembered
     if not filled and remembered is None:
         return None
@@ -74,7 +77,7 @@ def state_from_segment(oriented: np.ndarray, axes: SliceAxes, written: dict[int,
     known, filled = remembered.kinds if remembered is not None else {}, set(filled)
     for index in sorted(filled | set(known)):
         mask = oriented[index]
-        if remembered is not None and index in known and _same(oriented, index, remembered.masks[index]):
+        if index in known and same.get(index):
             state.masks[index], state.kinds[index] = remembered.masks[index], known[index]
         elif index in filled and index in written and written[index] == mrml.mask_crc(mask):
             state.masks[index], state.kinds[index] = mask.copy(), Kind.ENGINE

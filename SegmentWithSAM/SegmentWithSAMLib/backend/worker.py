@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from ..cache import EmbeddingCache
 from ..errors import BackendError, SegmentWithSAMError
@@ -68,8 +69,9 @@ class Worker:
 
     def describe(self) -> dict:
         """The model and its device, for a status reply."""
-        model = self.model
-        return {"model": getattr(model, "name", None), "device": str(getattr(model, "device", "loading")),
+        model = self.model  # while it loads: the name it was asked for (a checkpoint's file name)
+        return {"model": getattr(model, "name", None) or Path(self.model_spec).name,
+                "device": str(getattr(model, "device", "loading")),
                 "engine": getattr(model, "engine", None),
                 "model_error": str(self.model_error) if self.model_error else None,
                 "encoder_runs": getattr(model, "encoder_runs", 0), "decoder_runs": getattr(model, "decoder_runs", 0),
