@@ -22,7 +22,7 @@ from SegmentWithSAMLib.geometry import bounding_box as tight_box  # noqa: F401 (
 from SegmentWithSAMLib.io import read_volume
 
 HEAVY = {"test_backend", "test_batch", "test_parity", "test_web", "test_propagation", "test_sam2", "test_front_end",
-         "test_remote", "test_web_security"}
+         "test_remote", "test_web_security", "test_web_backend"}
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -1,5 +1,7 @@
-"""The CVPR 2025 challenge format and protocol: safe npz reading and its bad-input matrix, the disk embedding
-cache, the click simulator and metrics, and ``segmentwithsam cvpr25`` end to end in fresh processes."""
+"""The CVPR 2025 challenge format: safe npz reading and its bad-input matrix, the disk embedding cache,
+``segmentwithsam cvpr25`` end to end in fresh processes, and (slow, given the script) the official evaluator
+``CVPR25_iter_eval.py`` driving our ``predict.sh`` and scoring as ``challenge.py`` does. The protocol's rules
+themselves are pinned in test_challenge.py."""
 
 from __future__ import annotations
 
@@ -225,66 +227,6 @@ def test_disk_keys_follow_the_pixels():
     assert path(array) == path(array.copy()) and path(array) != path(changed)
 
 
-def _reference_click(truth, prediction):
-    """The protocol computed the plain way: EDT of the whole largest error component in a volume padded by
-    background (the script's crop and padding change nothing), ties drawn with seed 42."""
-    import cc3d
-    from scipy.ndimage import distance_transform_edt
-
-    labels = cc3d.connected_components((truth != prediction).astype(np.uint8), connectivity=26)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    distances = distance_transform_edt(np.pad(labels == np.argmax(sizes), 1))[1:-1, 1:-1, 1:-1]
-    ties = np.argwhere(distances == distances.max())
-    index = tuple(int(v) for v in ties[np.random.RandomState(42).choice(len(ties))])
-    return index, bool(truth[index])
-
-
-def test_the_click_simulator_follows_the_protocol():
-    from scipy.ndimage import binary_dilation
-
-    rng = np.random.default_rng(3)
-    for trial in range(12):
-        truth = binary_dilation(rng.random((12, 24, 24)) > 0.985, iterations=2)
-        prediction = truth.copy()
-        prediction[: 6 + trial % 4] = binary_dilation(truth[: 6 + trial % 4], iterations=trial % 3)
-        prediction[:, :, : 3 + trial] = False
-        if trial == 0:
-            prediction[:] = False  # an empty prediction: a foreground click in the object
-        click = simulate_click_3d(truth, prediction)
-        assert click == _reference_click(truth, prediction)
-        index, positive = click
-        assert truth[index] != prediction[index] and positive == truth[index]
-    assert simulate_click_3d(truth, truth) is None
-
-
-def test_the_box_is_made_as_the_challenge_makes_it():
-    truth = np.zeros((30, 200, 300), bool)
-    truth[5:9, 50:60, 100:140] = True
-    truth[9:20, 52:58, 110:120] = True
-    box = box_from_truth(truth)
-    z = np.nonzero(truth)[0]
-    assert (box.z_min, box.z_max, box.z_mid) == (5, 19, int(z[len(z) // 2]))
-    rows, cols = np.nonzero(truth[box.z_mid])
-    grow_x, grow_y = int(3 * 300 / 256), int(3 * 200 / 256)
-    assert (box.z_mid_x_min, box.z_mid_x_max) == (cols.min() - grow_x, cols.max() + grow_x)
-    assert (box.z_mid_y_min, box.z_mid_y_max) == (rows.min() - grow_y, rows.max() + grow_y)
-    with pytest.raises(PromptError):
-        box_from_truth(np.zeros((3, 4, 4), bool))
-
-
-def test_the_metrics_are_the_challenge_s():
-    truth = np.zeros((10, 20, 20), bool)
-    truth[2:8, 5:15, 5:15] = True
-    assert score(truth, truth, (1.0, 1.0, 1.0)) == (1.0, 1.0)
-    shifted = np.roll(truth, 1, axis=2)
-    dsc, nsd = score(truth, shifted, (2.0, 1.0, 1.0))
-    assert dsc == pytest.approx(dice(truth, shifted)) and nsd == 1.0  # 1 mm off: within 2 mm
-    far = np.roll(truth, 9, axis=2)
-    assert score(truth, far, (1.0, 1.0, 1.0)) == (pytest.approx(0.1), 0.0)  # DSC ≤ 0.2: NSD counts as 0
-    assert auc([0.5, 0.6, 0.7, 0.8, 0.9]) == pytest.approx(2.8) and auc([1.0] * 5) == 4.0
-
-
 def test_the_command_predicts_a_colin27_case_and_a_second_call_encodes_nothing(tmp_path, colin_case):
     image, spacing, truths = colin_case
     inputs, outputs, flag = tmp_path / "in", tmp_path / "out", tmp_path / "pwned"
@@ -350,3 +292,81 @@ def test_interaction_states_round_trip_on_disk_by_prompts(tmp_path):
 def test_reading_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(SegmentWithSAMError, match="npz"):
         read_case(tmp_path / "absent.npz")
+
+
+# A `docker` first on PATH for the official evaluator, which runs each step as
+#   docker container run ... -v $PWD/inputs/:/workspace/inputs/ -v $PWD/outputs/:/workspace/outputs/ TEAM:latest
+#   /bin/bash -c "sh predict.sh"
+# through os.system: this runs our predict.sh on those two folders instead, keeping a copy of each step's input in
+# $EVALUATOR_STEPS/<step>/; `docker image load` and `docker rmi` do nothing.
+DOCKER_STAND_IN = """#!/bin/sh
+[ "$1" = container ] || exit 0
+for arg; do
+  case "$arg" in
+    *:/workspace/inputs/) inputs=${arg%%:*} ;;
+    *:/workspace/outputs/) outputs=${arg%%:*} ;;
+  esac
+done
+step=$(ls "$EVALUATOR_STEPS" | wc -l)
+mkdir "$EVALUATOR_STEPS/$step" && cp "$inputs"/*.npz "$EVALUATOR_STEPS/$step/"
+SEGMENTWITHSAM_INPUTS=$inputs SEGMENTWITHSAM_OUTPUTS=$outputs exec sh "$PREDICT_SH"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CVPR25_EVAL_SCRIPT"),
+                    reason="set CVPR25_EVAL_SCRIPT to the official CVPR25_iter_eval.py (docs/testing.md)")
+def test_the_official_evaluator_scores_our_predict_sh_as_challenge_py_does(tmp_path, colin_case):
+    """The official script on a two-class Colin27 case, each of its 6 steps running our predict.sh: its table
+    equals challenge.py's scores of the predictions it kept (``all_segs``), and the clicks it wrote into each
+    step's input equal simulate_click_3d's on the step before (read back by our reader)."""
+    import csv
+    import time
+
+    image, spacing, truths = colin_case
+    gts = np.zeros(image.shape, np.uint8)
+    for label, truth in enumerate(truths, start=1):
+        gts[truth] = label
+    boxes = [box_from_truth(t) for t in truths]
+    run, steps, bin_dir = tmp_path / "run", tmp_path / "steps", tmp_path / "bin"
+    for folder in (run / "imgs", run / "gts", run / "team", steps, bin_dir):
+        folder.mkdir(parents=True)
+    write_case(run / "imgs" / "colin.npz", image, spacing, boxes)
+    np.savez_compressed(run / "gts" / "colin.npz", gts=gts)
+    (run / "team" / "segmentwithsam.tar.gz").write_bytes(b"")  # only its name is used: the team's name
+    (bin_dir / "docker").write_text(DOCKER_STAND_IN)
+    (bin_dir / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "EVALUATOR_STEPS": str(steps),
+           "PREDICT_SH": str(Path(__file__).resolve().parents[1] / "predict.sh"),
+           "SEGMENTWITHSAM_EMBEDDING_CACHE": str(tmp_path / "cache")}
+    python = os.environ.get("CVPR25_EVAL_PYTHON", sys.executable)
+    start = time.perf_counter()
+    done = subprocess.run([python, os.environ["CVPR25_EVAL_SCRIPT"], "-i", "imgs", "-o", "seg", "-d", "team",
+                           "-val_gts", "gts"], cwd=run, env=env, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - start
+    table = run / "seg" / "segmentwithsam" / "segmentwithsam_metrics.csv"
+    assert done.returncode == 0 and table.is_file() and "Error processing" not in done.stdout, \
+        (done.stdout + done.stderr)[-3000:]
+    with open(table, newline="") as file:
+        (row,) = list(csv.DictReader(file))
+    with np.load(run / "seg" / "segmentwithsam" / "colin.npz", allow_pickle=False) as saved:
+        all_segs = saved["all_segs"]
+    assert all_segs.shape == (6, *image.shape)
+    dscs, nsds = zip(*(score(gts, segs, spacing) for segs in all_segs), strict=True)
+    print(f"\nCVPR25_iter_eval.py on {image.shape}, 2 classes, {seconds:.0f} s; step: script DSC/NSD = ours")
+    for step in range(6):
+        print(f"  {step + 1}: {float(row[f'DSC_{step + 1}']):.4f}/{float(row[f'NSD_{step + 1}']):.4f} = "
+              f"{dscs[step]:.4f}/{nsds[step]:.4f}, {float(row[f'RunningTime_{step + 1}']):.1f} s")
+    print(f"  AUC {row['DSC_AUC']}/{row['NSD_AUC']}, final {row['DSC_Final']}/{row['NSD_Final']}")
+    for step in range(6):
+        assert float(row[f"DSC_{step + 1}"]) == pytest.approx(dscs[step], abs=1e-12)
+        assert float(row[f"NSD_{step + 1}"]) == pytest.approx(nsds[step], abs=1e-9)
+    assert float(row["DSC_AUC"]) == pytest.approx(auc(dscs), abs=1e-12)
+    assert float(row["NSD_AUC"]) == pytest.approx(auc(nsds), abs=1e-9)
+    assert (float(row["DSC_Final"]), float(row["NSD_Final"])) == (pytest.approx(dscs[-1]), pytest.approx(nsds[-1]))
+    expected: list[list] = [[] for _ in truths]
+    for step in range(1, 6):
+        for label, clicks in enumerate(expected, start=1):
+            clicks.append(simulate_click_3d(gts == label, all_segs[step - 1] == label))
+        case = read_case(steps / str(step) / "colin.npz")
+        assert case.boxes == boxes and case.clicks == expected, (step, case.clicks, expected)

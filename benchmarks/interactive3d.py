@@ -120,7 +120,7 @@ class InProcess:
             self.segmenter = Segmenter(self.volume, self.model, VIEW, WINDOW, self.cache)
             self.segmenter.box3d("object", self.volume.to_ras(_corners(box)), (box.z_min, box.z_max))
             self.applied = 0
-        for (d, h, w), positive in clicks[self.applied:]:
+        for (d, h, w), positive in (click for click in clicks[self.applied:] if click is not None):
             self.segmenter.click("object", self.volume.to_ras([w, h, d])[0], positive)
         self.applied = len(clicks)
         seconds = time.perf_counter() - start
@@ -129,7 +129,8 @@ class InProcess:
 
 
 def protocol(driver, image, spacing, truth, steps: int) -> dict:
-    """The box step and ``steps`` click steps of the protocol: DSC, NSD and timing per step, AUCs, finals."""
+    """The box step and ``steps`` click steps of the protocol: DSC, NSD and timing per step, AUCs, finals. A
+    round where the prediction is already perfect has no click (None, as the evaluator writes it)."""
     box, clicks, prev = box_from_truth(truth), [], None
     dscs, nsds, timing = [], [], []
     for step in range(steps + 1):
@@ -139,11 +140,10 @@ def protocol(driver, image, spacing, truth, steps: int) -> dict:
         nsds.append(nsd)
         timing.append(times)
         prev = prediction.astype(np.uint8)
-        click = simulate_click_3d(truth, prediction) if step < steps else None
-        if click is not None:
-            clicks.append(click)
-    return {"box": box.as_dict(), "clicks": [[list(index), positive] for index, positive in clicks],
-            "dsc": dscs, "nsd": nsds, "dsc_auc": auc(dscs[1:]), "nsd_auc": auc(nsds[1:]),
+        if step < steps:
+            clicks.append(simulate_click_3d(truth, prediction))
+    return {"box": box.as_dict(), "clicks": [None if c is None else [list(c[0]), c[1]] for c in clicks],
+            "dsc": dscs, "nsd": nsds, "dsc_auc": auc(dscs, steps), "nsd_auc": auc(nsds, steps),
             "final_dsc": dscs[-1], "final_nsd": nsds[-1], "timing": timing}
 
 

@@ -3,8 +3,9 @@
 server whose certificate no CA of this computer signed, that certificate as a CA file.
 
 The key is kept in memory only (:attr:`BackendChoice.key`): the settings are saved in the scene file, the key must
-not be. The desktop starts from ``$SEGMENTWITHSAM_KEY`` (:func:`key_from_environment`); the web app sets no key,
-so a page that chose a server address cannot make the web app's process send a key there.
+not be. The desktop starts from ``$SEGMENTWITHSAM_KEY`` (:func:`key_from_environment`); the web app sets a key only
+for the server its command line names (``segmentwithsam web --backend``) and binds none of the backend settings to
+its page, so no page can make the web app's process send a key to an address of the page's choosing.
 The connection test blocks on the network, so it runs on a thread of its own and the controller's poll takes its
 outcome (:meth:`BackendChoice.start_test`, :meth:`BackendChoice.test_outcome`).
 """

@@ -2,10 +2,12 @@
 window, live preview, propagation direction, range and stop rules, and the backend: this computer or a server).
 
 The desktop module builds its parameter node from these fields (``SegmentWithSAM.py``, bound to the panel by
-``connectGui`` through the widgets' ``SlicerParameterName``, which are these names); the web app binds each field
-to the trame state key of the same name. Each field's ``metadata`` holds its choices (a function, read when a
-front end is built; ``labels`` says what a panel shows for a choice, where that is not the value itself) or its
-range, so the choices a panel offers are these and nothing else.
+``connectGui`` through the widgets' ``SlicerParameterName``, which are these names); the web app binds each
+field to the trame state key of the same name, but for the backend's (``backend``, ``server_address``,
+``server_cafile``): where the web app's model runs is its operator's choice, never a page's. Each field's
+``metadata`` holds its choices (a function, read when a front end is built; ``labels`` says what a panel shows
+for a choice, where that is not the value itself) or its range, so the choices a panel offers are these and
+nothing else.
 
 A server's access key is no setting: the parameter node is saved in the scene file, which would keep it
 (:mod:`.backend_choice` holds it, in memory).

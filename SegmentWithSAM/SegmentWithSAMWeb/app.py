@@ -3,7 +3,8 @@ with the workflow; :func:`main` is ``segmentwithsam web``.
 
 One process serves one scene: every page connected to it sees and edits the same volume and segmentation. The
 trame server's asyncio loop runs everything that touches MRML; reading and writing files runs on worker
-threads, and the model runs in the backend process (its client is polled from the loop every ``POLL_S``).
+threads, and the model runs in the backend process (its client is polled from the loop every ``POLL_S``), or on
+the ``segmentwithsam serve`` server that ``--backend`` names: the operator's choice, which no page can change.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from SegmentWithSAMLib.backend.links import Address
+from SegmentWithSAMLib.backend.listener import read_key
+from SegmentWithSAMLib.backend.protocol import KEY_ENV as BACKEND_KEY_ENV
 from SegmentWithSAMLib.data import colin27
-from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
+from SegmentWithSAMLib.errors import BackendError, PromptError, SegmentWithSAMError
 from SegmentWithSAMLib.io import SEGMENTATION_SUFFIX
 from SegmentWithSAMLib.models import DEFAULT_MODEL, registry
+from SegmentWithSAMSlicerLib.backend_choice import BackendChoice, Server, key_from_environment
 from SegmentWithSAMSlicerLib.settings import Settings, coerce
 
 from .page import build_page, view_marker
@@ -35,10 +40,12 @@ from .security import (
     KEY_ENV,
     DataFolder,
     OwnOrigin,
+    ServeError,
     UploadedFile,
     Uploads,
     access_key,
     default_data_folder,
+    is_loopback,
     page_url,
     read_checked,
     tls_context,
@@ -47,6 +54,7 @@ from .workflow import WebWorkflow
 
 POLL_S = 0.05
 LAYOUT = "SegmentWithSAM"
+OPERATOR_SETTINGS = ("backend", "server_address", "server_cafile")  # from the command line only, never the page
 
 
 @dataclass
@@ -65,10 +73,15 @@ class WebOptions:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     multisamples: int = 0
+    backend: str | None = None  # a server's address (tcp:// or tls://); None: a backend process on this computer
+    backend_cafile: str | None = None
+    backend_key_file: str | None = None  # else $SEGMENTWITHSAM_KEY
 
 
 def parse_args(argv: list[str]) -> WebOptions:
-    parser = argparse.ArgumentParser(prog="segmentwithsam web", description="SegmentWithSAM in a web browser.")
+    # no abbreviations: "--backend-key SECRET" must be refused, not read as --backend-key-file's file name
+    parser = argparse.ArgumentParser(prog="segmentwithsam web", description="SegmentWithSAM in a web browser.",
+                                     allow_abbrev=False)
     parser.add_argument("volumes", nargs="*", metavar="VOLUME", help="volumes to offer (the first is opened)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --certfile)")
@@ -84,7 +97,33 @@ def parse_args(argv: list[str]) -> WebOptions:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--multisamples", type=int, default=0,
                         help="anti-aliasing samples per view (default 0: about half the render time of 8)")
+    parser.add_argument("--backend", metavar="ADDRESS",
+                        help="run the model on a server (segmentwithsam serve) at tcp://HOST:PORT or tls://HOST:PORT, "
+                             f"with its key in ${BACKEND_KEY_ENV} or --backend-key-file; the server's model is used "
+                             "(--model and --device are ignored), and pages cannot change it")
+    parser.add_argument("--backend-cafile", metavar="PEM",
+                        help="the certificate a TLS server's is checked against, if this computer's CAs do not know it")
+    parser.add_argument("--backend-key-file", metavar="FILE",
+                        help=f"read the server's access key from this file (default ${BACKEND_KEY_ENV})")
     return WebOptions(**vars(parser.parse_args(argv)))
+
+
+def backend_server(options: WebOptions) -> Server | None:
+    """The server ``--backend`` names, with its key (from ``--backend-key-file``, else ``$SEGMENTWITHSAM_KEY``:
+    never a command-line value) and CA file, checked by the desktop's rules; None: a process on this computer.
+    :class:`BackendError` saying what to fix, before anything starts."""
+    if not options.backend:
+        if options.backend_cafile or options.backend_key_file:
+            raise BackendError("--backend-cafile and --backend-key-file go with --backend tcp://HOST:PORT or "
+                               "tls://HOST:PORT.")
+        return None
+    Address.parse(options.backend)  # a malformed address is named before a missing key
+    choice = BackendChoice()
+    choice.key = read_key(options.backend_key_file)[0] if options.backend_key_file else key_from_environment()
+    if not choice.key:
+        raise BackendError(f"--backend needs the server's access key: set ${BACKEND_KEY_ENV} or give "
+                           "--backend-key-file FILE (never the key itself: a command line is visible to all).")
+    return choice.server_at(options.backend, options.backend_cafile or "")
 
 
 def configure_environment() -> None:
@@ -129,10 +168,14 @@ class WebApp:
     """The app for ``options``; ``client_factory(model, device)`` makes the backend client (tests choose)."""
 
     def __init__(self, options: WebOptions, server=None, client_factory=None) -> None:
-        configure_environment()
         self.options = options
         self.tls = tls_context(options.host, options.certfile, options.keyfile)
         self.key, self.key_generated = access_key(options.key, options.key_file)
+        self.backend_server = backend_server(options)
+        if self.backend_server is not None and self.backend_server.key == self.key:
+            raise ServeError("The web app's access key is the server's: everyone given the page's address would hold "
+                             "the server's key. Give the web app a key of its own (or none: a new one is made).")
+        configure_environment()
         self.own_origin = OwnOrigin.serving(options.host, self.tls is not None)
         self.data = DataFolder(options.data or default_data_folder())
         self.uploads = Uploads(int(options.max_upload_mb * 2**20))
@@ -147,12 +190,14 @@ class WebApp:
             Layout(column, [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view()]),
             Layout(column, [ViewLayoutDefinition.threed_view(), ViewLayoutDefinition.sagittal_view()])]))
         self.layout_manager.set_layout(LAYOUT)
-        self.workflow = WebWorkflow(self.slicer_app, client_factory, multisamples=options.multisamples)
+        self.workflow = WebWorkflow(self.slicer_app, client_factory, multisamples=options.multisamples,
+                                    server=self.backend_server)
         self.workflow.settings.model, self.workflow.settings.device = options.model, options.device
-        self.settings_keys = [f.name for f in fields(Settings)]  # the page's state keys are the settings' names
+        # the page's state keys are the settings' names, but for those that say where the model runs
+        self.settings_keys = [f.name for f in fields(Settings) if f.name not in OPERATOR_SETTINGS]
         self.given = {Path(v).name: Path(v) for v in options.volumes}  # offered besides the data folder
-        models = [options.model, *(name for name in registry() if name != options.model)]
-        build_page(self, self.layout_manager, models, self.uploads.max_bytes)
+        self.models = [options.model, *(name for name in registry() if name != options.model)]
+        build_page(self, self.layout_manager, self.models, self.uploads.max_bytes)
         self.state.update({"sam": self.workflow.snapshot(), "upload_refused": "", "data_files": self.choices(),
                            "model_download": "", "trame__title": "SegmentWithSAM"})
         self.server.cli.set_defaults(authKey=self.key)
@@ -161,6 +206,7 @@ class WebApp:
         self.state.change("display_window")(self._on_display_window)
         self.state.change("model")(self._on_model)
         self.state.change(*(name for name in self.settings_keys if name != "model"))(self._on_setting)
+        self.state.change(*OPERATOR_SETTINGS)(self._on_operator_setting)
         self.server.controller.on_server_ready.add(self._on_ready)
         self._shown: dict = {}
 
@@ -196,6 +242,13 @@ class WebApp:
         print("Open that address: every page needs the access key in it" + (
             " (a new one at each start; keep it to yourself)." if self.key_generated else "."), flush=True)
         given = "" if self.options.data else " (--data chooses another folder)"
+        server = self.backend_server
+        if server is not None:
+            address = Address.parse(server.address)
+            clear = address.scheme == "tcp" and not is_loopback(address.host)
+            print(f"The model runs on the server {server.address}; the page shows its state." + (
+                " Warning: without TLS the key, the images and the masks cross the network in clear (use tls://, "
+                "or an SSH tunnel to tcp://127.0.0.1)." if clear else ""), flush=True)
         print(f"Files are opened from and saved to {self.data.root}{given}", flush=True)
         create_task(self._poll_loop())
         if self.given:
@@ -240,11 +293,20 @@ class WebApp:
                 except ValueError as error:
                     self.workflow.front.say(str(error), error=True)
 
+    def _on_operator_setting(self, **_) -> None:
+        """A page sent a value for where the model runs: never applied (see ``OPERATOR_SETTINGS``)."""
+        if any(self.state[name] is not None for name in OPERATOR_SETTINGS):
+            self.workflow.front.say("Where the model runs is chosen when the web app is started (segmentwithsam web "
+                                    "--backend ADDRESS); a page cannot change it.", error=True)
+
     def _on_model(self, model=DEFAULT_MODEL, **_) -> None:
-        self.workflow.settings.model = model
         self.state.model_download = ""
+        if model not in self.models:  # the page offers these: no other name, nor a path to load a file from
+            self.workflow.front.say(f"Choose one of the models offered ({', '.join(self.models)}).", error=True)
+            return
+        self.workflow.settings.model = model
         try:
-            entry = self.workflow.controller.missing_model(model)
+            entry = self.workflow.front.model_to_download()
         except SegmentWithSAMError as error:
             self.workflow.front.say(str(error), error=True)
             return
@@ -324,7 +386,7 @@ class WebApp:
 
     @action
     def download_model(self) -> None:
-        entry = self.workflow.controller.missing_model(self.workflow.settings.model)
+        entry = self.workflow.front.model_to_download()
         if entry is not None:
             self.workflow.controller.start_download(entry)
         self.state.model_download = ""

@@ -1,5 +1,5 @@
-"""The page: a toolbar (open, upload, sample, window/level), a side panel (backend state, prompts, accept,
-undo/redo, propagation, segments, model, save) and Slicer's views (axial, coronal, sagittal, 3D).
+"""The page: a toolbar (open, upload, sample, window/level), a side panel (where the model runs and its state,
+prompts, accept, undo/redo, propagation, segments, model, save) and Slicer's views (axial, coronal, sagittal, 3D).
 
 Only layout and bindings are here; every handler is a method of :class:`~.app.WebApp`. The state it reads:
 ``sam`` (the workflow's snapshot, see :meth:`~.workflow.WebWorkflow.snapshot`) and the selectors' own keys.
@@ -121,11 +121,13 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                 v3.VBtn("Add segment", id="swsam-add-segment", size="small", variant="text",
                         prepend_icon="mdi-plus", click=app.add_segment)
                 _section("Model")
-                v3.VSelect(v_model=("model", models[0]), items=("models", models), label="Model",
+                html.Div("The server's own model and device (see Backend above).", v_if=("sam.server",),
+                         id="swsam-server-model", classes="text-caption")
+                v3.VSelect(v_model=("model", models[0]), items=("models", models), label="Model", v_if=("!sam.server",),
                            id="swsam-model", density="compact", hide_details=True)
                 with html.Div(classes="d-flex ga-2 mt-2"):
                     v3.VSelect(v_model=("device", "auto"), items=("devices", list(DEVICES)), label="Device",
-                               density="compact", hide_details=True)
+                               v_if=("!sam.server",), density="compact", hide_details=True)
                     v3.VSelect(v_model=("model_window", "display"), items=("windows", window_choices()),
                                label="Model window", density="compact", hide_details=True)
                 v3.VBtn("Download the model", v_if=("model_download",), id="swsam-model-download",

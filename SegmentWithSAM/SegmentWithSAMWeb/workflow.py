@@ -27,6 +27,7 @@ from SegmentWithSAMLib.geometry import Volume
 from SegmentWithSAMLib.io import SEGMENTATION_SUFFIX, write_labelmap
 from SegmentWithSAMLib.preprocessing import CT_PRESETS
 from SegmentWithSAMSlicerLib import mrml
+from SegmentWithSAMSlicerLib.backend_choice import Server
 from SegmentWithSAMSlicerLib.front_end import FrontEnd, add_prompt_nodes
 from SegmentWithSAMSlicerLib.logic import SegmentationController
 from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher
@@ -67,9 +68,12 @@ class SegmentExport:
 
 class WebWorkflow:
     """The web app's SAM workflow on ``slicer_app`` (see the module docstring). ``client_factory(model,
-    device)`` makes the backend client, as for the desktop controller."""
+    device)`` makes the backend client on this computer, as for the desktop controller; with ``server`` (a
+    :class:`~SegmentWithSAMSlicerLib.backend_choice.Server`) the model runs there instead, for the workflow's
+    life, and the workflow connects at its first poll."""
 
-    def __init__(self, slicer_app, client_factory=None, *, multisamples: int = 0) -> None:
+    def __init__(self, slicer_app, client_factory=None, *, multisamples: int = 0,
+                 server: Server | None = None) -> None:
         bind_slicer_util(slicer_app)
         self.app = slicer_app
         self.scene = slicer_app.scene
@@ -91,6 +95,12 @@ class WebWorkflow:
         self._status_handle = None
         self._status_asked = 0.0
         self.backend_info: dict = {}
+        self._closed = False
+        if server is not None:  # the operator's choice; the app never binds these settings to the page
+            s = self.settings
+            self.controller.backend.key = server.key
+            s.backend, s.server_address, s.server_cafile = "server", server.address, server.cafile or ""
+            self.controller.use_backend(s.backend, s.server_address, s.server_cafile)
 
     @property
     def settings(self) -> Settings:
@@ -297,8 +307,13 @@ class WebWorkflow:
         self._poll_backend_state()
 
     def _poll_backend_state(self) -> None:
-        client = self.controller.client
+        c = self.controller
+        if c.client is None and c.backend.server is not None and not self._closed:
+            # a server: connect now, so that the page says what it serves before the first prompt
+            self._status_handle, self._status_asked = c.engine().status(), time.monotonic()
+        client = c.client
         if client is None or not client.running:
+            self.backend_info, self._status_handle = {}, None  # asked again once it runs (again)
             return
         handle = self._status_handle
         if handle is not None and handle.done:
@@ -308,25 +323,41 @@ class WebWorkflow:
             self._status_handle, self._status_asked = client.status(), time.monotonic()
 
     def backend_state(self) -> str:
-        """What the backend is doing, in words: not started, loading the model, working, ready, restarted."""
+        """Where the model runs ("this computer", or "server tls://HOST:PORT") and what it is doing, in words:
+        not started or connecting, loading the model, the model and device with working or ready, stopped or
+        the connection lost (reconnecting, or why not), and how often it was restarted or reconnected."""
+        server = self.controller.backend.server
+        where = "this computer" if server is None else f"server {server.address}"
+        return f"{where} · {self._backend_activity(server is not None)}"
+
+    def _backend_activity(self, remote: bool) -> str:
         client, c = self.controller.client, self.controller
         if c.download is not None:
             return "downloading the model"
         if client is None:
-            return "not started (starts with the first prompt)"
+            return "connecting…" if remote else "not started (starts with the first prompt)"
         if not client.running:
-            return "stopped: the next request starts a fresh backend" if client.restarts else "starting"
+            if not remote:
+                return "stopped: the next request starts a fresh backend" if client.restarts else "starting"
+            why = client.last_failure or "Not connected yet."
+            return f"{why} {'Reconnecting…' if client.reconnecting else 'The next prompt connects again.'}"
+        again = f" · {'reconnected' if remote else 'restarted'} {client.restarts}×" if client.restarts else ""
         info = self.backend_info
-        restarted = f", restarted {client.restarts}×" if client.restarts else ""
-        if not info.get("model"):
-            return f"loading the model{restarted}"
+        if not info:
+            return f"{'reconnecting' if client.restarts else 'connecting'}…" if remote else f"loading the model{again}"
+        if info.get("model_error"):
+            return f"the model could not be loaded: {info['model_error']}"
+        if info.get("device") == "loading":
+            return f"loading {info.get('model')}{again}"
         if c.propagation is not None:
-            return f"propagating{restarted}"
-        if c.refinement is not None and c.refinement.handle is not None:
-            return f"correcting in 3D{restarted}"
-        if c.preview_handle is not None:
-            return f"segmenting (encoding a new slice takes longest){restarted}"
-        return f"ready: {info['model']} on {info.get('device')} ({info.get('engine')}){restarted}"
+            doing = "propagating"
+        elif c.refinement is not None and c.refinement.handle is not None:
+            doing = "correcting in 3D"
+        elif c.preview_handle is not None:
+            doing = "segmenting (encoding a new slice takes longest)"
+        else:
+            doing = "ready"
+        return f"{info.get('model')} on {info.get('device')} ({info.get('engine')}) · {doing}{again}"
 
     def snapshot(self) -> dict:
         """What the page shows, as plain data (the app copies it into the trame state when it changed)."""
@@ -340,4 +371,5 @@ class WebWorkflow:
         }
 
     def close(self) -> None:
+        self._closed = True
         self.front.close()

@@ -139,6 +139,12 @@ class BackendClient:
     def running(self) -> bool:
         return self._link is not None and self._link.ended() is None
 
+    @property
+    def reconnecting(self) -> bool:
+        """Whether a server client lost its connection and :meth:`poll` will connect again by itself (not after
+        the server refused it: a wrong key, another version, no free session)."""
+        return self._link is None and self._retry_at is not None
+
     def _command(self) -> list[str]:
         command = [self.python, "-m", "SegmentWithSAMLib.backend.server", "--model", str(self.model),
                    "--prefetch", str(self.prefetch), "--engine", self.engine]
