@@ -69,7 +69,10 @@ def _wait_enabled(page, element_id: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not page.by_id(element_id).is_enabled():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{element_id} is still disabled after {timeout:g} s")
+            app = page.running.app  # what the server's side shows and holds, to tell a page lagging from a state
+            shown = page.running.call(lambda app=app: (app.workflow.snapshot(), app.state.sam))
+            raise AssertionError(f"{element_id} is still disabled after {timeout:g} s; the page's status line: "
+                                 f"{page.by_id('swsam-message').text!r}; the server's snapshot and state: {shown}")
         time.sleep(0.05)
 
 
