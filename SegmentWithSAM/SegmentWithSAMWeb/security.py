@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from SegmentWithSAMLib.errors import OutputError, SegmentWithSAMError, VolumeError
+from SegmentWithSAMLib.backend.tls import server_context
+from SegmentWithSAMLib.errors import BackendError, OutputError, SegmentWithSAMError, VolumeError
 from SegmentWithSAMLib.folders import private_folder
 from SegmentWithSAMLib.geometry import Volume, check_segmentable
 from SegmentWithSAMLib.io import IMAGE_SUFFIXES, read_volume
@@ -87,13 +88,10 @@ def tls_context(host: str, certfile: str | None, keyfile: str | None = None) -> 
             "key, the images and the masks. Give --certfile (and --keyfile), or serve on 127.0.0.1 and reach it "
             "through an SSH tunnel: ssh -N -L 8080:127.0.0.1:8080 you@this-machine, then open the printed URL "
             "on your computer.")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(certfile, keyfile)
-    except (OSError, ssl.SSLError) as error:
-        raise ServeError(f"Cannot use the TLS certificate {certfile}: {error}.") from None
-    return context
+        return server_context(certfile, keyfile)
+    except BackendError as error:  # the web app's own kind of start-up error, the same words
+        raise ServeError(str(error)) from None
 
 
 def page_url(host: str, port: int, key: str, tls: bool = False) -> str:
