@@ -15,11 +15,12 @@ from scipy import ndimage as ndi
 from SegmentWithSAMLib.actions import Box3D, Click, Prompt, Propagate, UserEdit
 from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.data import AAL_STRUCTURES
-from SegmentWithSAMLib.engine import RANGE_RULES, Engine
+from SegmentWithSAMLib.engine import CARRY_REACH, FIRST_CLICK_EXTENT, RANGE_RULES, Engine
 from SegmentWithSAMLib.errors import PromptError
 from SegmentWithSAMLib.geometry import bounding_box
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.propagation import Cancelled, StopRules
+from SegmentWithSAMLib.refinement import MAX_RADIUS_MM
 from SegmentWithSAMLib.session import Session
 from SegmentWithSAMLib.state import Kind, ObjectState
 
@@ -158,6 +159,51 @@ def test_a_positive_click_past_the_extent_extends_it(session, truth):
     assert state.slice_range == (mid - 1, beyond) and any("now spans" in n for n in update.notices)
     assert state.masks[beyond].any() and state.masks[mid + 2].any()  # the gap is filled from the click
     assert dice(state.masks[beyond], oriented[beyond]) >= 0.5
+
+
+def test_a_click_without_a_box_spans_twice_its_size_and_encodes_no_more(session, truth):
+    """An object started by a click spans FIRST_CLICK_EXTENT × its mask's equivalent radius on either side (it
+    used to spread over twice the object's slices, encoding every slice on the way)."""
+    oriented, mid = truth
+    seg = segmenter(session)
+    encoded = session.model.encoder_runs
+    update = seg.step("clicked", Click(mid, centre(oriented[mid]), True))
+    state = seg.states["clicked"]
+    radius_mm = np.sqrt(state.masks[mid].sum() * np.prod(session.axes("axial").pixel_spacing) / np.pi)
+    axes = session.axes("axial")
+    reach = int(np.ceil(FIRST_CLICK_EXTENT * radius_mm / axes.spacing_ijk[axes.slice_axis]))
+    assert state.slice_range == (mid - reach, mid + reach)
+    assert any("A click started the object" in n for n in update.notices)
+    assert set(update.changed) <= set(range(mid - reach, mid + reach + 1)) and len(update.changed) > 1
+    assert session.model.encoder_runs - encoded <= 2 * reach + 1
+
+
+def test_a_positive_clicks_additions_on_other_slices_stay_within_its_reach(session, truth):
+    """A positive click on an under-segmented slice: what it adds to other slices lies within CARRY_REACH × its
+    reach of the click in 3D (unbounded, one click on Colin27's amygdala grew five neighbours to 4× their size)."""
+    oriented, mid = truth
+    seg = boxed(session, truth, half=HALF)
+    before = {i: m for i, m in seg.states["thalamus"].masks.items()}
+    missed = oriented[mid] & ~before[mid]
+    depth = ndi.distance_transform_edt(np.pad(missed, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    seg.step("thalamus", Click(mid, (col, row), True))
+    after = seg.states["thalamus"].masks
+    added = after[mid] & ~before[mid]
+    axes = session.axes("axial")
+    radius_mm = np.sqrt(added.sum() * np.prod(axes.pixel_spacing) / np.pi)
+    reach_mm = CARRY_REACH * max(radius_mm, MAX_RADIUS_MM)  # a thalamus slice's reach cap is MAX_RADIUS_MM
+    carried = 0
+    for index in set(after) - {mid}:
+        grown = after[index] & ~before.get(index, np.zeros(axes.image_shape, bool))
+        if grown.any():
+            r, c = np.nonzero(grown)
+            dz = abs(index - mid) * axes.spacing_ijk[axes.slice_axis]
+            distance = np.sqrt(((r - row) * axes.pixel_spacing[0]) ** 2 + ((c - col) * axes.pixel_spacing[1]) ** 2
+                               + dz**2)
+            assert distance.max() <= reach_mm, index
+            carried += 1
+    assert added.any() and carried  # the click added on its slice and carried some of it
 
 
 def test_bad_prompts_are_refused_and_a_cancelled_step_changes_nothing(session, truth):

@@ -90,10 +90,10 @@ class Tracker:
             frame, _, logits = next(self._stream)
         self._current = (self._frames.indices[frame], logits)
 
-    def predict(self, index: int, previous: np.ndarray) -> tuple[np.ndarray, float]:
+    def predict(self, index: int, previous: np.ndarray, gap: int) -> tuple[np.ndarray, float]:
         """The mask (rows, cols) on slice ``index`` (the next slices in this direction are tracked up to it) and
         SAM 2's predicted probability that the object is there; SAM 2 remembers the earlier slices itself, so
-        ``previous`` is not needed."""
+        ``previous`` (``gap`` slices away) is not needed."""
         import torch
 
         while self._current[0] != index:
