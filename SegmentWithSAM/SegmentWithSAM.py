@@ -147,7 +147,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, slot in ((self.ui.previewButton, self.onPreview), (self.ui.acceptButton, self.onAccept),
                              (self.ui.clearButton, self.onClear), (self.ui.undoButton, self.onUndo),
                              (self.ui.propagateButton, self.onPropagate), (self.ui.cancelButton, self.onCancel),
-                             (self.ui.testConnectionButton, self.onTestConnection)):
+                             (self.ui.testConnectionButton, self.onTestConnection),
+                             (self.ui.suggestButton, self.onSuggest),
+                             (self.ui.takeSuggestionButton, self.onTakeSuggestion)):
             button.connect("clicked(bool)", lambda _checked, s=slot: self.run(s))
         self.initializeParameterNode()
 
@@ -338,6 +340,12 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTestConnection(self) -> None:
         self.front().test_connection()
 
+    def onSuggest(self) -> None:
+        self.front().suggest()
+
+    def onTakeSuggestion(self) -> None:
+        self.front().take_suggestion()
+
     def onSegmentChanged(self, segmentID) -> None:
         if self._parameterNode:
             self._parameterNode.segmentID = segmentID or ""
@@ -358,6 +366,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = panel["server"]
         self.ui.modelComboBox.enabled = self.ui.deviceComboBox.enabled = not panel["server"]  # the server's own
         self.ui.testConnectionButton.enabled = panel["can_test_connection"]
+        self.ui.suggestionLabel.text = panel["suggestion"]
+        self.ui.takeSuggestionButton.enabled = panel["can_take_suggestion"]
         if not busy:
             self.timer.stop()
 

@@ -26,6 +26,7 @@ from test_slicer_logic import hippocampus_roi, new_segmentation  # noqa: E402
 from SegmentWithSAMSlicerLib import mrml  # noqa: E402
 from SegmentWithSAMSlicerLib.front_end import FrontEnd, Status, add_prompt_nodes  # noqa: E402
 from SegmentWithSAMSlicerLib.settings import Settings, choice_labels, coerce, device_of, stop_rules  # noqa: E402
+from SegmentWithSAMSlicerLib.suggestion_marker import MARKER_NAME  # noqa: E402
 
 
 class Host:
@@ -128,6 +129,51 @@ def test_a_box_previews_points_on_a_segment_with_voxels_correct_it_in_3d(front, 
     assert "3D click" in front.status.text, front.status
     front.act(front.clear_prompts)
     assert controller.refinement is None
+
+
+def test_a_suggestion_marks_where_to_click_moves_the_view_and_taking_it_clicks_there(front, controller, colin_node,
+                                                                                     atlas):
+    host, scene = front.host, controller.scene
+    place_hippocampus_box(front, atlas)
+    front.prompts_changed()
+    settle(front, controller)
+    host.segment_id = front.accept()
+    front.settings.suggest_next = True
+    try:
+        assert front.poll() is True and controller.suggestion is not None  # the accepted mask: a new state
+        settle(front, controller)
+        marker = scene.GetFirstNodeByName(MARKER_NAME)
+        panel, found = front.panel(), controller.suggested
+        assert marker is not None and marker.GetNumberOfControlPoints() == 1, panel["suggestion"]
+        assert panel["can_take_suggestion"] and panel["suggestion"].startswith("Next: a ")
+        point = np.array(marker.GetNthControlPointPositionWorld(0))
+        assert np.allclose(point, found["ras"]) and marker.GetLocked()
+        assert host.red.GetSliceToRAS().GetElement(2, 3) == pytest.approx(point[2])  # the view moved to it
+        assert not any(n.GetNumberOfControlPoints() for n in host.prompts.values())  # a marker is no prompt
+
+        front.act(front.take_suggestion)
+        placed = host.prompts["positive" if found["hint"] == "add" else "negative"]
+        assert placed.GetNumberOfControlPoints() == 1
+        assert np.allclose(placed.GetNthControlPointPositionWorld(0), point)
+        front.prompts_changed()  # the markups event: the point is a click in 3D, and the suggestion is stale
+        assert controller.refinement is not None and scene.GetFirstNodeByName(MARKER_NAME) is None
+        assert front.panel()["suggestion"] == ""
+        settle(front, controller)  # the click's result, then the next suggestion on the corrected state
+        assert "3D click" in front.status.text and controller.suggestion is not None
+        settle(front, controller)
+        assert controller.suggested is not None and not front.status.error
+        front.act(front.clear_prompts)
+        assert controller.suggested is None and scene.GetFirstNodeByName(MARKER_NAME) is None
+    finally:
+        front.settings.suggest_next = False
+
+
+def test_a_suggestion_needs_a_segment_with_a_mask(front, controller):
+    front.host.segment_id = ""
+    front.act(front.suggest)
+    assert front.status.error and "Select the segment" in front.status.text
+    front.act(front.take_suggestion)
+    assert front.status.error and "no suggestion" in front.status.text
 
 
 def test_the_propagation_range_is_the_panels_then_the_whole_volume_then_the_boxs(front, controller, colin_node):

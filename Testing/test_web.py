@@ -48,6 +48,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 from SegmentWithSAMSlicerLib import mrml  # noqa: E402
 from SegmentWithSAMSlicerLib.settings import Settings  # noqa: E402
+from SegmentWithSAMSlicerLib.suggestion_marker import MARKER_NAME  # noqa: E402
 from SegmentWithSAMWeb.app import WebOptions  # noqa: E402
 from SegmentWithSAMWeb.browser import Page, chromium, show_slice  # noqa: E402
 from SegmentWithSAMWeb.embedded import EmbeddedApp  # noqa: E402
@@ -276,6 +277,21 @@ def test_accept_undo_redo_restore_the_segment_bit_for_bit(running, page, hippoca
     running.until(lambda: _segment(app).any(), what="the redo")
     assert np.array_equal(running.call(lambda: _segment(app)), accepted)
     page.shot("redone")
+
+
+def test_suggest_marks_where_to_click_and_click_there_corrects_in_3d(running, page, hippocampus):
+    app = running.app
+    accepted_box(running, page, hippocampus[1], depth_mm=6.0)
+    page.click("swsam-suggest")
+    page.wait_text("swsam-suggestion", "Next: a ")
+    marker = running.call(lambda: app.workflow.scene.GetFirstNodeByName(MARKER_NAME).GetNumberOfControlPoints())
+    assert marker == 1
+    page.shot("suggestion")
+    _wait_enabled(page, "swsam-take-suggestion")
+    page.click("swsam-take-suggestion")
+    page.wait_text("swsam-message", "3D click")
+    assert running.call(lambda: app.workflow.scene.GetFirstNodeByName(MARKER_NAME)) is None  # the click made it stale
+    running.call(app.clear_prompts)
 
 
 def test_a_cancelled_propagation_changes_nothing(running, page, hippocampus):

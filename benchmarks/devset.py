@@ -285,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="fetch the pinned sources and write the cases")
-    build_parser.add_argument("--mirror", type=Path, nargs="+", default=[], metavar="GIT_DIR",
+    build_parser.add_argument("--mirror", type=Path, nargs="+", action="extend", default=[], metavar="GIT_DIR",
                               help="bare git directories to read the pinned commits from before downloading")
     for command in (build_parser, commands.add_parser("list", help="print the cases and structures")):
         command.add_argument("--out", type=Path, default=DEFAULT_FOLDER,

@@ -6,6 +6,7 @@ One :class:`~.state.ObjectState` per object over :meth:`.engine.Engine.step`, as
     seg.prompt("liver", box_ras=corners)                 # a 2D box → the mask on its slice
     seg.propagate("liver", direction="both")             # through the volume from that slice
     seg.click("liver", point_ras, positive=False)        # a correction anywhere, in 3D
+    hint = seg.suggest("liver")                          # where to click next, and why
     mask = seg.mask("liver")                             # bool (K, J, I)
 
 With ``backend=BackendClient(server="tls://gpu-host:8765", key=...)`` instead of a model, every step runs on that
@@ -27,6 +28,7 @@ from .geometry import View, Volume, slice_axes
 from .propagation import StopRules
 from .session import Session
 from .state import ObjectState, Update, labelmap
+from .suggest import Suggestion, suggest
 
 
 class Segmenter:
@@ -98,6 +100,15 @@ class Segmenter:
                 raise PromptError(f"{name!r} has no slice to propagate from: prompt it first.")
             index = self.last_slice[name]
         return self.step(name, actions.Propagate(index, direction, slice_range, rules, skip), cancel, on_slice)
+
+    def suggest(self, name: str) -> Suggestion:
+        """Where to click next on object ``name``: the place its mask looks most wrong (:mod:`.suggest`); its
+        ``ras(seg.volume, seg.axes)`` is the point to click. :class:`PromptError` when it has no mask or nothing
+        looks wrong."""
+        if self.backend is None:
+            return suggest(self.session, self.axes, self.states.get(name))
+        handle = self.backend.suggest(self.volume, self.axes.view, name, self.states.get(name), self.window)
+        return self.backend.wait(handle)
 
     def mask(self, name: str) -> np.ndarray:
         """Object ``name`` as a bool KJI array on the volume's grid."""

@@ -143,15 +143,25 @@ class SlicePredictor:
         logits = self.transform.logits_to_slice(low_res_logits[None])[0]
         return Prediction(masks=logits > 0, scores=scores, low_res_logits=low_res_logits, logits=logits)
 
+    def _cells(self) -> np.ndarray:
+        """The current slice's embedding (C, h, w) as NumPy (a PyTorch model's tensor is copied)."""
+        embedding = self._embedding[0]
+        return embedding if isinstance(embedding, np.ndarray) else embedding.float().cpu().numpy()
+
     def region_feature(self, mask: np.ndarray) -> np.ndarray:
         """The unit-length mean embedding vector (C,) of the region ``mask`` (rows, cols) on the current slice:
         a cheap appearance signature for comparing regions across slices (cosine similarity)."""
-        transform = self._require_image()
-        embedding = self._embedding[0]  # (C, h, w): NumPy, or a PyTorch model's tensor
-        embedding = embedding if isinstance(embedding, np.ndarray) else embedding.float().cpu().numpy()
+        transform, embedding = self._require_image(), self._cells()
         weights = transform.to_grid(mask, embedding.shape[-2:])
         vector = np.tensordot(embedding, weights, axes=2) / max(float(weights.sum()), 1e-6)
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+    def similarity_map(self, signature: np.ndarray) -> np.ndarray:
+        """The cosine similarity (rows, cols) float32 of the current slice's embedding, cell by cell, to a unit
+        vector ``signature`` (C,) such as :meth:`region_feature` gives, resampled to the slice like the logits."""
+        transform, embedding = self._require_image(), self._cells()
+        cells = np.tensordot(signature, embedding, axes=1) / np.maximum(np.linalg.norm(embedding, axis=0), 1e-12)
+        return transform.logits_to_slice(cells[None, None].astype(np.float32))[0, 0]
 
     def predict_boxes(self, boxes: np.ndarray, point_coords: np.ndarray | None = None,
                       point_labels: np.ndarray | None = None) -> Prediction:

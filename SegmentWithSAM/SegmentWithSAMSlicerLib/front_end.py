@@ -6,6 +6,8 @@ bind widgets to it):
 - which view holds the prompts (the slice view whose plane they lie on);
 - the prompt markups nodes (names and colours) and clearing them in one step;
 - the propagation range: the panel's range if set, else the whole volume when asked, else the accepted box's;
+- where to click next: asked for, or after each step that made a new state when the settings say so; the views
+  move to show its marker, and taking it places the point it suggests (a positive or negative click);
 - one status line: an error stays until the user's next action, even while background results arrive; a
   background failure replaces what is shown;
 - the backend: each request goes where the settings say (this computer, or a server, whose model is used and
@@ -81,6 +83,8 @@ class FrontEnd:
         self.all_slices = False  # the next propagation goes through the whole volume
         self._sent_clicks: set[tuple[str, str]] = set()  # control points already sent as clicks in 3D
         self._seen = (controller.status, controller.status_error)
+        self._suggested_at = 0  # the controller's revision the last automatic suggestion was asked for
+        self._shown: dict | None = None  # the suggestion the views were last moved to
 
     # ---- the status line -----------------------------------------------------------------------------------
     def say(self, text: str, error: bool = False) -> None:
@@ -106,12 +110,24 @@ class FrontEnd:
     def poll(self) -> bool:
         """Apply what the backend sent; a new controller status is shown unless it would hide an error. Returns
         whether work is still running."""
-        busy = self.controller.poll()
-        seen = (self.controller.status, self.controller.status_error)
+        c = self.controller
+        busy = c.poll()
+        seen = (c.status, c.status_error)
         if seen != self._seen:
             self._seen = seen
             if seen[1] or not self.status.error:
                 self.say(*seen)
+        if self.settings.suggest_next and not busy and c.revision != self._suggested_at:
+            self._suggested_at = c.revision
+            try:
+                busy = self.suggest() is not None
+            except SegmentWithSAMError:
+                pass  # nothing to suggest on (no segment, an empty one): no marker, and no error for a setting
+        found = c.suggested
+        if found is not None and found["ras"] is not None and found is not self._shown:
+            self._shown = found
+            for node in self.host.slice_nodes():  # each view through the marker, as it is oriented
+                node.JumpSliceByOffsetting(*found["ras"])
         return busy
 
     # ---- prompts ---------------------------------------------------------------------------------------------
@@ -188,13 +204,30 @@ class FrontEnd:
         self.say(self.controller.status)
 
     def clear_prompts(self) -> None:
-        """Remove every prompt, a pending 3D correction and the preview (the segment stays as it is)."""
+        """Remove every prompt, a pending 3D correction, the preview and a suggestion (the segment stays)."""
         for node in self.host.prompts.values():
             if node is not None:
                 node.RemoveAllControlPoints()
         self._sent_clicks.clear()
         self.controller.discard_refinement()
         self.controller.clear_preview()
+        self.controller.clear_suggestion()
+
+    # ---- where to click next -------------------------------------------------------------------------------
+    def suggest(self):
+        """Ask where to click next on the selected segment (the answer shows at a later poll)."""
+        host, s = self.host, self.settings
+        self.require_model()
+        return self.controller.suggest(self._volume(), host.segmentation_node, host.segment_id, self._window(),
+                                       s.model, device_of(s))
+
+    def take_suggestion(self) -> None:
+        """Place the suggested click as a prompt point: positive where the object is missing, else negative
+        (the host's prompt events then send it, as any point placed there)."""
+        found = self.controller.suggested
+        if found is None or found["ras"] is None:
+            raise PromptError("There is no suggestion to take: ask for one first.")
+        self.host.prompts["positive" if found["hint"] == "add" else "negative"].AddControlPoint(*found["ras"])
 
     # ---- writes --------------------------------------------------------------------------------------------
     def accept(self) -> str:
@@ -273,6 +306,8 @@ class FrontEnd:
             "range": list(r) if (r := self.shown_range()) else None,
             "seed": f"{last[2].value} slice {last[3]}" if last else "",
             "server": server, "can_test_connection": server and not c.backend.testing,
+            "suggestion": c.suggested["text"] if c.suggested else "",
+            "can_take_suggestion": bool(c.suggested and c.suggested["ras"] is not None),
         }
 
     def close(self) -> None:

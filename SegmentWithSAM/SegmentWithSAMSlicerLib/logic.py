@@ -23,10 +23,11 @@ from SegmentWithSAMLib.geometry import View, Volume, slice_axes
 from SegmentWithSAMLib.models import DEFAULT_MODEL
 from SegmentWithSAMLib.propagation import StopRules
 
-from . import mrml
+from . import mrml, suggestion_marker
 from .backend_choice import BackendChoice
 from .editing import SegmentEditing
 from .interactive import Pending, SegmentCache, state_from_segment
+from .model_download import ModelDownload
 
 PREVIEW_NODE_NAME = "SegmentWithSAM preview"
 PREVIEW_SEGMENT = "preview"
@@ -47,13 +48,16 @@ class SegmentationController:
         self.preview: Pending | None = None  # a 2D prompt's result, written on Accept
         self.propagation: Pending | None = None  # written when it completes
         self.refinement: Pending | None = None  # clicks in 3D, written on Accept (or each at once)
+        self.suggestion: Pending | None = None  # where to click next, asked of the backend
+        self.suggested: dict | None = None  # its answer: text, hint, ras, or only the text why there is none
+        self.revision = 0  # counts the states the steps made (a new one is worth a new suggestion)
         self._preview_sent = 0.0
         self.last_accepted: tuple[str, str, View, int] | None = None  # segmentation ID, segment ID, view, slice
         self.last_accepted_range: tuple[int, int] | None = None  # the slices its box spans, if it was 3D
         self._remembered: dict[tuple, object] = {}  # (segmentation, segment, view) → state after its last step
         self._status = ("", False)
         self.progress: tuple[int, int] | None = None
-        self.download: dict | None = None  # a model download in progress (see start_download)
+        self.download: ModelDownload | None = None  # a model download in progress
         self.editing = SegmentEditing(scene)
         self._segments = SegmentCache()  # segments as last read: a prompt event reads none that did not change
         self._state_memo: tuple | None = None  # the last state rebuilt from a segment, and what it came from
@@ -118,48 +122,26 @@ class SegmentationController:
     def start_download(self, entry, url: str | None = None) -> None:
         """Download a model's checkpoint on a background thread (after the user agreed); :meth:`poll` reports
         progress in ``status`` and the outcome."""
-        import threading
-
-        from SegmentWithSAMLib.download import download
-
         if self.download is not None:
             raise PromptError("A download is already running.")
-        # "error" stays set unless the download returns, so a thread ended by anything at all reports a failure
-        job = {"entry": entry, "done": 0, "total": entry.size, "error": "it stopped unexpectedly; try again",
-               "finished": False, "cancel": False}
-
-        def run() -> None:
-            try:
-                download(entry, url, progress=False, on_progress=lambda n, total: job.update(done=n, total=total),
-                         cancel=lambda: job["cancel"])
-            except SegmentWithSAMError as error:
-                job["error"] = str(error)
-            except Exception as error:  # a failure of any kind must end the job, or "Downloading…" stays forever
-                job["error"] = f"unexpected {type(error).__name__} ({error}); try again"
-            else:
-                job["error"] = None
-            finally:
-                job["finished"] = True
-
-        threading.Thread(target=run, name="model-download", daemon=True).start()
-        self.download = job  # only once the thread runs: a thread that never started would block every download
+        self.download = ModelDownload(entry, url)
 
     def _poll_download(self) -> None:
         job = self.download
-        if not job["finished"]:
-            total = job["total"] or 0
-            self.progress = (job["done"] >> 20, max(total >> 20, 1))
-            self.status = f"Downloading {job['entry'].name}: {job['done'] >> 20} of {total >> 20} MB…"
+        if not job.finished:
+            total = job.total or 0
+            self.progress = (job.done >> 20, max(total >> 20, 1))
+            self.status = f"Downloading {job.entry.name}: {job.done >> 20} of {total >> 20} MB…"
             return
         self.download, self.progress = None, None
-        if job["error"]:
-            self.fail(f"Download of {job['entry'].name} failed: {job['error']}")
+        if job.error:
+            self.fail(f"Download of {job.entry.name} failed: {job.error}")
         else:
-            self.status = f"{job['entry'].name} is installed."
+            self.status = f"{job.entry.name} is installed."
 
     def close(self) -> None:
         if self.download is not None:
-            self.download["cancel"] = True
+            self.download.cancel()
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -212,6 +194,7 @@ class SegmentationController:
 
     def _send(self, job: Pending, action, target: str | None = None) -> Handle:
         volume = self.volume(job.volume_node)
+        self.clear_suggestion()  # a step makes it stale
         key = job.key if job.segmentation_node is not None else f"preview/{job.view.value}"
         job.handle = self.client.step(volume, job.view, key, job.state, action, job.window, target)
         return job.handle
@@ -292,7 +275,9 @@ class SegmentationController:
             self._poll_propagation()
         if self.refinement is not None and self.refinement.handle is not None:
             self._poll_refinement()
-        busy = [job for job in (self.preview, self.propagation, self.refinement)
+        if self.suggestion is not None and self.suggestion.handle.done:
+            self._poll_suggestion()
+        busy = [job for job in (self.preview, self.propagation, self.refinement, self.suggestion)
                 if job is not None and job.handle is not None]
         return bool(busy) or self.download is not None or self.backend.testing
 
@@ -366,6 +351,7 @@ class SegmentationController:
         self._remember(job, np.array_equal(written.segment, new))
         self.last_accepted = (segmentation_node.GetID(), segment_id, job.view, index)
         self.last_accepted_range = job.slice_range
+        self.revision += 1
         self.clear_preview()
         self.status = self._accepted_status(written, new, segment_id, index)
         return segment_id
@@ -437,7 +423,7 @@ class SegmentationController:
         """Stop the running propagation (within one slice), any pending preview or click and a model download;
         nothing is applied (a download keeps its partial file to resume)."""
         if self.download is not None:
-            self.download["cancel"] = True
+            self.download.cancel()
         if self.client is not None:
             for job in (self.preview, self.propagation, self.refinement):
                 if job is not None and job.handle is not None:
@@ -490,6 +476,7 @@ class SegmentationController:
         if before is None:
             raise PromptError("the segment was edited while propagating; propagate again.")
         job.add(update, state)
+        self.revision += 1
         if not self._write_job(job, before):
             return "Propagation found nothing to change."
         stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
@@ -555,6 +542,7 @@ class SegmentationController:
         if job.waiting:
             self._send_click(job)
             return
+        self.revision += 1
         self.show_preview(job.volume_node, *job.preview_block(job.changed_masks()))
         stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
         self.status = " ".join([f"3D click: {len(update.changed)} slices changed ({stops}) in {update.seconds:.1f} s.",
@@ -591,3 +579,51 @@ class SegmentationController:
                 self.client.cancel(job.handle)
             self.clear_preview()
             self.status = "The 3D correction was dropped; the segment is as it was."
+
+    # ---- where to click next -------------------------------------------------------------------------------
+    def suggest(self, volume_node, segmentation_node, segment_id: str, window=None, model: str = DEFAULT_MODEL,
+                device: str | None = None) -> Handle:
+        """Ask the backend where to click next on the segment (:mod:`SegmentWithSAMLib.suggest`), on the state
+        the next click would correct: a pending 3D correction's or preview's, else the segment's own on the view
+        it was accepted in. :meth:`poll` then shows the place (:mod:`.suggestion_marker`) and :attr:`suggested`
+        says why; nothing else changes."""
+        self.volume(volume_node)
+        if segmentation_node is None or not segment_id:
+            raise PromptError("Select the segment to suggest a click for.")
+        job = next((j for j in (self.refinement, self.preview) if j is not None and j.state is not None
+                    and (j.segmentation_node, j.segment_id) == (segmentation_node, segment_id)), None)
+        if job is None:
+            last = self.last_accepted
+            view = last[2] if last is not None and last[:2] == (segmentation_node.GetID(), segment_id) else View.AXIAL
+            job = self._pending("suggestion", volume_node, segmentation_node, segment_id, view, window)
+        if job.state is None or not any(mask.any() for mask in job.state.masks.values()):
+            raise PromptError("The segment is empty: segment it first, then ask where to click next.")
+        self.engine(model, device)
+        self.clear_suggestion()
+        self.suggestion = Pending("suggestion", segmentation_node, segment_id, volume_node, job.view, job.axes,
+                                  job.before, job.state, window=job.window)
+        self.suggestion.handle = self.client.suggest(self.volume(volume_node), job.view, job.key, job.state,
+                                                     job.window, target=f"suggest/{job.key}")
+        return self.suggestion.handle
+
+    def _poll_suggestion(self) -> None:
+        job, self.suggestion = self.suggestion, None
+        handle = job.handle
+        if handle.state == "done":
+            found = handle.result
+            ras = found.ras(self.volume(job.volume_node), job.axes)
+            suggestion_marker.show(self.scene, ras, found.hint)
+            sign = "positive" if found.hint == "add" else "negative"
+            self.suggested = {"text": f"Next: a {sign} click at the marker ({job.view.value} slice {found.index}). "
+                                      f"{found.reason}", "hint": found.hint, "ras": [float(v) for v in ras]}
+        elif handle.state == "failed" and getattr(handle.error, "kind", "") == "PromptError":
+            self.suggested = {"text": str(handle.error), "hint": None, "ras": None}  # nothing looks wrong
+        elif handle.state == "failed":
+            self.fail(f"No suggestion: {handle.error}")
+
+    def clear_suggestion(self) -> None:
+        """No suggestion: the marker removed, a request in flight cancelled."""
+        job, self.suggestion, self.suggested = self.suggestion, None, None
+        if job is not None and self.client is not None:
+            self.client.cancel(job.handle)
+        suggestion_marker.clear(self.scene)

@@ -1,5 +1,6 @@
 """The one settings object of both front ends: what the user chooses (model, device, the model's intensity
-window, live preview, propagation direction, range and stop rules, and the backend: this computer or a server).
+window, live preview, where to click next, propagation direction, range and stop rules, and the backend: this
+computer or a server).
 
 The desktop module builds its parameter node from these fields (``SegmentWithSAM.py``, bound to the panel by
 ``connectGui`` through the widgets' ``SlicerParameterName``, which are these names); the web app binds each
@@ -54,6 +55,7 @@ class Settings:
     model_window: str = _choice("display", window_choices)
     live_preview: bool = True
     auto_accept: bool = False  # write each 3D click's correction at once (else on Accept)
+    suggest_next: bool = False  # after each step, mark where to click next
     direction: str = _choice("both", lambda: list(DIRECTIONS))
     range_start: int = _within(-1, -1, 4096)
     range_end: int = _within(-1, -1, 4096)

@@ -385,6 +385,14 @@ class WebApp:
         self.workflow.front.all_slices = True
 
     @action
+    def suggest(self) -> None:
+        self.workflow.front.suggest()
+
+    @action
+    def take_suggestion(self) -> None:
+        self.workflow.front.take_suggestion()
+
+    @action
     def download_model(self) -> None:
         entry = self.workflow.front.model_to_download()
         if entry is not None:

@@ -85,6 +85,14 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                              hide_details=True, id="swsam-auto-accept")
                 html.Div("Points on a segment that has voxels correct it in 3D; Accept writes the correction.",
                          classes="text-caption")
+                with html.Div(classes=BUTTON_ROW):
+                    v3.VBtn("Suggest", id="swsam-suggest", click=app.suggest, disabled=("!sam.volume_name",),
+                            prepend_icon="mdi-crosshairs-question", **BUTTON)
+                    v3.VBtn("Click there", id="swsam-take-suggestion", click=app.take_suggestion,
+                            disabled=("!sam.can_take_suggestion",), **BUTTON)
+                v3.VCheckbox(v_model=("suggest_next", False), label="Suggest where to click after each step",
+                             density="compact", hide_details=True, id="swsam-suggest-next")
+                html.Div("{{ sam.suggestion }}", id="swsam-suggestion", classes="text-caption")
                 _section("Propagation")
                 html.Div("From {{ sam.seed || 'the slice you accept' }}; slices "
                          "{{ sam.range ? sam.range[0] + '–' + sam.range[1] + ' (the box)' : 'all' }}",

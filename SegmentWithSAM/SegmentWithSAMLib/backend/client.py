@@ -302,15 +302,8 @@ class BackendClient:
         from ..state import ObjectState, Update, unpack_mask
 
         axes = slice_axes(volume, view)
-        self.load_volume(volume)
         action_header, action_arrays = to_message(action)
-        header = {"op": "step", "volume": volume.identity, "view": axes.view.value, "window": _json_window(window),
-                  "object": key, "action": action_header, "target": target}
         streamed: dict[int, np.ndarray] = {}
-        with self._lock:
-            synced = self._synced.get(key)
-            whole = synced is None or synced[1] is not state
-            request = self._step_request(header, action_arrays, state, synced, whole)
 
         def stream(message: Message):
             index = int(message.header["index"])
@@ -328,13 +321,37 @@ class BackendClient:
             self._synced[key] = (h["version"], new)  # (poll holds the lock; only this backend's replies arrive)
             return new, update
 
+        return self._object_request("step", volume, axes, key, state, window, target,
+                                    ({"action": action_header}, action_arrays), finish, stream)
+
+    def suggest(self, volume: Volume, view: View | str, key: str, state, window=None,
+                target: str | None = None) -> Handle:
+        """Where to click next on object ``key`` (:func:`..suggest.suggest`) in the backend, whose state is
+        ``state`` (sent as :meth:`step` sends it; nothing changes). The result is a :class:`~..suggest.Suggestion`;
+        an object with nothing to suggest fails with the reason."""
+        from ..suggest import Suggestion
+
+        return self._object_request("suggest", volume, slice_axes(volume, view), key, state, window, target,
+                                    ({}, {}), lambda message: Suggestion.from_header(message.header["suggestion"]))
+
+    def _object_request(self, op: str, volume: Volume, axes, key: str, state, window, target: str | None,
+                        extra: tuple[dict, dict], finish, stream=None) -> Handle:
+        """Request ``op`` on object ``key`` of ``volume``: the volume sent first if needed, the state whole or as
+        the version the backend has, and sent again whole if the backend lost the state or the volume."""
+        self.load_volume(volume)
+        header = {"op": op, "volume": volume.identity, "view": axes.view.value, "window": _json_window(window),
+                  "object": key, "target": target, **extra[0]}
+        with self._lock:
+            synced = self._synced.get(key)
+            whole = synced is None or synced[1] is not state
+            request = self._step_request(header, extra[1], state, synced, whole)
         handle = self._request(request[0], request[1], finish=finish, stream=stream)
 
         def resend() -> None:  # without its target: a newer request of that target may be queued already
             if volume.identity in self._loaded:
                 self._loaded.remove(volume.identity)
             self.load_volume(volume)
-            full_header, full_arrays = self._step_request({**header, "target": None}, action_arrays, state, None, True)
+            full_header, full_arrays = self._step_request({**header, "target": None}, extra[1], state, None, True)
             self._send_again(handle, full_header, full_arrays)
 
         handle.resend = resend

@@ -34,7 +34,8 @@ from .protocol import DEFAULT_MAX_PAYLOAD, PROTOCOL_VERSION, Message, StreamRead
 from .scheduler import Task
 from .worker import Worker, is_out_of_memory
 
-QUEUED_OPS = {"load_volume", "unload_volume", "step"}
+QUEUED_OPS = {"load_volume", "unload_volume", "step", "suggest"}
+QUICK_OPS = {"load_volume", "unload_volume", "suggest"}  # run before long steps, as interactive actions are
 INTERACTIVE_ACTIONS = {name for name, kind in KINDS.items() if kind in INTERACTIVE}  # run before the others
 MAX_STATES = 64  # object states kept between steps (least recently used go; their clients send them again)
 MAX_PENDING = 1 << 30  # reply bytes a client may leave unread before it is cut off
@@ -184,7 +185,7 @@ class Backend:
         elif op in QUEUED_OPS:
             target, subject = header.get("target"), header.get("object")
             action = header.get("action") if isinstance(header.get("action"), dict) else {}
-            interactive = op in ("load_volume", "unload_volume") or action.get("type") in INTERACTIVE_ACTIONS
+            interactive = op in QUICK_OPS or action.get("type") in INTERACTIVE_ACTIONS
             task = Task(request_id, op, header, message.arrays, target if isinstance(target, str) else None,
                         interactive, subject if isinstance(subject, str) else None, owner=self)
             for stale in self.worker.scheduler.submit(task):
@@ -330,6 +331,17 @@ class Backend:
         if last is not None:
             self._plan_prefetch(session_key, engine.axes.view, last, engine.axes.num_slices)
         return {"version": version, "state": delta, "update": update.to_header()}, arrays
+
+    def _suggest(self, task: Task) -> tuple[dict, None]:
+        """Where to click next on the object ``header["object"]`` (:func:`..suggest.suggest`), whose state comes
+        as for a step (whole, or the version kept here); nothing is changed or kept."""
+        from ..suggest import suggest
+
+        header = task.header
+        _, session = self._session(header)
+        axes = session.axes(View.parse(header.get("view") or ""))
+        state = self._state(task, str(header.get("object")), axes.image_shape)
+        return {"suggestion": suggest(session, axes, state).to_header()}, None
 
 
 def _read(backend: Backend, reader: StreamReader) -> Message | None:
