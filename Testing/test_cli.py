@@ -89,7 +89,7 @@ BAD_CASES = {
     "NaN volume": (["nan.nrrd"], "NaN"),
     "point outside": (["good.nii.gz", "--point", "50,2,2"], "outside the volume"),
     "not on one slice": (["good.nii.gz", "--point", "2,2,1", "--point", "2,2,5"], "different axial slices"),
-    "no prompt": (["good.nii.gz", "--negative", "2,2,2"], "at least one --point or a --box"),
+    "no prompt": (["good.nii.gz", "--negative", "2,2,2"], "at least one --point, a --box, a --lasso"),
     "unknown model": (["good.nii.gz", "--model", "sam9"], "Unknown model 'sam9'"),
     "bad checkpoint": (["good.nii.gz", "--model", "{dir}/broken.pth"], "is not a PyTorch checkpoint"),
     "unwritable output": (["good.nii.gz", "--out", "{dir}/no/such/folder/out.nii.gz"], "does not exist"),

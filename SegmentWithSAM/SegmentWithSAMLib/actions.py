@@ -16,6 +16,7 @@ import numpy as np
 from .errors import PromptError
 from .geometry import SliceAxes, Volume, prompts_to_slice
 from .propagation import Direction, StopRules
+from .strokes import MIN_POINTS, check_stroke
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,30 @@ class Click:
 
 
 @dataclass(frozen=True)
+class Scribble:
+    """A positive or negative free-hand stroke on slice ``index``: ``points`` ((x, y), …) in pixels, in the order
+    drawn (an open polyline). On a slice without a mask a positive one segments the object there; otherwise it
+    corrects the object in 3D as clicks all along it would (:meth:`.engine.Engine.step`)."""
+
+    index: int
+    points: tuple[tuple[float, float], ...]
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class Lasso:
+    """A closed free-hand outline on slice ``index``: ``points`` ((x, y), …) in pixels (the last joins the
+    first). Positive: the object on that slice is the outlined region, snapped to the image's edges by the
+    model (and, with ``slice_range``, propagated through those slices as a 3D box is); negative: the region is
+    removed from that slice and from what continues it on the neighbouring engine slices."""
+
+    index: int
+    points: tuple[tuple[float, float], ...]
+    positive: bool = True
+    slice_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Propagate:
     """Propagate from slice ``index`` (which has a mask) ``direction`` within ``slice_range`` (None: the
     object's range) by ``rules`` (None: the object's); ``skip`` slices interpolated between two the model
@@ -71,9 +96,11 @@ class UserEdit:
     masks: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-Action = Union[Prompt, Box3D, Click, Propagate, UserEdit]  # noqa: UP007 - a runtime alias on Python 3.10
-KINDS = {"prompt": Prompt, "box3d": Box3D, "click": Click, "propagate": Propagate, "user_edit": UserEdit}
-INTERACTIVE = (Prompt, Click, UserEdit)  # quick: the backend runs them before, and between the slices of, the rest
+Action = Union[Prompt, Box3D, Click, Scribble, Lasso, Propagate, UserEdit]  # noqa: UP007 - a runtime alias on 3.10
+KINDS = {"prompt": Prompt, "box3d": Box3D, "click": Click, "scribble": Scribble, "lasso": Lasso,
+         "propagate": Propagate, "user_edit": UserEdit}
+# quick: the backend runs them before, and between the slices of, the rest
+INTERACTIVE = (Prompt, Click, Scribble, Lasso, UserEdit)
 
 
 def clip_box(box, image_shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
@@ -126,6 +153,24 @@ def click_from_ras(volume: Volume, axes: SliceAxes, point_ras, positive: bool) -
     return Click(int(np.rint(slices[0])), (float(np.rint(xy[0][0])), float(np.rint(xy[0][1]))), bool(positive))
 
 
+def stroke_from_ras(volume: Volume, axes: SliceAxes, points_ras, positive: bool = True, closed: bool = False,
+                    slice_range: tuple[int, int] | None = None) -> Scribble | Lasso:
+    """A :class:`Scribble` (or, ``closed``, a :class:`Lasso` over ``slice_range``) from its points (N, 3) RAS in
+    the order drawn, all on one slice of ``axes``: :class:`PromptError` for points off that slice's plane, too
+    few, outside the volume, or a lasso that crosses itself."""
+    points = np.asarray(points_ras, dtype=float).reshape(-1, 3)
+    if len(points) < MIN_POINTS[closed]:
+        raise PromptError(f"A {'lasso' if closed else 'scribble'} needs at least {MIN_POINTS[closed]} points, "
+                          f"not {len(points)}.")
+    index, xy, _ = prompts_to_slice(volume, axes, points)
+    xy = check_stroke(xy, axes.image_shape, closed)
+    pairs = tuple((float(x), float(y)) for x, y in xy)
+    if closed:
+        return Lasso(index, pairs, bool(positive), None if slice_range is None else
+                     (int(slice_range[0]), int(slice_range[1])))
+    return Scribble(index, pairs, bool(positive))
+
+
 def parse_slice_range(text: str | None, what: str = "--range") -> tuple[int, int] | None:
     """``"A:B"`` → (A, B), slice numbers along the view's slice axis; None for None."""
     if text is None:
@@ -157,6 +202,7 @@ _READ = {  # each field's value as JSON gives it → as the action holds it
     "index": int, "box": _box, "positive": bool, "skip": lambda v: v,  # (the propagator checks skip)
     "xy": lambda v: tuple(float(c) for c in v[:2]),
     "clicks": lambda v: tuple((float(x), float(y), bool(p)) for x, y, p in v),
+    "points": lambda v: tuple((float(x), float(y)) for x, y in v),
     "slice_range": lambda v: None if v is None else (int(v[0]), int(v[1])),
     "direction": lambda v: Direction(v).value,
     "rules": lambda v: None if v is None else StopRules(**v),

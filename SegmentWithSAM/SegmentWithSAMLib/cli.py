@@ -38,6 +38,26 @@ def _click(positive: bool, what: str):
     return lambda text: (parse(text), positive)
 
 
+def _stroke(what: str):
+    """A stroke option's value ``R,A,S;R,A,S;…`` as an (N, 3) array of RAS points in the order drawn."""
+    parse = _floats(3, what)
+
+    def points(text: str) -> np.ndarray:
+        parts = [part for part in text.split(";") if part.strip()]
+        try:
+            return np.stack([parse(part) for part in parts]) if parts else np.zeros((0, 3))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{what} needs points R,A,S separated by ';', not {text!r}") from None
+
+    return points
+
+
+def _correction(kind: str, positive: bool, what: str):
+    """A correction option's value as (kind, value, positive): the options sharing a ``dest`` keep their order."""
+    parse = _floats(3, what) if kind == "click" else _stroke(what)
+    return lambda text: (kind, parse(text), positive)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="litemedsam",
                         help="model name (segmentwithsam models lists them) or checkpoint path (default: litemedsam)")
@@ -159,15 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="R,A,S", help="negative point (repeatable)")
     seg.add_argument("--box", type=_floats(6, "--box"), metavar="R1,A1,S1,R2,A2,S2",
                      help="two opposite corners of a box")
+    seg.add_argument("--lasso", type=_stroke("--lasso"), metavar="R,A,S;R,A,S;...",
+                     help="a closed outline on one slice instead of points and a box (its last point joins the first)")
     _add_model_options(seg)
     seg.add_argument("--out", required=True, help="labelmap to write: .nii.gz, .nrrd, .mha or .seg.nrrd")
     seg.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd file")
     seg.add_argument("--propagate", choices=["up", "down", "both"], default=None,
                      help="then propagate the mask through the volume this way")
-    seg.add_argument("--click", dest="clicks", action="append", default=[], type=_click(True, "--click"),
-                     metavar="R,A,S", help="then a positive click anywhere, correcting the 3D mask (repeatable)")
-    seg.add_argument("--click-negative", dest="clicks", action="append", type=_click(False, "--click-negative"),
-                     metavar="R,A,S", help="then a negative click anywhere")
+    seg.add_argument("--click", dest="corrections", action="append", default=[],
+                     type=_correction("click", True, "--click"), metavar="R,A,S",
+                     help="then a positive click anywhere, correcting the 3D mask (repeatable; corrections apply in "
+                          "the order given)")
+    seg.add_argument("--click-negative", dest="corrections", action="append",
+                     type=_correction("click", False, "--click-negative"), metavar="R,A,S",
+                     help="then a negative click anywhere")
+    seg.add_argument("--scribble", dest="corrections", action="append",
+                     type=_correction("scribble", True, "--scribble"), metavar="R,A,S;R,A,S;...",
+                     help="then a positive scribble on one slice of any view (alone: it starts the object)")
+    seg.add_argument("--scribble-negative", dest="corrections", action="append",
+                     type=_correction("scribble", False, "--scribble-negative"), metavar="R,A,S;R,A,S;...",
+                     help="then a negative scribble")
+    seg.add_argument("--lasso-negative", dest="corrections", action="append",
+                     type=_correction("lasso", False, "--lasso-negative"), metavar="R,A,S;R,A,S;...",
+                     help="then remove a closed outline's inside (and what continues it on the neighbouring slices)")
 
     prop = commands.add_parser("propagate", help="propagate a mask on one slice through the volume")
     prop.add_argument("volume", help="image volume (as for segment)")
@@ -222,12 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_segment(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from .actions import click_from_ras, parse_slice_range, prompt_from_ras
+    from .actions import click_from_ras, parse_slice_range, prompt_from_ras, stroke_from_ras
     from .geometry import slice_axes
     from .io import check_writable, read_volume, write_labelmap
 
-    if not any(positive for _, positive in args.points) and args.box is None:
-        raise SegmentWithSAMError("Give at least one --point or a --box (negative points alone select nothing).")
+    started = any(positive for _, positive in args.points) or args.box is not None
+    if args.lasso is not None and (args.points or args.box is not None):
+        raise SegmentWithSAMError("Start with a --lasso or with points and a box, not both.")
+    if not started and args.lasso is None and not (args.corrections and args.corrections[0][0] == "scribble"
+                                                   and args.corrections[0][2]):
+        raise SegmentWithSAMError("Give at least one --point, a --box, a --lasso or a positive --scribble (negative "
+                                  "points alone select nothing).")
     slice_range = parse_slice_range(args.range)
     check_writable(args.out, labelmap=True)
     timings: dict[str, float] = {}
@@ -240,9 +279,16 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         axes = slice_axes(volume, args.view)
         points = np.array([p for p, _ in args.points]).reshape(-1, 3)
         labels = np.array([int(positive) for _, positive in args.points])
-        prompt = prompt_from_ras(volume, axes, points, labels, None if args.box is None else args.box.reshape(2, 3),
-                                 slice_range if args.propagate else None)
-        clicks = [click_from_ras(volume, axes, point, positive) for point, positive in args.clicks]
+        if started:
+            prompt = prompt_from_ras(volume, axes, points, labels, None if args.box is None else args.box.reshape(2, 3),
+                                     slice_range if args.propagate else None)
+        elif args.lasso is not None:
+            prompt = stroke_from_ras(volume, axes, args.lasso, closed=True)
+        corrections = [click_from_ras(volume, axes, value, positive) if kind == "click" else
+                       stroke_from_ras(volume, axes, value, positive, closed=kind == "lasso")
+                       for kind, value, positive in args.corrections]
+        if not started and args.lasso is None:  # a positive scribble starts the object
+            prompt, corrections = corrections[0], corrections[1:]
         bar.update()
         bar.set_description("loading model" if args.backend is None else "connecting")
         t = time.perf_counter()
@@ -257,10 +303,10 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         extra: dict = {"notices": list(first.notices)}
         if args.propagate:
             t = time.perf_counter()
-            extra.update(_propagate(segmenter, index, args.propagate, args))
+            extra.update(_propagate(segmenter, index, args.propagate, args, slice_range if not started else None))
             timings["propagate"] = (time.perf_counter() - t) * 1e3
-        for click in clicks:
-            extra["notices"] += segmenter.step(OBJECT, click).notices
+        for correction in corrections:
+            extra["notices"] += segmenter.step(OBJECT, correction).notices
         mask = segmenter.mask(OBJECT)
         bar.set_description("writing")
         t = time.perf_counter()

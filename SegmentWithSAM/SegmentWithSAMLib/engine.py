@@ -19,13 +19,15 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .actions import Action, Box3D, Click, Prompt, Propagate, UserEdit, clip_box
+from .actions import Action, Box3D, Click, Lasso, Prompt, Propagate, Scribble, UserEdit, clip_box
 from .errors import PromptError
 from .geometry import View, bounding_box
 from .metrics import dice
+from .prompts import ensemble_boxes, predict_box_ensemble
 from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
 from .refinement import MAX_RADIUS_MM, Refiner
 from .state import Kind, ObjectState, Update
+from .strokes import check_stroke, fill_lasso, sample_stroke
 
 # A click's re-propagation stops at the first slice where its mask and the one there agree this well (Dice).
 AGREE_DICE = 0.95
@@ -53,6 +55,9 @@ SMALL_REACH_MM = 2.0
 CARRY_REACH = 1.5
 # An object started by a click spans FIRST_CLICK_EXTENT x its mask's equivalent radius on either side of it.
 FIRST_CLICK_EXTENT = 2.0
+# A positive lasso's mask is its filled outline, but within SNAP_MM of the outline the model's mask for the
+# outline's box decides (the edges a hand-drawn outline misses by a millimetre or two; benchmarks/scribbles.py).
+SNAP_MM = 2.0
 # Within a range the user gave with a box, only empty masks stop propagation (two in a row: one is bridged).
 RANGE_RULES = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None, max_empty=2)
 _NEARBY_SLICES = 2  # the object's size near a slice: its largest mask within this many slices
@@ -101,8 +106,10 @@ class Engine:
             if work is None:
                 raise PromptError("Nothing to propagate: segment a slice first.")
             self._propagate(work, action, update, cancel, on_slice)
-        elif isinstance(action, Click):
+        elif isinstance(action, (Click, Scribble)):
             work = self._click(work, action, update, cancel)
+        elif isinstance(action, Lasso):
+            work = self._lasso(work, action, update, cancel, on_slice)
         elif isinstance(action, UserEdit):
             work = self._user_edit(work, action, update)
         else:
@@ -164,30 +171,40 @@ class Engine:
             self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip)
             self._clear_engine(state, index + step, step, update, keep=set(update.changed))
 
-    def _click(self, state: ObjectState | None, click: Click, update: Update, cancel: Cancel) -> ObjectState:
-        index = self._check_index(click.index)
-        xy = self._check_xy(click.xy)
+    def _click(self, state: ObjectState | None, action: Click | Scribble, update: Update,
+               cancel: Cancel) -> ObjectState:
+        """A click, or a scribble as clicks every SAMPLE_MM along it: its slice refined (a key slice), then the
+        change carried through the engine's slices within its reach."""
+        index = self._check_index(action.index)
+        scribble = isinstance(action, Scribble)
+        points = sample_stroke(check_stroke(action.points, self.axes.image_shape, closed=False),
+                               self.axes.pixel_spacing) if scribble else self._check_xy(action.xy)[None]
+        what = "scribble" if scribble else "click"
         started = state is None
         if started:
-            if not click.positive:
-                raise PromptError("The object has no mask yet: start it with a box or a positive click.")
+            if not action.positive:
+                raise PromptError(f"The object has no mask yet: start it with a box, a lasso or a positive {what}.")
             state = self._new_state()
         low, high = state.slice_range
         if not low <= index <= high:
-            if not click.positive:
+            if not action.positive:
                 raise PromptError(f"Slice {index} is outside the object's range {low}:{high}: there is nothing to "
                                   "remove there.")
             low, high = min(low, index), max(high, index)
             update.notices.append(f"The object now spans slices {low}:{high}.")
         state.slice_range = (low, high)
-        clicks = [*state.clicks.get(index, []), (float(xy[0]), float(xy[1]), bool(click.positive))]
+        added_clicks = [(float(x), float(y), bool(action.positive)) for x, y in np.rint(points)]
+        clicks = [*state.clicks.get(index, []), *added_clicks]
         current = state.masks.get(index)
         base = state.base.get(index, current if current is not None and current.any() else None)
         if base is None and not any(c[2] for c in clicks):
-            raise PromptError(f"The object has no mask on slice {index}: a negative click there removes nothing.")
-        depth = self._depth_mm(state, index, xy) if not click.positive else 0.0
+            raise PromptError(f"The object has no mask on slice {index}: a negative {what} there removes nothing.")
+        depth = 0.0 if action.positive else self._depth_mm(state, index, np.rint(points))
         removal = CENTRED_REMOVAL if self._is_end(state, index) else np.inf
-        mask = self._refine(state, index, base, clicks, removal=removal)
+        if base is None and scribble:  # a scribble on an empty slice segments the object there: its mask is the base
+            base = self._stroke_mask(index, points)
+            clicks = []
+        mask = self._refine(state, index, base, clicks, removal=removal) if clicks else base
         state.masks[index], state.kinds[index] = mask, Kind.KEY
         state.clicks[index], state.base[index] = clicks, base
         update.changed[index] = mask
@@ -195,15 +212,74 @@ class Engine:
             state.slice_range = self._click_extent(index, mask, update.notices)
         if not mask.any():
             self._end_at(state, index, update)
-        elif click.positive:
-            added = mask & ~base if base is not None else mask
-            reach = (index, xy, CARRY_REACH * max(self._reach_cap_mm(state, index, base), self._radius_mm(added)))
+        elif action.positive:
+            added = mask & ~base if base is not None and clicks else mask
+            radius = CARRY_REACH * max(self._reach_cap_mm(state, index, base), self._radius_mm(added))
+            reach = (index, self._distance_mm(np.rint(points)), radius)
             for step in (1, -1):
                 self._walk(state, index, mask, step, update, cancel, None, agree=True, added=added, reach=reach)
         else:
             for step in (1, -1):
-                self._carry_negative(state, index, xy, depth, step, update, cancel)
+                self._carry_negative(state, index, np.rint(points), depth, step, update, cancel)
         return state
+
+    def _stroke_mask(self, index: int, points: np.ndarray) -> np.ndarray:
+        """The mask a positive scribble makes on an empty slice: the model from boxes around it (as for a first
+        click), then the scribble's points as positive clicks, so it covers the whole stroke."""
+        self.session.set_slice(self.axes.view, index)
+        logits = predict_box_ensemble(self.session.predictor, ensemble_boxes(points, self.axes.pixel_spacing)).logits[0]
+        refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits)
+        for xy in points:
+            refiner.add_click(tuple(xy), True)
+        return refiner.mask
+
+    def _lasso(self, state: ObjectState | None, lasso: Lasso, update: Update, cancel: Cancel,
+               on_slice: OnSlice) -> ObjectState:
+        """A positive lasso makes its slice a key slice with its outline's mask (see ``SNAP_MM``), propagated
+        through its range if it has one, else carried to the engine's slices while they disagree; a negative one
+        removes its inside there and what continues it on the neighbouring engine slices."""
+        index = self._check_index(lasso.index)
+        outline = check_stroke(lasso.points, self.axes.image_shape, closed=True)
+        inside = fill_lasso(outline, self.axes.image_shape)
+        if not lasso.positive:
+            if state is None or index not in state.masks or not state.masks[index].any():
+                raise PromptError(f"The object has no mask on slice {index}: a negative lasso there removes nothing.")
+            old = state.masks[index]
+            self._set_key(state, index, old & ~inside, update)
+            if not state.masks[index].any():
+                self._end_at(state, index, update)
+            else:
+                for step in (1, -1):
+                    self._cut_through(state, index, old & inside, inside, step, update, cancel)
+            return state
+        state = state if state is not None else self._new_state()
+        if lasso.slice_range is not None:
+            low, high = self._clip_range(lasso.slice_range, update.notices)
+            if not low <= index <= high:
+                raise PromptError(f"The lasso is on slice {index}, outside its range {low}:{high}.")
+            state.slice_range, state.rules = (low, high), RANGE_RULES
+        elif not state.slice_range[0] <= index <= state.slice_range[1]:
+            state.slice_range = (min(state.slice_range[0], index), max(state.slice_range[1], index))
+        box = bounding_box(inside).astype(float)
+        self.session.set_slice(self.axes.view, index)
+        logits = self.session.predictor.predict(box=box).logits[0]
+        band = ndi.distance_transform_edt(~inside, sampling=self.axes.pixel_spacing) <= SNAP_MM
+        band &= ndi.distance_transform_edt(inside, sampling=self.axes.pixel_spacing) <= SNAP_MM
+        mask = np.where(band, logits > 0, inside)
+        others = any(m.any() for i, m in state.masks.items() if i != index)
+        state.box, state.offset = (index, box), box - bounding_box(mask) if mask.any() else np.zeros(4)
+        self._set_key(state, index, mask, update)
+        if lasso.slice_range is not None or others:
+            for step in Direction.BOTH.steps():
+                self._walk(state, index, mask, step, update, cancel, on_slice, agree=lasso.slice_range is None)
+        return state
+
+    def _set_key(self, state: ObjectState, index: int, mask: np.ndarray, update: Update) -> None:
+        """Slice ``index`` becomes a key slice with ``mask``; its clicks start from it."""
+        state.masks[index], state.kinds[index] = mask, Kind.KEY
+        state.clicks.pop(index, None)
+        state.base.pop(index, None)
+        update.changed[index] = mask
 
     def _user_edit(self, state: ObjectState | None, edit: UserEdit, update: Update) -> ObjectState:
         state = state if state is not None else self._new_state()
@@ -337,25 +413,33 @@ class Engine:
         notices.append(f"A click started the object: it spans slices {low}:{high}; a click beyond extends it.")
         return low, high
 
+    def _distance_mm(self, points: np.ndarray) -> np.ndarray:
+        """The in-plane distance (mm) of each pixel (rows, cols) from the nearest of ``points`` (K, 2) pixel XY."""
+        seeds = np.ones(self.axes.image_shape, bool)
+        seeds[points[:, 1].astype(int), points[:, 0].astype(int)] = False
+        return ndi.distance_transform_edt(seeds, sampling=self.axes.pixel_spacing)
+
     def _within(self, reach: tuple[int, np.ndarray, float] | None, index: int) -> np.ndarray | bool:
-        """The pixels of slice ``index`` within ``reach`` = (the click's slice, its pixel xy, radius mm) of the
-        click, slices counted at the in-plane pixel size when they are thicker (True: no reach given)."""
+        """The pixels of slice ``index`` within ``reach`` = (the click's slice, the in-plane distance (mm) from
+        its points, radius mm) of the click in 3D, slices counted at the in-plane pixel size when they are
+        thicker (True: no reach given)."""
         if reach is None:
             return True
-        centre, xy, radius = reach
+        centre, distance, radius = reach
         row_mm, col_mm = self.axes.pixel_spacing
         dz = abs(index - centre) * min(self.axes.spacing_ijk[self.axes.slice_axis], (row_mm + col_mm) / 2)
-        rows, cols = np.ogrid[: self.axes.image_shape[0], : self.axes.image_shape[1]]
-        return ((rows - xy[1]) * row_mm) ** 2 + ((cols - xy[0]) * col_mm) ** 2 <= radius**2 - dz**2
+        return distance**2 <= radius**2 - dz**2
 
     def _is_end(self, state: ObjectState, index: int) -> bool:
         """Whether slice ``index`` ends the object's extent: a neighbour on either side has no mask."""
         empty = np.zeros(self.axes.image_shape, bool)
         return not all(state.masks.get(index + step, empty).any() for step in (1, -1))
 
-    def _depth_mm(self, state: ObjectState, index: int, xy: np.ndarray) -> float:
-        """How deep (mm) the pixel ``xy`` on slice ``index`` lies inside the object's 3D mask (0 outside)."""
-        if index not in state.masks or not state.masks[index][int(xy[1]), int(xy[0])]:
+    def _depth_mm(self, state: ObjectState, index: int, points: np.ndarray) -> float:
+        """How deep (mm) the deepest of the pixels ``points`` (K, 2) XY on slice ``index`` lies inside the
+        object's 3D mask (0 outside)."""
+        cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
+        if index not in state.masks or not state.masks[index][rows, cols].any():
             return 0.0
         first, last = min(state.masks), max(state.masks)
         stack = np.zeros((last - first + 3, *self.axes.image_shape), bool)  # an empty slice past each end
@@ -363,29 +447,54 @@ class Engine:
             stack[i - first + 1] = mask
         spacing = (self.axes.spacing_ijk[self.axes.slice_axis], *self.axes.pixel_spacing)
         depth = ndi.distance_transform_edt(stack, sampling=spacing)
-        return float(depth[index - first + 1, int(xy[1]), int(xy[0])])
+        return float(depth[index - first + 1, rows, cols].max())
 
-    def _carry_negative(self, state: ObjectState, index: int, xy: np.ndarray, depth_mm: float, step: int,
+    def _carry_negative(self, state: ObjectState, index: int, points: np.ndarray, depth_mm: float, step: int,
                         update: Update, cancel: Cancel) -> None:
-        """A negative click's error region is a 3D blob: the same click corrects the engine's slices beyond it
-        (``step`` ±1) as far as it lay deep in the 3D mask and while it still falls inside their masks, each from
-        its own mask (re-propagating from the corrected slice instead lowered the Dice on Colin27's
-        hippocampus: the neighbours' masks, right elsewhere, were rebuilt from a smaller one)."""
+        """A negative click's (or scribble's: ``points`` (K, 2) XY) error region is a 3D blob: the same points
+        correct the engine's slices beyond it (``step`` ±1) as far as they lay deep in the 3D mask and while one
+        still falls inside their masks, each slice from its own mask (re-propagating from the corrected slice
+        instead lowered the Dice on Colin27's hippocampus: the neighbours' masks, right elsewhere, were rebuilt
+        from a smaller one)."""
         spacing = self.axes.spacing_ijk[self.axes.slice_axis]
-        col, row = int(xy[0]), int(xy[1])
+        cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
         other = index + step
         while (other - index) * step * spacing < NEGATIVE_REACH * depth_mm and 0 <= other <= self._last:
             mask = state.masks.get(other)
-            if state.kinds.get(other) is not Kind.ENGINE or mask is None or not mask[row, col]:
+            inside = mask[rows, cols] if mask is not None else np.zeros(len(points), bool)
+            if state.kinds.get(other) is not Kind.ENGINE or not inside.any():
                 break
             if cancel is not None and cancel():
                 raise Cancelled(f"Cancelled at slice {other}; nothing was changed.")
             # Only trimmed around the click, never a part removed whole: the click was not placed on this slice.
-            new = self._refine(state, other, mask, [(float(col), float(row), False)], removal=np.inf)
+            negatives = [(float(c), float(r), False) for c, r in zip(cols[inside], rows[inside], strict=True)]
+            new = self._refine(state, other, mask, negatives, removal=np.inf)
             state.masks[other] = new
             update.changed[other] = new
             other += step
         update.stopped["up" if step > 0 else "down"] = f"the click corrected slices up to {other - step}"
+
+    def _cut_through(self, state: ObjectState, index: int, removed: np.ndarray, inside: np.ndarray, step: int,
+                     update: Update, cancel: Cancel) -> None:
+        """A negative lasso on slice ``index`` removed ``removed``: on the engine's slices beyond it (``step``
+        ±1), the parts of their masks within the lasso's region ``inside`` that touch what was removed on the
+        slice before go too, as far as NEGATIVE_REACH × the removed region's depth and while there is any."""
+        depth = float(ndi.distance_transform_edt(np.pad(removed, 1), sampling=self.axes.pixel_spacing).max())
+        spacing = self.axes.spacing_ijk[self.axes.slice_axis]
+        other = index + step
+        while (other - index) * step * spacing < NEGATIVE_REACH * depth and 0 <= other <= self._last:
+            mask = state.masks.get(other)
+            if state.kinds.get(other) is not Kind.ENGINE or mask is None:
+                break
+            if cancel is not None and cancel():
+                raise Cancelled(f"Cancelled at slice {other}; nothing was changed.")
+            cut = ndi.binary_propagation(removed & mask & inside, mask=mask & inside)
+            if not cut.any():
+                break
+            state.masks[other] = mask & ~cut
+            update.changed[other] = state.masks[other]
+            removed, other = cut, other + step
+        update.stopped["up" if step > 0 else "down"] = f"the lasso cut slices up to {other - step}"
 
     def _clear_engine(self, state: ObjectState, start: int, step: int, update: Update, keep=()) -> None:
         """Remove the engine's slices from ``start`` on (``step`` ±1) up to the first key or user slice, but

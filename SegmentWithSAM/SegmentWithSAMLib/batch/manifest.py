@@ -49,8 +49,11 @@ class Options:
 class Row:
     """One object to segment: paths (absolute), prompts in RAS millimetres and its options.
 
-    ``box`` (6,): two opposite corners; ``points``/``negatives``: (R, A, S) triples; ``slice_range`` (A, B)
-    along the view's slice axis; ``value``: its label value in a multi-label output (None: by position).
+    ``box`` (6,): two opposite corners; ``points``/``negatives``: (R, A, S) triples; ``lasso``: a closed
+    outline's triples on one slice, instead of a box and points; ``scribbles``: (triples, positive) strokes
+    applied after the prompt and its propagation (the first, positive, starts the object when there is no other
+    prompt); ``slice_range`` (A, B) along the view's slice axis; ``value``: its label value in a multi-label
+    output (None: by position).
     """
 
     number: int  # 1-based position in the manifest
@@ -61,6 +64,8 @@ class Row:
     box: tuple[float, ...] | None = None
     points: tuple[tuple[float, float, float], ...] = ()
     negatives: tuple[tuple[float, float, float], ...] = ()
+    lasso: tuple[tuple[float, float, float], ...] | None = None
+    scribbles: tuple[tuple[tuple[tuple[float, float, float], ...], bool], ...] = ()
     slice_range: tuple[int, int] | None = None
     seed: str | None = None
     label: int | None = None
@@ -81,8 +86,8 @@ class Job:
     values: tuple[int, ...]
 
 
-ROW_FIELDS = ("volume", "name", "view", "box", "range", "points", "negatives", "seed", "label", "reference",
-              "reference_label", "value", "output")
+ROW_FIELDS = ("volume", "name", "view", "box", "range", "points", "negatives", "lasso", "scribbles", "seed", "label",
+              "reference", "reference_label", "value", "output")
 OPTION_FIELDS = tuple(f.name for f in fields(Options))
 
 
@@ -136,13 +141,32 @@ class _Cells:
             raise self.error(name, f"needs {count} comma-separated numbers (RAS mm), not {value!r}")
         return numbers
 
-    def triples(self, name: str) -> tuple[tuple[float, float, float], ...]:
+    def triples(self, name: str, value=None) -> tuple[tuple[float, float, float], ...]:
         """``R,A,S`` triples separated by ``;`` (or a JSON list of triples)."""
-        value = self.raw(name)
+        value = self.raw(name) if value is None else value
         if value is None:
             return ()
         items = value if isinstance(value, list) else [t for t in str(value).split(";") if t.strip()]
         return tuple(self.numbers(name, 3, item) for item in items)
+
+    def strokes(self, name: str) -> tuple[tuple[tuple[tuple[float, float, float], ...], bool], ...]:
+        """Strokes separated by ``|``, each ``R,A,S;R,A,S;…``, prefixed ``negative:`` when negative (``positive:``
+        is the default), or a JSON list of {"points": [triples], "positive": bool}."""
+        value = self.raw(name)
+        if value is None:
+            return ()
+        if isinstance(value, list):
+            try:
+                return tuple((self.triples(name, item["points"]), bool(item.get("positive", True))) for item in value)
+            except (TypeError, KeyError, AttributeError):
+                raise self.error(name, 'needs a list of {"points": [[R, A, S], ...], "positive": true}') from None
+        strokes = []
+        for text in (t.strip() for t in str(value).split("|") if t.strip()):
+            sign, _, points = text.rpartition(":")
+            if sign.strip().lower() not in ("", "positive", "negative"):
+                raise self.error(name, f"a stroke starts with positive: or negative:, not {sign + ':'!r}")
+            strokes.append((self.triples(name, points), sign.strip().lower() != "negative"))
+        return tuple(strokes)
 
     def path(self, name: str, base: Path, required: bool = False) -> str | None:
         value = self.text(name, required)
@@ -200,11 +224,15 @@ def parse_row(cells: _Cells, base: Path, out_dir: Path, defaults: Options, group
     except SegmentWithSAMError as exc:
         raise cells.error("range", str(exc)) from None
     box, points, negatives = cells.numbers("box", 6), cells.triples("points"), cells.triples("negatives")
+    lasso, scribbles = cells.triples("lasso") or None, cells.strokes("scribbles")
     seed = cells.path("seed", base)
-    if seed is None and box is None and not points:
-        raise cells.error("box", "give a box or points (negatives alone select nothing), or a seed labelmap")
-    if seed is not None and (box is not None or points or negatives):
-        raise cells.error("seed", "a row takes prompts (box, points, negatives) or a seed labelmap, not both")
+    if seed is None and box is None and not points and lasso is None and not (scribbles and scribbles[0][1]):
+        raise cells.error("box", "give a box or points (negatives alone select nothing), a lasso, a positive "
+                                 "scribble or a seed labelmap")
+    if seed is not None and (box is not None or points or negatives or lasso):
+        raise cells.error("seed", "a row takes prompts (box, points, negatives, lasso) or a seed labelmap, not both")
+    if lasso is not None and (box is not None or points or negatives):
+        raise cells.error("lasso", "a row starts with a lasso or with a box and points, not both")
     label = cells.number_of("label", int)
     if label is not None and seed is None:
         raise cells.error("label", "is the seed's label value: give a seed labelmap too")
@@ -215,7 +243,7 @@ def parse_row(cells: _Cells, base: Path, out_dir: Path, defaults: Options, group
     default_output = out_dir / (f"{stem}.nii.gz" if group else f"{stem}_{_safe(name)}.nii.gz")
     output = cells.path("output", out_dir) or str(default_output.resolve())
     return Row(number=cells.number, volume=volume, name=name, view=view, output=output, box=box, points=points,
-               negatives=negatives, slice_range=slice_range, seed=seed, label=label,
+               negatives=negatives, lasso=lasso, scribbles=scribbles, slice_range=slice_range, seed=seed, label=label,
                reference=cells.path("reference", base), reference_label=cells.number_of("reference_label", int),
                value=value, options=_options(cells, base, defaults))
 

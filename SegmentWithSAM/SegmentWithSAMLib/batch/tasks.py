@@ -128,7 +128,7 @@ class TaskVolume:
 def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndarray, dict]:
     """Row ``row``'s 3D mask (bool, KJI) on ``work``'s volume and its report entries, exactly as
     ``segmentwithsam segment … --propagate`` (or ``propagate --mask``) gives them: the same engine steps."""
-    from ..actions import Propagate, UserEdit, prompt_from_ras
+    from ..actions import Prompt, Propagate, UserEdit, prompt_from_ras, stroke_from_ras
     from ..api import Segmenter
     from ..geometry import seed_slice, slice_axes, slices_with
     from ..io import read_labelmap_on
@@ -137,15 +137,20 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
 
     options, volume = row.options, work.volume
     propagating = options.direction != "none"
-    if row.seed is None:  # checked before any model is loaded for it
+    axes = slice_axes(volume, row.view)
+    scribbles = [stroke_from_ras(volume, axes, points, positive) for points, positive in row.scribbles]
+    if row.lasso is not None:  # every prompt is checked before any model is loaded for it
+        first = stroke_from_ras(volume, axes, row.lasso, closed=True)
+    elif row.seed is None and (row.box is not None or row.points):
         points = np.reshape([*row.points, *row.negatives], (-1, 3))
         labels = [1] * len(row.points) + [0] * len(row.negatives)
-        first = prompt_from_ras(volume, slice_axes(volume, row.view), points, labels,
-                                None if row.box is None else np.reshape(row.box, (2, 3)),
+        first = prompt_from_ras(volume, axes, points, labels, None if row.box is None else np.reshape(row.box, (2, 3)),
                                 row.slice_range if propagating else None)
+    elif row.seed is None:  # a positive scribble starts the object
+        first, scribbles = scribbles[0], scribbles[1:]
     else:
         seed = read_labelmap_on(row.seed, volume, row.volume).array
-        index, mask2d = seed_slice(slice_axes(volume, row.view), seed, row.label, row.seed)
+        index, mask2d = seed_slice(axes, seed, row.label, row.seed)
         first = UserEdit({index: mask2d})
     if options.backend is not None:
         segmenter = Segmenter(volume, view=row.view, window=options.window, backend=models.client(options))
@@ -158,9 +163,11 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
         rules = StopRules.from_options(options.min_similarity, options.min_score, options.max_area_ratio,
                                        options.min_overlap, options.max_empty)
         start = first.index if row.seed is None else index
-        update = segmenter.step(row.name, Propagate(start, options.direction,
-                                                    row.slice_range if row.seed is not None else None, rules,
-                                                    options.skip))
+        own_range = row.seed is not None or not isinstance(first, Prompt)  # a prompt holds its range already
+        update = segmenter.step(row.name, Propagate(start, options.direction, row.slice_range if own_range else None,
+                                                    rules, options.skip))
+    for scribble in scribbles:
+        segmenter.step(row.name, scribble)
     mask = segmenter.mask(row.name)
     voxels = int(mask.sum())
     stopped = update.stopped if update is not None else {}
