@@ -142,6 +142,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentSelector.setCurrentNode)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        self.ui.finishedCheckBox.connect("clicked(bool)",  # the user's clicks only: a poll sets it from the segment
+                                         lambda checked: self.run(lambda: self.front().set_finished(checked)))
         # the server's fields follow the backend chosen at the next poll
         self.ui.backendComboBox.connect("currentIndexChanged(int)", lambda _index: self.timer.start())
         for button, slot in ((self.ui.previewButton, self.onPreview), (self.ui.acceptButton, self.onAccept),
@@ -367,6 +369,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.enabled = self.ui.deviceComboBox.enabled = not panel["server"]  # the server's own
         self.ui.testConnectionButton.enabled = panel["can_test_connection"]
         self.ui.suggestionLabel.text = panel["suggestion"]
+        self.ui.finishedCheckBox.enabled = panel["can_finish"]
+        self.ui.finishedCheckBox.checked = panel["finished"]
         self.ui.takeSuggestionButton.enabled = panel["can_take_suggestion"]
         if not busy:
             self.timer.stop()

@@ -12,6 +12,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
+from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.errors import BackendError
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.release import RELEASE
@@ -174,6 +175,69 @@ def test_a_suggestion_needs_a_segment_with_a_mask(front, controller):
     assert front.status.error and "Select the segment" in front.status.text
     front.act(front.take_suggestion)
     assert front.status.error and "no suggestion" in front.status.text
+
+
+def place_structure_roi(front, atlas, structure: str, grow_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """An ROI over ``structure``'s voxels (every slice it spans, grown in-plane by ``grow_mm``), centred on its
+    middle axial slice as a user drags a 3D box; returns the structure (KJI bool) and its ROI's centre."""
+    host, controller = front.host, front.controller
+    volume = controller.volume(host.volume_node)
+    truth = atlas.array == AAL_STRUCTURES[structure]
+    ijk = np.argwhere(truth)[:, ::-1]
+    corners = volume.to_ras(np.stack([ijk.min(axis=0) - 0.5, ijk.max(axis=0) + 0.5]))
+    low, high = corners.min(axis=0) - [grow_mm, grow_mm, 0], corners.max(axis=0) + [grow_mm, grow_mm, 0]
+    axes = slice_axes(volume, "axial")
+    middle = int(np.median(np.flatnonzero(axes.oriented(truth).any(axis=(1, 2)))))
+    centre = (low + high) / 2
+    centre[2] = volume.to_ras(axes.pixel_to_ijk(middle, np.array([[0.0, 0.0]])))[0][2]
+    host.show_axial(centre[2])
+    size = high - low
+    size[2] = 2 * max(centre[2] - low[2], high[2] - centre[2])  # centred on the middle slice, spanning them all
+    host.prompts["box"].SetCenter(*centre)
+    host.prompts["box"].SetSize(*size)
+    return truth, centre
+
+
+def test_a_finished_segment_stays_put_bit_for_bit_and_undo_restores_the_other_alone(front, controller, colin_node,
+                                                                                      atlas):
+    host = front.host
+    place_structure_roi(front, atlas, "Putamen_L")
+    front.prompts_changed()
+    settle(front, controller)
+    host.segment_id = first = front.accept()
+    front.act(front.propagate)
+    settle(front, controller)
+    assert "Propagated" in front.status.text, front.status
+    front.act(lambda: front.set_finished(True))
+    assert front.panel()["finished"] and "is finished" in front.status.text
+    kept = mrml.segment_array(host.segmentation_node, first, colin_node).copy()
+    assert kept.sum() > 1000
+
+    host.segment_id = ""  # a new segment next to it, with a box that overlaps it by 6 mm
+    truth, centre = place_structure_roi(front, atlas, "Pallidum_L", grow_mm=6.0)
+    front.prompts_changed()
+    settle(front, controller)
+    host.segment_id = second = front.accept()
+    front.act(front.propagate)
+    settle(front, controller)
+    volume = controller.volume(colin_node)
+    into = np.argwhere(kept & ~truth)[:, ::-1]  # (i, j, k)
+    near = into[np.argmin(np.linalg.norm(into - volume.to_ijk(centre[None])[0], axis=1))]
+    host.prompts["positive"].AddControlPoint(*volume.to_ras(near[None].astype(float))[0])
+    front.prompts_changed()  # a positive click inside the finished segment: it may not take it
+    settle(front, controller)
+    front.accept()
+    steps = mrml.segment_array(host.segmentation_node, second, colin_node)
+    assert steps.any() and not (steps & kept).any()  # the second has no voxel inside the first
+    assert np.array_equal(mrml.segment_array(host.segmentation_node, first, colin_node), kept)  # bit for bit
+    for _ in range(3):  # the click (if it wrote anything), the propagation, the accept: undone one by one
+        if not mrml.segment_array(host.segmentation_node, second, colin_node).any():
+            break
+        controller.undo()
+        assert np.array_equal(mrml.segment_array(host.segmentation_node, first, colin_node), kept)
+    assert not mrml.segment_array(host.segmentation_node, second, colin_node).any()
+    front.act(lambda: front.set_finished(False))
+    assert not front.panel()["finished"]
 
 
 def test_the_propagation_range_is_the_panels_then_the_whole_volume_then_the_boxs(front, controller, colin_node):

@@ -144,6 +144,7 @@ class Engine:
         for x, y, positive in prompt.clicks:
             refiner.add_click((x, y), positive)
         mask = refiner.mask
+        mask = self._kept(state, index, mask)
         if box is not None and not mask.any():
             update.notices.append(f"The model found nothing in the box on slice {index}; draw it around the object.")
         state.box = (index, box) if box is not None else None
@@ -180,11 +181,11 @@ class Engine:
         points = sample_stroke(check_stroke(action.points, self.axes.image_shape, closed=False),
                                self.axes.pixel_spacing) if scribble else self._check_xy(action.xy)[None]
         what = "scribble" if scribble else "click"
-        started = state is None
+        started = state is None or not any(mask.any() for mask in state.masks.values())
         if started:
             if not action.positive:
                 raise PromptError(f"The object has no mask yet: start it with a box, a lasso or a positive {what}.")
-            state = self._new_state()
+            state = state if state is not None else self._new_state()
         low, high = state.slice_range
         if not low <= index <= high:
             if not action.positive:
@@ -204,7 +205,7 @@ class Engine:
         if base is None and scribble:  # a scribble on an empty slice segments the object there: its mask is the base
             base = self._stroke_mask(index, points)
             clicks = []
-        mask = self._refine(state, index, base, clicks, removal=removal) if clicks else base
+        mask = self._kept(state, index, self._refine(state, index, base, clicks, removal=removal) if clicks else base)
         state.masks[index], state.kinds[index] = mask, Kind.KEY
         state.clicks[index], state.base[index] = clicks, base
         update.changed[index] = mask
@@ -265,9 +266,11 @@ class Engine:
         logits = self.session.predictor.predict(box=box).logits[0]
         band = ndi.distance_transform_edt(~inside, sampling=self.axes.pixel_spacing) <= SNAP_MM
         band &= ndi.distance_transform_edt(inside, sampling=self.axes.pixel_spacing) <= SNAP_MM
-        mask = np.where(band, logits > 0, inside)
+        mask = self._kept(state, index, np.where(band, logits > 0, inside))
         others = any(m.any() for i, m in state.masks.items() if i != index)
-        state.box, state.offset = (index, box), box - bounding_box(mask) if mask.any() else np.zeros(4)
+        # No box to chain: propagation calibrates its boxes on the outlined mask, as after a click. A lasso's tight
+        # box chained slice to slice lost the left kidney's lower half (CHAOS MR: 3D Dice 0.673 against 0.906).
+        state.box, state.offset = None, np.zeros(4)
         self._set_key(state, index, mask, update)
         if lasso.slice_range is not None or others:
             for step in Direction.BOTH.steps():
@@ -326,6 +329,13 @@ class Engine:
         return clipped
 
     # ---- one slice -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _kept(state: ObjectState, index: int, mask: np.ndarray) -> np.ndarray:
+        """``mask`` without the pixels the object must keep out of on slice ``index`` (locked segments): every
+        mask the engine makes passes here before it is kept or carried to the next slice."""
+        keep = state.keep_out.get(index)
+        return mask & ~keep if keep is not None and (mask & keep).any() else mask
+
     def _base_logits(self, state: ObjectState, base: np.ndarray) -> np.ndarray:
         """Logits (rows, cols) whose sign is ``base`` exactly, shaped by the model around it: the prompt that
         propagation would give this mask (:func:`~.propagation.chained_logits`), on the current slice."""
@@ -384,7 +394,7 @@ class Engine:
             for slice_step in steps:
                 if cancel is not None and cancel():
                     raise Cancelled(f"Cancelled at slice {slice_step.index}; nothing was changed.")
-                new, old = slice_step.mask, state.masks.get(slice_step.index)
+                new, old = self._kept(state, slice_step.index, slice_step.mask), state.masks.get(slice_step.index)
                 if agree and old is not None and old.any() and dice(new, old) >= self.agree:
                     reason = f"agrees with slice {slice_step.index}"
                     break

@@ -32,7 +32,9 @@ class ObjectState:
     key slice may be empty: the object ends there); ``clicks`` slice → [(x, y, positive)] of 3D clicks;
     ``base`` slice → that slice's mask before its first click (None if it had none); ``offset`` (4,) the box
     minus the bounding box of its mask on the box's slice (zeros without a box); ``box`` (slice, (x0, y0, x1,
-    y1)) of the latest box prompt; ``rules`` the stop rules of its propagations (None: the engine's)."""
+    y1)) of the latest box prompt; ``rules`` the stop rules of its propagations (None: the engine's);
+    ``keep_out`` slice → mask (rows, cols) of the pixels the object never takes (finished, locked segments: the
+    caller sets it, the engine only reads it; a new dict when it changes, never edited in place)."""
 
     slice_range: tuple[int, int]
     masks: dict[int, np.ndarray] = field(default_factory=dict)
@@ -42,6 +44,7 @@ class ObjectState:
     offset: np.ndarray = field(default_factory=lambda: np.zeros(4))
     box: tuple[int, np.ndarray] | None = None
     rules: StopRules | None = None
+    keep_out: dict[int, np.ndarray] = field(default_factory=dict)
 
     def copy(self) -> ObjectState:
         """A copy whose dicts are its own (the masks are shared: steps replace masks, never edit them)."""
@@ -70,8 +73,8 @@ class ObjectState:
     # ---- the backend's wire format (a JSON header and named arrays; no pickle) -----------------------------
     def to_message(self, slices=None) -> tuple[dict, dict[str, np.ndarray]]:
         """The state's scalars and the given ``slices`` (None: all) as a JSON-able header and arrays
-        (``mask/<slice>``, ``base/<slice>``: the masks' bits, packed): with ``changed_since`` a step's delta, else
-        the whole state.
+        (``mask/<slice>``, ``base/<slice>``, ``keep/<slice>``: the masks' bits, packed): with ``changed_since`` a
+        step's delta (a step never changes ``keep_out``: it goes with the whole state only), else the whole state.
         A slice that lost everything is sent as ``null`` and removed where the message is applied."""
         per_slice, arrays = {}, {}
         for i in sorted(self.slices() if slices is None else slices):
@@ -91,6 +94,9 @@ class ObjectState:
         header = {"range": [int(v) for v in self.slice_range], "offset": [float(v) for v in self.offset],
                   "box": None if self.box is None else [int(self.box[0]), [float(v) for v in self.box[1]]],
                   "rules": None if self.rules is None else asdict(self.rules), "slices": per_slice}
+        if slices is None and self.keep_out:
+            header["keep_out"] = sorted(int(i) for i in self.keep_out)
+            arrays.update({f"keep/{i}": np.packbits(m) for i, m in self.keep_out.items()})
         return header, arrays
 
     def apply_message(self, header: dict, arrays: dict[str, np.ndarray], image_shape: tuple[int, int],
@@ -107,6 +113,8 @@ class ObjectState:
             new.box = None if box is None else (int(box[0]), np.asarray(box[1], dtype=float).reshape(4))
             rules = header.get("rules")
             new.rules = None if rules is None else StopRules(**rules)
+            if "keep_out" in header:
+                new.keep_out = {int(i): unpack_mask(arrays, f"keep/{int(i)}", image_shape) for i in header["keep_out"]}
             for key, entry in dict(header.get("slices", {})).items():
                 i = int(key)
                 for part in (new.masks, new.kinds, new.clicks, new.base):

@@ -6,6 +6,7 @@ bind widgets to it):
 - which view holds the prompts (the slice view whose plane they lie on);
 - the prompt markups nodes (names and colours) and clearing them in one step;
 - the propagation range: the panel's range if set, else the whole volume when asked, else the accepted box's;
+- finished segments: marked, and shown for the selected segment (:mod:`.finished` keeps the others out);
 - where to click next: asked for, or after each step that made a new state when the settings say so; the views
   move to show its marker, and taking it places the point it suggests (a positive or negative click);
 - one status line: an error stays until the user's next action, even while background results arrive; a
@@ -28,6 +29,7 @@ from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
 from SegmentWithSAMLib.geometry import View, slice_axes
 
 from . import mrml
+from .finished import is_finished, set_finished
 from .logic import SegmentationController
 from .settings import Settings, device_of, runs_here, stop_rules
 
@@ -213,6 +215,21 @@ class FrontEnd:
         self.controller.clear_preview()
         self.controller.clear_suggestion()
 
+    # ---- finished segments ---------------------------------------------------------------------------------
+    def _segment(self):
+        host = self.host
+        node = host.segmentation_node
+        return node.GetSegmentation().GetSegment(host.segment_id) if node is not None and host.segment_id else None
+
+    def set_finished(self, finished: bool) -> None:
+        """Mark the selected segment finished (every other segment's steps keep out of it) or in progress."""
+        segment = self._segment()
+        if segment is None:
+            raise PromptError("Select the segment to mark finished.")
+        set_finished(self.host.segmentation_node, self.host.segment_id, finished)
+        self.say(f"{segment.GetName()} is finished: other segments' prompts, propagation and clicks keep out of it."
+                 if finished else f"{segment.GetName()} is in progress again: other segments may take its voxels.")
+
     # ---- where to click next -------------------------------------------------------------------------------
     def suggest(self):
         """Ask where to click next on the selected segment (the answer shows at a later poll)."""
@@ -306,6 +323,8 @@ class FrontEnd:
             "range": list(r) if (r := self.shown_range()) else None,
             "seed": f"{last[2].value} slice {last[3]}" if last else "",
             "server": server, "can_test_connection": server and not c.backend.testing,
+            "can_finish": self._segment() is not None,
+            "finished": self._segment() is not None and is_finished(host.segmentation_node, host.segment_id),
             "suggestion": c.suggested["text"] if c.suggested else "",
             "can_take_suggestion": bool(c.suggested and c.suggested["ras"] is not None),
         }

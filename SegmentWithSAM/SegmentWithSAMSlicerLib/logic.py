@@ -13,6 +13,7 @@ Segments change only in :meth:`accept` and when a propagation has completed, eac
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -22,10 +23,12 @@ from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError
 from SegmentWithSAMLib.geometry import View, Volume, slice_axes
 from SegmentWithSAMLib.models import DEFAULT_MODEL
 from SegmentWithSAMLib.propagation import StopRules
+from SegmentWithSAMLib.state import ObjectState
 
 from . import mrml, suggestion_marker
 from .backend_choice import BackendChoice
 from .editing import SegmentEditing
+from .finished import KeepOut
 from .interactive import Pending, SegmentCache, state_from_segment
 from .model_download import ModelDownload
 
@@ -61,6 +64,7 @@ class SegmentationController:
         self.editing = SegmentEditing(scene)
         self._segments = SegmentCache()  # segments as last read: a prompt event reads none that did not change
         self._state_memo: tuple | None = None  # the last state rebuilt from a segment, and what it came from
+        self._keep_out = KeepOut()  # the finished segments a segment's steps keep out of
 
     # ---- backend and inputs --------------------------------------------------------------------------------
     @property
@@ -189,6 +193,10 @@ class SegmentationController:
             else:
                 state = state_from_segment(axes.oriented(before), axes, source[2], source[3])
                 self._state_memo = (*source, state)
+        keep = self._keep_out(segmentation_node, segment_id if known else None, volume_node, axes)
+        current = state.keep_out if state is not None else {}
+        if keep is not current and (keep or current):  # a new state only when what it keeps out of changed
+            state = replace(state if state is not None else ObjectState((0, axes.num_slices - 1)), keep_out=keep)
         return Pending(kind, segmentation_node, segment_id, volume_node, view, axes, before, state, editor_node,
                        save_state, auto_accept, window if window is not None else self.window(volume_node))
 

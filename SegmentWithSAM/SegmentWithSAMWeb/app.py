@@ -422,6 +422,10 @@ class WebApp:
         editor.set_segment_visibility(segment_id, not editor.get_segment_visibility(segment_id))
 
     @action
+    def toggle_finished(self, segment_id: str) -> None:
+        self.workflow.toggle_finished(segment_id)
+
+    @action
     def delete_segment(self, segment_id: str) -> None:
         self.workflow.editor.remove_segment(segment_id)
 

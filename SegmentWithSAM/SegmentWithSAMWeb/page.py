@@ -124,6 +124,9 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                                                                    "[item.id, $event.target.value]"))
                             v3.VBtn(icon=("item.visible ? 'mdi-eye' : 'mdi-eye-off'",), size="x-small",
                                     variant="text", click=(app.toggle_segment, "[item.id]"))
+                            v3.VBtn(icon=("item.finished ? 'mdi-lock' : 'mdi-lock-open-variant-outline'",),
+                                    size="x-small", variant="text", title="Finished: other segments keep out of it",
+                                    click=(app.toggle_finished, "[item.id]"))
                             v3.VBtn(icon="mdi-delete", size="x-small", variant="text",
                                     click=(app.delete_segment, "[item.id]"))
                 v3.VBtn("Add segment", id="swsam-add-segment", size="small", variant="text",

@@ -28,6 +28,7 @@ from SegmentWithSAMLib.io import SEGMENTATION_SUFFIX, write_labelmap
 from SegmentWithSAMLib.preprocessing import CT_PRESETS
 from SegmentWithSAMSlicerLib import mrml
 from SegmentWithSAMSlicerLib.backend_choice import Server
+from SegmentWithSAMSlicerLib.finished import is_finished
 from SegmentWithSAMSlicerLib.front_end import FrontEnd, add_prompt_nodes
 from SegmentWithSAMSlicerLib.logic import SegmentationController
 from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher
@@ -276,8 +277,14 @@ class WebWorkflow:
 
     def segments(self) -> list[dict]:
         return [{"id": segment_id, "name": p.name, "color": p.color_hex,
-                 "visible": bool(self.editor.get_segment_visibility(segment_id))}
+                 "visible": bool(self.editor.get_segment_visibility(segment_id)),
+                 "finished": is_finished(self.segmentation_node, segment_id)}
                 for segment_id, p in self.editor.get_all_segment_properties().items()]
+
+    def toggle_finished(self, segment_id: str) -> None:
+        """Mark a segment finished, or in progress again (the shared rule: :meth:`FrontEnd.set_finished`)."""
+        self.editor.set_active_segment_id(segment_id)
+        self.front.set_finished(not is_finished(self.segmentation_node, segment_id))
 
     # ---- saving --------------------------------------------------------------------------------------------
     def export(self) -> SegmentExport:
