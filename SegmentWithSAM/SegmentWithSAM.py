@@ -22,6 +22,8 @@ import qt
 import slicer
 import vtk
 from slicer import (
+    vtkMRMLMarkupsClosedCurveNode,
+    vtkMRMLMarkupsCurveNode,
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
@@ -63,7 +65,9 @@ def parameterNodeClass():
 
     annotations = {"inputVolume": vtkMRMLScalarVolumeNode, "segmentation": vtkMRMLSegmentationNode, "segmentID": str,
                    "positivePoints": vtkMRMLMarkupsFiducialNode, "negativePoints": vtkMRMLMarkupsFiducialNode,
-                   "box": vtkMRMLMarkupsROINode}
+                   "box": vtkMRMLMarkupsROINode, "scribble": vtkMRMLMarkupsCurveNode,
+                   "negativeScribble": vtkMRMLMarkupsCurveNode, "lasso": vtkMRMLMarkupsClosedCurveNode,
+                   "negativeLasso": vtkMRMLMarkupsClosedCurveNode}
     defaults = {"segmentID": ""}
     kinds = {"str": str, "bool": bool, "int": int, "float": float}
     for field in dataclasses.fields(Settings):
@@ -142,6 +146,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentSelector.setCurrentNode)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        for widget in (self.ui.scribblePlaceWidget, self.ui.negativeScribblePlaceWidget, self.ui.lassoPlaceWidget,
+                       self.ui.negativeLassoPlaceWidget):  # a stroke is sent when the user stops placing it
+            widget.connect("activeMarkupsPlaceModeChanged(bool)", self.onStrokePlaceModeChanged)
         self.ui.finishedCheckBox.connect("clicked(bool)",  # the user's clicks only: a poll sets it from the segment
                                          lambda checked: self.run(lambda: self.front().set_finished(checked)))
         # the server's fields follow the backend chosen at the next poll
@@ -185,11 +192,14 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self.logic.getParameterNode()
         if not p.inputVolume:
             p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        if not (p.positivePoints and p.negativePoints and p.box):
+        if not (p.positivePoints and p.negativePoints and p.box and p.scribble and p.negativeScribble and p.lasso
+                and p.negativeLasso):
             from SegmentWithSAMSlicerLib.front_end import add_prompt_nodes
 
             nodes = add_prompt_nodes(slicer.mrmlScene)
             p.positivePoints, p.negativePoints, p.box = nodes["positive"], nodes["negative"], nodes["box"]
+            p.scribble, p.negativeScribble = nodes["scribble"], nodes["negative_scribble"]
+            p.lasso, p.negativeLasso = nodes["lasso"], nodes["negative_lasso"]
         self.setParameterNode(p)
 
     def setParameterNode(self, p) -> None:
@@ -207,7 +217,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSelector.setCurrentNode(p.segmentation)
         self.ui.segmentSelector.setCurrentSegmentID(p.segmentID)
         for widget, node in ((self.ui.positivePlaceWidget, p.positivePoints),
-                             (self.ui.negativePlaceWidget, p.negativePoints), (self.ui.roiPlaceWidget, p.box)):
+                             (self.ui.negativePlaceWidget, p.negativePoints), (self.ui.roiPlaceWidget, p.box),
+                             (self.ui.scribblePlaceWidget, p.scribble),
+                             (self.ui.negativeScribblePlaceWidget, p.negativeScribble),
+                             (self.ui.lassoPlaceWidget, p.lasso), (self.ui.negativeLassoPlaceWidget, p.negativeLasso)):
             widget.setCurrentNode(node)
         self.promptWatcher.watch([p.positivePoints, p.negativePoints, p.box])
         self.ui.positivePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
@@ -234,7 +247,8 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @property
     def prompts(self) -> dict:
         p = self._parameterNode
-        return {"positive": p.positivePoints, "negative": p.negativePoints, "box": p.box}
+        return {"positive": p.positivePoints, "negative": p.negativePoints, "box": p.box, "scribble": p.scribble,
+                "negative_scribble": p.negativeScribble, "lasso": p.lasso, "negative_lasso": p.negativeLasso}
 
     def slice_nodes(self) -> list:
         layout = slicer.app.layoutManager()
@@ -341,6 +355,16 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTestConnection(self) -> None:
         self.front().test_connection()
+
+    def onStrokePlaceModeChanged(self, placing: bool) -> None:
+        if not placing and self._parameterNode and self._parameterNode.inputVolume:
+            self.run(self.sendStrokes)
+
+    def sendStrokes(self) -> None:
+        segment_id = self.front().send_strokes()
+        if segment_id:
+            self._parameterNode.segmentID = segment_id
+            self.ui.segmentSelector.setCurrentSegmentID(segment_id)
 
     def onSuggest(self) -> None:
         self.front().suggest()

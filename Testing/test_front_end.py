@@ -240,6 +240,51 @@ def test_a_finished_segment_stays_put_bit_for_bit_and_undo_restores_the_other_al
     assert not front.panel()["finished"]
 
 
+def test_a_lasso_starts_a_segment_and_a_scribble_corrects_it_each_sent_when_placed(front, controller, colin_node,
+                                                                                   atlas):
+    from SegmentWithSAMLib.strokes import fill_lasso
+
+    host = front.host
+    volume = controller.volume(colin_node)
+    axes = slice_axes(volume, "axial")
+    oriented = axes.oriented(atlas.array == AAL_STRUCTURES["Thalamus_L"])
+    index = int(np.median(np.flatnonzero(oriented.any(axis=(1, 2)))))
+    rows, cols = np.nonzero(oriented[index])
+    corners = np.array([[cols.min(), rows.min()], [cols.max(), rows.min()], [cols.max(), rows.max()],
+                        [cols.min(), rows.max()]], float)
+    outline = volume.to_ras(axes.pixel_to_ijk(index, corners))
+    host.show_axial(outline[0][2])
+    host.segment_id = ""
+    for point in outline:  # a lasso as a closed curve is placed: its points, then the user stops placing
+        host.prompts["lasso"].AddControlPoint(*point)
+    host.segment_id = front.act(front.send_strokes)
+    assert host.segment_id and host.prompts["lasso"].GetNumberOfControlPoints() == 0, front.status
+    settle(front, controller)
+    assert front.panel()["can_accept"] and "3D click" in front.status.text, front.status
+    front.act(front.accept)
+    segment = axes.oriented(mrml.segment_array(host.segmentation_node, host.segment_id, colin_node))
+    inside = fill_lasso(corners, axes.image_shape)
+    assert segment[index].any() and np.flatnonzero(segment.any(axis=(1, 2))).tolist() == [index]
+    assert (segment[index] & ~inside).sum() <= 0.1 * segment[index].sum()  # the outline, snapped to the image
+
+    rows, cols = np.nonzero(segment[index])  # a negative scribble across the middle of that slice
+    stroke = volume.to_ras(axes.pixel_to_ijk(index, np.array([[cols.min(), rows.mean()], [cols.max(), rows.mean()]])))
+    for point in stroke:
+        host.prompts["negative_scribble"].AddControlPoint(*point)
+    front.act(front.send_strokes)
+    settle(front, controller)
+    front.act(front.accept)
+    after = axes.oriented(mrml.segment_array(host.segmentation_node, host.segment_id, colin_node))
+    assert after[index].sum() < segment[index].sum() and not front.status.error, front.status
+    row = int(round(rows.mean()))
+    assert not after[index, row, int(cols.mean())]  # the stroke's middle is gone
+    host.prompts["lasso"].AddControlPoint(*outline[0])  # too few points: refused, nothing changes, node emptied
+    front.act(front.send_strokes)
+    assert front.status.error and "at least 3" in front.status.text
+    assert np.array_equal(axes.oriented(mrml.segment_array(host.segmentation_node, host.segment_id, colin_node)),
+                          after) and host.prompts["lasso"].GetNumberOfControlPoints() == 0
+
+
 def test_the_propagation_range_is_the_panels_then_the_whole_volume_then_the_boxs(front, controller, colin_node):
     count = slice_axes(controller.volume(colin_node), "axial").num_slices
     assert front.propagation_range() is None  # the accepted box's range (the controller keeps it)

@@ -294,6 +294,34 @@ def test_suggest_marks_where_to_click_and_click_there_corrects_in_3d(running, pa
     running.call(app.clear_prompts)
 
 
+def test_a_lasso_drawn_with_the_mouse_in_the_axial_view_segments_its_outline(running, page, hippocampus):
+    from SegmentWithSAMLib.strokes import fill_lasso
+
+    index, corners, truth = hippocampus
+    app = running.app
+    running.call(lambda: show_slice(app, "Red", corners[0]))
+    rows, cols = np.nonzero(truth[index])
+    centre, radius = np.array([cols.mean(), rows.mean()]), 0.5 * max(np.ptp(cols), np.ptp(rows)) + 2
+    angles = np.linspace(0, 2 * np.pi, 9)[:-1]
+    outline = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # an octagon around it
+    axes = running.call(lambda: slice_axes(app.workflow.controller.volume(app.workflow.volume_node), "axial"))
+    volume = running.call(lambda: app.workflow.controller.volume(app.workflow.volume_node))
+    page.click("swsam-lasso")
+    running.until(lambda: app.workflow.placing == "lasso", what="lasso mode")
+    page.click_ras("Red", *volume.to_ras(axes.pixel_to_ijk(index, outline)), settle=0.2)
+    page.click("swsam-lasso")  # stop placing: the lasso is sent
+    running.until(lambda: app.workflow.controller.refinement is not None and
+                  app.workflow.controller.refinement.update is not None, 180, "the lasso's preview")
+    _wait_enabled(page, "swsam-accept")
+    page.click("swsam-accept")
+    running.until(lambda: _segment(app).any(), what="the accept")
+    segment = axes.oriented(running.call(lambda: _segment(app)))
+    inside = fill_lasso(outline, axes.image_shape)
+    assert np.flatnonzero(segment.any(axis=(1, 2))).tolist() == [index]
+    assert (segment[index] & inside).sum() >= 0.8 * segment[index].sum() and segment[index].sum() > 50
+    page.shot("lasso")
+
+
 def test_a_cancelled_propagation_changes_nothing(running, page, hippocampus):
     app = running.app
     before = accepted_box(running, page, hippocampus[1])

@@ -87,11 +87,16 @@ def draw_stroke(xy: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
     return _draw(image_shape, lambda draw: draw.line([tuple(p) for p in xy], fill=1, width=1))
 
 
+def sample_polyline(points: np.ndarray, every: float) -> np.ndarray:
+    """Points (M, D) along the polyline ``points`` (N, D): its first point, one each ``every`` along it (in its
+    own units), and its last point."""
+    along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+    at = np.unique(np.concatenate([np.arange(0.0, along[-1], every), [along[-1]]]))
+    return np.stack([np.interp(at, along, points[:, d]) for d in range(points.shape[1])], axis=1)
+
+
 def sample_stroke(xy: np.ndarray, pixel_spacing: tuple[float, float], every_mm: float = SAMPLE_MM) -> np.ndarray:
-    """Points (M, 2) along the polyline ``xy`` (N, 2): its first point, then one each ``every_mm`` along it (in
-    mm, ``pixel_spacing`` = (row, col) mm), and its last point."""
+    """Points (M, 2) along the polyline ``xy`` (N, 2) pixel XY every ``every_mm`` (``pixel_spacing`` = (row, col)
+    mm), as :func:`sample_polyline` places them."""
     scale = np.array([pixel_spacing[1], pixel_spacing[0]])
-    lengths = np.linalg.norm(np.diff(xy, axis=0) * scale, axis=1)
-    along = np.concatenate([[0.0], np.cumsum(lengths)])
-    at = np.unique(np.concatenate([np.arange(0.0, along[-1], every_mm), [along[-1]]]))
-    return np.stack([np.interp(at, along, xy[:, 0]), np.interp(at, along, xy[:, 1])], axis=1)
+    return sample_polyline(np.asarray(xy, float) * scale, every_mm) / scale

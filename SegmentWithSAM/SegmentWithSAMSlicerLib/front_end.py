@@ -2,7 +2,9 @@
 bind widgets to it):
 
 - placed prompts: a box always previews on its slice; points on a segment that has voxels correct it in 3D
-  (each point once, in click order); other points preview on their slice when live preview is on;
+  (each point once, in click order); other points preview on their slice when live preview is on; a stroke
+  (scribble or lasso, a markups curve) is sent when the user stops placing it, as a correction in 3D (a positive
+  one starts an empty segment on the view it was drawn in), and its node is emptied for the next;
 - which view holds the prompts (the slice view whose plane they lie on);
 - the prompt markups nodes (names and colours) and clearing them in one step;
 - the propagation range: the panel's range if set, else the whole volume when asked, else the accepted box's;
@@ -33,9 +35,16 @@ from .finished import is_finished, set_finished
 from .logic import SegmentationController
 from .settings import Settings, device_of, runs_here, stop_rules
 
-PROMPTS = {"positive": ("vtkMRMLMarkupsFiducialNode", "SAM positive", (0.2, 0.9, 0.2)),
-           "negative": ("vtkMRMLMarkupsFiducialNode", "SAM negative", (0.95, 0.2, 0.2)),
-           "box": ("vtkMRMLMarkupsROINode", "SAM box", (1.0, 0.85, 0.1))}
+POSITIVE_COLOR, NEGATIVE_COLOR = (0.2, 0.9, 0.2), (0.95, 0.2, 0.2)
+PROMPTS = {"positive": ("vtkMRMLMarkupsFiducialNode", "SAM positive", POSITIVE_COLOR),
+           "negative": ("vtkMRMLMarkupsFiducialNode", "SAM negative", NEGATIVE_COLOR),
+           "box": ("vtkMRMLMarkupsROINode", "SAM box", (1.0, 0.85, 0.1)),
+           "scribble": ("vtkMRMLMarkupsCurveNode", "SAM scribble", POSITIVE_COLOR),
+           "negative_scribble": ("vtkMRMLMarkupsCurveNode", "SAM negative scribble", NEGATIVE_COLOR),
+           "lasso": ("vtkMRMLMarkupsClosedCurveNode", "SAM lasso", POSITIVE_COLOR),
+           "negative_lasso": ("vtkMRMLMarkupsClosedCurveNode", "SAM negative lasso", NEGATIVE_COLOR)}
+STROKES = {"scribble": (True, False), "negative_scribble": (False, False), "lasso": (True, True),
+           "negative_lasso": (False, True)}  # kind → (positive, closed)
 
 
 class Host(Protocol):
@@ -63,7 +72,7 @@ class Status:
 
 
 def add_prompt_nodes(scene) -> dict:
-    """New positive-point, negative-point and box markups nodes (see ``PROMPTS``) in ``scene``."""
+    """New markups nodes for the points, the box and the strokes (see ``PROMPTS``) in ``scene``."""
     nodes = {}
     for kind, (cls, label, color) in PROMPTS.items():
         node = scene.AddNewNodeByClass(cls, label)
@@ -205,6 +214,44 @@ class FrontEnd:
                                      editor_node=editor_node, save_state=save_state, auto_accept=s.auto_accept)
         self.say(self.controller.status)
 
+    def send_strokes(self) -> str | None:
+        """Send each placed stroke as a correction of the selected segment (the host calls this when the user
+        stops placing one), then empty its node; a segmentation and a segment are made if none is selected.
+        Returns the segment's ID (the host selects it), None without a stroke."""
+        host, s = self.host, self.settings
+        drawn = [(kind, points) for kind in STROKES if host.prompts.get(kind) is not None
+                 and len(points := [p for _, p in mrml.defined_points(host.prompts[kind])])]
+        if not drawn:
+            return None
+        try:
+            self.require_model()
+            volume_node = self._volume()
+            segment_id = self.controller.ensure_segment(self._segmentation(), host.segment_id, volume_node)
+            editor_node, save_state = host.edit_target()
+            for kind, points in drawn:
+                positive, closed = STROKES[kind]
+                view = None
+                if not mrml.segment_has_mask(host.segmentation_node, segment_id, volume_node):
+                    view = mrml.view_of_prompts(points, host.slice_nodes(), self.controller.volume(volume_node))[1]
+                self.controller.stroke_3d(volume_node, host.segmentation_node, segment_id, points, positive, closed,
+                                          view, self._window(), s.model, device_of(s), editor_node, save_state,
+                                          s.auto_accept)
+        finally:
+            for kind, _ in drawn:
+                host.prompts[kind].RemoveAllControlPoints()
+        self.say(self.controller.status)
+        return segment_id
+
+    def _segmentation(self):
+        """The selected segmentation, or a new one on the volume's geometry (the first Accept or stroke)."""
+        host = self.host
+        if host.segmentation_node is None:
+            node = self.controller.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(self._volume())
+            host.segmentation_node = node
+        return host.segmentation_node
+
     def clear_prompts(self) -> None:
         """Remove every prompt, a pending 3D correction, the preview and a suggestion (the segment stays)."""
         for node in self.host.prompts.values():
@@ -250,12 +297,7 @@ class FrontEnd:
     def accept(self) -> str:
         """Write the preview (or the pending 3D correction) into the selected segment (a new segmentation and
         segment if none is selected) as one undo step; returns the segment's ID. The prompts are cleared."""
-        host = self.host
-        if host.segmentation_node is None:  # the first Accept makes one, on the volume's geometry
-            node = self.controller.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
-            node.CreateDefaultDisplayNodes()
-            node.SetReferenceImageGeometryParameterFromVolumeNode(self._volume())
-            host.segmentation_node = node
+        self._segmentation()  # the first Accept makes one
         editor_node, save_state = self.host.edit_target()
         segment_id = self.controller.accept(self.host.segmentation_node, self.host.segment_id, editor_node,
                                             save_state)

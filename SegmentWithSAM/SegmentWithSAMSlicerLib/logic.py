@@ -27,6 +27,7 @@ from SegmentWithSAMLib.state import ObjectState
 
 from . import mrml, suggestion_marker
 from .backend_choice import BackendChoice
+from .corrections import Corrections
 from .editing import SegmentEditing
 from .finished import KeepOut
 from .interactive import Pending, SegmentCache, state_from_segment
@@ -37,7 +38,7 @@ PREVIEW_SEGMENT = "preview"
 PREVIEW_COLOR = (1.0, 0.85, 0.1)
 
 
-class SegmentationController:
+class SegmentationController(Corrections):
     """The module's logic for one scene. ``client_factory(model, device)`` makes the backend client on this
     computer (tests and the widget choose the Python that runs it); :meth:`use_backend` chooses a server instead."""
 
@@ -489,104 +490,6 @@ class SegmentationController:
             return "Propagation found nothing to change."
         stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
         return f"Propagated to {len(update.changed)} slices in {update.seconds:.1f} s ({stops})."
-
-    # ---- clicks in 3D --------------------------------------------------------------------------------------
-    def click_3d(self, volume_node, segmentation_node, segment_id: str, point_ras, positive: bool, view=None,
-                 window=None, model: str = DEFAULT_MODEL, device: str | None = None, editor_node=None,
-                 save_state=None, auto_accept: bool = False) -> Handle:
-        """A positive or negative click at ``point_ras`` (any voxel, placed in any view) corrects the segment in
-        3D: the slice through it along the segment's propagation view (``view``, default the view it was
-        accepted in) is refined and the change is carried to the neighbouring slices (:class:`~SegmentWithSAMLib.
-        engine.Engine`). The slices that would change show as the preview; :meth:`accept` writes the result of
-        all clicks since as one undoable step (``auto_accept``: each click's result is written as it arrives).
-        Clicks made while one is computed wait their turn. Bad clicks raise :class:`PromptError` at once and
-        change nothing."""
-        from SegmentWithSAMLib.actions import click_from_ras
-
-        volume = self.volume(volume_node)
-        if segmentation_node is None or not segment_id:
-            raise PromptError("Select the segment to correct.")
-        job = self.refinement
-        if job is not None and (job.segmentation_node, job.segment_id) != (segmentation_node, segment_id):
-            raise PromptError("Accept or clear the 3D correction of the other segment first.")
-        if job is None:
-            last = self.last_accepted
-            accepted_here = last is not None and last[:2] == (segmentation_node.GetID(), segment_id)
-            view = View.parse(view if view is not None else last[2] if accepted_here else View.AXIAL)
-            job = self._pending("correction", volume_node, segmentation_node, segment_id, view, window,
-                                editor_node, save_state, auto_accept)
-            if job.state is None or not any(m.any() for m in job.state.masks.values()):
-                raise PromptError("The segment is empty: accept a mask on a slice first, then click to correct it "
-                                  "in 3D.")
-        click = click_from_ras(volume, job.axes, point_ras, positive)
-        self.engine(model, device)
-        self.refinement = job
-        job.waiting.append(click)
-        if job.handle is None:
-            self._send_click(job)
-        return job.handle
-
-    def _send_click(self, job: Pending) -> None:
-        click = job.waiting.pop(0)
-        self._send(job, click)
-        self.status = f"Correcting in 3D ({'positive' if click.positive else 'negative'} click)…"
-
-    def _poll_refinement(self) -> None:
-        job = self.refinement
-        handle = job.handle
-        if not handle.done:
-            return
-        job.handle = None
-        if handle.state != "done":
-            job.waiting.clear()
-            reason = "cancelled" if handle.state == "cancelled" else f"failed: {handle.error or handle.message}"
-            self.fail(f"The 3D click {reason}; the segment is unchanged.")
-            if not job.changed:  # nothing pending any more (its status stays: it says why)
-                self.refinement = None
-                self.clear_preview()
-            return
-        state, update = handle.result
-        job.add(update, state)
-        if job.waiting:
-            self._send_click(job)
-            return
-        self.revision += 1
-        self.show_preview(job.volume_node, *job.preview_block(job.changed_masks()))
-        stops = "; ".join(f"{d}: {why}" for d, why in update.stopped.items())
-        self.status = " ".join([f"3D click: {len(update.changed)} slices changed ({stops}) in {update.seconds:.1f} s.",
-                                *update.notices])
-        if job.auto_accept:
-            self._apply_refinement()
-        else:
-            self.status += " Accept writes the corrected slices."
-
-    def _apply_refinement(self) -> str:
-        """Write the pending clicks' result as one undoable step and remember the state."""
-        job = self.refinement
-        if job.handle is not None:
-            raise PromptError("A 3D click is still being computed: wait for its preview, then accept.")
-        self.refinement = None
-        self.clear_preview()
-        before = self._segment_as_before(job)
-        if before is None:
-            raise PromptError("The segment was edited while the 3D correction was pending; it was not applied. "
-                              "Click again.")
-        changed = self._write_job(job, before)
-        if not changed:
-            self._remember(job, False)
-        name = job.segmentation_node.GetSegmentation().GetSegment(job.segment_id).GetName()
-        self.status = (f"Corrected {len(job.changed)} {job.view.value} slices of {name} in 3D "
-                       f"({changed} voxels changed).")
-        return job.segment_id
-
-    def discard_refinement(self) -> None:
-        """Drop the pending 3D correction (Clear); the segment stays as it is."""
-        job, self.refinement = self.refinement, None
-        if job is not None:
-            if job.handle is not None and self.client is not None:
-                self.client.cancel(job.handle)
-            self.clear_preview()
-            self.status = "The 3D correction was dropped; the segment is as it was."
 
     # ---- where to click next -------------------------------------------------------------------------------
     def suggest(self, volume_node, segmentation_node, segment_id: str, window=None, model: str = DEFAULT_MODEL,

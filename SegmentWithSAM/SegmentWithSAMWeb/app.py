@@ -264,8 +264,8 @@ class WebApp:
     def push(self) -> None:
         """Copy the workflow's snapshot into the page's state when it changed."""
         workflow = self.workflow
-        if workflow.placing and not workflow.place_mode.active:
-            workflow.placing = None  # a box is placed: Slicer left place mode by itself
+        if workflow.placing and not workflow.place_mode.active:  # Slicer left place mode by itself (a box placed)
+            self._guarded(lambda: workflow.place(None))
         snapshot = workflow.snapshot()
         if snapshot != self._shown:
             self._shown = snapshot

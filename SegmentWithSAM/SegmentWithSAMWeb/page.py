@@ -75,6 +75,17 @@ def build_page(app, layout_manager, models: list[str], max_upload_bytes: int) ->
                             size="small", color="red")
                     v3.VBtn("Box", id="swsam-box", value="box", prepend_icon="mdi-vector-square", size="small",
                             color="amber")
+                with v3.VBtnToggle(v_model=("place_kind", None), id="swsam-strokes", density="compact",
+                                   divided=True, variant="outlined", classes="mt-1"):
+                    v3.VBtn("Scribble", id="swsam-scribble", value="scribble", prepend_icon="mdi-draw", size="small",
+                            color="green")
+                    v3.VBtn("", id="swsam-negative-scribble", value="negative_scribble", icon="mdi-draw",
+                            size="small", color="red")
+                    v3.VBtn("Lasso", id="swsam-lasso", value="lasso", prepend_icon="mdi-lasso", size="small",
+                            color="green")
+                    v3.VBtn("", id="swsam-negative-lasso", value="negative_lasso", icon="mdi-lasso", size="small",
+                            color="red")
+                html.Div("A stroke is applied when you click its button again.", classes="text-caption")
                 with html.Div(classes=BUTTON_ROW):
                     v3.VBtn("Accept", id="swsam-accept", color="primary", click=app.accept,
                             disabled=("!sam.can_accept",), **BUTTON)

@@ -29,7 +29,7 @@ from SegmentWithSAMLib.preprocessing import CT_PRESETS
 from SegmentWithSAMSlicerLib import mrml
 from SegmentWithSAMSlicerLib.backend_choice import Server
 from SegmentWithSAMSlicerLib.finished import is_finished
-from SegmentWithSAMSlicerLib.front_end import FrontEnd, add_prompt_nodes
+from SegmentWithSAMSlicerLib.front_end import STROKES, FrontEnd, add_prompt_nodes
 from SegmentWithSAMSlicerLib.logic import SegmentationController
 from SegmentWithSAMSlicerLib.prompt_watch import PromptWatcher
 from SegmentWithSAMSlicerLib.settings import Settings
@@ -146,7 +146,7 @@ class WebWorkflow:
         self.editor.set_active_segmentation(segmentation, node)
         self.editor.set_surface_representation_enabled(True)
         self.prompts = add_prompt_nodes(self.scene)
-        self.watcher.watch(list(self.prompts.values()))
+        self.watcher.watch([self.prompts[kind] for kind in ("positive", "negative", "box")])  # strokes: on placing
         self.front.all_slices = False
         self.front.say(f"Loaded {name}: place a box or points in any slice view.")
 
@@ -202,16 +202,20 @@ class WebWorkflow:
 
     # ---- prompts and preview -------------------------------------------------------------------------------
     def place(self, kind: str | None) -> None:
-        """Start placing ``kind`` ("positive", "negative" or "box") in the slice views, or stop (None). A new
-        box replaces the old one."""
+        """Start placing ``kind`` (a key of ``PROMPTS``: points, a box, a scribble or a lasso) in the slice views,
+        or stop (None). A new box replaces the old one; a stroke is sent when its placing stops."""
+        ended, self.placing = self.placing, None
+        self.place_mode.stop()
+        if ended in STROKES and ended != kind:
+            segment_id = self.front.send_strokes()
+            if segment_id:
+                self.editor.set_active_segment_id(segment_id)
         if kind is None:
-            self.place_mode.stop()
-            self.placing = None
             return
         node = self.prompts.get(kind) if self.volume_node is not None else None
         if node is None:
             raise PromptError("Open a volume first, then place prompts on it.")
-        if kind == "box":
+        if kind == "box" or kind in STROKES:
             node.RemoveAllControlPoints()
         self.place_mode.start(node, persistent=kind != "box")
         self.placing = kind
