@@ -370,3 +370,22 @@ def test_the_official_evaluator_scores_our_predict_sh_as_challenge_py_does(tmp_p
             clicks.append(simulate_click_3d(gts == label, all_segs[step - 1] == label))
         case = read_case(steps / str(step) / "colin.npz")
         assert case.boxes == boxes and case.clicks == expected, (step, case.clicks, expected)
+
+
+def test_where_objects_overlap_a_voxel_goes_to_the_one_it_lies_deepest_inside_whatever_their_order():
+    from SegmentWithSAMLib.geometry import Volume, slice_axes
+    from SegmentWithSAMLib.state import ObjectState, labelmap
+
+    volume = Volume(np.zeros((3, 40, 40), np.int16), np.eye(4))
+    axes = slice_axes(volume, "axial")
+    big, small = np.zeros((40, 40), bool), np.zeros((40, 40), bool)
+    big[2:38, 2:38] = True  # a large object, and a small one lying across its edge
+    small[30:40, 10:20] = True
+    for order in (["big", "small"], ["small", "big"]):
+        states = {"big": ObjectState((0, 2), masks={1: big}), "small": ObjectState((0, 2), masks={1: small})}
+        drawn = axes.oriented(labelmap(states, axes, volume.array.shape, order))[1]
+        value = {name: order.index(name) + 1 for name in order}
+        assert np.array_equal(drawn > 0, big | small)
+        assert (drawn[35:38, 14:16] == value["small"]).all()  # the large one's rim: deeper in the small one
+        assert (drawn[30:32, 14:16] == value["big"]).all()  # the small one's rim, deeper in the large one
+        assert (drawn[10:20, 10:20] == value["big"]).all()

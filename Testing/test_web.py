@@ -558,6 +558,9 @@ def test_the_segment_list_adds_renames_recolours_hides_and_deletes_on_the_undo_s
     page.click("swsam-redo")
     running.until(lambda: len(app.workflow.segments()) == 2, what="the redo of the add")
     rows = _segment_rows(page, 2)
-    rows[1].find_elements(By.CSS_SELECTOR, "button")[1].click()  # delete
+    rows[1].find_elements(By.CSS_SELECTOR, "button")[1].click()  # the lock: finished
+    running.until(lambda: app.workflow.segments()[1]["finished"], what="finishing")
+    rows = _segment_rows(page, 2)
+    rows[1].find_elements(By.CSS_SELECTOR, "button")[2].click()  # delete
     running.until(lambda: [s["id"] for s in app.workflow.segments()] == [first], what="the delete")
     assert added not in [s["id"] for s in segments()]

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from .errors import PromptError
 from .propagation import StopRules
@@ -165,19 +166,27 @@ class Update:
 def labelmap(states: dict[str, ObjectState], axes, shape_kji: tuple[int, int, int],
              names: list[str] | None = None) -> np.ndarray:
     """uint8 KJI labelmap of several objects on ``axes``' view: the i-th of ``names`` (default: the order of
-    ``states``) has value i + 1 (a name without a state has no voxels). Where objects overlap, a key or user
-    slice wins over an engine slice, then the earlier object wins."""
+    ``states``) has value i + 1 (a name without a state has no voxels). Where objects overlap, a voxel goes to
+    the object it lies deepest inside (the in-plane distance to its mask's edge, mm; a tie to the earlier
+    object): against the earlier object winning, step 0 of the CVPR 2025 protocol on a head CT (bone and the
+    soft tissue around it) went from DSC 0.122 to 0.302 and on three sets of touching AAL structures from
+    0.466/0.568/0.556 to 0.503/0.583/0.589, whatever the objects' order; the models' own evidence (logits,
+    predicted IoU) and an inner-object-wins rule for nested objects measured lower (docs/interaction.md)."""
     names = list(states) if names is None else names
     if len(names) > 255:
         raise PromptError(f"A uint8 labelmap holds at most 255 objects, not {len(names)}.")
     out = np.zeros(shape_kji, np.uint8)
     oriented = axes.oriented(out)
-    for engine_pass in (False, True):
-        for value, name in enumerate(names, start=1):
-            state = states.get(name)  # an object never started (e.g. only a refused click) stays empty
-            if state is None:
-                continue
-            for index, mask in state.masks.items():
-                if (state.kinds.get(index) is Kind.ENGINE) == engine_pass:
-                    oriented[index][mask & (oriented[index] == 0)] = value
+    present = [(value, states[name]) for value, name in enumerate(names, start=1) if states.get(name) is not None]
+    for index in sorted({i for _, state in present for i in state.masks}):
+        layers = [(value, state.masks[index]) for value, state in present
+                  if index in state.masks and state.masks[index].any()]
+        if len(layers) > 1 and np.sum([mask for _, mask in layers], axis=0).max() > 1:
+            depth = np.stack([np.where(mask, ndi.distance_transform_edt(mask, sampling=axes.pixel_spacing), -1.0)
+                              for _, mask in layers])
+            values = np.array([value for value, _ in layers], np.uint8)
+            oriented[index] = np.where(depth.max(axis=0) >= 0, values[np.argmax(depth, axis=0)], 0)
+            continue
+        for value, mask in layers:
+            oriented[index][mask] = value
     return out
