@@ -238,3 +238,46 @@ def test_the_cli_and_a_batch_row_take_a_lasso_and_scribbles_as_the_api_does(tmp_
     json_row, = parse_rows([{**cells, "scribbles": [{"points": stroke.tolist(), "positive": False}]}], tmp_path,
                            tmp_path / "out")
     assert json_row.scribbles == row.scribbles or np.allclose(json_row.scribbles[0][0], row.scribbles[0][0])
+
+
+def test_keep_labels_of_a_labelmap_out_of_a_new_object_from_the_cli_and_a_batch_row(tmp_path, capsys, colin, atlas):
+    import types
+
+    from SegmentWithSAMLib.batch.manifest import parse_rows
+    from SegmentWithSAMLib.batch.tasks import ModelCache, TaskVolume, segment_row
+    from SegmentWithSAMLib.cli import main
+    from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
+    from SegmentWithSAMLib.geometry import bounding_box, slice_axes
+    from SegmentWithSAMLib.io import read_volume
+
+    axes = slice_axes(colin, "axial")
+    putamen, pallidum = (atlas.array == AAL_STRUCTURES[n] for n in ("Putamen_L", "Pallidum_L"))
+    oriented = axes.oriented(pallidum)
+    slices = np.flatnonzero(oriented.any(axis=(1, 2)))
+    mid = int(slices[len(slices) // 2])
+    box = bounding_box(oriented[mid]) + np.array([-6, -6, 6, 6])  # reaching well into the putamen
+    corners = colin.to_ras(axes.pixel_to_ijk(mid, box.reshape(2, 2)))
+    box_text = ",".join(f"{v:.3f}" for v in corners.ravel())
+    common = ["segment", str(colin27().image), "--view", "axial", "--box", box_text, "--propagate", "both",
+              "--range", f"{slices[0]}:{slices[-1]}", "--window", "auto", "--device", "cpu"]
+    free, kept = tmp_path / "free.nii.gz", tmp_path / "kept.nii.gz"
+    label = f"{colin27().atlas}:{AAL_STRUCTURES['Putamen_L']}"
+    assert main([*common, "--out", str(free)]) == 0
+    assert main([*common, "--keep", label, "--out", str(kept)]) == 0
+    free_mask, kept_mask = (read_volume(p).array > 0 for p in (free, kept))
+    assert (free_mask & putamen).any() and not (kept_mask & putamen).any()  # the finished label stays out
+    assert np.array_equal(kept_mask, free_mask & ~putamen) or kept_mask.sum() > 0.5 * (free_mask & ~putamen).sum()
+    capsys.readouterr()
+    assert main([*common, "--keep", f"{colin27().atlas}:9999", "--out", str(tmp_path / "bad.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "no voxel labelled 9999" in err and not (tmp_path / "bad.nii.gz").exists()
+
+    cells = {"volume": str(colin27().image), "name": "pallidum", "view": "axial",
+             "box": box_text, "range": f"{slices[0]}:{slices[-1]}",
+             "window": "auto", "device": "cpu", "keep": label}
+    row, = parse_rows([cells], tmp_path, tmp_path / "out")
+    assert row.options.keep.endswith(f":{AAL_STRUCTURES['Putamen_L']}")
+    models = ModelCache()
+    models.setup(types.SimpleNamespace(name=None))
+    mask, _ = segment_row(TaskVolume(str(colin27().image)), row, models)
+    assert np.array_equal(mask, kept_mask)  # the same engine steps as the command line

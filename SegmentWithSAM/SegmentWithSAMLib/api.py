@@ -27,7 +27,7 @@ from .errors import PromptError
 from .geometry import View, Volume, slice_axes
 from .propagation import StopRules
 from .session import Session
-from .state import ObjectState, Update, labelmap
+from .state import ObjectState, Update, filled_slices, labelmap
 from .suggest import Suggestion, suggest
 
 
@@ -109,6 +109,17 @@ class Segmenter:
             return suggest(self.session, self.axes, self.states.get(name))
         handle = self.backend.suggest(self.volume, self.axes.view, name, self.states.get(name), self.window)
         return self.backend.wait(handle)
+
+    def keep_out(self, name: str, mask_kji: np.ndarray) -> None:
+        """Object ``name`` never takes the voxels of ``mask_kji`` (bool KJI on the volume's grid: finished
+        objects, labels to keep): every mask the engine makes for it leaves them out, propagation included."""
+        mask = np.asarray(mask_kji, dtype=bool)
+        if mask.shape != self.volume.array.shape:
+            raise PromptError(f"The voxels to keep out are {mask.shape}, not the volume's {self.volume.array.shape}.")
+        keep = filled_slices(self.axes.oriented(mask))
+        state = self.states.get(name)
+        self.states[name] = replace(state, keep_out=keep) if state is not None else \
+            ObjectState((0, self.axes.num_slices - 1), keep_out=keep)
 
     def mask(self, name: str) -> np.ndarray:
         """Object ``name`` as a bool KJI array on the volume's grid."""

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--scribble-negative", dest="corrections", action="append",
                      type=_correction("scribble", False, "--scribble-negative"), metavar="R,A,S;R,A,S;...",
                      help="then a negative scribble")
+    seg.add_argument("--keep", metavar="LABELMAP[:L1,L2,...]", default=None,
+                     help="voxels the new object never takes: a labelmap on the volume's grid (all its labels, or "
+                          "those listed), e.g. finished structures")
     seg.add_argument("--lasso-negative", dest="corrections", action="append",
                      type=_correction("lasso", False, "--lasso-negative"), metavar="R,A,S;R,A,S;...",
                      help="then remove a closed outline's inside (and what continues it on the neighbouring slices)")
@@ -258,7 +261,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
 
     from .actions import click_from_ras, parse_slice_range, prompt_from_ras, stroke_from_ras
     from .geometry import slice_axes
-    from .io import check_writable, read_volume, write_labelmap
+    from .io import check_writable, read_kept_voxels, read_volume, write_labelmap
 
     started = any(positive for _, positive in args.points) or args.box is not None
     if args.lasso is not None and (args.points or args.box is not None):
@@ -289,11 +292,14 @@ def cmd_segment(args: argparse.Namespace) -> dict:
                        for kind, value, positive in args.corrections]
         if not started and args.lasso is None:  # a positive scribble starts the object
             prompt, corrections = corrections[0], corrections[1:]
+        kept = None if args.keep is None else read_kept_voxels(args.keep, volume, args.volume)
         bar.update()
         bar.set_description("loading model" if args.backend is None else "connecting")
         t = time.perf_counter()
         segmenter = _segmenter(args, volume)
         timings["load_model"] = (time.perf_counter() - t) * 1e3
+        if kept is not None:
+            segmenter.keep_out(OBJECT, kept)
         bar.update()
         bar.set_description("segmenting")
         first = segmenter.step(OBJECT, prompt)

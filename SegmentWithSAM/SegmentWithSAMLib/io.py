@@ -69,6 +69,22 @@ def read_labelmap_on(path: str | os.PathLike, reference: Volume, reference_name:
     return labels
 
 
+def read_kept_voxels(spec: str, reference: Volume, reference_name: str = "the volume") -> np.ndarray:
+    """The voxels (bool KJI) to keep out of a new object: ``spec`` is ``LABELMAP`` (its non-zero voxels) or
+    ``LABELMAP:L1,L2,…`` (those labels), the labelmap on ``reference``'s grid; :class:`VolumeError` otherwise."""
+    path, _, labels = str(spec).rpartition(":")
+    if not path or not labels.replace(",", "").strip().isdigit():
+        path, labels = str(spec), ""
+    values = read_labelmap_on(path, reference, reference_name).array
+    if not labels:
+        return values != 0
+    wanted = [int(v) for v in labels.split(",") if v.strip()]
+    missing = [v for v in wanted if not (values == v).any()]
+    if missing:
+        raise VolumeError(f"{path} has no voxel labelled {', '.join(map(str, missing))} to keep.")
+    return np.isin(values, wanted)
+
+
 def _ijk_to_lps(image) -> np.ndarray:
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     matrix = np.eye(4)

@@ -140,6 +140,12 @@ class ObjectState:
         return cls((0, 0)).apply_message(header, arrays, image_shape)
 
 
+def filled_slices(oriented: np.ndarray) -> dict[int, np.ndarray]:
+    """{slice: mask (rows, cols)} of the slices of ``oriented`` (slices, rows, cols) bool that have any pixel,
+    as :attr:`ObjectState.keep_out` holds them."""
+    return {int(i): oriented[i].copy() for i in np.flatnonzero(oriented.any(axis=(1, 2)))}
+
+
 def unpack_mask(arrays: dict[str, np.ndarray], name: str, image_shape: tuple[int, int]) -> np.ndarray:
     """A mask (rows, cols) from its bits as :meth:`ObjectState.to_message` packed them."""
     value, size = arrays.get(name), int(np.prod(image_shape))

@@ -15,6 +15,7 @@ import numpy as np
 import slicer
 
 from SegmentWithSAMLib.geometry import SliceAxes
+from SegmentWithSAMLib.state import filled_slices
 
 from . import mrml
 
@@ -56,6 +57,5 @@ class KeepOut:
             union = np.zeros(volume_node.GetImageData().GetDimensions()[::-1], bool)
             for sid in ids:
                 union |= mrml.segment_array(segmentation_node, sid, volume_node)
-            oriented = axes.oriented(union)
-            self._memo = (source, {int(i): oriented[i].copy() for i in np.flatnonzero(oriented.any(axis=(1, 2)))})
+            self._memo = (source, filled_slices(axes.oriented(union)))
         return self._memo[1]

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU cores of each local worker (default: the cores shared out among the workers)")
     parser.add_argument("--group", action="store_true",
                         help="rows of a volume without an output column go into one multi-label DIR/<volume>.nii.gz")
+    parser.add_argument("--keep", metavar="LABELMAP[:L1,L2,...]", default=None,
+                        help="voxels no row's object takes: a labelmap on each volume's grid (all its labels, or "
+                             "those listed); a row's keep column overrides it")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on one line")
 
 
@@ -36,7 +39,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
                        device=args.device, engine=args.engine, window=args.window, direction=args.direction,
                        skip=args.skip, min_similarity=args.min_similarity, min_score=args.min_score,
                        max_area_ratio=args.max_area_ratio, min_overlap=args.min_overlap, max_empty=args.max_empty,
-                       backend=args.backend, cafile=args.cafile and str(Path(args.cafile).resolve()))
+                       keep=args.keep and str(Path(args.keep).resolve()), backend=args.backend,
+                       cafile=args.cafile and str(Path(args.cafile).resolve()))
     manifest = Path(args.manifest)
     report = run_batch(read_manifest(manifest), args.out, base=manifest.parent, defaults=defaults, group=args.group,
                        scheduler=args.scheduler, workers=args.workers, threads=args.threads, progress=not args.json,

@@ -41,6 +41,7 @@ class Options:
     max_area_ratio: float = _STOPS.max_area_ratio
     min_overlap: float = _STOPS.min_overlap
     max_empty: int = _STOPS.max_empty
+    keep: str | None = None  # LABELMAP[:L1,L2,...]: voxels the row's object never takes (e.g. finished labels)
     backend: str | None = None  # a server (segmentwithsam serve) to segment on, instead of the model here
     cafile: str | None = None  # the certificate a TLS server's is checked against
 
@@ -179,7 +180,7 @@ def _options(cells: _Cells, base: Path, defaults: Options) -> Options:
         default = getattr(defaults, option.name)
         if option.type in ("int", "float"):
             values[option.name] = cells.number_of(option.name, int if option.type == "int" else float, default)
-        elif option.name == "checkpoint":
+        elif option.name in ("checkpoint", "keep"):
             values[option.name] = cells.path(option.name, base) or default
         else:
             values[option.name] = cells.text(option.name) or default

@@ -131,7 +131,7 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
     from ..actions import Prompt, Propagate, UserEdit, prompt_from_ras, stroke_from_ras
     from ..api import Segmenter
     from ..geometry import seed_slice, slice_axes, slices_with
-    from ..io import read_labelmap_on
+    from ..io import read_kept_voxels, read_labelmap_on
     from ..metrics import dice
     from ..propagation import StopRules
 
@@ -152,11 +152,14 @@ def segment_row(work: TaskVolume, row: Row, models: ModelCache) -> tuple[np.ndar
         seed = read_labelmap_on(row.seed, volume, row.volume).array
         index, mask2d = seed_slice(axes, seed, row.label, row.seed)
         first = UserEdit({index: mask2d})
+    kept = None if options.keep is None else read_kept_voxels(options.keep, volume, row.volume)
     if options.backend is not None:
         segmenter = Segmenter(volume, view=row.view, window=options.window, backend=models.client(options))
     else:
         model = models.model(options)
         segmenter = Segmenter(volume, model, row.view, session=work.session(model, options.window))
+    if kept is not None:
+        segmenter.keep_out(row.name, kept)
     segmenter.step(row.name, first)
     update = None
     if propagating:
