@@ -265,7 +265,7 @@ def test_a_lasso_starts_a_segment_and_a_scribble_corrects_it_each_sent_when_plac
     segment = axes.oriented(mrml.segment_array(host.segmentation_node, host.segment_id, colin_node))
     inside = fill_lasso(corners, axes.image_shape)
     assert segment[index].any() and np.flatnonzero(segment.any(axis=(1, 2))).tolist() == [index]
-    assert (segment[index] & ~inside).sum() <= 0.1 * segment[index].sum()  # the outline, snapped to the image
+    assert (segment[index] & ~inside).sum() <= 0.1 * segment[index].sum()  # the outline
 
     rows, cols = np.nonzero(segment[index])  # a negative scribble across the middle of that slice
     stroke = volume.to_ras(axes.pixel_to_ijk(index, np.array([[cols.min(), rows.mean()], [cols.max(), rows.mean()]])))

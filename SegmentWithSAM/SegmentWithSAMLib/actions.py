@@ -65,9 +65,9 @@ class Scribble:
 @dataclass(frozen=True)
 class Lasso:
     """A closed free-hand outline on slice ``index``: ``points`` ((x, y), …) in pixels (the last joins the
-    first). Positive: the object on that slice is the outlined region, snapped to the image's edges by the
-    model (and, with ``slice_range``, propagated through those slices as a 3D box is); negative: the region is
-    removed from that slice and from what continues it on the neighbouring engine slices."""
+    first). Positive: the object on that slice is the outlined region (see ``engine.SNAP_MM``), a key slice,
+    propagated through ``slice_range`` when given (as a 3D box is); negative: the region is removed from that
+    slice and from what continues it on the neighbouring engine slices."""
 
     index: int
     points: tuple[tuple[float, float], ...]
