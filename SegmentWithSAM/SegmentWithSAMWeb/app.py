@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import functools
 import inspect
+import itertools
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -164,6 +165,9 @@ def action(method):
     return run
 
 
+_INSTANCES = itertools.count(1)
+
+
 class WebApp:
     """The app for ``options``; ``client_factory(model, device)`` makes the backend client (tests choose)."""
 
@@ -179,7 +183,8 @@ class WebApp:
         self.own_origin = OwnOrigin.serving(options.host, self.tls is not None)
         self.data = DataFolder(options.data or default_data_folder())
         self.uploads = Uploads(int(options.max_upload_mb * 2**20))
-        self.server = server or get_server("segmentwithsam", client_type="vue3")
+        # a trame server of its own: apps in one process (embedded ones) must not share their state and handlers
+        self.server = server or get_server(f"segmentwithsam-{next(_INSTANCES)}", client_type="vue3")
         self.state = self.server.state
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=slice_view_ui,
