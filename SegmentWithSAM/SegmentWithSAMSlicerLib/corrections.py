@@ -65,9 +65,7 @@ class Corrections:
         if job is not None and (job.segmentation_node, job.segment_id) != (segmentation_node, segment_id):
             raise PromptError("Accept or clear the 3D correction of the other segment first.")
         if job is None:
-            last = self.last_accepted
-            accepted_here = last is not None and last[:2] == (segmentation_node.GetID(), segment_id)
-            view = View.parse(view if view is not None else last[2] if accepted_here else View.AXIAL)
+            view = View.parse(view) if view is not None else self.segment_view(segmentation_node, segment_id)
             job = self._pending("correction", volume_node, segmentation_node, segment_id, view, window,
                                 editor_node, save_state, auto_accept)
             if not starts and (job.state is None or not any(m.any() for m in job.state.masks.values())):

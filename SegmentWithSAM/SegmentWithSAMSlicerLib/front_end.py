@@ -352,6 +352,7 @@ class FrontEnd:
         """What both panels show, as plain data: the status line, which buttons work now, the propagation's
         progress (done, total), where the next one starts and stays, and whether the server's fields apply."""
         c, host = self.controller, self.host
+        segment = self._segment()
         server = not runs_here(self.settings)
         last, progress = c.last_accepted, c.progress
         accepted_here = last is not None and host.segmentation_node is not None \
@@ -365,8 +366,8 @@ class FrontEnd:
             "range": list(r) if (r := self.shown_range()) else None,
             "seed": f"{last[2].value} slice {last[3]}" if last else "",
             "server": server, "can_test_connection": server and not c.backend.testing,
-            "can_finish": self._segment() is not None,
-            "finished": self._segment() is not None and is_finished(host.segmentation_node, host.segment_id),
+            "can_finish": segment is not None,
+            "finished": segment is not None and is_finished(host.segmentation_node, host.segment_id),
             "suggestion": c.suggested["text"] if c.suggested else "",
             "can_take_suggestion": bool(c.suggested and c.suggested["ras"] is not None),
         }

@@ -172,6 +172,12 @@ class SegmentationController(Corrections):
         return mode
 
     # ---- steps ---------------------------------------------------------------------------------------------
+    def segment_view(self, segmentation_node, segment_id: str) -> View:
+        """The view a segment's 3D steps work on: the one it was last accepted in here, else axial."""
+        last = self.last_accepted
+        accepted_here = last is not None and last[:2] == (segmentation_node.GetID(), segment_id)
+        return last[2] if accepted_here else View.AXIAL
+
     def _pending(self, kind: str, volume_node, segmentation_node, segment_id: str | None, view: View,
                  window, editor_node=None, save_state=None, auto_accept: bool = False) -> Pending:
         """A step's record on the segment (its state rebuilt from the segment; an unknown or no segment: a new
@@ -504,9 +510,8 @@ class SegmentationController(Corrections):
         job = next((j for j in (self.refinement, self.preview) if j is not None and j.state is not None
                     and (j.segmentation_node, j.segment_id) == (segmentation_node, segment_id)), None)
         if job is None:
-            last = self.last_accepted
-            view = last[2] if last is not None and last[:2] == (segmentation_node.GetID(), segment_id) else View.AXIAL
-            job = self._pending("suggestion", volume_node, segmentation_node, segment_id, view, window)
+            job = self._pending("suggestion", volume_node, segmentation_node, segment_id,
+                                self.segment_view(segmentation_node, segment_id), window)
         if job.state is None or not any(mask.any() for mask in job.state.masks.values()):
             raise PromptError("The segment is empty: segment it first, then ask where to click next.")
         self.engine(model, device)
