@@ -166,7 +166,8 @@ class Engine:
         if not state.slice_range[0] <= index <= state.slice_range[1]:
             raise PromptError(f"Slice {index} is outside the range {state.slice_range[0]}:{state.slice_range[1]}.")
         for step in Direction(action.direction).steps():
-            self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip)
+            self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip,
+                       drawn=state.kinds.get(index) is Kind.USER)
             self._clear_engine(state, index + step, step, update, keep=set(update.changed))
 
     def _click(self, state: ObjectState | None, action: Click | Scribble, update: Update,
@@ -273,7 +274,8 @@ class Engine:
         self._set_slice(state, index, mask, update)
         if lasso.slice_range is not None or others:
             for step in Direction.BOTH.steps():
-                self._walk(state, index, mask, step, update, cancel, on_slice, agree=lasso.slice_range is None)
+                self._walk(state, index, mask, step, update, cancel, on_slice, agree=lasso.slice_range is None,
+                           drawn=True)
         return state
 
     @staticmethod
@@ -368,7 +370,7 @@ class Engine:
     # ---- through the slices --------------------------------------------------------------------------------
     def _walk(self, state: ObjectState, index: int, seed: np.ndarray, step: int, update: Update, cancel: Cancel,
               on_slice: OnSlice, agree: bool = False, added: np.ndarray | None = None, skip: int = 0,
-              reach: tuple[int, np.ndarray, float] | None = None) -> None:
+              reach: tuple[int, np.ndarray, float] | None = None, drawn: bool = False) -> None:
         """Propagate ``seed`` on slice ``index`` one way (``step`` ±1) into ``state``: through engine and empty
         slices, up to a key or user slice, the range end or a stop rule; with ``agree``, also up to the first
         slice where the new mask agrees with the one there. ``added`` (a positive click's addition on slice
@@ -378,14 +380,14 @@ class Engine:
         rebuilt from one slice's); with ``reach`` (see :meth:`_within`) only within it. Slices past the stop keep
         what they had (clearing them after a stop rule,
         e.g. a shrunken mask's empty neighbours, lost right masks of earlier propagations on Colin27's
-        hippocampus; a click there corrects them)."""
+        hippocampus; a click there corrects them). ``drawn``: the seed is the user's (a lasso's outline, an edit)."""
         label = "up" if step > 0 else "down"
         keys = {i: m for i, m in state.masks.items() if state.kinds.get(i) in (Kind.KEY, Kind.USER) and i != index}
         propagator = Propagator(self.session, self.axes.view, state.rules or self.rules, skip=skip)
         # how the object's box sat around its mask holds on every slice (without a box: calibrated on the seed)
         box = bounding_box(seed) + state.offset if state.box is not None else None
         steps = propagator.steps((index, seed), Direction.UP if step > 0 else Direction.DOWN, state.slice_range,
-                                 keys, box=box)
+                                 keys, box=box, drawn=drawn)
         reason = None
         try:
             for slice_step in steps:
