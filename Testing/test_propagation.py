@@ -50,6 +50,14 @@ def propagated(propagator, *args, **kwargs) -> dict[int, np.ndarray]:
     return masks
 
 
+def stacked(masks: dict[int, np.ndarray], like: np.ndarray) -> np.ndarray:
+    """The masks (slice → mask) as one volume shaped like ``like``, empty elsewhere."""
+    volume = np.zeros_like(like)
+    for i, mask in masks.items():
+        volume[i] = mask
+    return volume
+
+
 # Measured with benchmarks/propagation.py (range = extent ± 12 slices, the seed's box given): 3D Dice 0.425 for the
 # left hippocampus in coronal slices and 0.639 for the left putamen in axial slices (naive box chaining: 0.377,
 # 0.426); reached slices 91-119 and 58-89 for true extents 85-125 and 61-87.
@@ -65,10 +73,7 @@ def test_propagation_from_one_box_follows_the_structure_and_stops_near_its_ends(
     propagator = Propagator(session, view)
     masks = propagated(propagator, (index, seed), "both", (low, high), box=tight_box(truth[index]))
     assert index not in masks
-    volume = np.zeros_like(truth)
-    for i, mask in {**masks, index: seed}.items():
-        volume[i] = mask
-    assert dice(volume, truth) >= DICE3D_FLOOR[structure, view]
+    assert dice(stacked({**masks, index: seed}, truth), truth) >= DICE3D_FLOOR[structure, view]
     reached = sorted({*masks, index})
     assert abs(reached[0] - extent[0]) <= END_TOLERANCE and abs(reached[-1] - extent[-1]) <= END_TOLERANCE
     assert set(propagator.stopped) == {"up", "down"} and "range end" not in propagator.stopped.values()
@@ -274,9 +279,5 @@ def test_a_drawn_seed_chains_a_box_that_does_not_let_the_masks_grow(session, atl
     for drawn in (False, True):
         masks = propagated(Propagator(session, "axial", RANGE_RULES), (index, truth[index]),
                            slice_range=(int(extent[0]), int(extent[-1])), drawn=drawn)
-        volume = np.zeros_like(truth)
-        volume[index] = truth[index]
-        for i, mask in masks.items():
-            volume[i] = mask
-        scores[drawn] = dice(volume, truth)
+        scores[drawn] = dice(stacked({**masks, index: truth[index]}, truth), truth)
     assert scores[True] >= scores[False] + 0.1, scores  # measured: 0.533 -> 0.772
