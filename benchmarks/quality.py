@@ -1,6 +1,7 @@
 """2D Dice of LiteMedSAM against the AAL atlas on Colin27, per structure and view, for a box prompt and for
-point-only prompts (plain SAM point prompt vs the box ensemble), side by side in one run; also one click as the
-engine takes it (``Prompt`` with that click: the box ensemble refined by the click, as every front end sends it).
+point-only prompts (plain SAM point prompt vs the boxes around the click, ``prompts.click_logits``), side by side
+in one run; also one click as the engine takes it (``Prompt`` with that click: those boxes refined by the click,
+as every front end sends it).
 
     python benchmarks/quality.py [--structures Hippocampus_L,Putamen_L]
 """
@@ -18,12 +19,12 @@ from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.engine import Engine
 from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.prompts import ensemble_boxes, predict_box_ensemble
+from SegmentWithSAMLib.prompts import click_logits
 from SegmentWithSAMLib.session import Session
 
 from common import VIEWS, load_colin27, print_table, structure_slices, write_json
 
-METHODS = ("box", "box+2px", "click:points", "click:box-ensemble", "click:engine")
+METHODS = ("box", "box+2px", "click:points", "click:boxes", "click:engine")
 
 
 def interior_point(mask: np.ndarray) -> np.ndarray:
@@ -50,12 +51,12 @@ def main() -> None:
             r, c = np.nonzero(truth)
             box = np.array([c.min(), r.min(), c.max(), r.max()], dtype=float)
             click = interior_point(truth)
-            predictor, boxes = session.predictor, ensemble_boxes(click, axes.pixel_spacing)
+            predictor = session.predictor
             masks = {
                 "box": predictor.predict(box=box).masks[0],
                 "box+2px": predictor.predict(box=box + [-2, -2, 2, 2]).masks[0],
                 "click:points": predictor.predict(click, [1]).masks[0],
-                "click:box-ensemble": predict_box_ensemble(predictor, boxes).masks[0],
+                "click:boxes": click_logits(predictor, click, axes.pixel_spacing) > 0,
                 "click:engine": engine.step(None, Prompt(index, None, ((*click[0], True),)))[1].changed[index],
             }
             scores = {m: dice(masks[m], truth) for m in METHODS}

@@ -29,7 +29,7 @@ from SegmentWithSAMLib.engines import available_engines
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.loading import configure_process_threads, load_model
 from SegmentWithSAMLib.metrics import dice
-from SegmentWithSAMLib.prompts import ensemble_boxes, predict_box_ensemble
+from SegmentWithSAMLib.prompts import click_logits
 from SegmentWithSAMLib.session import Session
 
 from common import (
@@ -56,13 +56,13 @@ def encoder_ms(sessions: dict[str, Session], view: str, index: int, slices: int)
 
 
 def click_ms(sessions: dict[str, Session], case, rounds: int = 15) -> dict[str, dict[str, float]]:
-    """Median ms per box click on a cached slice and per point click (the default box ensemble: 4 boxes, see
-    prompts) for each engine, engines in turns, round by round. Each engine's turn starts with a click not
-    timed: PyTorch's OpenMP workers spin for a few ms after the previous engine's work, as they never do in a
-    process that runs one engine."""
+    """Median ms per box click on a cached slice and per point click (the boxes around it, see
+    prompts.click_logits) for each engine, engines in turns, round by round. Each engine's turn starts with a
+    click not timed: PyTorch's OpenMP workers spin for a few ms after the previous engine's work, as they never
+    do in a process that runs one engine."""
     view, index, box = case
     point = ((box[:2] + box[2:]) / 2)[None]
-    boxes = ensemble_boxes(point, next(iter(sessions.values())).axes(view).pixel_spacing)
+    spacing = next(iter(sessions.values())).axes(view).pixel_spacing
     times = {engine: {"decoder_ms": [], "point_click_ms": []} for engine in sessions}
     for session in sessions.values():
         session.set_slice(view, index)
@@ -72,7 +72,7 @@ def click_ms(sessions: dict[str, Session], case, rounds: int = 15) -> dict[str, 
             session.predictor.predict(box=box)
             times[engine]["decoder_ms"] += timed_ms(lambda s=session: s.predictor.predict(box=box), 1)
             times[engine]["point_click_ms"] += timed_ms(
-                lambda s=session: predict_box_ensemble(s.predictor, boxes), 1)
+                lambda s=session: click_logits(s.predictor, point, spacing), 1)
     return {engine: {key: statistics.median(t[2:]) for key, t in figures.items()}  # the first ones warm up
             for engine, figures in times.items()}
 

@@ -23,7 +23,7 @@ from .actions import Action, Box3D, Click, Lasso, Prompt, Propagate, Scribble, U
 from .errors import PromptError
 from .geometry import View, bounding_box
 from .metrics import dice
-from .prompts import ensemble_boxes, predict_box_ensemble
+from .prompts import click_logits
 from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
 from .refinement import MAX_RADIUS_MM, Refiner
 from .state import Kind, ObjectState, Update
@@ -201,7 +201,7 @@ class Engine:
         depth = 0.0 if action.positive else self._depth_mm(state, index, np.rint(points))
         removal = CENTRED_REMOVAL if self._is_end(state, index) else np.inf
         if base is None and scribble:  # a scribble on an empty slice segments the object there: its mask is the base
-            base = self._stroke_mask(index, points)
+            base = self._stroke_mask(state, index, points)
             clicks = []
         mask = self._kept(state, index, self._refine(state, index, base, clicks, removal=removal) if clicks else base)
         state.masks[index], state.kinds[index] = mask, Kind.KEY
@@ -222,11 +222,12 @@ class Engine:
                 self._carry_negative(state, index, np.rint(points), depth, step, update, cancel)
         return state
 
-    def _stroke_mask(self, index: int, points: np.ndarray) -> np.ndarray:
+    def _stroke_mask(self, state: ObjectState, index: int, points: np.ndarray) -> np.ndarray:
         """The mask a positive scribble makes on an empty slice: the model from boxes around it (as for a first
         click), then the scribble's points as positive clicks, so it covers the whole stroke."""
         self.session.set_slice(self.axes.view, index)
-        logits = predict_box_ensemble(self.session.predictor, ensemble_boxes(points, self.axes.pixel_spacing)).logits[0]
+        logits = click_logits(self.session.predictor, points, self.axes.pixel_spacing,
+                              widest_mm=self._widest_box_mm(state, index))
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits)
         for xy in points:
             refiner.add_click(tuple(xy), True)
@@ -346,6 +347,16 @@ class Engine:
         """The radius (mm) of a disk as large as ``mask`` (rows, cols)."""
         return float(np.sqrt(mask.sum() * np.prod(self.axes.pixel_spacing) / np.pi))
 
+    def _widest_box_mm(self, state: ObjectState, index: int) -> float:
+        """The widest box a positive prompt on the empty slice ``index`` may start from (see
+        :func:`~.prompts.click_logits`): twice the diameter of the object's mask on the nearest slice that has
+        one, as the object changes little from slice to slice (unlimited, a new object's first click lowered an
+        MR spleen's DSC by 0.12: a click past its last slice chose a box of four times its width there)."""
+        filled = [i for i, mask in state.masks.items() if i != index and mask.any()]
+        if not filled:
+            return np.inf
+        return 4.0 * self._radius_mm(state.masks[min(filled, key=lambda i: abs(i - index))])
+
     def _reach_cap_mm(self, state: ObjectState, index: int, base: np.ndarray | None) -> float:
         """The cap on a click's reach on slice ``index`` (see ``LARGE_REACH`` and ``SMALL_REACH_MM``)."""
         if base is None:
@@ -362,7 +373,8 @@ class Engine:
         self.session.set_slice(self.axes.view, index)
         logits = self._base_logits(state, base) if base is not None else None
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits, centred_removal=removal,
-                          max_radius_mm=self._reach_cap_mm(state, index, base))
+                          max_radius_mm=self._reach_cap_mm(state, index, base),
+                          widest_box_mm=self._widest_box_mm(state, index))
         for x, y, positive in clicks:
             refiner.add_click((x, y), positive)
         return refiner.mask

@@ -4,7 +4,7 @@ LiteMedSAM was trained with box prompts only: its point and mask-prompt embeddin
 Colin27 + AAL (``benchmarks/clicks.py``), feeding the previous low-res logits back as a mask prompt made every
 later click worse, and SAM-style point prompts barely move the mask. So refinement works on the logits instead:
 
-1. The first prompt (a box, or a positive click through the box ensemble of :mod:`.prompts`) gives a logit map.
+1. The first prompt (a box, or a positive click through the boxes of :mod:`.prompts`) gives a logit map.
 2. Each click moves the mask's iso-contour locally so that it passes through the click: near a positive click
    the threshold drops to the click's logit, near a negative click it rises above it. "Near" is 2 × the
    click's distance to the mask edge when it was placed, at most 4 mm (the reach measured best: docs/
@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from .errors import PromptError
 from .metrics import dice
 from .predictor import SlicePredictor
-from .prompts import ensemble_boxes, predict_box_ensemble, remove_clicked_regions
+from .prompts import click_logits, remove_clicked_regions
 
 REACH = 2.0  # how far a click's threshold shift reaches, in multiples of its distance to the mask edge
 MIN_RADIUS = 2.0  # pixels: the smallest region a click edits
@@ -65,22 +65,26 @@ class Refiner:
     the mask holding a negative click whole wherever the click is (the 2D loop); a fraction removes it only when
     the click is at least that deep in the part relative to its deepest point (a click in the middle of a wrong
     blob removes it, a click near the edge of a right one trims it). ``max_radius_mm``: the cap on a click's
-    radius (default ``MAX_RADIUS_MM``; the 3D interaction scales it with the object's size). :meth:`add_click`
-    returns the new mask (rows, cols) bool.
+    radius (default ``MAX_RADIUS_MM``; the 3D interaction scales it with the object's size). ``widest_box_mm``:
+    the widest box a first positive click may decode (:func:`~.prompts.click_logits`; the 3D interaction limits
+    it by the object's size on other slices). :meth:`add_click` returns the new mask (rows, cols) bool.
     """
 
     def __init__(self, predictor: SlicePredictor, pixel_spacing: tuple[float, float] = (1.0, 1.0),
                  box: np.ndarray | None = None, logits: np.ndarray | None = None,
-                 centred_removal: float | None = None, max_radius_mm: float = MAX_RADIUS_MM) -> None:
+                 centred_removal: float | None = None, max_radius_mm: float = MAX_RADIUS_MM,
+                 widest_box_mm: float = np.inf) -> None:
         if not predictor.is_image_set:
             raise RuntimeError("Set the slice image on the predictor before refining.")
         self.predictor = predictor
         self.pixel_spacing = pixel_spacing
         self.centred_removal = centred_removal
         self.max_radius_mm = float(max_radius_mm)
+        self.widest_box_mm = float(widest_box_mm)
         self.shape = predictor.transform.image_shape
         self.clicks: list[Click] = []
         self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
+        self._first_click: np.ndarray | None = None  # (1, 2) the positive click that made them, if one did
         self.mask = np.zeros(self.shape, dtype=bool)
         if box is not None and logits is not None:
             raise ValueError("Give a box or a logit map to refine, not both.")
@@ -97,8 +101,13 @@ class Refiner:
         """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
         row, col = _pixel(xy, self.shape)
         if self.logits is None and positive:
-            boxes = ensemble_boxes(np.array([xy], float), self.pixel_spacing)
-            self.logits = predict_box_ensemble(self.predictor, boxes).logits[0]
+            self._first_click = np.array([xy], float)
+            self.logits = click_logits(self.predictor, self._first_click, self.pixel_spacing,
+                                       widest_mm=self.widest_box_mm)
+        elif self._first_click is not None and not positive:  # a box width whose mask holds it is out
+            negatives = [c.xy for c in self.clicks if not c.positive] + [xy]
+            self.logits = click_logits(self.predictor, self._first_click, self.pixel_spacing, np.array(negatives),
+                                       self.widest_box_mm)
         max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
         radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))
