@@ -299,20 +299,6 @@ def test_reading_refuses_what_it_cannot_read(tmp_path):
 #   /bin/bash -c "sh predict.sh"
 # through os.system: this runs our predict.sh on those two folders instead, keeping a copy of each step's input in
 # $EVALUATOR_STEPS/<step>/; `docker image load` and `docker rmi` do nothing.
-DOCKER_STAND_IN = """#!/bin/sh
-[ "$1" = container ] || exit 0
-for arg; do
-  case "$arg" in
-    *:/workspace/inputs/) inputs=${arg%%:*} ;;
-    *:/workspace/outputs/) outputs=${arg%%:*} ;;
-  esac
-done
-step=$(ls "$EVALUATOR_STEPS" | wc -l)
-mkdir "$EVALUATOR_STEPS/$step" && cp "$inputs"/*.npz "$EVALUATOR_STEPS/$step/"
-SEGMENTWITHSAM_INPUTS=$inputs SEGMENTWITHSAM_OUTPUTS=$outputs exec sh "$PREDICT_SH"
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("CVPR25_EVAL_SCRIPT"),
                     reason="set CVPR25_EVAL_SCRIPT to the official CVPR25_iter_eval.py (docs/testing.md)")
@@ -320,36 +306,20 @@ def test_the_official_evaluator_scores_our_predict_sh_as_challenge_py_does(tmp_p
     """The official script on a two-class Colin27 case, each of its 6 steps running our predict.sh: its table
     equals challenge.py's scores of the predictions it kept (``all_segs``), and the clicks it wrote into each
     step's input equal simulate_click_3d's on the step before (read back by our reader)."""
-    import csv
     import time
+
+    from official_evaluator import run_official  # benchmarks/
 
     image, spacing, truths = colin_case
     gts = np.zeros(image.shape, np.uint8)
     for label, truth in enumerate(truths, start=1):
         gts[truth] = label
-    boxes = [box_from_truth(t) for t in truths]
-    run, steps, bin_dir = tmp_path / "run", tmp_path / "steps", tmp_path / "bin"
-    for folder in (run / "imgs", run / "gts", run / "team", steps, bin_dir):
-        folder.mkdir(parents=True)
-    write_case(run / "imgs" / "colin.npz", image, spacing, boxes)
-    np.savez_compressed(run / "gts" / "colin.npz", gts=gts)
-    (run / "team" / "segmentwithsam.tar.gz").write_bytes(b"")  # only its name is used: the team's name
-    (bin_dir / "docker").write_text(DOCKER_STAND_IN)
-    (bin_dir / "docker").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "EVALUATOR_STEPS": str(steps),
-           "PREDICT_SH": str(Path(__file__).resolve().parents[1] / "predict.sh"),
-           "SEGMENTWITHSAM_EMBEDDING_CACHE": str(tmp_path / "cache")}
-    python = os.environ.get("CVPR25_EVAL_PYTHON", sys.executable)
     start = time.perf_counter()
-    done = subprocess.run([python, os.environ["CVPR25_EVAL_SCRIPT"], "-i", "imgs", "-o", "seg", "-d", "team",
-                           "-val_gts", "gts"], cwd=run, env=env, capture_output=True, text=True, timeout=1800)
+    row, steps = run_official(tmp_path, "colin.npz", image, spacing, gts, True, os.environ["CVPR25_EVAL_SCRIPT"],
+                              os.environ.get("CVPR25_EVAL_PYTHON", sys.executable),
+                              {"SEGMENTWITHSAM_EMBEDDING_CACHE": str(tmp_path / "cache")})
     seconds = time.perf_counter() - start
-    table = run / "seg" / "segmentwithsam" / "segmentwithsam_metrics.csv"
-    assert done.returncode == 0 and table.is_file() and "Error processing" not in done.stdout, \
-        (done.stdout + done.stderr)[-3000:]
-    with open(table, newline="") as file:
-        (row,) = list(csv.DictReader(file))
-    with np.load(run / "seg" / "segmentwithsam" / "colin.npz", allow_pickle=False) as saved:
+    with np.load(tmp_path / "run" / "seg" / "segmentwithsam" / "colin.npz", allow_pickle=False) as saved:
         all_segs = saved["all_segs"]
     assert all_segs.shape == (6, *image.shape)
     dscs, nsds = zip(*(score(gts, segs, spacing) for segs in all_segs), strict=True)
@@ -364,6 +334,7 @@ def test_the_official_evaluator_scores_our_predict_sh_as_challenge_py_does(tmp_p
     assert float(row["DSC_AUC"]) == pytest.approx(auc(dscs), abs=1e-12)
     assert float(row["NSD_AUC"]) == pytest.approx(auc(nsds), abs=1e-9)
     assert (float(row["DSC_Final"]), float(row["NSD_Final"])) == (pytest.approx(dscs[-1]), pytest.approx(nsds[-1]))
+    boxes = [box_from_truth(t) for t in truths]
     expected: list[list] = [[] for _ in truths]
     for step in range(1, 6):
         for label, clicks in enumerate(expected, start=1):
