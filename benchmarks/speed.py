@@ -1,9 +1,9 @@
 """Speed of every engine side by side in one run: encoder ms per slice, decoder ms per box click on a cached
-slice, ms per point click (the default box ensemble), propagation slices/s (encoding included; also with
-``skip=2``: the model on every third slice, the two between interpolated), and the masks' Dice against eager
-PyTorch fp32 (the reference); the clicks and the encoder are timed engines in turns, so that the machine's drifts
-fall on every engine alike, each with PyTorch's threads set as a process of its own sets them for it
-(``loading.configure_process_threads``); also the command line end to end and peak memory.
+slice, ms per point click (the boxes a first click decodes, ``prompts.click_logits``), propagation slices/s
+(encoding included; also with ``skip=2``: the model on every third slice, the two between interpolated), and the
+masks' Dice against eager PyTorch fp32 (the reference); the clicks and the encoder are timed engines in turns, so
+that the machine's drifts fall on every engine alike, each with PyTorch's threads set as a process of its own sets
+them for it (``loading.configure_process_threads``); also the command line end to end and peak memory.
 
     python benchmarks/speed.py [--json] [--slices 4]
 

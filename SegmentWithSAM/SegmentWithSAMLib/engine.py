@@ -141,7 +141,8 @@ class Engine:
         if box is None and not any(positive for _, _, positive in prompt.clicks):
             raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
         self.session.set_slice(self.axes.view, index)
-        refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, box)
+        refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, box,
+                          widest_box_mm=self._widest_box_mm(state, index))
         for x, y, positive in prompt.clicks:
             refiner.add_click((x, y), positive)
         mask = self._kept(state, index, refiner.mask)
@@ -349,9 +350,9 @@ class Engine:
 
     def _widest_box_mm(self, state: ObjectState, index: int) -> float:
         """The widest box a positive prompt on the empty slice ``index`` may start from (see
-        :func:`~.prompts.click_logits`): twice the diameter of the object's mask on the nearest slice that has
-        one, as the object changes little from slice to slice (unlimited, a new object's first click lowered an
-        MR spleen's DSC by 0.12: a click past its last slice chose a box of four times its width there)."""
+        :func:`~.prompts.click_logits`): twice the equivalent diameter of the object's mask on the nearest slice
+        that has one, as an object changes little from slice to slice (no limit for a new object). Unbounded, a
+        click past an MR spleen's last slice chose a box four times its width there (DSC −0.12 in one click)."""
         filled = [i for i, mask in state.masks.items() if i != index and mask.any()]
         if not filled:
             return np.inf

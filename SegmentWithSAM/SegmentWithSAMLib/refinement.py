@@ -100,14 +100,12 @@ class Refiner:
     def add_click(self, xy: tuple[float, float], positive: bool) -> np.ndarray:
         """Add a click at pixel ``xy`` (col, row) and return the refined mask."""
         row, col = _pixel(xy, self.shape)
-        if self.logits is None and positive:
-            self._first_click = np.array([xy], float)
+        if (self.logits is None and positive) or (self._first_click is not None and not positive):
+            # the first positive click's boxes, chosen again with each negative click (see click_logits)
+            self._first_click = np.array([xy], float) if self._first_click is None else self._first_click
+            negatives = np.array([c.xy for c in self.clicks if not c.positive] + ([] if positive else [xy]), float)
             self.logits = click_logits(self.predictor, self._first_click, self.pixel_spacing,
-                                       widest_mm=self.widest_box_mm)
-        elif self._first_click is not None and not positive:  # a box width whose mask holds it is out
-            negatives = [c.xy for c in self.clicks if not c.positive] + [xy]
-            self.logits = click_logits(self.predictor, self._first_click, self.pixel_spacing, np.array(negatives),
-                                       self.widest_box_mm)
+                                       negatives.reshape(-1, 2), self.widest_box_mm)
         max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
         radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))

@@ -2,7 +2,7 @@
 
 Same interface as LiteMedSAM: images (B, 3, 1024, 1024) in [0, 1] in, embeddings out. SAM normalises with its
 ImageNet pixel mean and std on a 0–255 scale; MedSAM was trained on min-max normalised images fed as they are,
-and, like LiteMedSAM, with box prompts (its clicks therefore go through the same box ensemble).
+and, like LiteMedSAM, with box prompts (its clicks therefore go through the same boxes, ``prompts.click_logits``).
 """
 
 from __future__ import annotations
