@@ -375,7 +375,7 @@ class Engine:
         logits = self._base_logits(state, base) if base is not None else None
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits, centred_removal=removal,
                           max_radius_mm=self._reach_cap_mm(state, index, base),
-                          widest_box_mm=self._widest_box_mm(state, index))
+                          widest_box_mm=np.inf if base is not None else self._widest_box_mm(state, index))
         for x, y, positive in clicks:
             refiner.add_click((x, y), positive)
         return refiner.mask

@@ -42,21 +42,22 @@ def boxes_around(positive_xy: np.ndarray, pixel_spacing: tuple[float, float],
     return np.concatenate([low - half_px, high + half_px], axis=1)
 
 
-def _pixels(mask: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pixels(mask: np.ndarray, points) -> tuple[np.ndarray, np.ndarray]:
     """The (rows, cols) in ``mask`` (rows, cols) of points (N, 2) pixel XY, clipped to it."""
+    points = np.asarray(points, dtype=float).reshape(-1, 2)
     rows = np.clip(np.rint(points[:, 1]).astype(int), 0, mask.shape[0] - 1)
     cols = np.clip(np.rint(points[:, 0]).astype(int), 0, mask.shape[1] - 1)
     return rows, cols
 
 
-def _centrality(mask: np.ndarray, points: np.ndarray) -> float:
-    """How deep the points (N, 2) pixel XY lie in ``mask`` (rows, cols), as their mean depth over the mask's
-    deepest: 1 at its centre, 0 outside it."""
+def _depths(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """How deep each of the points (N, 2) pixel XY lies in ``mask`` (rows, cols), over the mask's deepest: 1 at
+    its centre, 0 outside it (no distance transform when none is inside)."""
     rows, cols = _pixels(mask, points)
     if not mask[rows, cols].any():
-        return 0.0
+        return np.zeros(len(rows))
     depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    return float(depth[rows, cols].mean() / depth.max())
+    return depth[rows, cols] / depth.max()
 
 
 def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spacing: tuple[float, float],
@@ -71,13 +72,13 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
     hold the points are averaged (all four where none does)."""
     widths = ENSEMBLE_BOX_MM + LARGER_BOX_MM
     prediction = predictor.predict_boxes(boxes_around(positive_xy, pixel_spacing, widths))
-    centrality = np.array([_centrality(mask, positive_xy) for mask in prediction.masks])
+    centrality = np.array([_depths(mask, positive_xy).mean() for mask in prediction.masks])
     fit = prediction.scores * centrality**0.25
     small = len(ENSEMBLE_BOX_MM)
     eligible = np.ones(len(widths), bool)
     eligible[small:] = np.array(LARGER_BOX_MM) <= widest_mm
-    for xy in [] if negative_xy is None else negative_xy:
-        eligible[small:] &= [_centrality(mask, xy[None]) < NEGATIVE_DEPTH for mask in prediction.masks[small:]]
+    if negative_xy is not None and len(negative_xy):
+        eligible[small:] &= [_depths(mask, negative_xy).max() < NEGATIVE_DEPTH for mask in prediction.masks[small:]]
     fit[~eligible] = 0.0
     best = small + int(np.argmax(fit[small:]))
     if (fit[best] > fit[:small].max() and fit[best] >= LARGER_MIN_FIT
@@ -95,11 +96,9 @@ def remove_clicked_regions(mask: np.ndarray, negative_xy: np.ndarray, keep_xy: n
     if not len(negative_xy) or not mask.any():
         return mask
     components, _ = ndi.label(mask)
-    rows, cols = mask.shape
 
     def labels_at(points) -> set[int]:
-        return {int(components[int(np.clip(round(y), 0, rows - 1)), int(np.clip(round(x), 0, cols - 1))])
-                for x, y in points} - {0}
+        return {int(label) for label in components[_pixels(mask, points)]} - {0}
 
     hit = labels_at(negative_xy) - labels_at(keep_xy)
     return mask & ~np.isin(components, list(hit)) if hit else mask
