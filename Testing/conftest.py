@@ -143,6 +143,18 @@ def colin_node(scene):
     return node
 
 
+ORGANS = np.load(Path(__file__).parent / "data" / "organ_slices.npz")
+
+
+def organ_volume(organ: str, copies: int = 1, slice_mm: float = 5.0) -> tuple[Volume, np.ndarray]:
+    """One slice of the development set's CT spleen ("ct_spleen") or MR left kidney ("mr_kidney_left")
+    (``Testing/data``, 0-255 as the challenge stores it: the identity window), stacked ``copies`` times
+    ``slice_mm`` apart, and its organ's mask (rows, cols) on that slice."""
+    image, truth = ORGANS[f"{organ}_image"], ORGANS[f"{organ}_truth"]
+    rows_mm, cols_mm = ORGANS[f"{organ}_spacing"]
+    return Volume(np.repeat(image[None], copies, axis=0), np.diag([-cols_mm, -rows_mm, slice_mm, 1.0])), truth
+
+
 def middle_slice(atlas: Volume, axes, structure: str) -> tuple[int, np.ndarray]:
     """The middle slice of an AAL structure along ``axes`` and its 2D ground-truth mask."""
     oriented = axes.oriented(atlas.array == AAL_STRUCTURES[structure])

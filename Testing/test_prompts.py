@@ -3,8 +3,6 @@ development set's CT and MR cases (``Testing/data``, with their sources and lice
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -12,22 +10,20 @@ from scipy import ndimage as ndi
 from SegmentWithSAMLib.actions import Prompt
 from SegmentWithSAMLib.cvpr25 import WINDOW
 from SegmentWithSAMLib.engine import Engine
-from SegmentWithSAMLib.geometry import Volume, slice_axes
+from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.prompts import ENSEMBLE_BOX_MM, boxes_around, click_logits
 from SegmentWithSAMLib.refinement import Refiner, run_clicks
 from SegmentWithSAMLib.session import Session
 
-ORGANS = np.load(Path(__file__).parent / "data" / "organ_slices.npz")
+from conftest import organ_volume
 
 
 @pytest.fixture(scope="module", params=["ct_spleen", "mr_kidney_left"])
 def organ(request, default_model, cache):
     """(session, its axial axes, the organ's mask, a click at its deepest pixel (1, 2) XY) on a one-slice volume
     of the organ's slice (0–255, the challenge's range, so the identity window)."""
-    image, truth = ORGANS[f"{request.param}_image"], ORGANS[f"{request.param}_truth"]
-    rows_mm, cols_mm = ORGANS[f"{request.param}_spacing"]
-    volume = Volume(image[None], np.diag([-cols_mm, -rows_mm, 5.0, 1.0]))
+    volume, truth = organ_volume(request.param)
     session = Session(volume, default_model, window=WINDOW, cache=cache)
     session.set_slice("axial", 0)
     depth = ndi.distance_transform_edt(truth)
