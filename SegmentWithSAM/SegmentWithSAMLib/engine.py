@@ -24,7 +24,7 @@ from .errors import PromptError
 from .geometry import View, bounding_box
 from .metrics import dice
 from .prompts import click_logits
-from .propagation import EXPAND_FROM_MM, Cancelled, Direction, Propagator, StopRules, chained_logits
+from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
 from .refinement import MAX_RADIUS_MM, Refiner
 from .state import Kind, ObjectState, Update
 from .strokes import check_stroke, fill_lasso, sample_stroke
@@ -219,15 +219,8 @@ class Engine:
             for step in (1, -1):
                 self._walk(state, index, mask, step, update, cancel, None, agree=True, added=added, reach=reach)
         else:
-            # A click's trim across thick slices (from EXPAND_FROM_MM) counts them as a positive click's reach does
-            # (_reach_slice_mm); across thinner ones, and for a stroke, at their spacing. Counted at the pixel size,
-            # the head CT's skull (1.5 mm slices) lost 0.016 after 5 clicks, and a stroke, whose many points keep
-            # one inside the masks much farther, lost 0.023-0.047 per negative step on the MR kidneys and the CT
-            # spleen (docs/interaction.md, "Session 21").
-            spacing = self.axes.spacing_ijk[self.axes.slice_axis]
-            slice_mm = self._reach_slice_mm if spacing >= EXPAND_FROM_MM and not scribble else spacing
             for step in (1, -1):
-                self._carry_negative(state, index, np.rint(points), depth, slice_mm, step, update, cancel)
+                self._carry_negative(state, index, np.rint(points), depth, step, update, cancel)
         return state
 
     def _stroke_mask(self, state: ObjectState, index: int, points: np.ndarray) -> np.ndarray:
@@ -450,22 +443,14 @@ class Engine:
 
     def _within(self, reach: tuple[int, np.ndarray, float] | None, index: int) -> np.ndarray | bool:
         """The pixels of slice ``index`` within ``reach`` = (the click's slice, the in-plane distance (mm) from
-        its points, radius mm) of the click in 3D, slices ``_reach_slice_mm`` apart (True: no reach given)."""
+        its points, radius mm) of the click in 3D, slices counted at the in-plane pixel size when they are
+        thicker (True: no reach given)."""
         if reach is None:
             return True
         centre, distance, radius = reach
-        dz = abs(index - centre) * self._reach_slice_mm
-        return distance**2 <= radius**2 - dz**2
-
-    @property
-    def _reach_slice_mm(self) -> float:
-        """How far apart (mm) neighbouring slices count for a click's reach across slices: their spacing, or the
-        in-plane pixel size when they are thicker. For a negative click's trim only across thick slices: counted
-        at their thickness, a negative click on the CT spleen's over-segmented end (7.5 mm slices) trimmed one
-        slice each way of four alike (CT organ after 5 clicks 0.878; counted this way 0.883, the MR organs
-        unchanged, docs/interaction.md "Session 21")."""
         row_mm, col_mm = self.axes.pixel_spacing
-        return min(self.axes.spacing_ijk[self.axes.slice_axis], (row_mm + col_mm) / 2)
+        dz = abs(index - centre) * min(self.axes.spacing_ijk[self.axes.slice_axis], (row_mm + col_mm) / 2)
+        return distance**2 <= radius**2 - dz**2
 
     def _is_end(self, state: ObjectState, index: int) -> bool:
         """Whether slice ``index`` ends the object's extent: a neighbour on either side has no mask."""
@@ -486,16 +471,17 @@ class Engine:
         depth = ndi.distance_transform_edt(stack, sampling=spacing)
         return float(depth[index - first + 1, rows, cols].max())
 
-    def _carry_negative(self, state: ObjectState, index: int, points: np.ndarray, depth_mm: float, slice_mm: float,
-                        step: int, update: Update, cancel: Cancel) -> None:
+    def _carry_negative(self, state: ObjectState, index: int, points: np.ndarray, depth_mm: float, step: int,
+                        update: Update, cancel: Cancel) -> None:
         """A negative click's (or scribble's: ``points`` (K, 2) XY) error region is a 3D blob: the same points
-        correct the engine's slices beyond it (``step`` ±1) as far as NEGATIVE_REACH × how deep they lay in the 3D
-        mask (slices counted ``slice_mm`` apart) and while one still falls inside their masks, each slice from its
-        own mask (re-propagating from the corrected slice instead lowered the Dice on Colin27's hippocampus: the
-        neighbours' masks, right elsewhere, were rebuilt from a smaller one)."""
+        correct the engine's slices beyond it (``step`` ±1) as far as they lay deep in the 3D mask and while one
+        still falls inside their masks, each slice from its own mask (re-propagating from the corrected slice
+        instead lowered the Dice on Colin27's hippocampus: the neighbours' masks, right elsewhere, were rebuilt
+        from a smaller one)."""
+        spacing = self.axes.spacing_ijk[self.axes.slice_axis]
         cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
         other = index + step
-        while (other - index) * step * slice_mm < NEGATIVE_REACH * depth_mm and 0 <= other <= self._last:
+        while (other - index) * step * spacing < NEGATIVE_REACH * depth_mm and 0 <= other <= self._last:
             mask = state.masks.get(other)
             inside = mask[rows, cols] if mask is not None else np.zeros(len(points), bool)
             if state.kinds.get(other) is not Kind.ENGINE or not inside.any():

@@ -44,7 +44,7 @@ PRIOR_GAP_MM, EXPAND_GAPS, EXPAND_TIMES, EXPAND_FROM_MM = 2.0, 1.0, 3, 3.0
 # mask (its box + offset + margin; each side that did not just move out moves in, by at most EXPAND_GAPS x the
 # gap), and that decode is kept where the model's predicted IoU is higher. Boxes only grew before, so the CT
 # spleen's masks stayed twice its size on its last slices (3,856 true pixels, about 7,200 masked). Step 0 /
-# after 5 clicks: CT organ 0.872 / 0.883 -> 0.887 / 0.893, MR organs 0.844 / 0.882 -> 0.846 / 0.892. Kept
+# after 5 clicks: CT organ 0.872 / 0.878 -> 0.887 / 0.894, MR organs 0.844 / 0.883 -> 0.846 / 0.894. Kept
 # without the IoU check it lost the MR liver's second lobe (0.730 -> 0.624 at step 0); moved in all the way,
 # 0.619 (docs/interaction.md, "Session 21").
 # Propagator(skip=…): at most this many slices interpolated between two that the model segments.
