@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,9 +101,9 @@ def test_compiled_graphs_are_cached_owner_only_and_reused(tmp_path, monkeypatch)
     monkeypatch.setenv(ENGINE_CACHE_ENV, str(tmp_path / "engines"))
     image = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
     first = load_model("litemedsam", "cpu", "openvino")
-    compiled = tmp_path / "engines" / "compiled"
+    compiled = tmp_path / "engines" / "compiled" / "mixed"
     blobs = sorted(p.name for p in compiled.iterdir())
-    assert blobs and compiled.stat().st_mode & 0o777 == 0o700
+    assert blobs and all(folder.stat().st_mode & 0o777 == 0o700 for folder in (compiled, compiled.parent))
     second = load_model("litemedsam", "cpu", "openvino")
     assert sorted(p.name for p in compiled.iterdir()) == blobs  # read back, none compiled anew
     embeddings = [model.encode(image) for model in (first, second)]
@@ -108,3 +111,19 @@ def test_compiled_graphs_are_cached_owner_only_and_reused(tmp_path, monkeypatch)
     box = np.array([[50.0, 60.0, 150.0, 170.0]])
     assert np.array_equal(*(m.decode(e, boxes=box).logits
                                    for m, e in zip((first, second), embeddings, strict=True)))
+
+
+def test_a_bf16_load_after_a_mixed_one_reads_no_graph_the_mixed_one_compiled(tmp_path):
+    """On a CPU with AMX (OpenVINO 2026.4), the bf16 encoder stage as a mixed-precision model compiles it, read
+    back by an ``openvino-bf16`` load, crashed that process; each precision keeps its own compiled graphs. Each
+    load in a fresh process, as a user's next start would be."""
+    from SegmentWithSAMLib.engines import ENGINE_CACHE_ENV
+
+    script = ("import sys, numpy as np; from SegmentWithSAMLib.loading import load_model; "
+              "model = load_model('litemedsam', 'cpu', sys.argv[1]); "
+              "model.encode(np.zeros((1, 3, 256, 256), np.float32)); print(model.engine)")
+    env = {**os.environ, ENGINE_CACHE_ENV: str(tmp_path / "engines")}
+    for engine in ("openvino", "openvino-bf16", "openvino"):
+        done = subprocess.run([sys.executable, "-c", script, engine], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.split()[-1] == engine, (engine, done.returncode, done.stderr[-800:])
+    assert sorted(p.name for p in (tmp_path / "engines" / "compiled").iterdir()) == ["bf16", "mixed"]

@@ -214,12 +214,16 @@ def _tokens(embedding: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(embedding.reshape(*embedding.shape[:2], -1).transpose(0, 2, 1))
 
 
-def _cache_compiled_graphs(core) -> None:
-    """Let OpenVINO keep each compiled graph in the user's engine cache (``compiled``, owner-only), keyed by the
-    graph, its options, the CPU and the runtime's version: a model loads in a third of the time from the second
-    time on (docs/measurements.md). Without a writable cache it compiles every time, as before."""
+def _cache_compiled_graphs(core, precision: str) -> None:
+    """Let OpenVINO keep each compiled graph in the user's engine cache (``compiled/<precision>``, owner-only),
+    keyed by the graph, its options, the CPU and the runtime's version: a model loads in a third of the time from
+    the second time on (docs/measurements.md). Without a writable cache it compiles every time, as before. One
+    folder per precision: a graph's compiled form also depends on what the process compiled before it, which
+    OpenVINO's key leaves out, and on a CPU with AMX (OpenVINO 2026.4) the bf16 encoder stage compiled by a mixed
+    model crashed every later ``openvino-bf16`` load (a segmentation fault) that read it."""
     try:
-        core.set_property({"CACHE_DIR": str(private_folder(engine_cache_dir() / "compiled"))})
+        folder = private_folder(private_folder(engine_cache_dir() / "compiled") / precision)
+        core.set_property({"CACHE_DIR": str(folder)})
     except OSError as error:
         print(f"segmentwithsam: no OpenVINO compile cache ({error}); models compile at each load.", file=sys.stderr)
 
@@ -245,7 +249,7 @@ class OpenVINOModel(SamLikeAdapter):
         self.low_res_size, self.stage_bf16 = architecture.low_res_size, architecture.stage_bf16
         self.encoder_runs = self.decoder_runs = 0
         core = ov.Core()
-        _cache_compiled_graphs(core)
+        _cache_compiled_graphs(core, precision)
         native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         self.stage_precisions = [precision if precision != "mixed" else "bf16" if faithful and native_bf16 else "f32"
                                  for faithful in self.stage_bf16]
