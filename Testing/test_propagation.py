@@ -262,13 +262,20 @@ def test_skip_is_checked(session):
             Propagator(session, "axial", skip=bad)
 
 
+def organ_session(organ: str, model, cache, copies: int = 1) -> tuple[Session, np.ndarray]:
+    """A session on ``copies`` of one organ slice of the development set 7.5 mm apart (conftest.organ_volume), on
+    its first slice, and the organ's mask there."""
+    volume, truth = organ_volume(organ, copies=copies, slice_mm=7.5)
+    session = Session(volume, model, window=WINDOW, cache=cache)
+    session.set_slice("axial", 0)
+    return session, truth
+
+
 def test_across_a_thick_gap_the_box_follows_a_larger_object_and_the_prior_weakens(default_model, cache):
     """From a neighbour's mask 7.5 mm away (the CT spleen's slice, its mask shrunk by 8 pixels: the organ grew),
     a box side the model's mask reaches moves out and the slice is decoded again, and the shape prior weighs
     less: the larger object is followed better than across a 1 mm gap (the same prompt otherwise)."""
-    volume, truth = organ_volume("ct_spleen")
-    session = Session(volume, default_model, window=WINDOW, cache=cache)
-    session.set_slice("axial", 0)
+    session, truth = organ_session("ct_spleen", default_model, cache)
     smaller = ndi.binary_erosion(truth, iterations=8)
     spacing = session.axes("axial").pixel_spacing
     near, _ = chained_logits(session.predictor, smaller, np.zeros(4), spacing, gap_mm=1.0)
@@ -297,9 +304,7 @@ def test_across_a_thick_gap_the_box_follows_a_smaller_object_too(default_model, 
     """From a neighbour's mask 7.5 mm away that is larger than the object here (the MR kidney's mask grown by 12
     pixels), the box is fitted to the model's mask (each side moved in by at most the gap) and that decode kept
     where the model predicts it better: boxes that only grew left the CT spleen's end slices twice its size."""
-    volume, truth = organ_volume("mr_kidney_left")
-    session = Session(volume, default_model, window=WINDOW, cache=cache)
-    session.set_slice("axial", 0)
+    session, truth = organ_session("mr_kidney_left", default_model, cache)
     larger = ndi.binary_dilation(truth, iterations=12)
     spacing = session.axes("axial").pixel_spacing
     fitted, _ = chained_logits(session.predictor, larger, np.zeros(4), spacing, gap_mm=7.5)
@@ -314,10 +319,8 @@ def test_across_a_thick_gap_the_seeds_box_is_taken_where_the_model_trusts_it_mor
     a part of the kidney (its mask shrunk by 10 pixels: a box chained from the last mask never finds a part it
     does not touch), the next slice takes the seed's box's mask, which the model predicts far better; with no
     box known the chain keeps the part."""
-    volume, truth = organ_volume("mr_kidney_left", copies=2, slice_mm=7.5)
-    session = Session(volume, default_model, window=WINDOW, cache=cache)
+    session, truth = organ_session("mr_kidney_left", default_model, cache, copies=2)
     box = tight_box(truth).astype(float) + np.array([-3, -3, 3, 3])
-    session.set_slice("axial", 0)
     seed = session.predictor.predict(box=box).masks[0]
     part = ndi.binary_erosion(truth, iterations=10)
     with_box, _ = BoxChain(Propagator(session, "axial"), (0, seed), 0, 1, box=box).predict(1, part, 1)
