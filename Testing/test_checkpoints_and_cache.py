@@ -127,3 +127,22 @@ def test_a_bf16_load_after_a_mixed_one_reads_no_graph_the_mixed_one_compiled(tmp
         done = subprocess.run([sys.executable, "-c", script, engine], env=env, capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.split()[-1] == engine, (engine, done.returncode, done.stderr[-800:])
     assert sorted(p.name for p in (tmp_path / "engines" / "compiled").iterdir()) == ["bf16", "mixed"]
+
+
+def test_loading_the_engine_sends_no_openvino_telemetry(tmp_path):
+    """Importing openvino sends a usage event to Google Analytics and writes a client id in ~/intel unless the
+    user opted out (a missing consent file counts as consent); the engine declines it for its process. A fresh
+    process with a home of its own loads the default model and encodes a slice: nothing is written there and
+    OpenVINO's telemetry has no consent."""
+    from SegmentWithSAMLib.engines import ENGINE_CACHE_ENV
+
+    script = ("import numpy as np; from SegmentWithSAMLib.loading import load_model; "
+              "model = load_model('litemedsam', 'cpu', 'openvino'); "
+              "model.encode(np.zeros((1, 3, 256, 256), np.float32)); "
+              "import openvino_telemetry; print(openvino_telemetry.Telemetry().consent)")
+    env = {**os.environ, "HOME": str(tmp_path / "home"), ENGINE_CACHE_ENV: str(tmp_path / "engines")}
+    (tmp_path / "home").mkdir()
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert done.stdout.split()[-1] == "False"
+    assert not (tmp_path / "home" / "intel").exists()

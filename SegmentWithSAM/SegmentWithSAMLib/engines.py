@@ -45,6 +45,23 @@ def has_openvino() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def openvino():
+    """The ``openvino`` module, imported with OpenVINO's usage telemetry declined for this process. Importing
+    openvino (2026.4) sends an event to Google Analytics and writes a client id in ``~/intel`` unless the user
+    opted out (``openvino-telemetry`` takes a missing consent file as consent), and its sender, a forked process,
+    hung for good under a backend whose stdin watcher held stdin's lock: one orphaned backend per test run. This
+    tool asks no such consent, so it declines, for this process only (the user's own setting is left as it is)."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # a runtime without its telemetry package
+        pass
+    else:
+        OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+    import openvino as ov
+
+    return ov
+
+
 def has_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
 
@@ -87,7 +104,7 @@ DECODER_GRAPHS = ("prepare", "attend-single", "attend-multi", "upscale", "mask")
 def export_folder(name: str, checkpoint: str | os.PathLike, cache_dir: Path | None = None) -> Path:
     """Where the model ``name`` exported from ``checkpoint`` is cached: keyed by the checkpoint's SHA-256, the
     runtime's version and ``EXPORT_FORMAT``."""
-    import openvino as ov
+    ov = openvino()
 
     version = re.sub(r"[^\w.]+", "_", ov.__version__)
     return (cache_dir or engine_cache_dir()) / f"{name}-{_digest(checkpoint)[:16]}-ov{version}-x{EXPORT_FORMAT}"
@@ -143,8 +160,9 @@ def write_export(model: SamLikeAdapter, folder: Path, compress_to_fp16: bool = T
     :meth:`~.models.base.SamLikeAdapter.encoder_stages`), the decoder's graphs (``DECODER_GRAPHS``), ``NO_MASK``
     and ``MANIFEST``; weights stored in fp16 (``compress_to_fp16``, computed in f32 or bf16) or f32."""
     import onnx
-    import openvino as ov
     import torch
+
+    ov = openvino()
 
     from .models.factored_decoder import DecoderPart, FactoredMaskDecoder, image_tokens
 
@@ -241,8 +259,7 @@ class OpenVINOModel(SamLikeAdapter):
 
     def __init__(self, folder: Path, architecture: type[SamLikeAdapter], name: str,
                  checkpoint: str | os.PathLike | None = None, precision: str = "mixed") -> None:
-        import openvino as ov
-
+        ov = openvino()
         if precision not in ("mixed", "f32", "bf16"):
             raise ValueError(f"precision must be mixed, f32 or bf16, not {precision!r}")
         self.folder, self.name, self.checkpoint = folder, name, None if checkpoint is None else str(checkpoint)
