@@ -250,6 +250,15 @@ def _refuse(conn: socket.socket, frame: list) -> None:
         pass
 
 
+def _exit_when_stdin_closes() -> None:
+    """End this process when stdin reaches its end (the local client that started it closed it, or died). It
+    reads the descriptor itself, not ``sys.stdin``: a blocked read there holds the stream's lock, and a process
+    forked meanwhile (OpenVINO's telemetry sender did) hung for good closing its copy of stdin."""
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    os._exit(0)
+
+
 def serve_network(worker: Worker, args: argparse.Namespace, max_payload: int) -> None:
     """``segmentwithsam serve``'s network mode: check the address and TLS, print where and how to connect, serve."""
     if args.keyfile and not args.certfile:
@@ -275,7 +284,7 @@ def serve_network(worker: Worker, args: argparse.Namespace, max_payload: int) ->
         print(f"Clients connect to {scheme}://<this machine>:{port} with that key (${KEY_ENV}, or the panel's "
               f"Backend → a server). At most {args.max_sessions} sessions.", flush=True)
     else:  # started by a local client, which ends this process by closing its stdin
-        threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
+        threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
     listener = Listener(worker, key, tls, args.max_sessions, args.idle_timeout, args.resume_window, max_payload)
     worker.start()
     listener.serve(server)
