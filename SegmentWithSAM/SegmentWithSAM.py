@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -126,6 +127,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.promptWatcher = None
         self.timer = None
+        self._installing = False  # pip runs on this thread and processes events: no action starts meanwhile
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -144,6 +146,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.connect("timeout()", self.onPoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # importing a scene copies its saved parameter node into ours (vtkMRMLScene::Import, singletons), so the
+        # widgets follow the imported prompt nodes (as Modules/Scripted/SegmentEditor/SegmentEditor.py does)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentSelector.setCurrentNode)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         for widget in (self.ui.scribblePlaceWidget, self.ui.negativeScribblePlaceWidget, self.ui.lassoPlaceWidget,
@@ -175,11 +180,16 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode and self._parameterNodeGuiTag:
+        self._disconnectGui()
+
+    def _disconnectGui(self) -> None:
+        # a wrapper's first tag is 0 (parameterNodeWrapper/wrapper.py: _nextParameterGUIsTag = 0), so test for None
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.timer.stop()
         self.logic.close()
         self.frontEnd = None
         self.setParameterNode(None)
@@ -188,10 +198,20 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onSceneEndImport(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
     def initializeParameterNode(self) -> None:
+        from SegmentWithSAMSlicerLib.settings import Settings
+
         p = self.logic.getParameterNode()
-        if not p.inputVolume:
-            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not p.inputVolume:  # the first scalar volume that is not a labelmap (the selector shows no labelmaps)
+            p.inputVolume = next((node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                                  if not node.IsA("vtkMRMLLabelMapVolumeNode")), None)
+        for field in dataclasses.fields(Settings):  # a saved choice this version no longer offers: its default
+            if "choices" in field.metadata and getattr(p, field.name) not in field.metadata["choices"]():
+                setattr(p, field.name, field.default)
         if not (p.positivePoints and p.negativePoints and p.box and p.scribble and p.negativeScribble and p.lasso
                 and p.negativeLasso):
             from SegmentWithSAMSlicerLib.front_end import add_prompt_nodes
@@ -203,19 +223,21 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(p)
 
     def setParameterNode(self, p) -> None:
-        if self._parameterNode and self._parameterNodeGuiTag:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._disconnectGui()
         self._parameterNode = p
         if p is None:
             self.promptWatcher.close()
             return
+        # connecting the segmentation may select its first segment (qMRMLSegmentSelectorWidget::
+        # populateSegmentCombobox) and onSegmentChanged would write that here: the saved choice is read first
+        segment_id = p.segmentID
         self._parameterNodeGuiTag = p.connectGui(self.ui)
         from SegmentWithSAMSlicerLib.settings import choice_labels
 
         for index, label in enumerate(choice_labels("backend")):  # connectGui shows the values; read by index
             self.ui.backendComboBox.setItemText(index, label)
         self.ui.segmentSelector.setCurrentNode(p.segmentation)
-        self.ui.segmentSelector.setCurrentSegmentID(p.segmentID)
+        self.ui.segmentSelector.setCurrentSegmentID(segment_id)
         for widget, node in ((self.ui.positivePlaceWidget, p.positivePoints),
                              (self.ui.negativePlaceWidget, p.negativePoints), (self.ui.roiPlaceWidget, p.box),
                              (self.ui.scribblePlaceWidget, p.scribble),
@@ -252,12 +274,18 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def slice_nodes(self) -> list:
         layout = slicer.app.layoutManager()
-        return [layout.sliceWidget(name).mrmlSliceNode() for name in layout.sliceViewNames()]
+        if layout is None:  # no main window
+            return []
+        widgets = (layout.sliceWidget(name) for name in layout.sliceViewNames())
+        return [widget.mrmlSliceNode() for widget in widgets if widget]
 
     def segmentEditor(self):
-        """The Segment Editor widget, with a segment editor node, pointed at our nodes (None without the module)."""
+        """The Segment Editor widget, with a segment editor node, pointed at our nodes (None without the module or
+        without a segmentation: pointing it at none would clear the user's selection and active effect)."""
         from SegmentWithSAMSlicerLib.segment_editor import point_segment_editor
 
+        if self.segmentation_node is None:
+            return None
         try:
             module = slicer.modules.segmenteditor.widgetRepresentation().self()
         except AttributeError:
@@ -271,10 +299,17 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- actions -------------------------------------------------------------------------------------------
     def run(self, action, ask: bool = True) -> None:
         """Run a user action through the front end (its error stays in the status line until the next action).
-        ``ask``: offer to install missing dependencies (buttons do; live preview only reports)."""
-        if self.ensureDependencies(ask):
+        ``ask``: offer to install missing dependencies (buttons do; live preview only reports). The front end
+        turns the errors a user can act on into the status line; anything else is shown in a dialog, and the
+        panel goes on polling (``tryWithErrorDisplay`` shows it, then raises it again: slicer/util.py)."""
+        if self._installing or self._parameterNode is None:
+            return
+        try:
             with slicer.util.tryWithErrorDisplay("SegmentWithSAM failed unexpectedly.", waitCursor=False):
-                self.front().act(action)
+                if self.ensureDependencies(ask):
+                    self.front().act(action)
+        except Exception:
+            logging.exception("SegmentWithSAM action failed")
         self.showStatus()
         self.timer.start()
 
@@ -307,12 +342,15 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 + f".\nInstall them now? {size} and can take a few minutes."):
             self.showStatus("Dependencies not installed: the model cannot run.", error=True)
             return False
+        self._installing = True
         try:
             with slicer.util.WaitCursor():
                 dependencies.install(p.model, p.device, report=lambda message: self.showStatus(message))
         except dependencies.InstallError as error:  # pip's CalledProcessError arrives as this (dependencies.py)
             self.showStatus(str(error), error=True)
             return False
+        finally:
+            self._installing = False
         return True
 
     def offerDownload(self) -> None:
@@ -329,6 +367,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.front().preview()
 
     def onPromptsChanged(self, caller=None, event=None) -> None:
+        # called from inside the markups widget's event handling (PlacePoint, a drag): act once it has returned
+        qt.QTimer.singleShot(0, self.previewChangedPrompts)
+
+    def previewChangedPrompts(self) -> None:
         if self._parameterNode and self._parameterNode.inputVolume:
             self.run(lambda: self.front().prompts_changed(), ask=False)
 
@@ -357,7 +399,13 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.front().test_connection()
 
     def onStrokePlaceModeChanged(self, placing: bool) -> None:
-        if not placing and self._parameterNode and self._parameterNode.inputVolume:
+        # emitted inside vtkSlicerMarkupsWidget::ProcessInteractionEvent with rendering paused: the stroke's
+        # node is emptied and a dialog may open only after it returns
+        if not placing:
+            qt.QTimer.singleShot(0, self.onStrokePlaced)
+
+    def onStrokePlaced(self) -> None:
+        if self._parameterNode and self._parameterNode.inputVolume:
             self.run(self.sendStrokes)
 
     def sendStrokes(self) -> None:
@@ -379,6 +427,22 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.timer.start()  # the buttons follow the selected segment at the next poll
 
     def onPoll(self) -> None:
+        """The background work's progress into the panel; stops when nothing runs (or on an unexpected error,
+        shown once rather than every POLL_MS)."""
+        if self._parameterNode is None or self._installing:
+            self.timer.stop()
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("SegmentWithSAM failed unexpectedly.", waitCursor=False):
+                busy = self.updatePanel()
+        except Exception:
+            logging.exception("SegmentWithSAM could not update its panel")
+            busy = False
+        if not busy:
+            self.timer.stop()
+
+    def updatePanel(self) -> bool:
+        """Poll the front end and show its panel; True while background work runs."""
         busy = self.front().poll()
         self.showStatus()
         panel = self.front().panel()
@@ -396,8 +460,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finishedCheckBox.enabled = panel["can_finish"]
         self.ui.finishedCheckBox.checked = panel["finished"]
         self.ui.takeSuggestionButton.enabled = panel["can_take_suggestion"]
-        if not busy:
-            self.timer.stop()
+        return busy
 
     def showStatus(self, text: str | None = None, error: bool = False) -> None:
         """The front end's status line (or ``text``, said through it)."""
@@ -458,6 +521,15 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
         self.assertEqual(rules["max_empty"], 3)
         self.assertTrue(p.positivePoints and p.negativePoints and p.box)
         self.assertIsInstance(p.positivePoints.GetDisplayNode(), vtk.vtkObject)
+        p.inputVolume, p.range_start = None, 5  # a range and no volume yet: the poll shows no range, and stops
+        widget.timer.start()
+        widget.onPoll()
+        self.assertFalse(widget.timer.isActive())
+        p.range_start = -1
+        widget.exit()  # the GUI connection (tag 0 on a new wrapper) is removed, and made again on entering
+        self.assertIsNone(widget._parameterNodeGuiTag)
+        widget.enter()
+        self.assertIsNotNone(widget._parameterNodeGuiTag)
 
     def test_panel_workflow(self):
         """A point off every slice plane: the error stays in the status label past the poll; a box on the

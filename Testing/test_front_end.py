@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from SegmentWithSAMLib.data import AAL_STRUCTURES
-from SegmentWithSAMLib.errors import BackendError
+from SegmentWithSAMLib.errors import BackendError, PromptError
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.release import RELEASE
 
@@ -294,6 +294,10 @@ def test_the_propagation_range_is_the_panels_then_the_whole_volume_then_the_boxs
     assert front.propagation_range() == (20, count - 1)
     front.settings.range_end = 10_000
     assert front.propagation_range() == (20, count - 1)
+    front.host.volume_node = None  # the panel polls with a range set and no volume: it shows none, raises nothing
+    with pytest.raises(PromptError, match="Select a volume"):
+        front.propagation_range()
+    assert front.shown_range() is None and front.panel()["range"] is None
 
 
 # ---- the backend: this computer or a server --------------------------------------------------------------------

@@ -320,8 +320,12 @@ class FrontEnd:
 
     def shown_range(self) -> tuple[int, int] | None:
         """The range the next propagation uses, for showing: :meth:`propagation_range`, else the accepted box's
-        range on the selected segment."""
-        chosen = self.propagation_range()
+        range on the selected segment; None where no range can be worked out yet (no volume, or prompts on no
+        slice plane: the panel polls this, so it says nothing rather than raise)."""
+        try:
+            chosen = self.propagation_range()
+        except PromptError:
+            return None
         last, host = self.controller.last_accepted, self.host
         if chosen is not None or last is None or host.segmentation_node is None:
             return chosen
