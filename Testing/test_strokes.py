@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from test_engine import HALF, assert_same, boxed, checked_step, largest_part
 
-from SegmentWithSAMLib.actions import Lasso, Scribble, from_message, stroke_from_ras, to_message
-from SegmentWithSAMLib.engine import SNAP_MM, Engine
+from SegmentWithSAMLib.actions import Box3D, Lasso, Scribble, from_message, stroke_from_ras, to_message
+from SegmentWithSAMLib.engine import LASSO_AGREE, SNAP_MM, Engine
 from SegmentWithSAMLib.errors import PromptError
+from SegmentWithSAMLib.geometry import bounding_box
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.state import Kind
 from SegmentWithSAMLib.strokes import check_stroke, draw_stroke, fill_lasso, sample_stroke
@@ -103,6 +104,26 @@ def test_a_lasso_is_its_slice_and_propagates_through_its_range(session, truth):
     box = boxed(session, truth).states["thalamus"]
     lasso_3d = dice(state.oriented_mask(*_shape(engine)), oriented)
     assert lasso_3d >= dice(box.oriented_mask(*_shape(engine)), oriented) - 0.01, lasso_3d
+
+
+def test_a_lasso_with_a_range_is_the_box_around_it_then_its_outline_while_they_disagree(session, truth):
+    """The box around the outline is propagated through the range as a 3D box is (its masks keep the object's
+    size from slice to slice); the outline's own walk replaces them only up to where it agrees with them."""
+    oriented, mid = truth
+    engine = Engine(session, "axial")
+    points = tuple(outline(oriented[mid]))
+    inside = fill_lasso(check_stroke(points, oriented[mid].shape, closed=True), oriented[mid].shape)
+    box, _ = checked_step(engine, None, Box3D(mid, tuple(bounding_box(inside).astype(float)),
+                                              (mid - HALF, mid + HALF)))
+    state, update = checked_step(engine, None, Lasso(mid, points, True, (mid - HALF, mid + HALF)))
+    assert set(update.changed) == set(range(mid - HALF, mid + HALF + 1)) and state.kinds[mid] is Kind.KEY
+    assert update.stopped, "the outline's walk stops where it agrees with the box's masks"
+    same = [i for i in range(mid - HALF, mid + HALF + 1) if i != mid and np.array_equal(state.masks[i], box.masks[i])]
+    agreeing = [i for i in range(mid - HALF, mid + HALF + 1)
+                if i != mid and dice(state.masks[i], box.masks[i]) >= LASSO_AGREE]
+    assert same and set(same) <= set(agreeing), (same, agreeing)
+    with pytest.raises(PromptError, match="outside its range"):
+        engine.step(None, Lasso(mid, points, True, (mid + 1, mid + HALF)))
 
 
 def _shape(engine: Engine) -> tuple[int, tuple[int, int]]:

@@ -24,7 +24,7 @@ from .errors import PromptError
 from .geometry import View, bounding_box
 from .metrics import dice
 from .prompts import click_logits
-from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
+from .propagation import OFFSET_JITTER_PX, Cancelled, Direction, Propagator, StopRules, chained_logits
 from .refinement import MAX_RADIUS_MM, Refiner
 from .state import Kind, ObjectState, Update
 from .strokes import check_stroke, fill_lasso, sample_stroke
@@ -59,6 +59,13 @@ FIRST_CLICK_EXTENT = 2.0
 # box would decide. Measured with outlines moved 1-2 mm (benchmarks/scribbles.py, 19 structures): step 0 over the
 # box's +0.022 at 0 mm, +0.019 at 1 mm, +0.007 at 2 mm (2 mm helped the MR kidneys, lost on AAL's atlas labels).
 SNAP_MM = 0.0
+# A positive lasso with a range is first the box around it, propagated through the range as a 3D box is (the box's
+# offset holds each slice's box at the object's size); then its outline is the key slice, carried to the slices
+# while they agree less than LASSO_AGREE (Dice) with the box's. Lasso step 0 on the 19 structures of
+# benchmarks/scribbles.py: 0.7025 -> 0.718 (box 0.672); propagated from the outline alone its masks shrank slice by
+# slice (a drawn outline calibrates to a 0 mm offset). Carried until 0.95, 0.8, 0.7: 0.707, 0.700, 0.693
+# (docs/strokes.md, "Session 22").
+LASSO_AGREE = 0.9
 # Within a range the user gave with a box, only empty masks stop propagation (two in a row: one is bridged).
 RANGE_RULES = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None, max_empty=2)
 _NEARBY_SLICES = 2  # the object's size near a slice: its largest mask within this many slices
@@ -168,7 +175,7 @@ class Engine:
             raise PromptError(f"Slice {index} is outside the range {state.slice_range[0]}:{state.slice_range[1]}.")
         for step in Direction(action.direction).steps():
             self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip,
-                       drawn=state.kinds.get(index) is Kind.USER)
+                       drawn=state.kinds.get(index) is Kind.USER, jitter=OFFSET_JITTER_PX)
             self._clear_engine(state, index + step, step, update, keep=set(update.changed))
 
     def _click(self, state: ObjectState | None, action: Click | Scribble, update: Update,
@@ -217,7 +224,8 @@ class Engine:
             radius = CARRY_REACH * max(self._reach_cap_mm(state, index, base), self._radius_mm(added))
             reach = (index, self._distance_mm(np.rint(points)), radius)
             for step in (1, -1):
-                self._walk(state, index, mask, step, update, cancel, None, agree=True, added=added, reach=reach)
+                self._walk(state, index, mask, step, update, cancel, None, agree=self.agree, added=added,
+                           reach=reach)
         else:
             for step in (1, -1):
                 self._carry_negative(state, index, np.rint(points), depth, step, update, cancel)
@@ -236,9 +244,10 @@ class Engine:
 
     def _lasso(self, state: ObjectState | None, lasso: Lasso, update: Update, cancel: Cancel,
                on_slice: OnSlice) -> ObjectState:
-        """A positive lasso makes its slice a key slice with its outline's mask (see ``SNAP_MM``), propagated
-        through its range if it has one, else carried to the engine's slices while they disagree; a negative one
-        removes its inside there and what continues it on the neighbouring engine slices."""
+        """A positive lasso makes its slice a key slice with its outline's mask (see ``SNAP_MM``); with a range,
+        after the box around it has been propagated through the range (see ``LASSO_AGREE``); carried to the
+        engine's slices while they disagree. A negative one removes its inside there and what continues it on the
+        neighbouring engine slices."""
         index = self._check_index(lasso.index)
         outline = check_stroke(lasso.points, self.axes.image_shape, closed=True)
         inside = fill_lasso(outline, self.axes.image_shape)
@@ -255,10 +264,13 @@ class Engine:
             return state
         state = state if state is not None else self._new_state()
         if lasso.slice_range is not None:
-            low, high = self._clip_range(lasso.slice_range, update.notices)
+            low, high = sorted(int(v) for v in lasso.slice_range)
             if not low <= index <= high:
                 raise PromptError(f"The lasso is on slice {index}, outside its range {low}:{high}.")
-            state.slice_range, state.rules = (low, high), RANGE_RULES
+            state = self._prompt(state, Prompt(index, bounding_box(inside).astype(float), (), lasso.slice_range),
+                                 update)
+            if state.masks[index].any():
+                self._propagate(state, Propagate(index), update, cancel, on_slice)
         elif not state.slice_range[0] <= index <= state.slice_range[1]:
             state.slice_range = (min(state.slice_range[0], index), max(state.slice_range[1], index))
         mask = inside
@@ -269,15 +281,17 @@ class Engine:
             band &= ndi.distance_transform_edt(inside, sampling=self.axes.pixel_spacing) <= SNAP_MM
             mask = np.where(band, logits > 0, inside)
         mask = self._kept(state, index, mask)
-        others = any(m.any() for i, m in state.masks.items() if i != index)
-        # No box to chain: propagation calibrates its boxes on the outlined mask, as after a click. A lasso's tight
-        # box chained slice to slice lost the left kidney's lower half (CHAOS MR: 3D Dice 0.673 against 0.906).
+        # The outline's own walk calibrates its boxes on the outlined mask, as after a click. A lasso's tight box
+        # chained slice to slice from the outline lost the left kidney's lower half (CHAOS MR: 3D Dice 0.673
+        # against 0.906).
         state.box, state.offset = None, np.zeros(4)
         self._set_slice(state, index, mask, update)
-        if lasso.slice_range is not None or others:
+        others = any(m.any() for i, m in state.masks.items() if i != index)
+        if lasso.slice_range is not None or others:  # (with a range and no box mask: through the whole range)
+            agree = None if not others else LASSO_AGREE if lasso.slice_range is not None else self.agree
             for step in Direction.BOTH.steps():
-                self._walk(state, index, mask, step, update, cancel, on_slice, agree=lasso.slice_range is None,
-                           drawn=True)
+                self._walk(state, index, mask, step, update, cancel, on_slice, agree=agree, drawn=True,
+                           jitter=OFFSET_JITTER_PX)
         return state
 
     @staticmethod
@@ -382,32 +396,34 @@ class Engine:
 
     # ---- through the slices --------------------------------------------------------------------------------
     def _walk(self, state: ObjectState, index: int, seed: np.ndarray, step: int, update: Update, cancel: Cancel,
-              on_slice: OnSlice, agree: bool = False, added: np.ndarray | None = None, skip: int = 0,
-              reach: tuple[int, np.ndarray, float] | None = None, drawn: bool = False) -> None:
+              on_slice: OnSlice, agree: float | None = None, added: np.ndarray | None = None, skip: int = 0,
+              reach: tuple[int, np.ndarray, float] | None = None, drawn: bool = False,
+              jitter: tuple[float, ...] = (0.0,)) -> None:
         """Propagate ``seed`` on slice ``index`` one way (``step`` ±1) into ``state``: through engine and empty
-        slices, up to a key or user slice, the range end or a stop rule; with ``agree``, also up to the first
-        slice where the new mask agrees with the one there. ``added`` (a positive click's addition on slice
-        ``index``): an engine slice with a mask keeps it and gains only the new mask's parts that touch the
-        addition on the slice before, and the walk stops where there is none (replacing those slices whole
+        slices, up to a key or user slice, the range end or a stop rule; with ``agree`` (a Dice), also up to the
+        first slice where the new mask agrees that well with the one there. ``added`` (a positive click's
+        addition on slice ``index``): an engine slice with a mask keeps it and gains only the new mask's parts that
+        touch the addition on the slice before, and the walk stops where there is none (replacing those slices whole
         lowered the 3D Dice of one click by up to 0.05 on Colin27's caudate: their masks, right elsewhere, were
         rebuilt from one slice's); with ``reach`` (see :meth:`_within`) only within it. Slices past the stop keep
         what they had (clearing them after a stop rule,
         e.g. a shrunken mask's empty neighbours, lost right masks of earlier propagations on Colin27's
-        hippocampus; a click there corrects them). ``drawn``: the seed is the user's (a lasso's outline, an edit)."""
+        hippocampus; a click there corrects them). ``drawn``: the seed is the user's (a lasso's outline, an edit);
+        ``jitter``: see OFFSET_JITTER_PX (a prompt's propagation, not a click's walk)."""
         label = "up" if step > 0 else "down"
         keys = {i: m for i, m in state.masks.items() if state.kinds.get(i) in (Kind.KEY, Kind.USER) and i != index}
         propagator = Propagator(self.session, self.axes.view, state.rules or self.rules, skip=skip)
         # how the object's box sat around its mask holds on every slice (without a box: calibrated on the seed)
         box = bounding_box(seed) + state.offset if state.box is not None else None
         steps = propagator.steps((index, seed), Direction.UP if step > 0 else Direction.DOWN, state.slice_range,
-                                 keys, box=box, drawn=drawn)
+                                 keys, box=box, drawn=drawn, jitter=jitter)
         reason = None
         try:
             for slice_step in steps:
                 if cancel is not None and cancel():
                     raise Cancelled(f"Cancelled at slice {slice_step.index}; nothing was changed.")
                 new, old = self._kept(state, slice_step.index, slice_step.mask), state.masks.get(slice_step.index)
-                if agree and old is not None and old.any() and dice(new, old) >= self.agree:
+                if agree is not None and old is not None and old.any() and dice(new, old) >= agree:
                     reason = f"agrees with slice {slice_step.index}"
                     break
                 if added is not None:
