@@ -174,16 +174,27 @@ def _shrunk_box(box: np.ndarray, fitted: np.ndarray, step: np.ndarray) -> np.nda
     return np.concatenate([low, np.maximum(high, low)])
 
 
-def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray,
-                   pixel_spacing: tuple[float, float], gap_mm: float = 0.0) -> tuple[np.ndarray, float]:
+def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray, pixel_spacing: tuple[float, float],
+                   gap_mm: float = 0.0, jitter: tuple[float, ...] = (0.0,)) -> tuple[np.ndarray, float]:
     """Logits (rows, cols) and the predicted quality on the predictor's current slice, prompted from a mask
     ``neighbour`` (rows, cols) ``gap_mm`` away (0: on this slice): its bounding box plus ``offset`` (4,) (how the
     object's box sat around its mask) plus BOX_MARGIN_MM as the box, and the mask as a shape prior. Across a
     gap, each side of the box the mask reaches is moved out by the gap and the slice decoded again (at most
     EXPAND_TIMES), then the box is fitted once to the mask (each other side moved in by at most the gap) and that
     decode kept where the model predicts it better (see "Shrinking" above), and the prior weakens with the gap
-    (PRIOR_GAP_MM). The one home of a propagated slice's prompt: propagation chains it from slice to slice, and
-    a click refines a slice from its own mask with it."""
+    (PRIOR_GAP_MM). ``jitter``: the model's logits and quality are the mean over the offset grown by each of
+    these pixels on every side (see OFFSET_JITTER_PX). The one home of a propagated slice's prompt: propagation
+    chains it from slice to slice, and a click refines a slice from its own mask with it."""
+    predictions = [_chained_prediction(predictor, neighbour, offset + np.array([-px, -px, px, px]), pixel_spacing,
+                                       gap_mm) for px in jitter]
+    logits = np.mean([prediction.logits[0] for prediction in predictions], axis=0)
+    weight = min(1.0, PRIOR_GAP_MM / gap_mm) if gap_mm > 0 else 1.0
+    return logits + weight * _shape_prior(neighbour, pixel_spacing), float(np.mean([p.scores[0] for p in predictions]))
+
+
+def _chained_prediction(predictor, neighbour: np.ndarray, offset: np.ndarray, pixel_spacing: tuple[float, float],
+                        gap_mm: float):
+    """The model's prediction for :func:`chained_logits` with one offset (its box, expanded and fitted)."""
     margin = _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0]
     box = bounding_box(neighbour) + offset + margin
     box[2:] = np.maximum(box[2:], box[:2])
@@ -202,8 +213,7 @@ def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray,
             shrunk = predictor.predict(box=fitted)
             if shrunk.scores[0] > prediction.scores[0]:
                 prediction = shrunk
-    weight = min(1.0, PRIOR_GAP_MM / gap_mm) if gap_mm > 0 else 1.0
-    return prediction.logits[0] + weight * _shape_prior(neighbour, pixel_spacing), float(prediction.scores[0])
+    return prediction
 
 
 def interpolate_masks(first: np.ndarray, last: np.ndarray, count: int,
@@ -264,10 +274,8 @@ class BoxChain:
         self._encode_ahead(index)
         self.session.set_slice(self.axes.view, index)
         gap_mm = gap * self.axes.spacing_ijk[self.axes.slice_axis]
-        chained = [chained_logits(self.session.predictor, previous, self.offset + np.array([-px, -px, px, px]),
-                                  self.axes.pixel_spacing, gap_mm) for px in self.jitter]  # see OFFSET_JITTER_PX
-        logits = np.mean([found for found, _ in chained], axis=0)
-        score = float(np.mean([quality for _, quality in chained]))
+        logits, score = chained_logits(self.session.predictor, previous, self.offset, self.axes.pixel_spacing, gap_mm,
+                                       self.jitter)
         if self.box is not None and gap_mm >= EXPAND_FROM_MM:  # see GIVEN_BOX_MARGIN
             given = self.session.predictor.predict(box=self.box)
             if given.scores[0] > score + GIVEN_BOX_MARGIN:
