@@ -357,3 +357,22 @@ def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, default_
     added = seg.states["head"].masks[index] & ~before
     assert added.sum() > np.pi * (2 * 4.0 / min(axes.pixel_spacing)) ** 2
     assert dice(seg.states["head"].masks[index], head[index]) > dice(before, head[index]) + 0.02
+
+
+def test_a_deep_negative_click_in_a_shell_removes_the_inside_and_keeps_the_shell(cranium, default_model, cache):
+    """The skull's box fills the head (the model fills a shell): a negative click in the brain removes brain and
+    not the bone its reach crosses (before the tissue test it cut away a third of the bone on these slices)."""
+    session = Session(cranium, default_model, window="bone", cache=cache)
+    seg = segmenter(session)
+    bone = seg.axes.oriented(cranium.array > 300)
+    index = seg.axes.num_slices // 2
+    seg.step("skull", Box3D(index, box_of(bone[index]), (index - 2, index + 2)))
+    before = {i: mask.copy() for i, mask in seg.states["skull"].masks.items()}
+    assert (before[index] & ~bone[index]).sum() > 5 * (before[index] & bone[index]).sum()  # mostly brain
+    col, row = centre(before[index])
+    assert not bone[index][int(row), int(col)]
+    seg.step("skull", Click(index, (col, row), False))
+    for i, mask in before.items():
+        after = seg.states["skull"].masks[i]
+        assert (after & bone[i]).sum() == (mask & bone[i]).sum()  # every bone pixel of the mask is kept
+        assert (mask & ~after & ~bone[i]).sum() > 0.15 * (mask & ~bone[i]).sum()  # a fifth of the brain goes

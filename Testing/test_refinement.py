@@ -114,3 +114,9 @@ def test_evaluate_command(capsys, colin):
     assert {"noc80", "noc85", "noc90"} <= set(report) and report["noc80"] == 4 and report["noc85"] == 5
     code = main(["evaluate", str(data.image), "--labels", str(data.atlas), "--label", "37", "--slice", "5"])
     assert code == 2 and "is not on axial slice 5" in capsys.readouterr().err
+
+
+def test_an_image_of_another_shape_is_refused(phantom):
+    session, axes = phantom
+    with pytest.raises(ValueError, match=r"The image has shape \(64, 64\); the slice is \(128, 128\)"):
+        Refiner(session.predictor, axes.pixel_spacing, image=np.zeros((64, 64)))

@@ -23,6 +23,7 @@ from .actions import Action, Box3D, Click, Lasso, Prompt, Propagate, Scribble, U
 from .errors import PromptError
 from .geometry import View, bounding_box
 from .metrics import dice
+from .predictor import normalize_slice
 from .prompts import click_logits
 from .propagation import OFFSET_JITTER_PX, Cancelled, Direction, Propagator, StopRules, chained_logits
 from .refinement import MAX_RADIUS_MM, Refiner
@@ -149,7 +150,7 @@ class Engine:
             raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
         self.session.set_slice(self.axes.view, index)
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, box,
-                          widest_box_mm=self._widest_box_mm(state, index))
+                          widest_box_mm=self._widest_box_mm(state, index), image=self._image(index))
         for x, y, positive in prompt.clicks:
             refiner.add_click((x, y), positive)
         mask = self._kept(state, index, refiner.mask)
@@ -358,6 +359,10 @@ class Engine:
         logits = np.where(base, np.maximum(logits, _LOGIT_FLOOR), np.minimum(logits, -_LOGIT_FLOOR))
         return logits.astype(np.float32)
 
+    def _image(self, index: int) -> np.ndarray:
+        """Slice ``index`` (rows, cols) as the model sees it, in [0, 1] (a deep negative click's tissue test)."""
+        return normalize_slice(self.session.windowed_slice(self.axes, index))
+
     def _radius_mm(self, mask: np.ndarray) -> float:
         """The radius (mm) of a disk as large as ``mask`` (rows, cols)."""
         return float(np.sqrt(mask.sum() * np.prod(self.axes.pixel_spacing) / np.pi))
@@ -389,7 +394,8 @@ class Engine:
         logits = self._base_logits(state, base) if base is not None else None
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits, centred_removal=removal,
                           max_radius_mm=self._reach_cap_mm(state, index, base),
-                          widest_box_mm=np.inf if base is not None else self._widest_box_mm(state, index))
+                          widest_box_mm=np.inf if base is not None else self._widest_box_mm(state, index),
+                          image=self._image(index))
         for x, y, positive in clicks:
             refiner.add_click((x, y), positive)
         return refiner.mask
