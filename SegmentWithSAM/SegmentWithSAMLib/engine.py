@@ -486,12 +486,20 @@ class Engine:
         if index not in state.masks or not state.masks[index][rows, cols].any():
             return 0.0
         first, last = min(state.masks), max(state.masks)
-        stack = np.zeros((last - first + 3, *self.axes.image_shape), bool)  # an empty slice past each end
-        for i, mask in state.masks.items():
-            stack[i - first + 1] = mask
-        spacing = (self.axes.spacing_ijk[self.axes.slice_axis], *self.axes.pixel_spacing)
-        depth = ndi.distance_transform_edt(stack, sampling=spacing)
-        return float(depth[index - first + 1, rows, cols].max())
+        spacing = np.array([self.axes.spacing_ijk[self.axes.slice_axis], *self.axes.pixel_spacing])
+        # The depth in the slice's own plane bounds the 3D depth: only the block within it of the points can hold
+        # the nearest voxel outside (a whole stack's distance transform took 1.4 s on the head CT's 104 slices).
+        plane = ndi.distance_transform_edt(state.masks[index], sampling=spacing[1:])[rows, cols].max()
+        reach = np.ceil(plane / spacing).astype(int) + 1
+        rows_max, cols_max = np.subtract(self.axes.image_shape, 1)
+        low = np.maximum([first - 1, rows.min(), cols.min()] - reach, [first - 1, 0, 0])
+        high = np.minimum([last + 1, rows.max(), cols.max()] + reach, [last + 1, rows_max, cols_max]) + 1
+        block = np.zeros(high - low, bool)  # an empty slice past each end of the object
+        for i in range(max(first, low[0]), min(last, high[0] - 1) + 1):
+            if i in state.masks:
+                block[i - low[0]] = state.masks[i][low[1]: high[1], low[2]: high[2]]
+        depth = ndi.distance_transform_edt(block, sampling=tuple(spacing))
+        return float(depth[index - low[0], rows - low[1], cols - low[2]].max())
 
     def _carry_negative(self, state: ObjectState, index: int, points: np.ndarray, depth_mm: float, step: int,
                         update: Update, cancel: Cancel) -> None:

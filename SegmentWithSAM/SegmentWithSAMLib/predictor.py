@@ -27,6 +27,12 @@ class Prediction:
     low_res_logits: np.ndarray
     logits: np.ndarray
 
+    def take(self, index: int) -> Prediction:
+        """Mask ``index`` alone (M = 1), as :meth:`SlicePredictor.predict` gives one: e.g. one box's of
+        :meth:`SlicePredictor.predict_boxes`."""
+        part = slice(index, index + 1)
+        return Prediction(self.masks[part], self.scores[part], self.low_res_logits[part], self.logits[part])
+
     def best(self) -> int:
         """Index of the mask with the highest predicted quality."""
         return int(np.argmax(self.scores))

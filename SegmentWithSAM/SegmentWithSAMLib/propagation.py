@@ -185,20 +185,22 @@ def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray, pixel_s
     (PRIOR_GAP_MM). ``jitter``: the model's logits and quality are the mean over the offset grown by each of
     these pixels on every side (see OFFSET_JITTER_PX). The one home of a propagated slice's prompt: propagation
     chains it from slice to slice, and a click refines a slice from its own mask with it."""
-    predictions = [_chained_prediction(predictor, neighbour, offset + np.array([-px, -px, px, px]), pixel_spacing,
-                                       gap_mm) for px in jitter]
+    margin = _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0]
+    boxes = np.array([bounding_box(neighbour) + offset + margin + np.array([-px, -px, px, px]) for px in jitter])
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
+    first = predictor.predict_boxes(boxes)  # every offset's box in one batched decoder run
+    predictions = [_expanded(predictor, box, first.take(i), offset + margin, pixel_spacing, gap_mm)
+                   for i, box in enumerate(boxes)]
     logits = np.mean([prediction.logits[0] for prediction in predictions], axis=0)
     weight = min(1.0, PRIOR_GAP_MM / gap_mm) if gap_mm > 0 else 1.0
     return logits + weight * _shape_prior(neighbour, pixel_spacing), float(np.mean([p.scores[0] for p in predictions]))
 
 
-def _chained_prediction(predictor, neighbour: np.ndarray, offset: np.ndarray, pixel_spacing: tuple[float, float],
-                        gap_mm: float):
-    """The model's prediction for :func:`chained_logits` with one offset (its box, expanded and fitted)."""
-    margin = _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0]
-    box = bounding_box(neighbour) + offset + margin
-    box[2:] = np.maximum(box[2:], box[:2])
-    prediction = predictor.predict(box=box)
+def _expanded(predictor, box: np.ndarray, prediction, around: np.ndarray, pixel_spacing: tuple[float, float],
+              gap_mm: float):
+    """One offset's prediction for :func:`chained_logits`: ``prediction`` (the model's for ``box``), across a
+    thick gap with each side of the box its mask reaches moved out and decoded again, then the box fitted to the
+    mask (``around``: the box's margin around its mask)."""
     step = _mm_to_box([EXPAND_GAPS * gap_mm], pixel_spacing)[0]
     thick, grown = gap_mm >= EXPAND_FROM_MM, np.zeros(4, bool)
     for _ in range(int(EXPAND_TIMES) if thick else 0):
@@ -208,7 +210,7 @@ def _chained_prediction(predictor, neighbour: np.ndarray, offset: np.ndarray, pi
         box, grown = box + sides * step, grown | (sides > 0)
         prediction = predictor.predict(box=box)
     if thick and prediction.masks[0].any():
-        fitted = _shrunk_box(box, bounding_box(prediction.masks[0]) + offset + margin, step * ~grown)
+        fitted = _shrunk_box(box, bounding_box(prediction.masks[0]) + around, step * ~grown)
         if np.abs(fitted - box).max() >= 1:
             shrunk = predictor.predict(box=fitted)
             if shrunk.scores[0] > prediction.scores[0]:
