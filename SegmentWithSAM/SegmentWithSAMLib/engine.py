@@ -150,7 +150,8 @@ class Engine:
             raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
         self.session.set_slice(self.axes.view, index)
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, box,
-                          widest_box_mm=self._widest_box_mm(state, index), image=self._image(index))
+                          widest_box_mm=self._widest_box_mm(state, index),
+                          image=self._image(index, prompt.clicks))
         for x, y, positive in prompt.clicks:
             refiner.add_click((x, y), positive)
         mask = self._kept(state, index, refiner.mask)
@@ -359,8 +360,11 @@ class Engine:
         logits = np.where(base, np.maximum(logits, _LOGIT_FLOOR), np.minimum(logits, -_LOGIT_FLOOR))
         return logits.astype(np.float32)
 
-    def _image(self, index: int) -> np.ndarray:
-        """Slice ``index`` (rows, cols) as the model sees it, in [0, 1] (a deep negative click's tissue test)."""
+    def _image(self, index: int, clicks) -> np.ndarray | None:
+        """Slice ``index`` (rows, cols) as the model sees it, in [0, 1], for a deep negative click's tissue test
+        (:class:`~.refinement.Refiner`'s ``image``); None when ``clicks`` ((x, y, positive) each) has no negative."""
+        if all(positive for *_, positive in clicks):
+            return None
         return normalize_slice(self.session.windowed_slice(self.axes, index))
 
     def _radius_mm(self, mask: np.ndarray) -> float:
@@ -395,7 +399,7 @@ class Engine:
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits, centred_removal=removal,
                           max_radius_mm=self._reach_cap_mm(state, index, base),
                           widest_box_mm=np.inf if base is not None else self._widest_box_mm(state, index),
-                          image=self._image(index))
+                          image=self._image(index, clicks))
         for x, y, positive in clicks:
             refiner.add_click((x, y), positive)
         return refiner.mask
@@ -495,9 +499,9 @@ class Engine:
         low = np.maximum([first - 1, rows.min(), cols.min()] - reach, [first - 1, 0, 0])
         high = np.minimum([last + 1, rows.max(), cols.max()] + reach, [last + 1, rows_max, cols_max]) + 1
         block = np.zeros(high - low, bool)  # an empty slice past each end of the object
-        for i in range(max(first, low[0]), min(last, high[0] - 1) + 1):
-            if i in state.masks:
-                block[i - low[0]] = state.masks[i][low[1]: high[1], low[2]: high[2]]
+        for i, mask in state.masks.items():
+            if low[0] <= i < high[0]:
+                block[i - low[0]] = mask[low[1]: high[1], low[2]: high[2]]
         depth = ndi.distance_transform_edt(block, sampling=tuple(spacing))
         return float(depth[index - low[0], rows - low[1], cols - low[2]].max())
 

@@ -16,7 +16,7 @@ later click worse, and SAM-style point prompts barely move the mask. So refineme
    mask holds, so, given the slice's image, it removes only pixels that look like the tissue it was placed on:
    intensity within ``LIKE_TOLERANCE`` of the median under its disk. A negative click in the brain inside the
    head CT's skull mask (the model fills the shell) cut the bone away with it: 0.217 -> 0.171 after five
-   clicks, 0.365 with this rule (docs/interaction.md, "Session 23").
+   clicks, 0.362 with this rule (docs/interaction.md, "Session 23").
 """
 
 from __future__ import annotations
