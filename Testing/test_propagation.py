@@ -19,7 +19,7 @@ from SegmentWithSAMLib.cvpr25 import WINDOW
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27
 from SegmentWithSAMLib.engine import RANGE_RULES, Engine
 from SegmentWithSAMLib.errors import PromptError
-from SegmentWithSAMLib.geometry import slice_axes
+from SegmentWithSAMLib.geometry import bounding_box, slice_axes
 from SegmentWithSAMLib.io import read_volume, write_labelmap
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.propagation import (
@@ -254,6 +254,23 @@ def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, defa
     assert sorted(masks) == list(range(index + 1, index + 6))
     assert propagator.stopped == {"up": "refused"}
     assert default_model.encoder_runs - before == 5  # the seed, +3, +6, +4, +5: nothing encoded twice
+
+
+def test_a_small_seed_averages_three_decodes_a_slice_and_a_wide_one_takes_one(session, atlas, colin):
+    """The offset jitter (three decodes a slice) is for seeds narrower than JITTER_BELOW_PX model pixels, where a
+    pixel moves the chain; a wider seed (here the whole brain on Colin27's slice) is decoded once a slice."""
+    axes = session.axes("axial")
+    index, putamen = middle_slice(atlas, axes, "Putamen_L")
+    brain = axes.oriented(colin.array > np.percentile(colin.array, 60))[index]
+    runs = {}
+    for name, seed in (("putamen", putamen), ("brain", ndi.binary_fill_holes(brain))):
+        session.set_slice("axial", index)
+        chain = BoxChain(Propagator(session, "axial"), (index, seed), index - 2, index + 2,
+                         box=bounding_box(seed) + 2, jitter=propagation.OFFSET_JITTER_PX)
+        before = session.predictor.model.decoder_runs
+        chain.predict(index + 1, seed, 1)
+        runs[name] = session.predictor.model.decoder_runs - before
+    assert runs == {"putamen": 3, "brain": 1}
 
 
 def test_skip_is_checked(session):

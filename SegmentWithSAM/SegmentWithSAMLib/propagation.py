@@ -64,6 +64,12 @@ GIVEN_BOX_MARGIN = 0.05
 # 0.674 / 0.676 / 0.672 averaged (docs/interaction.md, "Session 22"), for three times the decoder's work (step 0
 # on cached embeddings about twice as long; clicks would have taken 4.4 s instead of 2.4 s at most).
 OFFSET_JITTER_PX = (-1.0, 0.0, 1.0)
+# ... for a seed whose box is narrower than this many model-input pixels on its shorter side. A pixel is under 1/64
+# of a wider box, and one decode does: on the head CT's skull and head and the MR liver (84-149 px) step 0 and
+# every click stayed within 0.0015 of the three offsets' mean (the skull +0.0005, the liver's five clicks +0.0015;
+# the 18 other structures are narrower), and the head CT's two boxes through `cvpr25` on cached embeddings took
+# 16-18 s instead of 29.5 s (docs/interaction.md, "Session 24").
+JITTER_BELOW_PX = 64
 # Propagator(skip=…): at most this many slices interpolated between two that the model segments.
 MAX_SKIP = 4
 # Without the seed's box, the box-to-mask offset is the margin (mm) whose box best reproduces the seed mask; for a
@@ -240,7 +246,7 @@ class BoxChain:
     GIVEN_BOX_MARGIN); the mask's appearance (mean image feature) is compared with the seed's for the similarity
     stop. ``box``: the box (x0, y0, x1, y1 pixels) the seed came from, if known (else the offset is calibrated
     on the seed, ``drawn``: a seed the user drew); ``jitter``: the offsets' growths (pixels) whose logits are
-    averaged (see OFFSET_JITTER_PX)."""
+    averaged for a seed narrower than JITTER_BELOW_PX (see OFFSET_JITTER_PX)."""
 
     def __init__(self, propagator: Propagator, seed: tuple[int, np.ndarray], low: int, high: int,
                  box: np.ndarray | None = None, drawn: bool = False, jitter: tuple[float, ...] = (0.0,)) -> None:
@@ -250,7 +256,9 @@ class BoxChain:
         index, mask = seed
         self.session.set_slice(self.axes.view, index)
         self.signature = self.session.predictor.region_feature(mask)
-        self.box, self.jitter = box, jitter
+        self.box = box
+        side = np.diff(self.session.predictor.transform.box_to_model(bounding_box(mask)).reshape(2, 2), axis=0).min()
+        self.jitter = jitter if side < JITTER_BELOW_PX else (0.0,)
         self.offset = box - bounding_box(mask) if box is not None else \
             self._calibrated_offset(mask, DRAWN_TOLERANCE if drawn else 0.0)
 
