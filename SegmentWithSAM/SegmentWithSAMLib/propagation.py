@@ -66,9 +66,9 @@ GIVEN_BOX_MARGIN = 0.05
 OFFSET_JITTER_PX = (-1.0, 0.0, 1.0)
 # ... for a seed whose box is narrower than this many model-input pixels on its shorter side. A pixel is under 1/64
 # of a wider box, and one decode does: on the head CT's skull and head and the MR liver (84-149 px) step 0 and
-# every click stayed within 0.0015 of the three offsets' mean (the skull +0.0005, the liver's five clicks +0.0015;
-# the 18 other structures are narrower), and the head CT's two boxes through `cvpr25` on cached embeddings took
-# 16-18 s instead of 29.5 s (docs/interaction.md, "Session 24").
+# every click stayed within 0.0016 of the three offsets' mean (the skull +0.0005, the liver's step 0 -0.0016 and
+# five clicks -0.0002; the 18 other structures are narrower), and the head CT's two boxes through `cvpr25` on
+# cached embeddings took 16-18 s instead of 29.5 s (docs/interaction.md, "Session 24").
 JITTER_BELOW_PX = 64
 # Propagator(skip=…): at most this many slices interpolated between two that the model segments.
 MAX_SKIP = 4
@@ -191,12 +191,13 @@ def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray, pixel_s
     (PRIOR_GAP_MM). ``jitter``: the model's logits and quality are the mean over the offset grown by each of
     these pixels on every side (see OFFSET_JITTER_PX). The one home of a propagated slice's prompt: propagation
     chains it from slice to slice, and a click refines a slice from its own mask with it."""
-    margin = _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0]
-    boxes = np.array([bounding_box(neighbour) + offset + margin + np.array([-px, -px, px, px]) for px in jitter])
+    arounds = [offset + _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0] + np.array([-px, -px, px, px])
+               for px in jitter]  # each offset's box around its mask
+    boxes = np.array([bounding_box(neighbour) + around for around in arounds])
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
     first = predictor.predict_boxes(boxes)  # every offset's box in one batched decoder run
-    predictions = [_expanded(predictor, box, first.take(i), offset + margin, pixel_spacing, gap_mm)
-                   for i, box in enumerate(boxes)]
+    predictions = [_expanded(predictor, box, first.take(i), around, pixel_spacing, gap_mm)
+                   for i, (box, around) in enumerate(zip(boxes, arounds, strict=True))]
     logits = np.mean([prediction.logits[0] for prediction in predictions], axis=0)
     weight = min(1.0, PRIOR_GAP_MM / gap_mm) if gap_mm > 0 else 1.0
     return logits + weight * _shape_prior(neighbour, pixel_spacing), float(np.mean([p.scores[0] for p in predictions]))
