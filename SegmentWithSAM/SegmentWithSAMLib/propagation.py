@@ -64,11 +64,11 @@ GIVEN_BOX_MARGIN = 0.05
 # 0.674 / 0.676 / 0.672 averaged (docs/interaction.md, "Session 22"), for three times the decoder's work (step 0
 # on cached embeddings about twice as long; clicks would have taken 4.4 s instead of 2.4 s at most).
 OFFSET_JITTER_PX = (-1.0, 0.0, 1.0)
-# ... for a seed whose box is narrower than this many model-input pixels on its shorter side. A pixel is under 1/64
-# of a wider box, and one decode does: on the head CT's skull and head and the MR liver (84-149 px) step 0 and
-# every click stayed within 0.0016 of the three offsets' mean (the skull +0.0005, the liver's step 0 -0.0016 and
-# five clicks -0.0002; the 18 other structures are narrower), and the head CT's two boxes through `cvpr25` on
-# cached embeddings took 16-18 s instead of 29.5 s (docs/interaction.md, "Session 24").
+# The jitter is only for a seed whose box is narrower than this many model-input pixels on its shorter side. A
+# pixel is under 1/64 of a wider box, and one decode does: on the head CT's skull and head and the MR liver
+# (84-149 px) step 0 and every click stayed within 0.0016 of the three offsets' mean (the skull +0.0005, the
+# liver's step 0 -0.0016 and five clicks -0.0002; the 18 other structures are narrower), and the head CT's two
+# boxes through `cvpr25` on cached embeddings took 16-18 s instead of 29.5 s (docs/interaction.md, "Session 24").
 JITTER_BELOW_PX = 64
 # Propagator(skip=…): at most this many slices interpolated between two that the model segments.
 MAX_SKIP = 4
