@@ -191,8 +191,8 @@ def chained_logits(predictor, neighbour: np.ndarray, offset: np.ndarray, pixel_s
     (PRIOR_GAP_MM). ``jitter``: the model's logits and quality are the mean over the offset grown by each of
     these pixels on every side (see OFFSET_JITTER_PX). The one home of a propagated slice's prompt: propagation
     chains it from slice to slice, and a click refines a slice from its own mask with it."""
-    arounds = [offset + _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0] + np.array([-px, -px, px, px])
-               for px in jitter]  # each offset's box around its mask
+    margin = _mm_to_box([BOX_MARGIN_MM], pixel_spacing)[0]
+    arounds = [offset + margin + np.array([-px, -px, px, px]) for px in jitter]  # each offset's box around its mask
     boxes = np.array([bounding_box(neighbour) + around for around in arounds])
     boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
     first = predictor.predict_boxes(boxes)  # every offset's box in one batched decoder run
