@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from interactive3d import COLIN_GROUP, HEAD_CT_GROUP, InProcess, all_cases, protocol
+from interactive3d import InProcess, add_selection, all_cases, every_group, model_and_cache, protocol, selection
 from scipy import ndimage as ndi
 
 from SegmentWithSAMLib.challenge import CLICK_STEPS, NSD_TOLERANCE_MM, normalized_surface_dice
@@ -96,26 +96,12 @@ COLUMNS = ["dsc", "nsd", "lost", "lost 2-4 mm", "lost > 6 mm", "end slices", "ex
 
 
 def main() -> None:
-    from devset import GROUPS
-
-    every_group = [COLIN_GROUP, HEAD_CT_GROUP, *GROUPS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", default=",".join(every_group), help=f"comma-separated, from {every_group}")
-    parser.add_argument("--structures", default="all", help="comma-separated structure names (default all)")
+    add_selection(parser)
     parser.add_argument("--cache-dir", type=Path, help="keep the embeddings in (and reuse them from) this folder")
     args = parser.parse_args()
-    groups = args.groups.split(",")
-    if set(groups) - set(every_group):
-        parser.error(f"unknown groups: {', '.join(sorted(set(groups) - set(every_group)))}")
-    names = None if args.structures == "all" else args.structures.split(",")
-
-    from SegmentWithSAMLib.cache import EmbeddingCache
-    from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
-    from SegmentWithSAMLib.loading import load_model
-
-    model = load_model()
-    embeddings = args.cache_dir or Path(tempfile.mkdtemp(prefix="boundaries-")) / "embeddings"
-    cache = EmbeddingCache(disk=DiskEmbeddingCache.for_model(model, embeddings))
+    groups, names = selection(parser, args)
+    model, cache = model_and_cache(args.cache_dir or Path(tempfile.mkdtemp(prefix="boundaries-")) / "embeddings")
     results = {}
     for name, group, image, spacing, truth in all_cases(groups, names):
         driver = KeepingMasks(model, cache)
@@ -126,7 +112,7 @@ def main() -> None:
     if not results:
         parser.error("no structure matched the groups and names given")
 
-    present = [g for g in every_group if any(r["group"] == g for r in results.values())]
+    present = [g for g in every_group() if any(r["group"] == g for r in results.values())]
     means = {f"mean {g}": [r for r in results.values() if r["group"] == g] for g in present}
     means["mean"] = list(results.values())
     rows = [[name, *(r[c] for c in COLUMNS)] for name, r in results.items()]

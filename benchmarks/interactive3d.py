@@ -251,13 +251,39 @@ def all_cases(groups: list[str], names: list[str] | None):
                 yield name, group, image, spacing, truth
 
 
-def main() -> None:
+def every_group() -> list[str]:
     from devset import GROUPS
 
-    every_group = [COLIN_GROUP, HEAD_CT_GROUP, *GROUPS]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", default=",".join(every_group), help=f"comma-separated, from {every_group}")
+    return [COLIN_GROUP, HEAD_CT_GROUP, *GROUPS]
+
+
+def add_selection(parser: argparse.ArgumentParser) -> None:
+    """The options choosing the cases: --groups and --structures."""
+    parser.add_argument("--groups", default=",".join(every_group()), help=f"comma-separated, from {every_group()}")
     parser.add_argument("--structures", default="all", help="comma-separated structure names (default all)")
+
+
+def selection(parser: argparse.ArgumentParser, args) -> tuple[list[str], list[str] | None]:
+    """The groups and the structure names (None: all) that ``args`` chose; a parser error for an unknown group."""
+    groups = args.groups.split(",")
+    if set(groups) - set(every_group()):
+        parser.error(f"unknown groups: {', '.join(sorted(set(groups) - set(every_group())))}")
+    return groups, None if args.structures == "all" else args.structures.split(",")
+
+
+def model_and_cache(embeddings: Path):
+    """The default model and an embedding cache kept on disk in ``embeddings``."""
+    from SegmentWithSAMLib.cache import EmbeddingCache
+    from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
+    from SegmentWithSAMLib.loading import load_model
+
+    model = load_model()
+    return model, EmbeddingCache(disk=DiskEmbeddingCache.for_model(model, embeddings))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_selection(parser)
     parser.add_argument("--steps", type=int, default=CLICK_STEPS, help="click steps after the box (default 5)")
     parser.add_argument("--in-process", action="store_true", help="drive one Segmenter, no process per step")
     parser.add_argument("--no-baselines", action="store_true", help="skip the oracle and one-box propagation")
@@ -265,19 +291,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="keep the embeddings in (and reuse them from) this folder; "
                         "step 0's seconds then leave out the encoding (default: a fresh folder)")
     args = parser.parse_args()
-    groups = args.groups.split(",")
-    if set(groups) - set(every_group):
-        parser.error(f"unknown groups: {', '.join(sorted(set(groups) - set(every_group)))}")
-    names = None if args.structures == "all" else args.structures.split(",")
-
-    from SegmentWithSAMLib.cache import EmbeddingCache
-    from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
-    from SegmentWithSAMLib.loading import load_model
-
-    model = load_model()
+    groups, names = selection(parser, args)
     work = Path(tempfile.mkdtemp(prefix="interactive3d-"))
     embeddings = args.cache_dir or work / "embeddings"
-    cache = EmbeddingCache(disk=DiskEmbeddingCache.for_model(model, embeddings))
+    model, cache = model_and_cache(embeddings)
     driver = InProcess(model, cache) if args.in_process else Subprocess(work, embeddings)
     results = {}
     for name, group, image, spacing, truth in all_cases(groups, names):
@@ -293,7 +310,7 @@ def main() -> None:
         parser.error(f"unknown structures (or not in --groups): {', '.join(sorted(set(names) - set(results)))}")
 
     rows = [_row(name, r) for name, r in results.items()]
-    present = [g for g in every_group if any(r["group"] == g for r in results.values())]
+    present = [g for g in every_group() if any(r["group"] == g for r in results.values())]
     by_group = {g: {n: r for n, r in results.items() if r["group"] == g} for g in present}
     rows += [_row(f"mean {g}", _mean(rs)) for g, rs in by_group.items() if len(by_group) > 1]
     rows.append(_row("mean", _mean(results)))
