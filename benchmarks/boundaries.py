@@ -50,6 +50,11 @@ class KeepingMasks(InProcess):
         return mask, times
 
 
+def overshooting(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(D,) the slices of the truth where ``mask`` holds more than twice the truth's pixels."""
+    return (mask.sum(axis=(1, 2)) > 2 * truth.sum(axis=(1, 2))) & truth.any(axis=(1, 2))
+
+
 def variants(truth: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """``mask`` (D, H, W) with one kind of error taken away, or changed, each: see the module docstring."""
     truth_slices, mask_slices = truth.any(axis=(1, 2)), mask.any(axis=(1, 2))
@@ -58,7 +63,7 @@ def variants(truth: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     missed = truth_slices & ~mask_slices
     extent[missed] = truth[missed]
     ends = mask.copy()
-    over = (mask.sum(axis=(1, 2)) > 2 * truth.sum(axis=(1, 2))) & truth_slices
+    over = overshooting(truth, mask)
     ends[over] = truth[over]
     return {"extent": extent, "ends": ends,
             "smooth xy": ndi.gaussian_filter(mask.astype(np.float32), (0.0, 1.0, 1.0)) > 0.5,
@@ -84,7 +89,7 @@ def measure(truth: np.ndarray, mask: np.ndarray, spacing) -> dict:
     """DSC and NSD of ``mask`` and of each variant, the lost surface's shares, and the slices the ends rule fixes."""
     result = {"dsc": dice(truth, mask), "nsd": normalized_surface_dice(truth, mask, spacing),
               **lost_surface(truth, mask, spacing),
-              "end slices": int(((mask.sum(axis=(1, 2)) > 2 * truth.sum(axis=(1, 2))) & truth.any(axis=(1, 2))).sum())}
+              "end slices": int(overshooting(truth, mask).sum())}
     for name, changed in variants(truth, mask).items():
         result[f"{name} dsc"] = dice(truth, changed)
         result[f"{name} nsd"] = normalized_surface_dice(truth, changed, spacing)
