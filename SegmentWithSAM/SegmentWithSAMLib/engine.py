@@ -426,7 +426,8 @@ class Engine:
         # how the object's box sat around its mask holds on every slice (without a box: calibrated on the seed)
         box = bounding_box(seed) + state.offset if state.box is not None else None
         steps = propagator.steps((index, seed), Direction.UP if step > 0 else Direction.DOWN, state.slice_range,
-                                 keys, box=box, drawn=drawn, jitter=jitter)
+                                 keys, box=box, drawn=drawn, jitter=jitter,
+                                 ends=box is not None and state.rules == RANGE_RULES)  # a 3D box's range
         reason = None
         try:
             for slice_step in steps:
