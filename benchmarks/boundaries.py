@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from interactive3d import InProcess, add_selection, all_cases, every_group, model_and_cache, protocol, selection
+from interactive3d import InProcess, add_selection, all_cases, means_by_group, model_and_cache, protocol, selection
 from scipy import ndimage as ndi
 
 from SegmentWithSAMLib.challenge import CLICK_STEPS, NSD_TOLERANCE_MM, normalized_surface_dice
@@ -117,9 +117,7 @@ def main() -> None:
     if not results:
         parser.error("no structure matched the groups and names given")
 
-    present = [g for g in every_group() if any(r["group"] == g for r in results.values())]
-    means = {f"mean {g}": [r for r in results.values() if r["group"] == g] for g in present}
-    means["mean"] = list(results.values())
+    means = means_by_group(results)
     rows = [[name, *(r[c] for c in COLUMNS)] for name, r in results.items()]
     rows += [[label, *(float(np.mean([r[c] for r in rs])) for c in COLUMNS)] for label, rs in means.items()]
     print(f"\nAfter the box and {CLICK_STEPS} clicks of the CVPR 2025 protocol (in process, axial): the final mask "

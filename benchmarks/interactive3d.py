@@ -257,6 +257,15 @@ def every_group() -> list[str]:
     return [COLIN_GROUP, HEAD_CT_GROUP, *GROUPS]
 
 
+def means_by_group(results: dict) -> dict[str, list[dict]]:
+    """The results (structure name -> a dict with its "group") of each group present, in every_group()'s order,
+    labelled "mean GROUP", then all of them, labelled "mean"."""
+    present = [g for g in every_group() if any(r["group"] == g for r in results.values())]
+    means = {f"mean {g}": [r for r in results.values() if r["group"] == g] for g in present}
+    means["mean"] = list(results.values())
+    return means
+
+
 def add_selection(parser: argparse.ArgumentParser) -> None:
     """The options choosing the cases: --groups and --structures."""
     parser.add_argument("--groups", default=",".join(every_group()), help=f"comma-separated, from {every_group()}")

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from interactive3d import InProcess, add_selection, all_cases, every_group, model_and_cache, selection
+from interactive3d import InProcess, add_selection, all_cases, means_by_group, model_and_cache, selection
 
 from SegmentWithSAMLib.challenge import box_from_truth, score, simulate_click_3d
 
@@ -64,9 +64,7 @@ def main() -> None:
     if not results:
         parser.error("no structure matched the groups and names given")
 
-    present = [g for g in every_group() if any(r["group"] == g for r in results.values())]
-    means = {f"mean {g}": [r for r in results.values() if r["group"] == g] for g in present}
-    means["mean"] = list(results.values())
+    means = means_by_group(results)
     rows = [[name, *(f"{r['sides'][s]['box']:.3f} -> {r['sides'][s]['click']:.3f}" for s in SIDES),
              r["box"], r["click"]] for name, r in results.items()]
     rows += [[label, *([""] * len(SIDES)), float(np.mean([r["box"] for r in rs])),
