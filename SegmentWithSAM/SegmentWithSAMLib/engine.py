@@ -26,7 +26,7 @@ from .metrics import dice
 from .predictor import normalize_slice
 from .prompts import click_logits
 from .propagation import OFFSET_JITTER_PX, Cancelled, Direction, Propagator, StopRules, chained_logits
-from .refinement import MAX_RADIUS_MM, MIN_RADIUS, Refiner
+from .refinement import MAX_RADIUS_MM, MIN_RADIUS, Refiner, edge_distance
 from .state import Kind, ObjectState, Update
 from .strokes import check_stroke, fill_lasso, sample_stroke
 
@@ -422,10 +422,9 @@ class Engine:
         outside = pixels[~base[pixels[:, 0], pixels[:, 1]]] if base.any() else pixels[:0]
         if not len(outside) or self._radius_mm(base) < LARGE_FROM_MM:
             return base
-        inside = np.argwhere(base)
         box = bounding_box(base) + state.offset
         for row, col in outside:
-            beyond = max(MIN_RADIUS, float(np.sqrt(((inside - (row, col)) ** 2).sum(axis=1).min())))
+            beyond = max(MIN_RADIUS, edge_distance(base, row, col))
             box = np.concatenate([np.minimum(box[:2], (col - beyond, row - beyond)),
                                   np.maximum(box[2:], (col + beyond, row + beyond))])
         box, _ = clip_box(box, self.axes.image_shape)

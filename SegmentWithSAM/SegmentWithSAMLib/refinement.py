@@ -59,7 +59,7 @@ def _pixel(xy, shape) -> tuple[int, int]:
     return row, col
 
 
-def _edge_distance(mask: np.ndarray, row: int, col: int) -> float:
+def edge_distance(mask: np.ndarray, row: int, col: int) -> float:
     """Distance from (row, col) to the other side of the mask edge (pixels); MIN_RADIUS for an empty mask."""
     if not mask.any():
         return MIN_RADIUS
@@ -123,7 +123,7 @@ class Refiner:
             self.logits = click_logits(self.predictor, self._first_click, self.pixel_spacing,
                                        negatives.reshape(-1, 2), self.widest_box_mm)
         max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
-        radius = max(MIN_RADIUS, min(max_radius, _edge_distance(self.mask, row, col)))
+        radius = max(MIN_RADIUS, min(max_radius, edge_distance(self.mask, row, col)))
         self.clicks.append(Click((float(xy[0]), float(xy[1])), bool(positive), radius))
         self.mask = self._apply_clicks() if self.logits is not None else self.mask
         return self.mask
