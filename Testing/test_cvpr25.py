@@ -17,15 +17,18 @@ import numpy as np
 import pytest
 import torch
 
+from SegmentWithSAMLib import cvpr25
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.challenge import ChallengeBox, auc, box_from_truth, score, simulate_click_3d
-from SegmentWithSAMLib.cvpr25 import WINDOW, Case, challenge_layout, read_case, write_case
+from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case, challenge_layout, read_case, skip_for_budget, write_case
 from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
 from SegmentWithSAMLib.errors import PromptError, SegmentWithSAMError, VolumeError
 from SegmentWithSAMLib.geometry import Volume, slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.preprocessing import SliceTransform, resolve_window
+from SegmentWithSAMLib.propagation import MAX_SKIP
+from SegmentWithSAMLib.session import Session
 
 OBJECTS = ("Hippocampus_L", "Amygdala_L")
 
@@ -261,6 +264,19 @@ def test_the_command_predicts_a_colin27_case_and_a_second_call_encodes_nothing(t
     write_case(inputs / "colin.npz", image, spacing, [box_from_truth(t) for t in truths], clicks)
     step = json.loads(_cli(inputs, outputs, cache_dir=tmp_path / "cache").stdout)
     assert step["files"][0]["prompts_applied"] == 1 and step["files"][0]["encoded"] == 0
+
+
+def test_boxes_skip_slices_only_where_encoding_every_one_would_overrun_the_time_budget(colin_case, default_model,
+                                                                                       monkeypatch):
+    """The skip the boxes get: 0 for a 20-slice case (its slices take seconds to encode, the budget is minutes),
+    the most where even one slice's encoding overruns it; each plan times one slice, encoded for good."""
+    image, spacing, truths = colin_case
+    case = Case("colin.npz", image, spacing, [box_from_truth(t) for t in truths], [[], []])
+    session = Session(case.volume(), default_model, WINDOW, EmbeddingCache())
+    assert skip_for_budget(session, case.boxes, case.objects) == 0
+    assert session.is_cached(VIEW, case.boxes[0].z_mid)  # the first box's own slice, needed in any case
+    monkeypatch.setattr(cvpr25, "BUDGET_S", 1e-6)
+    assert skip_for_budget(session, case.boxes, case.objects) == MAX_SKIP
 
 
 def test_interaction_states_round_trip_on_disk_by_prompts(tmp_path):

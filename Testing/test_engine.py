@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from SegmentWithSAMLib import propagation
 from SegmentWithSAMLib.actions import Box3D, Click, Prompt, Propagate, UserEdit
 from SegmentWithSAMLib.api import Segmenter
+from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.cvpr25 import WINDOW
 from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.engine import CARRY_REACH, FIRST_CLICK_EXTENT, RANGE_RULES, Engine
@@ -207,6 +209,32 @@ def test_a_positive_clicks_additions_on_other_slices_stay_within_its_reach(sessi
     assert added.any() and carried  # the click added on its slice and carried some of it
 
 
+def test_a_3d_box_with_skip_encodes_the_volumes_grid_and_its_clicks_walk_it(colin, default_model, session, truth,
+                                                                            monkeypatch):
+    """Box3D(skip=1) encodes only the volume's even slices (and the box's own and its range's ends): objects share
+    them. The object keeps the skip, so a later positive and negative click each encode at most their own slice;
+    the masks stay close to those of skip 0 (the agreement check off: it would redo stretches slice by slice)."""
+    monkeypatch.setattr(propagation, "SKIP_AGREE", 0.0)
+    oriented, mid = truth
+    skipping = Session(colin, default_model, cache=EmbeddingCache())  # nothing cached: what is encoded shows
+    seg, every = segmenter(skipping), segmenter(session)
+    box, band = box_of(oriented[mid]), (mid - 4, mid + 4)
+    for one, skip in ((seg, 1), (every, 0)):
+        one.step("thalamus", Box3D(mid, box, band, skip=skip))
+    assert seg.states["thalamus"].skip == 1 and set(seg.states["thalamus"].masks) == set(range(band[0], band[1] + 1))
+    encoded = {i for i in range(skipping.axes("axial").num_slices) if skipping.is_cached("axial", i)}
+    assert encoded <= {mid, *band} | set(range(band[0] + band[0] % 2, band[1] + 1, 2)) and len(encoded) <= 7
+    assert dice(oriented_mask(seg, "thalamus"), oriented_mask(every, "thalamus")) >= 0.95
+    odd = mid + 3 if (mid + 3) % 2 else mid + 2  # off the grid: never encoded
+    inside = centre(seg.states["thalamus"].masks[odd - 2])
+    for click in (Click(odd, centre(oriented[odd]), True), Click(odd - 2, inside, False)):
+        runs = default_model.encoder_runs
+        update = seg.step("thalamus", click)
+        assert default_model.encoder_runs - runs <= 1 and len(update.changed) >= 1
+    header, arrays = seg.states["thalamus"].to_message()
+    assert ObjectState.from_message(header, arrays, seg.axes.image_shape).skip == 1
+
+
 def test_bad_prompts_are_refused_and_a_cancelled_step_changes_nothing(session, truth):
     oriented, mid = truth
     seg = boxed(session, truth, half=1)
@@ -237,7 +265,7 @@ def test_bad_prompts_are_refused_and_a_cancelled_step_changes_nothing(session, t
 
 # ---- the engine's contract: copy semantics, deltas, one path for a box -------------------------------------
 def assert_same(a: ObjectState, b: ObjectState) -> None:
-    """``a`` and ``b`` are the same state, value for value (masks, kinds, clicks, base, offset, box, rules)."""
+    """``a`` and ``b`` are the same state, value for value (masks, kinds, clicks, base, offset, box, rules, skip)."""
     assert a.slice_range == b.slice_range and type(a.slice_range) is type(b.slice_range)
     assert set(a.masks) == set(b.masks)
     for i in a.masks:
@@ -252,7 +280,7 @@ def assert_same(a: ObjectState, b: ObjectState) -> None:
     assert (a.box is None) == (b.box is None)
     if a.box is not None:
         assert a.box[0] == b.box[0] and np.array_equal(a.box[1], b.box[1])
-    assert a.rules == b.rules
+    assert a.rules == b.rules and a.skip == b.skip
 
 
 def checked_step(engine: Engine, state: ObjectState | None, action, **kwargs):

@@ -232,7 +232,9 @@ class RefuseCalls(StopRules):
         return "refused" if self.calls in self.refused else None
 
 
-def test_skipping_slices_encodes_fewer_and_fills_every_slice(climb, colin, default_model):
+def test_skipping_slices_encodes_fewer_and_fills_every_slice(climb, colin, default_model, monkeypatch):
+    """The volume's grid (the agreement check off: on this narrow seed it redoes stretches slice by slice)."""
+    monkeypatch.setattr(propagation, "SKIP_AGREE", 0.0)
     index, truth, every, encoded, stopped = climb  # skip 0
     assert sorted(every) == list(range(index + 1, index + 9)) and stopped == {"up": "range end"} and encoded == 9
     before = default_model.encoder_runs
@@ -240,20 +242,22 @@ def test_skipping_slices_encodes_fewer_and_fills_every_slice(climb, colin, defau
     skipped = propagated(propagator, (index, truth), "up", (index, index + 8))
     assert sorted(skipped) == list(range(index + 1, index + 9))
     assert propagator.stopped == {"up": "range end"}
-    # skip 2: the seed and slices +3, +6, then +7 and +8 one by one (no room to skip before the range end)
-    assert default_model.encoder_runs - before == 5
+    # skip 2 segments the volume's slices whose number is a multiple of 3: the seed (74), 75, 78, 81, then 82 (no
+    # room to skip before the range end)
+    assert index == 74 and default_model.encoder_runs - before == 5
     assert np.mean([dice(every[i], skipped[i]) for i in every]) >= 0.85
 
 
-def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, default_model):
+def test_a_refused_skipping_step_is_done_again_slice_by_slice(colin, atlas, default_model, monkeypatch):
+    monkeypatch.setattr(propagation, "SKIP_AGREE", 0.0)  # only the rules refuse here
     index, truth = middle_slice(atlas, slice_axes(colin, "axial"), "Putamen_L")
-    rules = RefuseCalls({2, 5})  # the step to +6 is refused, then +4, +5 pass and +6 is refused again
+    rules = RefuseCalls({2, 5})  # from 74: 75 (the grid's), the step to 78 refused, 76 and 77 pass, 78 refused again
     before = default_model.encoder_runs
     propagator = Propagator(Session(colin, default_model, cache=EmbeddingCache()), "axial", rules, skip=2)
     masks = propagated(propagator, (index, truth), "up", (index, index + 20))
-    assert sorted(masks) == list(range(index + 1, index + 6))
+    assert index == 74 and sorted(masks) == [75, 76, 77]
     assert propagator.stopped == {"up": "refused"}
-    assert default_model.encoder_runs - before == 5  # the seed, +3, +6, +4, +5: nothing encoded twice
+    assert default_model.encoder_runs - before == 5  # the seed, 75, 78, 76, 77: nothing encoded twice
 
 
 def test_a_small_seed_averages_three_decodes_a_slice_and_a_wide_one_takes_one(session, atlas, colin):

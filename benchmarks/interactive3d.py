@@ -88,8 +88,8 @@ def _corners(box) -> list[list[int]]:
 class Subprocess:
     """Each step: ``segmentwithsam cvpr25`` in a fresh process, as the challenge runs its container."""
 
-    def __init__(self, folder: Path, cache_dir: Path) -> None:
-        self.inputs, self.outputs = folder / "inputs", folder / "outputs"
+    def __init__(self, folder: Path, cache_dir: Path, skip: int = 0) -> None:
+        self.inputs, self.outputs, self.skip = folder / "inputs", folder / "outputs", skip
         self.inputs.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "SEGMENTWITHSAM_EMBEDDING_CACHE": str(cache_dir)}
 
@@ -97,7 +97,8 @@ class Subprocess:
         write_case(self.inputs / "case.npz", image, spacing, [box], [clicks], prev_pred=prev)
         start, cpu = time.perf_counter(), _children_cpu()
         done = subprocess.run([sys.executable, "-m", "SegmentWithSAMLib.cli", "cvpr25", str(self.inputs),
-                               str(self.outputs), "--json"], capture_output=True, text=True, env=self.env)
+                               str(self.outputs), "--json", "--skip", str(self.skip)], capture_output=True, text=True,
+                              env=self.env)
         seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
         if done.returncode:
             raise RuntimeError(f"segmentwithsam cvpr25 failed: {done.stderr.strip()}")
@@ -111,8 +112,8 @@ class Subprocess:
 class InProcess:
     """One Segmenter for the whole run of a structure: the box, then each click as the user gives it."""
 
-    def __init__(self, model, cache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache, skip: int = 0) -> None:
+        self.model, self.cache, self.skip = model, cache, skip
         self.segmenter = self.volume = None
         self.applied = 0  # clicks given to the engine so far
 
@@ -124,7 +125,7 @@ class InProcess:
         if not clicks:
             self.volume = Case("case.npz", image, spacing, [box], [[]]).volume()
             self.segmenter = Segmenter(self.volume, self.model, VIEW, WINDOW, self.cache)
-            self.segmenter.box3d("object", self.volume.to_ras(_corners(box)), (box.z_min, box.z_max))
+            self.segmenter.box3d("object", self.volume.to_ras(_corners(box)), (box.z_min, box.z_max), skip=self.skip)
             self.applied = 0
         for (d, h, w), positive in (click for click in clicks[self.applied:] if click is not None):
             self.segmenter.click("object", self.volume.to_ras([w, h, d])[0], positive)
@@ -297,6 +298,8 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="drive one Segmenter, no process per step")
     parser.add_argument("--no-baselines", action="store_true", help="skip the oracle and one-box propagation")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--skip", type=int, default=0, help="the boxes' skip: slices interpolated between two the "
+                        "model segments, which the clicks' walks keep (default 0)")
     parser.add_argument("--cache-dir", type=Path, help="keep the embeddings in (and reuse them from) this folder; "
                         "step 0's seconds then leave out the encoding (default: a fresh folder)")
     args = parser.parse_args()
@@ -304,7 +307,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="interactive3d-"))
     embeddings = args.cache_dir or work / "embeddings"
     model, cache = model_and_cache(embeddings)
-    driver = InProcess(model, cache) if args.in_process else Subprocess(work, embeddings)
+    driver = InProcess(model, cache, args.skip) if args.in_process else Subprocess(work, embeddings, args.skip)
     results = {}
     for name, group, image, spacing, truth in all_cases(groups, names):
         result = protocol(driver, image, spacing, truth, args.steps)
@@ -337,8 +340,10 @@ def main() -> None:
             f"{key} = {round(goal['value'], 3) if isinstance(goal['value'], float) else goal['value']} "
             f"({verdict[goal['met']]})" for key, goal in group_goals.items()))
     payload = {"mode": mode, "model": model.name, "engine": model.engine, "device": str(model.device),
-               "steps": args.steps, "ct_structures": CT_STRUCTURES, "structures": results, "targets": goals}
-    write_json("interactive3d-in-process" if args.in_process else "interactive3d", payload, one_line=args.json)
+               "steps": args.steps, "skip": args.skip, "ct_structures": CT_STRUCTURES, "structures": results,
+               "targets": goals}
+    name = "interactive3d-in-process" if args.in_process else "interactive3d"
+    write_json(f"{name}-skip{args.skip}" if args.skip else name, payload, one_line=args.json)
 
 if __name__ == "__main__":
     main()

@@ -35,11 +35,12 @@ class Prompt:
 @dataclass(frozen=True)
 class Box3D:
     """A 3D box: the 2D box on slice ``index`` over ``slice_range`` (first, last). The same as a :class:`Prompt`
-    with that box and range followed by :class:`Propagate` both ways from ``index``."""
+    with that box and range followed by :class:`Propagate` both ways from ``index`` with ``skip``."""
 
     index: int
     box: tuple[float, float, float, float]
     slice_range: tuple[int, int]
+    skip: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,12 @@ def prompt_from_ras(volume: Volume, axes: SliceAxes, points_ras=None, labels=Non
                   None if slice_range is None else (int(slice_range[0]), int(slice_range[1])))
 
 
-def box3d_from_ras(volume: Volume, axes: SliceAxes, corners_ras, slice_range: tuple[int, int]) -> Box3D:
+def box3d_from_ras(volume: Volume, axes: SliceAxes, corners_ras, slice_range: tuple[int, int],
+                   skip: int = 0) -> Box3D:
     """A :class:`Box3D` from a box's two opposite corners (2, 3) RAS on one slice and its range of slices."""
     index, _, box = prompts_to_slice(volume, axes, np.zeros((0, 3)), corners_ras)
     clip_box(box, axes.image_shape)
-    return Box3D(index, tuple(float(v) for v in box), (int(slice_range[0]), int(slice_range[1])))
+    return Box3D(index, tuple(float(v) for v in box), (int(slice_range[0]), int(slice_range[1])), skip)
 
 
 def click_from_ras(volume: Volume, axes: SliceAxes, point_ras, positive: bool) -> Click:

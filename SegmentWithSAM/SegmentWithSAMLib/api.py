@@ -83,9 +83,11 @@ class Segmenter:
         return self.step(name, actions.prompt_from_ras(self.volume, self.axes, points_ras, labels, box_ras,
                                                        slice_range))
 
-    def box3d(self, name: str, corners_ras, slice_range: tuple[int, int], cancel=None) -> Update:
-        """A 3D box: two opposite corners (2, 3) on one slice, spanning ``slice_range`` (first, last)."""
-        return self.step(name, actions.box3d_from_ras(self.volume, self.axes, corners_ras, slice_range), cancel)
+    def box3d(self, name: str, corners_ras, slice_range: tuple[int, int], cancel=None, skip: int = 0) -> Update:
+        """A 3D box: two opposite corners (2, 3) on one slice, spanning ``slice_range`` (first, last); ``skip``:
+        see :class:`~.actions.Box3D`."""
+        return self.step(name, actions.box3d_from_ras(self.volume, self.axes, corners_ras, slice_range, skip),
+                         cancel)
 
     def click(self, name: str, point_ras, positive: bool = True, cancel=None) -> Update:
         """A click anywhere in the volume correcting object ``name`` in 3D."""

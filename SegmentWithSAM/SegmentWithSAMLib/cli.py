@@ -105,6 +105,16 @@ def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bo
                             "1.9x faster with N=2 on a CPU, slightly lower Dice (default 0: every slice)")
 
 
+def _auto_or_int(text: str) -> int | None:
+    """``--skip`` of cvpr25: None for "auto", else a whole number."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number or auto, not {text!r}") from None
+
+
 def _load_model(args: argparse.Namespace):
     """The model the options name; the command is a process's entry point, so it sets PyTorch's threads for
     the engine the model runs on (here and nowhere else in the command)."""
@@ -233,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "of INPUT_DIR (boxes, clicks) into OUTPUT_DIR (segs)")
     cvpr25.add_argument("input_dir", help="folder of challenge .npz files (imgs, spacing, boxes, clicks, ...)")
     cvpr25.add_argument("output_dir", help="folder for the predictions: <same name>.npz with segs (D, H, W) uint8")
+    cvpr25.add_argument("--skip", type=_auto_or_int, default=None, metavar="N|auto",
+                        help="slices interpolated between two the model segments when a box propagates (0-4); "
+                             "auto (default): 0 unless encoding every slice of the boxes would take more than "
+                             "its share of the challenge's time budget")
     _add_model_options(cvpr25)
 
     from .batch.command import add_arguments as add_batch_arguments

@@ -14,6 +14,12 @@ order, one per object per round), so it depends only on its file and ``prev_pred
 fast: embeddings (:mod:`.disk_cache`) and the states after each call (:mod:`.interaction_store`) are kept on
 disk, so a call with one click more applies that click only.
 
+The challenge gives a case 90 s an object for its whole run (the box step and five click steps). Where encoding
+every slice of the boxes' ranges would take more than ENCODE_SHARE of that (one slice's encoding is timed first:
+a 2-core CPU, not a GPU), the boxes propagate with ``skip`` (:class:`~.actions.Box3D`): only every (skip + 1)-th
+slice of the volume is encoded, for every object alike, the slices between are interpolated, and the clicks walk
+the same slices.
+
 The boxes, clicks and orders are pickled object arrays, read only through :class:`RestrictedUnpickler`. A bad
 file prints one line ``segmentwithsam: error: NAME: problem``, gets no output (a stale one is removed) and makes
 the exit status 2; the other files are still predicted.
@@ -38,6 +44,8 @@ from .geometry import Volume
 
 WINDOW = "255,127.5"  # the images are 0–255 already: the identity window (W,L)
 VIEW = "axial"  # the slice axis of the case volume is D, the challenge's z
+BUDGET_S = 90.0  # the challenge's time for an object's whole run (its evaluator's runtime_upperbound / classes)
+ENCODE_SHARE = 0.4  # of the budget, what encoding the boxes' ranges may take (see the module docstring)
 BOX_KEYS = tuple(ChallengeBox.__dataclass_fields__)
 _MAX_OBJECTS = 255  # segs is uint8
 
@@ -244,13 +252,15 @@ def read_case(path: str | os.PathLike) -> Case:
     return case
 
 
-def predict_case(case: Case, model, cache, window: str | None = None, store: bool = True) -> tuple[np.ndarray, int]:
+def predict_case(case: Case, model, cache, window: str | None = None, store: bool = True,
+                 skip: int | None = None) -> tuple[np.ndarray, int, int | None]:
     """``segs`` (D, H, W) uint8 for ``case``: the boxes in order, then the clicks round by round (each object's
     k-th click in round k, as the challenge adds them), through the engine (:class:`~.api.Segmenter`). A
     background click where its object has no mask (outside its range, or before any mask) changes nothing. With
     ``store``, the states after the longest prefix of these prompts seen before are read from disk
     (:mod:`.interaction_store`) and only the prompts after it are applied: each challenge step, a new process
-    with one click more, then costs one click. Returns ``segs`` and how many prompts were applied."""
+    with one click more, then costs one click. ``skip``: the boxes' (None: chosen by :func:`skip_for_budget`).
+    Returns ``segs``, how many prompts were applied and the skip the boxes were given now (None: no box was)."""
     from .api import Segmenter
     from .interaction_store import InteractionStore
 
@@ -258,7 +268,8 @@ def predict_case(case: Case, model, cache, window: str | None = None, store: boo
     window = window or WINDOW
     segmenter = Segmenter(volume, model, VIEW, window=window, cache=cache)
     names = [f"object_{i + 1}" for i in range(case.objects)]
-    prompts: list = [["box", name, box.as_dict()] for name, box in zip(names, case.boxes or [], strict=False)]
+    given = [] if skip is None else [skip]  # states made with a given skip are found by it
+    prompts: list = [["box", name, box.as_dict(), *given] for name, box in zip(names, case.boxes or [], strict=False)]
     for round_ in range(max((len(c) for c in case.clicks), default=0)):
         prompts += [["click", name, [int(v) for v in clicks[round_][0]], bool(clicks[round_][1])]
                     for name, clicks in zip(names, case.clicks, strict=True)
@@ -271,11 +282,14 @@ def predict_case(case: Case, model, cache, window: str | None = None, store: boo
             segmenter.states.update(found)
             done = count
             break
+    boxes = [ChallengeBox(**args[0]) for kind, _, *args in prompts[done:] if kind == "box"]
+    if boxes and skip is None:
+        skip = skip_for_budget(segmenter.session, boxes, case.objects)
     for kind, name, *args in prompts[done:]:
         if kind == "box":
             box = ChallengeBox(**args[0])
             corners_ijk = [[box.z_mid_x_min, box.z_mid_y_min, box.z_mid], [box.z_mid_x_max, box.z_mid_y_max, box.z_mid]]
-            segmenter.box3d(name, volume.to_ras(corners_ijk), (box.z_min, box.z_max))
+            segmenter.box3d(name, volume.to_ras(corners_ijk), (box.z_min, box.z_max), skip=skip)
             continue
         (d, h, w), positive = args
         try:
@@ -287,7 +301,25 @@ def predict_case(case: Case, model, cache, window: str | None = None, store: boo
             # an error, and failing the file would score every object as empty.
     if states is not None and done < len(prompts):
         states.put(prompts, segmenter.states)
-    return segmenter.labelmap(names), len(prompts) - done
+    return segmenter.labelmap(names), len(prompts) - done, skip if boxes else None
+
+
+def skip_for_budget(session, boxes: list[ChallengeBox], objects: int) -> int:
+    """The least skip (0 to :data:`~.propagation.MAX_SKIP`) at which encoding the slices of ``boxes``' ranges
+    not yet cached fits ENCODE_SHARE of the case's budget (BUDGET_S an object), timed on one of them (the first
+    box's middle slice when it is not cached: it is encoded in any case)."""
+    from .propagation import MAX_SKIP
+
+    needed = {z for box in boxes for z in range(box.z_min, box.z_max + 1)}
+    todo = sorted(z for z in needed if not session.is_cached(VIEW, z))
+    if not todo:
+        return 0
+    first = boxes[0].z_mid if boxes[0].z_mid in todo else todo[0]
+    start = time.perf_counter()
+    session.prefetch(VIEW, first)
+    seconds = time.perf_counter() - start
+    allowed = ENCODE_SHARE * BUDGET_S * objects
+    return next((skip for skip in range(MAX_SKIP + 1) if seconds * len(todo) / (skip + 1) <= allowed), MAX_SKIP)
 
 
 def challenge_layout(volume: Volume, window=None) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -334,11 +366,11 @@ def write_case(path: str | os.PathLike, image: np.ndarray, spacing, boxes: list[
 
 
 def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model, on_error=None,
-        window: str | None = None) -> dict:
+        window: str | None = None, skip: int | None = None) -> dict:
     """Predict every ``*.npz`` of ``input_dir`` into ``output_dir``; ``load_model()`` is called once, for the first
-    good file; ``window`` replaces the identity window of 0–255 images. ``on_error(name, message)`` hears of
-    each bad file. Returns a report: per file the objects,
-    clicks, seconds and encoder runs, and the failures."""
+    good file; ``window`` replaces the identity window of 0–255 images; ``skip``: the boxes' (None: by the time
+    budget, :func:`skip_for_budget`). ``on_error(name, message)`` hears of each bad file. Returns a report: per
+    file the objects, clicks, seconds, encoder runs and the boxes' skip, and the failures."""
     from .cache import EmbeddingCache
     from .disk_cache import DiskEmbeddingCache
     from .io import atomic_write
@@ -363,7 +395,7 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
                 report["load_model_s"] = round(time.perf_counter() - start, 3)
                 start = time.perf_counter()
             encoded = model.encoder_runs
-            segs, applied = predict_case(case, model, cache, window)
+            segs, applied, used = predict_case(case, model, cache, window, skip=skip)
             atomic_write(out, ".npz", lambda tmp, segs=segs: np.savez_compressed(tmp, segs=segs))
         except SegmentWithSAMError as exc:
             out.unlink(missing_ok=True)  # a stale output would be scored as this step's
@@ -373,7 +405,7 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
             continue
         clicks = sum(click is not None for rounds in case.clicks for click in rounds)
         report["files"].append({"file": path.name, "objects": case.objects, "clicks": clicks,
-                                "encoded": model.encoder_runs - encoded, "prompts_applied": applied,
+                                "encoded": model.encoder_runs - encoded, "prompts_applied": applied, "skip": used,
                                 "seconds": round(time.perf_counter() - start, 3), "out": str(out)})
     if model is not None:
         report.update(model=model.name, device=str(model.device), engine=model.engine, cache=cache.stats())
@@ -394,7 +426,7 @@ def cmd_cvpr25(args) -> int:
         print(f"segmentwithsam: error: {name}: {message}.", file=sys.stderr)
 
     start = time.perf_counter()
-    report = run(args.input_dir, args.output_dir, lambda: _load_model(args), complain, args.window)
+    report = run(args.input_dir, args.output_dir, lambda: _load_model(args), complain, args.window, args.skip)
     report["seconds"] = round(time.perf_counter() - start, 3)
     if args.json:
         print(json.dumps(report, separators=(",", ":")))
@@ -402,5 +434,7 @@ def cmd_cvpr25(args) -> int:
         print(f"Predicted {len(report['files'])} of {len(report['files']) + len(report['failed'])} files into "
               f"{args.output_dir} in {report['seconds']:.1f} s"
               + "".join(f"\n  {f['file']}: {f['objects']} objects, {f['clicks']} clicks, {f['seconds']:.1f} s, "
-                        f"{f['encoded']} slices encoded" for f in report["files"]))
+                        f"{f['encoded']} slices encoded"
+                        + (f" (skip {f['skip']}: every {f['skip'] + 1} slices)" if f["skip"] else "")
+                        for f in report["files"]))
     return 2 if report["failed"] else 0

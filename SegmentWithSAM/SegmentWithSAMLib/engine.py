@@ -118,7 +118,7 @@ class Engine:
         elif isinstance(action, Box3D):
             work = self._prompt(work, Prompt(action.index, action.box, (), action.slice_range), update)
             if work.masks[action.index].any():
-                self._propagate(work, Propagate(action.index), update, cancel, on_slice)
+                self._propagate(work, Propagate(action.index, skip=action.skip), update, cancel, on_slice)
         elif isinstance(action, Propagate):
             if work is None:
                 raise PromptError("Nothing to propagate: segment a slice first.")
@@ -183,6 +183,7 @@ class Engine:
             state.rules = action.rules
         if not state.slice_range[0] <= index <= state.slice_range[1]:
             raise PromptError(f"Slice {index} is outside the range {state.slice_range[0]}:{state.slice_range[1]}.")
+        state.skip = action.skip  # checked by the propagator; the object's later clicks walk with it too
         for step in Direction(action.direction).steps():
             self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip,
                        drawn=state.kinds.get(index) is Kind.USER, jitter=OFFSET_JITTER_PX)
@@ -235,10 +236,11 @@ class Engine:
             reach = (index, self._distance_mm(np.rint(points)), radius)
             for step in (1, -1):
                 self._walk(state, index, mask, step, update, cancel, None, agree=self.agree, added=added,
-                           reach=reach)
+                           skip=state.skip, reach=reach)
         else:
+            lost = current & ~mask if current is not None else np.zeros_like(mask)
             for step in (1, -1):
-                self._carry_negative(state, index, np.rint(points), depth, step, update, cancel)
+                self._carry_negative(state, index, np.rint(points), depth, step, update, cancel, lost)
         return state
 
     def _stroke_mask(self, state: ObjectState, index: int, points: np.ndarray) -> np.ndarray:
@@ -536,14 +538,17 @@ class Engine:
         return float(depth[index - low[0], rows - low[1], cols - low[2]].max())
 
     def _carry_negative(self, state: ObjectState, index: int, points: np.ndarray, depth_mm: float, step: int,
-                        update: Update, cancel: Cancel) -> None:
+                        update: Update, cancel: Cancel, lost: np.ndarray) -> None:
         """A negative click's (or scribble's: ``points`` (K, 2) XY) error region is a 3D blob: the same points
         correct the engine's slices beyond it (``step`` ±1) as far as they lay deep in the 3D mask and while one
         still falls inside their masks, each slice from its own mask (re-propagating from the corrected slice
         instead lowered the Dice on Colin27's hippocampus: the neighbours' masks, right elsewhere, were rebuilt
-        from a smaller one)."""
+        from a smaller one). ``lost``: what the click removed on its own slice. An object propagated with
+        ``skip`` is refined on its grid's slices only (the others were never encoded): a slice between two
+        refined ones loses what both of them lost."""
         spacing = self.axes.spacing_ijk[self.axes.slice_axis]
         cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
+        every, between, last = state.skip + 1, [], index
         other = index + step
         while (other - index) * step * spacing < NEGATIVE_REACH * depth_mm and 0 <= other <= self._last:
             mask = state.masks.get(other)
@@ -552,13 +557,19 @@ class Engine:
                 break
             if cancel is not None and cancel():
                 raise Cancelled(f"Cancelled at slice {other}; nothing was changed.")
+            if other % every:
+                between.append(other)
+                other += step
+                continue
             # Only trimmed around the click, never a part removed whole: the click was not placed on this slice.
             negatives = [(float(c), float(r), False) for c, r in zip(cols[inside], rows[inside], strict=True)]
             new = self._refine(state, other, mask, negatives, removal=np.inf)
-            state.masks[other] = new
+            for i in between:
+                state.masks[i] = update.changed[i] = state.masks[i] & ~(lost & mask & ~new)
+            state.masks[other], lost, between, last = new, mask & ~new, [], other
             update.changed[other] = new
             other += step
-        update.stopped["up" if step > 0 else "down"] = f"the click corrected slices up to {other - step}"
+        update.stopped["up" if step > 0 else "down"] = f"the click corrected slices up to {last}"
 
     def _cut_through(self, state: ObjectState, index: int, removed: np.ndarray, inside: np.ndarray, step: int,
                      update: Update, cancel: Cancel) -> None:

@@ -33,9 +33,11 @@ class ObjectState:
     key slice may be empty: the object ends there); ``clicks`` slice → [(x, y, positive)] of 3D clicks;
     ``base`` slice → that slice's mask before its first click (None if it had none); ``offset`` (4,) the box
     minus the bounding box of its mask on the box's slice (zeros without a box); ``box`` (slice, (x0, y0, x1,
-    y1)) of the latest box prompt; ``rules`` the stop rules of its propagations (None: the engine's);
-    ``keep_out`` slice → mask (rows, cols) of the pixels the object never takes (finished, locked segments: the
-    caller sets it, the engine only reads it; a new dict when it changes, never edited in place)."""
+    y1)) of the latest box prompt; ``rules`` the stop rules of its propagations (None: the engine's); ``skip``
+    the slices interpolated between two the model segments in its latest propagation, which its clicks' walks
+    keep (:class:`~.propagation.Propagator`); ``keep_out`` slice → mask (rows, cols) of the pixels the object
+    never takes (finished, locked segments: the caller sets it, the engine only reads it; a new dict when it
+    changes, never edited in place)."""
 
     slice_range: tuple[int, int]
     masks: dict[int, np.ndarray] = field(default_factory=dict)
@@ -45,6 +47,7 @@ class ObjectState:
     offset: np.ndarray = field(default_factory=lambda: np.zeros(4))
     box: tuple[int, np.ndarray] | None = None
     rules: StopRules | None = None
+    skip: int = 0
     keep_out: dict[int, np.ndarray] = field(default_factory=dict)
 
     def copy(self) -> ObjectState:
@@ -94,7 +97,8 @@ class ObjectState:
             per_slice[str(i)] = entry
         header = {"range": [int(v) for v in self.slice_range], "offset": [float(v) for v in self.offset],
                   "box": None if self.box is None else [int(self.box[0]), [float(v) for v in self.box[1]]],
-                  "rules": None if self.rules is None else asdict(self.rules), "slices": per_slice}
+                  "rules": None if self.rules is None else asdict(self.rules), "skip": int(self.skip),
+                  "slices": per_slice}
         if slices is None and self.keep_out:
             header["keep_out"] = sorted(int(i) for i in self.keep_out)
             arrays.update({f"keep/{i}": np.packbits(m) for i, m in self.keep_out.items()})
@@ -114,6 +118,7 @@ class ObjectState:
             new.box = None if box is None else (int(box[0]), np.asarray(box[1], dtype=float).reshape(4))
             rules = header.get("rules")
             new.rules = None if rules is None else StopRules(**rules)
+            new.skip = int(header.get("skip", 0))
             if "keep_out" in header:
                 new.keep_out = {int(i): unpack_mask(arrays, f"keep/{int(i)}", image_shape) for i in header["keep_out"]}
             for key, entry in dict(header.get("slices", {})).items():

@@ -74,6 +74,7 @@ def state_from_segment(oriented: np.ndarray, axes: SliceAxes, written: dict[int,
     if remembered is not None:
         state.slice_range = (min([remembered.slice_range[0], *filled]), max([remembered.slice_range[1], *filled]))
         state.offset, state.box, state.rules = remembered.offset, remembered.box, remembered.rules
+        state.skip = remembered.skip
     known, filled = remembered.kinds if remembered is not None else {}, set(filled)
     for index in sorted(filled | set(known)):
         mask = oriented[index]
