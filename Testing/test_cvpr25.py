@@ -20,6 +20,7 @@ import torch
 from SegmentWithSAMLib import cvpr25
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.challenge import ChallengeBox, auc, box_from_truth, score, simulate_click_3d
+from SegmentWithSAMLib.cli import main
 from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case, challenge_layout, read_case, skip_for_budget, write_case
 from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.disk_cache import DiskEmbeddingCache
@@ -267,9 +268,13 @@ def test_the_command_predicts_a_colin27_case_and_a_second_call_encodes_nothing(t
 
 
 def test_boxes_skip_slices_only_where_encoding_every_one_would_overrun_the_time_budget(colin_case, default_model,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, capsys):
     """The skip the boxes get: 0 for a 20-slice case (its slices take seconds to encode, the budget is minutes),
-    the most where even one slice's encoding overruns it; each plan times one slice, encoded for good."""
+    the most where even one slice's encoding overruns it; a plan encodes slices the boxes need, for good. A skip
+    out of range is refused before anything runs."""
+    with pytest.raises(SystemExit):
+        main(["cvpr25", "in", "out", "--skip", "7"])
+    assert "from 0 to 4 or auto, not '7'" in capsys.readouterr().err
     image, spacing, truths = colin_case
     case = Case("colin.npz", image, spacing, [box_from_truth(t) for t in truths], [[], []])
     session = Session(case.volume(), default_model, WINDOW, EmbeddingCache())

@@ -233,6 +233,8 @@ def test_a_3d_box_with_skip_encodes_the_volumes_grid_and_its_clicks_walk_it(coli
         assert default_model.encoder_runs - runs <= 1 and len(update.changed) >= 1
     header, arrays = seg.states["thalamus"].to_message()
     assert ObjectState.from_message(header, arrays, seg.axes.image_shape).skip == 1
+    with pytest.raises(PromptError, match="malformed: ValueError: skip 9 is not from 0 to 4"):
+        ObjectState.from_message({**header, "skip": 9}, arrays, seg.axes.image_shape)
 
 
 def test_bad_prompts_are_refused_and_a_cancelled_step_changes_nothing(session, truth):

@@ -106,13 +106,14 @@ def _add_propagation_options(parser: argparse.ArgumentParser, with_direction: bo
 
 
 def _auto_or_int(text: str) -> int | None:
-    """``--skip`` of cvpr25: None for "auto", else a whole number."""
+    """``--skip`` of cvpr25: None for "auto", else a whole number from 0 to MAX_SKIP."""
+    from .propagation import MAX_SKIP
+
     if text == "auto":
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give a whole number or auto, not {text!r}") from None
+    if not text.isdigit() or int(text) > MAX_SKIP:
+        raise argparse.ArgumentTypeError(f"give a whole number from 0 to {MAX_SKIP} or auto, not {text!r}")
+    return int(text)
 
 
 def _load_model(args: argparse.Namespace):

@@ -306,20 +306,28 @@ def predict_case(case: Case, model, cache, window: str | None = None, store: boo
 
 def skip_for_budget(session, boxes: list[ChallengeBox], objects: int) -> int:
     """The least skip (0 to :data:`~.propagation.MAX_SKIP`) at which encoding the slices of ``boxes``' ranges
-    not yet cached fits ENCODE_SHARE of the case's budget (BUDGET_S an object), timed on one of them (the first
-    box's middle slice when it is not cached: it is encoded in any case)."""
+    not yet cached fits ENCODE_SHARE of the case's budget (BUDGET_S an object); 0 for a model that tracks every
+    slice with its memory (SAM 2). One of those slices is encoded untimed (the first box's middle one, needed in
+    any case: the engine's first run warms it up, CUDA's modules or oneDNN's kernels), then an even one, timed."""
     from .propagation import MAX_SKIP
 
+    if getattr(session.model, "tracks_video", False):
+        return 0
     needed = {z for box in boxes for z in range(box.z_min, box.z_max + 1)}
     todo = sorted(z for z in needed if not session.is_cached(VIEW, z))
     if not todo:
         return 0
-    first = boxes[0].z_mid if boxes[0].z_mid in todo else todo[0]
+    warm = boxes[0].z_mid if boxes[0].z_mid in todo else todo[0]
+    session.prefetch(VIEW, warm)
+    rest = [z for z in todo if z != warm]
+    if not rest:
+        return 0
+    timed = next((z for z in rest if z % 2 == 0), rest[0])  # needed at skip 0 and 1
     start = time.perf_counter()
-    session.prefetch(VIEW, first)
+    session.prefetch(VIEW, timed)
     seconds = time.perf_counter() - start
     allowed = ENCODE_SHARE * BUDGET_S * objects
-    return next((skip for skip in range(MAX_SKIP + 1) if seconds * len(todo) / (skip + 1) <= allowed), MAX_SKIP)
+    return next((skip for skip in range(MAX_SKIP + 1) if seconds * len(rest) / (skip + 1) <= allowed), MAX_SKIP)
 
 
 def challenge_layout(volume: Volume, window=None) -> tuple[np.ndarray, tuple[float, float, float]]:

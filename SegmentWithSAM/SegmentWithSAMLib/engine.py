@@ -236,7 +236,7 @@ class Engine:
             reach = (index, self._distance_mm(np.rint(points)), radius)
             for step in (1, -1):
                 self._walk(state, index, mask, step, update, cancel, None, agree=self.agree, added=added,
-                           skip=state.skip, reach=reach)
+                           skip=self._skip(state), reach=reach)
         else:
             lost = current & ~mask if current is not None else np.zeros_like(mask)
             for step in (1, -1):
@@ -510,6 +510,11 @@ class Engine:
         dz = abs(index - centre) * min(self.axes.spacing_ijk[self.axes.slice_axis], (row_mm + col_mm) / 2)
         return distance**2 <= radius**2 - dz**2
 
+    def _skip(self, state: ObjectState) -> int:
+        """The skip the object's clicks walk with: its propagations' (0 for a model that tracks every slice with
+        its memory: the object may have been propagated by another model)."""
+        return 0 if getattr(self.session.model, "tracks_video", False) else state.skip
+
     def _is_end(self, state: ObjectState, index: int) -> bool:
         """Whether slice ``index`` ends the object's extent: a neighbour on either side has no mask."""
         empty = np.zeros(self.axes.image_shape, bool)
@@ -545,10 +550,10 @@ class Engine:
         instead lowered the Dice on Colin27's hippocampus: the neighbours' masks, right elsewhere, were rebuilt
         from a smaller one). ``lost``: what the click removed on its own slice. An object propagated with
         ``skip`` is refined on its grid's slices only (the others were never encoded): a slice between two
-        refined ones loses what both of them lost."""
+        refined ones loses what both of them lost, one past the last what that one lost."""
         spacing = self.axes.spacing_ijk[self.axes.slice_axis]
         cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
-        every, between, last = state.skip + 1, [], index
+        every, between, last = self._skip(state) + 1, [], index
         other = index + step
         while (other - index) * step * spacing < NEGATIVE_REACH * depth_mm and 0 <= other <= self._last:
             mask = state.masks.get(other)
@@ -569,7 +574,9 @@ class Engine:
             state.masks[other], lost, between, last = new, mask & ~new, [], other
             update.changed[other] = new
             other += step
-        update.stopped["up" if step > 0 else "down"] = f"the click corrected slices up to {last}"
+        for i in between:  # past the last refined slice, as it
+            state.masks[i] = update.changed[i] = state.masks[i] & ~lost
+        update.stopped["up" if step > 0 else "down"] = f"the click corrected slices up to {(between or [last])[-1]}"
 
     def _cut_through(self, state: ObjectState, index: int, removed: np.ndarray, inside: np.ndarray, step: int,
                      update: Update, cancel: Cancel) -> None:

@@ -455,8 +455,9 @@ class Propagator:
         """Segment slice ``index`` and interpolate the stride − 1 slices before it; None (nothing recorded) when
         the mask there is empty, refused by a stop rule or unlike the last one (SKIP_AGREE)."""
         mask, score, reason = self._segment(source, index, state)
-        if mask.any() and source.narrow:  # see SKIP_AGREE
+        if not reason and mask.any() and source.narrow:  # see SKIP_AGREE
             mask, score = source.predict(index, mask, 1)
+            reason = self.rules.check(mask, score, state["previous"], source.similarity(mask))
         checked = source.narrow or self.axes.spacing_ijk[self.axes.slice_axis] >= EXPAND_FROM_MM  # see SKIP_AGREE
         if reason or not mask.any() or (checked and dice(mask, state["previous"]) < SKIP_AGREE):
             return None

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import PromptError
-from .propagation import StopRules
+from .propagation import MAX_SKIP, StopRules
 
 
 class Kind(str, Enum):
@@ -119,6 +119,8 @@ class ObjectState:
             rules = header.get("rules")
             new.rules = None if rules is None else StopRules(**rules)
             new.skip = int(header.get("skip", 0))
+            if not 0 <= new.skip <= MAX_SKIP:
+                raise ValueError(f"skip {new.skip} is not from 0 to {MAX_SKIP}")
             if "keep_out" in header:
                 new.keep_out = {int(i): unpack_mask(arrays, f"keep/{int(i)}", image_shape) for i in header["keep_out"]}
             for key, entry in dict(header.get("slices", {})).items():
