@@ -386,6 +386,25 @@ def test_a_3d_boxs_range_ends_on_the_previous_masks_own_box(session, atlas):
         assert np.array_equal(boxed.masks[inner], chained.masks[inner])
 
 
+def test_a_large_objects_range_tapers_over_its_last_tenth(default_model, cache):
+    """A large seed (the MR kidney, 25 mm in equivalent radius, on 11 copies of its slice 2 mm apart) tapers over
+    more than its range's last slice: the range's first and last TAPER_SHARE (here one slice besides each end) are
+    decoded from the previous mask's own box; the slices within are chained."""
+    volume, truth = organ_volume("mr_kidney_left", copies=11, slice_mm=2.0)
+    session = Session(volume, default_model, window=WINDOW, cache=cache)
+    box = tuple(float(v) for v in tight_box(truth) + [-3, -3, 3, 3])
+    state = Engine(session, "axial").step(None, Box3D(5, box, (0, 10)))[0]
+
+    def own_box(index: int, before: int) -> np.ndarray:
+        session.set_slice("axial", index)
+        return session.predictor.predict(box=bounding_box(state.masks[before]).astype(float)).masks[0]
+
+    for index, before in ((10, 9), (9, 8), (0, 1), (1, 2)):
+        assert np.array_equal(state.masks[index], own_box(index, before)), index
+    for index, before in ((8, 7), (2, 3)):
+        assert not np.array_equal(state.masks[index], own_box(index, before)), index
+
+
 def test_a_wide_seeds_chain_runs_to_the_range_end(session, colin):
     """The tight end is for seeds narrower than JITTER_BELOW_PX: a wide one (the brain) is chained on its range's
     last slice too."""

@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 from .actions import Action, Box3D, Click, Lasso, Prompt, Propagate, Scribble, UserEdit, clip_box
 from .errors import PromptError
-from .geometry import View, bounding_box
+from .geometry import View, bounding_box, equivalent_radius_mm
 from .metrics import dice
 from .predictor import normalize_slice
 from .prompts import click_logits
@@ -379,7 +379,7 @@ class Engine:
 
     def _radius_mm(self, mask: np.ndarray) -> float:
         """The radius (mm) of a disk as large as ``mask`` (rows, cols)."""
-        return float(np.sqrt(mask.sum() * np.prod(self.axes.pixel_spacing) / np.pi))
+        return equivalent_radius_mm(mask, self.axes.pixel_spacing)
 
     def _widest_box_mm(self, state: ObjectState, index: int) -> float:
         """The widest box a positive prompt on the empty slice ``index`` may start from (see

@@ -223,6 +223,11 @@ def bounding_box(mask2d: np.ndarray, margin: float = 0.0) -> np.ndarray:
     return np.array([cols.min() - margin, rows.min() - margin, cols.max() + margin, rows.max() + margin], float)
 
 
+def equivalent_radius_mm(mask2d: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
+    """The radius (mm) of a disk as large as ``mask2d`` (rows, cols) with pixels ``pixel_spacing`` (row, col) mm."""
+    return float(np.sqrt(np.count_nonzero(mask2d) * np.prod(pixel_spacing) / np.pi))
+
+
 def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray,
                      corners_ras: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray | None]:
     """Map RAS prompt points (N, 3) and a box's two opposite corners (2, 3) to one slice index, the points as

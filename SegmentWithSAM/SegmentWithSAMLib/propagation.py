@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 
 from .device import encode_batch
 from .errors import PromptError, SegmentWithSAMError
-from .geometry import bounding_box
+from .geometry import bounding_box, equivalent_radius_mm
 from .metrics import dice
 
 # Margin (mm) added on every side to the box prompted on each slice. Measured (benchmarks/propagation.py, cached
@@ -79,6 +79,15 @@ JITTER_BELOW_PX = 64
 # .849 / .862 / .724, the CT spleen .887 / .891 / .684 -> .888 / .893 / .687, the worst single click -0.006 ->
 # -0.001. The head CT's wide skull and head lost .0003 at step 0 with it (so wide seeds chain as before), and the
 # offset kept with the shape prior dropped gained nothing (AAL .558 / .669).
+# A large object (the seed's equivalent radius at least TAPER_FROM_MM) tapers over more than its last slice: the chain
+# kept the tumour core's masks 26-30 pixels wide on its last 8 slices while it narrowed from 21 to 3. For such a
+# seed the range's first and last TAPER_SHARE (at least one slice besides the end) are decoded from the previous
+# mask's own box. Step 0 / after 5 clicks on the development set (in process, docs/interaction.md, "Session 28"):
+# the CT spleen .888 / .893 -> .896 / .900, MR organs .880 / .917 -> .882 / .920, tumours .849 / .861 -> .857 /
+# .869 (NSD5 .723 -> .752); the AAL structures (all smaller) lost with it (shares 0.05 / 0.1: .563 -> .560 /
+# .546, Pallidum_R .396 -> .266), the head CT and the MR liver are wide seeds. Shares 0.05 / 0.15 on the large
+# seeds: tumours .854 / .860, the MR spleen .956 / .939 (.955 with none, .953 at 0.1).
+TAPER_FROM_MM, TAPER_SHARE = 16.0, 0.1
 # Propagator(skip=…): at most this many slices interpolated between two that the model segments.
 MAX_SKIP = 4
 # For a narrow seed (JITTER_BELOW_PX), or on slices at least EXPAND_FROM_MM thick, a skipping step is taken only
@@ -268,7 +277,7 @@ class BoxChain:
     on the seed, ``drawn``: a seed the user drew); ``jitter``: the offsets' growths (pixels) whose logits are
     averaged for a seed narrower than JITTER_BELOW_PX (see OFFSET_JITTER_PX); ``ends``: ``low`` and ``high`` are
     the object's first and last slices (its box's range), where a narrow seed's chain ends on the previous mask's
-    own box (see JITTER_BELOW_PX)."""
+    own box (see JITTER_BELOW_PX; on a large seed's last TAPER_SHARE of the range at each end)."""
 
     def __init__(self, propagator: Propagator, seed: tuple[int, np.ndarray], low: int, high: int,
                  box: np.ndarray | None = None, drawn: bool = False, jitter: tuple[float, ...] = (0.0,),
@@ -282,7 +291,10 @@ class BoxChain:
         self.box = box
         side = np.diff(self.session.predictor.transform.box_to_model(bounding_box(mask)).reshape(2, 2), axis=0).min()
         self.narrow = bool(side < JITTER_BELOW_PX)
-        self.jitter, self.tight_ends = (jitter if self.narrow else (0.0,)), ends and self.narrow
+        self.jitter = jitter if self.narrow else (0.0,)
+        # how many slices within each end of the range are decoded as the end is (None: none, the end included)
+        large = equivalent_radius_mm(mask, self.axes.pixel_spacing) >= TAPER_FROM_MM
+        self.taper = (int(np.ceil(TAPER_SHARE * (high - low))) if large else 0) if ends and self.narrow else None
         self.offset = box - bounding_box(mask) if box is not None else \
             self._calibrated_offset(mask, DRAWN_TOLERANCE if drawn else 0.0)
 
@@ -307,7 +319,7 @@ class BoxChain:
         """The mask on slice ``index`` and its predicted quality, from the mask ``previous`` ``gap`` slices away."""
         self._encode_ahead(index)
         self.session.set_slice(self.axes.view, index)
-        if self.tight_ends and index in (self.low, self.high):  # the object's tapering end (see JITTER_BELOW_PX)
+        if self.taper is not None and not self.low + self.taper < index < self.high - self.taper:  # a tapering end
             end = self.session.predictor.predict(box=bounding_box(previous).astype(float))
             return end.masks[0], float(end.scores[0])
         gap_mm = gap * self.axes.spacing_ijk[self.axes.slice_axis]
