@@ -388,8 +388,8 @@ def test_a_3d_boxs_range_ends_on_the_previous_masks_own_box(session, atlas):
 
 def test_a_large_objects_range_tapers_over_its_last_tenth(default_model, cache):
     """A large seed (the MR kidney, 25 mm in equivalent radius, on 11 copies of its slice 2 mm apart) tapers over
-    more than its range's last slice: the range's first and last TAPER_SHARE (here one slice besides each end) are
-    decoded from the previous mask's own box; the slices within are chained."""
+    more than its range's last slice: ceil(TAPER_SHARE × the range) slices before each end (here one) are decoded
+    from the previous mask's own box on a walk heading for that end; the slices within are chained."""
     volume, truth = organ_volume("mr_kidney_left", copies=11, slice_mm=2.0)
     session = Session(volume, default_model, window=WINDOW, cache=cache)
     box = tuple(float(v) for v in tight_box(truth) + [-3, -3, 3, 3])
@@ -403,6 +403,13 @@ def test_a_large_objects_range_tapers_over_its_last_tenth(default_model, cache):
         assert np.array_equal(state.masks[index], own_box(index, before)), index
     for index, before in ((8, 7), (2, 3)):
         assert not np.array_equal(state.masks[index], own_box(index, before)), index
+    # a walk from within the zone towards the middle (a click's near an end) chains: the object grows that way
+    chain = BoxChain(Propagator(session, "axial"), (9, state.masks[9]), 0, 10, box=np.array(box), ends=True)
+    chain.start(-1, 9)
+    inward, _ = chain.predict(8, state.masks[9], 1)
+    assert not np.array_equal(inward, own_box(8, 9))
+    chain.start(1, 9)
+    assert np.array_equal(chain.predict(10, state.masks[9], 1)[0], own_box(10, 9))
 
 
 def test_a_wide_seeds_chain_runs_to_the_range_end(session, colin):

@@ -81,12 +81,14 @@ JITTER_BELOW_PX = 64
 # offset kept with the shape prior dropped gained nothing (AAL .558 / .669).
 # A large object (the seed's equivalent radius at least TAPER_FROM_MM) tapers over more than its last slice: the chain
 # kept the tumour core's masks 26-30 pixels wide on its last 8 slices while it narrowed from 21 to 3. For such a
-# seed the range's first and last TAPER_SHARE (at least one slice besides the end) are decoded from the previous
-# mask's own box. Step 0 / after 5 clicks on the development set (in process, docs/interaction.md, "Session 28"):
-# the CT spleen .888 / .893 -> .896 / .900, MR organs .880 / .917 -> .882 / .920, tumours .849 / .861 -> .857 /
-# .869 (NSD5 .723 -> .752); the AAL structures (all smaller) lost with it (shares 0.05 / 0.1: .563 -> .560 /
-# .546, Pallidum_R .396 -> .266), the head CT and the MR liver are wide seeds. Shares 0.05 / 0.15 on the large
-# seeds: tumours .854 / .860, the MR spleen .956 / .939 (.955 with none, .953 at 0.1).
+# narrow seed the ceil(TAPER_SHARE x (high - low)) slices before each end of a 3D box's range (at least one) are
+# decoded from the previous mask's own box too, on a walk heading for that end.
+# Step 0 / after 5 clicks on the development set (in process, docs/interaction.md, "Session 28"): the CT spleen
+# .888 / .893 -> .896 / .900, MR organs .880 / .917 -> .882 / .921, tumours .849 / .861 -> .857 / .869 (NSD5 .723 ->
+# .752); the AAL structures and the head CT unchanged. The same zone for every narrow seed lost on the AAL
+# structures (shares 0.05 / 0.1: .563 -> .560 / .546 at step 0), and for wide seeds on the head CT (the skull .217
+# -> .166). Shares 0.05 / 0.15 on the large seeds: tumours .854 / .860, the MR spleen .956 / .939 (.955 with none,
+# .953 at 0.1).
 TAPER_FROM_MM, TAPER_SHARE = 16.0, 0.1
 # Propagator(skip=…): at most this many slices interpolated between two that the model segments.
 MAX_SKIP = 4
@@ -277,7 +279,7 @@ class BoxChain:
     on the seed, ``drawn``: a seed the user drew); ``jitter``: the offsets' growths (pixels) whose logits are
     averaged for a seed narrower than JITTER_BELOW_PX (see OFFSET_JITTER_PX); ``ends``: ``low`` and ``high`` are
     the object's first and last slices (its box's range), where a narrow seed's chain ends on the previous mask's
-    own box (see JITTER_BELOW_PX; on a large seed's last TAPER_SHARE of the range at each end)."""
+    own box (see JITTER_BELOW_PX; a large narrow seed's over the slices before each end too: TAPER_SHARE)."""
 
     def __init__(self, propagator: Propagator, seed: tuple[int, np.ndarray], low: int, high: int,
                  box: np.ndarray | None = None, drawn: bool = False, jitter: tuple[float, ...] = (0.0,),
@@ -292,7 +294,7 @@ class BoxChain:
         side = np.diff(self.session.predictor.transform.box_to_model(bounding_box(mask)).reshape(2, 2), axis=0).min()
         self.narrow = bool(side < JITTER_BELOW_PX)
         self.jitter = jitter if self.narrow else (0.0,)
-        # how many slices within each end of the range are decoded as the end is (None: none, the end included)
+        # the slices this many or fewer from the end a walk heads for are decoded as the end is (None: not even the end)
         large = equivalent_radius_mm(mask, self.axes.pixel_spacing) >= TAPER_FROM_MM
         self.taper = (int(np.ceil(TAPER_SHARE * (high - low))) if large else 0) if ends and self.narrow else None
         self.offset = box - bounding_box(mask) if box is not None else \
@@ -315,11 +317,18 @@ class BoxChain:
             ahead = [i for i in range(index, index + self.step * self.batch, self.step) if self.low <= i <= self.high]
             self.session.prefetch_many(self.axes.view, ahead)
 
+    def _tapering(self, index: int) -> bool:
+        """Whether slice ``index`` lies at the object's tapering end the chain is heading for (see TAPER_SHARE): a
+        walk towards the middle of the range (a click's near an end) chains, as an object grows there."""
+        if self.taper is None:
+            return False
+        return index >= self.high - self.taper if self.step > 0 else index <= self.low + self.taper
+
     def predict(self, index: int, previous: np.ndarray, gap: int) -> tuple[np.ndarray, float]:
         """The mask on slice ``index`` and its predicted quality, from the mask ``previous`` ``gap`` slices away."""
         self._encode_ahead(index)
         self.session.set_slice(self.axes.view, index)
-        if self.taper is not None and not self.low + self.taper < index < self.high - self.taper:  # a tapering end
+        if self._tapering(index):
             end = self.session.predictor.predict(box=bounding_box(previous).astype(float))
             return end.masks[0], float(end.scores[0])
         gap_mm = gap * self.axes.spacing_ijk[self.axes.slice_axis]
