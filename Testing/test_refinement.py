@@ -89,6 +89,20 @@ def test_positive_click_inside_never_empties_and_every_click_is_honoured(phantom
     assert not removed[64, 50] and removed[10, 10]
 
 
+def test_a_click_beside_one_of_the_other_sign_leaves_it_honoured(phantom):
+    """A positive click just past the disk's edge, then a negative one on the next pixel (the challenge's user on a
+    one-pixel error sliver, MR spleen): the negative takes its own pixel only, so the positive one stays."""
+    session, axes = phantom
+    refiner = Refiner(session.predictor, axes.pixel_spacing)
+    disk = refiner.add_click((50.0, 64.0), positive=True)
+    col = int(np.flatnonzero(disk[64])[-1]) + 1  # the first pixel right of the disk on its middle row
+    added = refiner.add_click((float(col), 64.0), positive=True)
+    assert added[64, col] and added[64, col + 1]  # a positive click's disk reaches past its pixel
+    removed = refiner.add_click((float(col + 1), 64.0), positive=False)
+    assert removed[64, col] and not removed[64, col + 1]
+    np.testing.assert_array_equal(removed ^ added, np.eye(1, 128 * 128, 64 * 128 + col + 1, bool).reshape(128, 128))
+
+
 # Measured with the loop below on the middle axial slice (segmentwithsam evaluate ... --label 37 --clicks 12):
 # Dice 0.69, 0.74, 0.79, 0.83, 0.87, 0.88 after clicks 1-6: NoC@85 = 5.
 HIPPOCAMPUS_BUDGET = 6

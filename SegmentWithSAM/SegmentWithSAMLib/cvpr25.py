@@ -311,7 +311,7 @@ def skip_for_budget(session, boxes: list[ChallengeBox], objects: int) -> int:
     any case: the engine's first run warms it up, CUDA's modules or oneDNN's kernels), then an even one, timed."""
     from .propagation import MAX_SKIP
 
-    if getattr(session.model, "tracks_video", False):
+    if session.model.tracks_video:
         return 0
     needed = {z for box in boxes for z in range(box.z_min, box.z_max + 1)}
     todo = sorted(z for z in needed if not session.is_cached(VIEW, z))

@@ -513,7 +513,7 @@ class Engine:
     def _skip(self, state: ObjectState) -> int:
         """The skip the object's clicks walk with: its propagations' (0 for a model that tracks every slice with
         its memory: the object may have been propagated by another model)."""
-        return 0 if getattr(self.session.model, "tracks_video", False) else state.skip
+        return 0 if self.session.model.tracks_video else state.skip
 
     def _is_end(self, state: ObjectState, index: int) -> bool:
         """Whether slice ``index`` ends the object's extent: a neighbour on either side has no mask."""

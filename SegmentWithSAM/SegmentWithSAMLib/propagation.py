@@ -366,7 +366,7 @@ class Propagator:
         if not isinstance(skip, int | np.integer) or isinstance(skip, bool) or not 0 <= skip <= MAX_SKIP:
             raise PromptError(f"skip must be a whole number from 0 to {MAX_SKIP} (slices interpolated between "
                               f"two slices the model segments); got {skip!r}.")
-        if skip and getattr(session.model, "tracks_video", False):
+        if skip and session.model.tracks_video:
             raise PromptError(f"{session.model.name} tracks objects through every slice with its memory; "
                               "skip works with models without a memory (LiteMedSAM, MedSAM, SAM).")
         self.skip = int(skip)
@@ -407,7 +407,7 @@ class Propagator:
             raise PromptError(f"The seed's box must be 4 finite numbers: x0, y0, x1, y1 in slice pixels, not {box!r}.")
         keys = dict(keys or {})
         self.stopped = {}
-        if getattr(self.session.model, "tracks_video", False):
+        if self.session.model.tracks_video:
             from .video_propagation import Tracker
 
             source = Tracker(self, (index, mask), keys, low, high)

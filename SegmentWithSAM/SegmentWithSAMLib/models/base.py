@@ -62,6 +62,9 @@ class SamLikeAdapter:
     low_res_size = 256
     checkpoint: str | None = None  # the weights file it was loaded from
     runs_in_openvino = True  # SAM's mask decoder and a plain image encoder: ..engines can export it
+    # propagation tracks objects with the model's memory of earlier slices (..video_propagation): every slice, in
+    # order, so nothing is skipped (..propagation's skip, ..cvpr25's budget)
+    tracks_video = False
     # per stage of encoder_stages(): whether its output stays faithful in bf16 (measured; unmeasured: False)
     stage_bf16: tuple[bool, ...] = (False,)
     shipped_export: Path | None = None  # an OpenVINO export shipped with the package (see ..engines.shipped_export)
