@@ -458,7 +458,8 @@ class Engine:
         box = bounding_box(seed) + state.offset if state.box is not None else None
         steps = propagator.steps((index, seed), Direction.UP if step > 0 else Direction.DOWN, state.slice_range,
                                  keys, box=box, drawn=drawn, jitter=jitter,
-                                 ends=box is not None and state.rules == RANGE_RULES)  # a 3D box's range
+                                 ends=box is not None and state.rules == RANGE_RULES,  # a 3D box's range
+                                 given=added is None)  # a click's walk: GIVEN_BOX_MARGIN's box is not the user's
         reason = None
         try:
             for slice_step in steps:

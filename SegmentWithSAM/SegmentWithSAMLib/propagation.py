@@ -53,7 +53,9 @@ PRIOR_GAP_MM, EXPAND_GAPS, EXPAND_TIMES, EXPAND_FROM_MM = 2.0, 1.0, 3, 3.0
 # slices). Step 0 / after 5 clicks: MR organs 0.846 / 0.894 -> 0.872 / 0.907 (liver 0.733 / 0.852 -> 0.809 /
 # 0.891), the CT spleen unchanged. Margins 0, 0.01, 0.02, 0.03, 0.08, 0.12, 0.20: MR organs 0.867 / 0.899, 0.864
 # / 0.898, 0.868 / 0.901, 0.867 / 0.902, 0.865 / 0.904, 0.852 / 0.894, 0.846 / 0.894. On 1 mm slices it lost
-# (tumours 0.846 -> 0.828 at step 0), so thin slices chain only (docs/interaction.md, "Session 21").
+# (tumours 0.846 -> 0.828 at step 0), so thin slices chain only (docs/interaction.md, "Session 21"). A click's
+# walk skips it (its box is the clicked mask's, not one the user drew): the MR liver's first click decodes 27 times,
+# not 38, and every mask of the protocol's 21 structures stayed as it was (docs/interaction.md, "Session 29").
 GIVEN_BOX_MARGIN = 0.05
 # A propagation from a prompt (a 3D box, a lasso, Propagate; not a click's walk, whose time is the user's wait)
 # takes each slice's logits as the mean of the chained prompt's with the box-to-mask offset grown by each of
@@ -279,18 +281,19 @@ class BoxChain:
     on the seed, ``drawn``: a seed the user drew); ``jitter``: the offsets' growths (pixels) whose logits are
     averaged for a seed narrower than JITTER_BELOW_PX (see OFFSET_JITTER_PX); ``ends``: ``low`` and ``high`` are
     the object's first and last slices (its box's range), where a narrow seed's chain ends on the previous mask's
-    own box (see JITTER_BELOW_PX; a large narrow seed's over the slices before each end too: TAPER_SHARE)."""
+    own box (see JITTER_BELOW_PX; a large narrow seed's over the slices before each end too: TAPER_SHARE);
+    ``given``: ``box`` is decoded on thick slices too (GIVEN_BOX_MARGIN), else only its offset is kept."""
 
     def __init__(self, propagator: Propagator, seed: tuple[int, np.ndarray], low: int, high: int,
                  box: np.ndarray | None = None, drawn: bool = False, jitter: tuple[float, ...] = (0.0,),
-                 ends: bool = False) -> None:
+                 ends: bool = False, given: bool = True) -> None:
         self.session, self.axes = propagator.session, propagator.axes
         self.skip, self.batch = propagator.skip, propagator.batch
         self.low, self.high, self.step = low, high, 1
         index, mask = seed
         self.session.set_slice(self.axes.view, index)
         self.signature = self.session.predictor.region_feature(mask)
-        self.box = box
+        self.box = box if given else None  # decoded on thick slices too (GIVEN_BOX_MARGIN)
         side = np.diff(self.session.predictor.transform.box_to_model(bounding_box(mask)).reshape(2, 2), axis=0).min()
         self.narrow = bool(side < JITTER_BELOW_PX)
         self.jitter = jitter if self.narrow else (0.0,)
@@ -384,13 +387,13 @@ class Propagator:
     def steps(self, seed: tuple[int, np.ndarray], direction: Direction | str = Direction.BOTH,
               slice_range: tuple[int, int] | None = None, keys: dict[int, np.ndarray] | None = None,
               box: np.ndarray | None = None, drawn: bool = False,
-              jitter: tuple[float, ...] = (0.0,), ends: bool = False) -> Iterator[SliceStep]:
+              jitter: tuple[float, ...] = (0.0,), ends: bool = False, given: bool = True) -> Iterator[SliceStep]:
         """Yield one :class:`SliceStep` per slice as it is done, from ``seed`` (slice index, mask (rows, cols))
         ``direction`` within ``slice_range``; ``keys`` (slice → mask) are never overwritten and end a direction
         when reached; ``box`` (x0, y0, x1, y1 slice pixels) is the box the seed was made from, if any; ``drawn``:
         the seed is the user's (a lasso, an edit), not the model's (see DRAWN_TOLERANCE); ``jitter``: see
-        OFFSET_JITTER_PX, ``ends``: ``slice_range`` holds the object's ends (see JITTER_BELOW_PX) (models without
-        a memory). Models
+        OFFSET_JITTER_PX, ``ends``: ``slice_range`` holds the object's ends (see JITTER_BELOW_PX), ``given``: ``box``
+        is decoded on thick slices too (GIVEN_BOX_MARGIN; not on a click's walk) (models without a memory). Models
         with a memory of earlier slices (SAM 2) track the object (:class:`~.video_propagation.Tracker`); the
         others are prompted on each slice from the mask on the slice before (:class:`BoxChain`)."""
         direction = Direction(direction)
@@ -413,7 +416,7 @@ class Propagator:
             source = Tracker(self, (index, mask), keys, low, high)
         else:
             source = BoxChain(self, (index, mask), low, high, None if box is None else np.asarray(box, float), drawn,
-                              jitter, ends)
+                              jitter, ends, given)
         try:
             for step in direction.steps():
                 source.start(step, index)
