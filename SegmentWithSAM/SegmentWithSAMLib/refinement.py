@@ -35,7 +35,7 @@ from .predictor import SlicePredictor
 from .prompts import click_logits, remove_clicked_regions
 
 REACH = 2.0  # how far a click's threshold shift reaches, in multiples of its distance to the mask edge
-MIN_RADIUS = 2.0  # pixels: the smallest region a click edits
+MIN_RADIUS = 2.0  # pixels: the smallest region a click edits (_OWN_PIXEL beside an earlier click of the other sign)
 MAX_RADIUS_MM = 4.0  # the largest (caps 3, 4, 6, 10 mm and none measured: 5.19, 4.94, 5.42, 5.47, 5.47)
 # A negative click this deep (its radius, mm) removes only pixels within LIKE_TOLERANCE (of the image's [0, 1]
 # range) of the intensity under its disk. From 4 mm it also gated the brain tumours' clicks near the edge, whose
