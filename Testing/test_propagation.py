@@ -270,7 +270,7 @@ def test_a_small_seed_averages_three_decodes_a_slice_and_a_wide_one_takes_one(se
     for name, seed in (("putamen", putamen), ("brain", ndi.binary_fill_holes(brain))):
         session.set_slice("axial", index)
         chain = BoxChain(Propagator(session, "axial"), (index, seed), index - 2, index + 2,
-                         box=bounding_box(seed) + 2, jitter=propagation.OFFSET_JITTER_PX)
+                         box=bounding_box(seed) + 2)
         before = session.predictor.model.decoder_runs
         chain.predict(index + 1, seed, 1)
         runs[name] = session.predictor.model.decoder_runs - before
@@ -429,7 +429,7 @@ def test_a_wide_seeds_chain_runs_to_the_range_end(session, colin):
 
 def test_the_given_box_is_decoded_on_thick_slices_only_when_asked(default_model, cache, monkeypatch):
     """A 3D box's propagation also decodes the box itself on each thick slice (GIVEN_BOX_MARGIN); a click's walk,
-    whose box is only the clicked mask's with the object's offset, asks it not to (``given=False``), which saves a
+    whose box is only the clicked mask's with the object's offset, asks it not to (``prompt=False``), which saves a
     decode a slice (the MR liver's first click: 38 -> 27) and left every mask of the CVPR 2025 protocol as it was."""
     volume, truth = organ_volume("mr_kidney_left", copies=3)  # 5 mm apart
     session = Session(volume, default_model, WINDOW, cache)
@@ -439,8 +439,9 @@ def test_the_given_box_is_decoded_on_thick_slices_only_when_asked(default_model,
     boxes = []
     predict = session.predictor.predict
     monkeypatch.setattr(session.predictor, "predict", lambda **kw: boxes.append(kw.get("box")) or predict(**kw))
-    for given in (True, False):
+    for prompt in (True, False):
         boxes.clear()
-        steps = list(Propagator(session, "axial", RANGE_RULES).steps((1, seed), "both", (0, 2), box=box, given=given))
+        steps = list(Propagator(session, "axial", RANGE_RULES).steps((1, seed), "both", (0, 2), box=box,
+                                                                     prompt=prompt))
         assert [step.index for step in steps] == [2, 0]
-        assert any(b is not None and np.array_equal(b, box) for b in boxes) == given
+        assert any(b is not None and np.array_equal(b, box) for b in boxes) == prompt

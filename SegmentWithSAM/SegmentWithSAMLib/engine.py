@@ -25,7 +25,7 @@ from .geometry import View, bounding_box, equivalent_radius_mm
 from .metrics import dice
 from .predictor import normalize_slice
 from .prompts import click_logits
-from .propagation import OFFSET_JITTER_PX, Cancelled, Direction, Propagator, StopRules, chained_logits
+from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
 from .refinement import MAX_RADIUS_MM, MIN_RADIUS, Refiner, edge_distance
 from .state import Kind, ObjectState, Update
 from .strokes import check_stroke, fill_lasso, sample_stroke
@@ -186,7 +186,7 @@ class Engine:
         state.skip = action.skip  # checked by the propagator; the object's later clicks walk with it too
         for step in Direction(action.direction).steps():
             self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip,
-                       drawn=state.kinds.get(index) is Kind.USER, jitter=OFFSET_JITTER_PX)
+                       drawn=state.kinds.get(index) is Kind.USER)
             self._clear_engine(state, index + step, step, update, keep=set(update.changed))
 
     def _click(self, state: ObjectState | None, action: Click | Scribble, update: Update,
@@ -302,8 +302,7 @@ class Engine:
         if lasso.slice_range is not None or others:  # (with a range and no box mask: through the whole range)
             agree = None if not others else LASSO_AGREE if lasso.slice_range is not None else self.agree
             for step in Direction.BOTH.steps():
-                self._walk(state, index, mask, step, update, cancel, on_slice, agree=agree, drawn=True,
-                           jitter=OFFSET_JITTER_PX)
+                self._walk(state, index, mask, step, update, cancel, on_slice, agree=agree, drawn=True)
         return state
 
     @staticmethod
@@ -438,8 +437,7 @@ class Engine:
     # ---- through the slices --------------------------------------------------------------------------------
     def _walk(self, state: ObjectState, index: int, seed: np.ndarray, step: int, update: Update, cancel: Cancel,
               on_slice: OnSlice, agree: float | None = None, added: np.ndarray | None = None, skip: int = 0,
-              reach: tuple[int, np.ndarray, float] | None = None, drawn: bool = False,
-              jitter: tuple[float, ...] = (0.0,)) -> None:
+              reach: tuple[int, np.ndarray, float] | None = None, drawn: bool = False) -> None:
         """Propagate ``seed`` on slice ``index`` one way (``step`` ±1) into ``state``: through engine and empty
         slices, up to a key or user slice, the range end or a stop rule; with ``agree`` (a Dice), also up to the
         first slice where the new mask agrees that well with the one there. ``added`` (a positive click's
@@ -449,17 +447,17 @@ class Engine:
         rebuilt from one slice's); with ``reach`` (see :meth:`_within`) only within it. Slices past the stop keep
         what they had (clearing them after a stop rule,
         e.g. a shrunken mask's empty neighbours, lost right masks of earlier propagations on Colin27's
-        hippocampus; a click there corrects them). ``drawn``: the seed is the user's (a lasso's outline, an edit);
-        ``jitter``: see OFFSET_JITTER_PX (a prompt's propagation, not a click's walk)."""
+        hippocampus; a click there corrects them). ``drawn``: the seed is the user's (a lasso's outline, an edit).
+        Without ``added`` the walk is a prompt's propagation (see :class:`~.propagation.BoxChain`'s ``prompt``)."""
         label = "up" if step > 0 else "down"
         keys = {i: m for i, m in state.masks.items() if state.kinds.get(i) in (Kind.KEY, Kind.USER) and i != index}
         propagator = Propagator(self.session, self.axes.view, state.rules or self.rules, skip=skip)
         # how the object's box sat around its mask holds on every slice (without a box: calibrated on the seed)
         box = bounding_box(seed) + state.offset if state.box is not None else None
         steps = propagator.steps((index, seed), Direction.UP if step > 0 else Direction.DOWN, state.slice_range,
-                                 keys, box=box, drawn=drawn, jitter=jitter,
+                                 keys, box=box, drawn=drawn,
                                  ends=box is not None and state.rules == RANGE_RULES,  # a 3D box's range
-                                 given=added is None)  # a click's walk: GIVEN_BOX_MARGIN's box is not the user's
+                                 prompt=added is None)
         reason = None
         try:
             for slice_step in steps:

@@ -278,25 +278,25 @@ class BoxChain:
     (:func:`chained_logits`), with the seed's box-to-mask offset (across thick slices the seed's box may win:
     GIVEN_BOX_MARGIN); the mask's appearance (mean image feature) is compared with the seed's for the similarity
     stop. ``box``: the box (x0, y0, x1, y1 pixels) the seed came from, if known (else the offset is calibrated
-    on the seed, ``drawn``: a seed the user drew); ``jitter``: the offsets' growths (pixels) whose logits are
-    averaged for a seed narrower than JITTER_BELOW_PX (see OFFSET_JITTER_PX); ``ends``: ``low`` and ``high`` are
-    the object's first and last slices (its box's range), where a narrow seed's chain ends on the previous mask's
-    own box (see JITTER_BELOW_PX; a large narrow seed's over the slices before each end too: TAPER_SHARE);
-    ``given``: ``box`` is decoded on thick slices too (GIVEN_BOX_MARGIN), else only its offset is kept."""
+    on the seed, ``drawn``: a seed the user drew); ``ends``: ``low`` and ``high`` are the object's first and last
+    slices (its box's range), where a narrow seed's chain ends on the previous mask's own box (see
+    JITTER_BELOW_PX; a large narrow seed's over the slices before each end too: TAPER_SHARE); ``prompt``: the seed
+    is a prompt's (a box, a lasso, an edit), so ``box`` is decoded on thick slices too (GIVEN_BOX_MARGIN) and a
+    seed narrower than JITTER_BELOW_PX averages the logits of OFFSET_JITTER_PX's offsets; else (a click's walk,
+    whose box is only the clicked mask's with the object's offset) the box's offset alone is kept."""
 
     def __init__(self, propagator: Propagator, seed: tuple[int, np.ndarray], low: int, high: int,
-                 box: np.ndarray | None = None, drawn: bool = False, jitter: tuple[float, ...] = (0.0,),
-                 ends: bool = False, given: bool = True) -> None:
+                 box: np.ndarray | None = None, drawn: bool = False, ends: bool = False, prompt: bool = True) -> None:
         self.session, self.axes = propagator.session, propagator.axes
         self.skip, self.batch = propagator.skip, propagator.batch
         self.low, self.high, self.step = low, high, 1
         index, mask = seed
         self.session.set_slice(self.axes.view, index)
         self.signature = self.session.predictor.region_feature(mask)
-        self.box = box if given else None  # decoded on thick slices too (GIVEN_BOX_MARGIN)
+        self.box = box if prompt else None  # decoded on thick slices too (GIVEN_BOX_MARGIN)
         side = np.diff(self.session.predictor.transform.box_to_model(bounding_box(mask)).reshape(2, 2), axis=0).min()
         self.narrow = bool(side < JITTER_BELOW_PX)
-        self.jitter = jitter if self.narrow else (0.0,)
+        self.jitter = OFFSET_JITTER_PX if prompt and self.narrow else (0.0,)
         # the slices this many or fewer from the end a walk heads for are decoded as the end is (None: not even the end)
         large = equivalent_radius_mm(mask, self.axes.pixel_spacing) >= TAPER_FROM_MM
         self.taper = (int(np.ceil(TAPER_SHARE * (high - low))) if large else 0) if ends and self.narrow else None
@@ -386,14 +386,14 @@ class Propagator:
 
     def steps(self, seed: tuple[int, np.ndarray], direction: Direction | str = Direction.BOTH,
               slice_range: tuple[int, int] | None = None, keys: dict[int, np.ndarray] | None = None,
-              box: np.ndarray | None = None, drawn: bool = False,
-              jitter: tuple[float, ...] = (0.0,), ends: bool = False, given: bool = True) -> Iterator[SliceStep]:
+              box: np.ndarray | None = None, drawn: bool = False, ends: bool = False,
+              prompt: bool = True) -> Iterator[SliceStep]:
         """Yield one :class:`SliceStep` per slice as it is done, from ``seed`` (slice index, mask (rows, cols))
         ``direction`` within ``slice_range``; ``keys`` (slice → mask) are never overwritten and end a direction
         when reached; ``box`` (x0, y0, x1, y1 slice pixels) is the box the seed was made from, if any; ``drawn``:
-        the seed is the user's (a lasso, an edit), not the model's (see DRAWN_TOLERANCE); ``jitter``: see
-        OFFSET_JITTER_PX, ``ends``: ``slice_range`` holds the object's ends (see JITTER_BELOW_PX), ``given``: ``box``
-        is decoded on thick slices too (GIVEN_BOX_MARGIN; not on a click's walk) (models without a memory). Models
+        the seed is the user's (a lasso, an edit), not the model's (see DRAWN_TOLERANCE); ``ends``: ``slice_range``
+        holds the object's ends (see JITTER_BELOW_PX); ``prompt``: a prompt's propagation, not a click's walk (see
+        :class:`BoxChain`) (models without a memory). Models
         with a memory of earlier slices (SAM 2) track the object (:class:`~.video_propagation.Tracker`); the
         others are prompted on each slice from the mask on the slice before (:class:`BoxChain`)."""
         direction = Direction(direction)
@@ -416,7 +416,7 @@ class Propagator:
             source = Tracker(self, (index, mask), keys, low, high)
         else:
             source = BoxChain(self, (index, mask), low, high, None if box is None else np.asarray(box, float), drawn,
-                              jitter, ends, given)
+                              ends, prompt)
         try:
             for step in direction.steps():
                 source.start(step, index)
