@@ -63,6 +63,17 @@ def engine_cache():
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def disk_embeddings(tmp_path_factory):
+    """The commands' embeddings on disk (``segment``, ``propagate``, ``cvpr25``) go to one folder of this run,
+    not the user's cache: a slice one command encoded is free for the next, as for a user."""
+    from SegmentWithSAMLib.disk_cache import DISK_CACHE_DIR_ENV
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    os.environ[DISK_CACHE_DIR_ENV] = str(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def torch_on_every_core():
     """The command line sets PyTorch's threads for its model's engine (one beside OpenVINO), and tests call it in

@@ -56,6 +56,31 @@ def test_segment_writes_labelmap_on_the_input_grid(tmp_path, capsys, hippocampus
         assert [s["name"] for s in segmentation["segments"]] == ["Segment_1"]
 
 
+def test_a_second_command_on_the_same_volume_encodes_nothing(tmp_path, capsys, monkeypatch, hippocampus_box):
+    """The embeddings stay on disk, in a folder of the owner's only, for the next command: the same mask, bit for
+    bit, with nothing encoded; ``$SEGMENTWITHSAM_DISK_CACHE_MB=0`` keeps nothing there."""
+    from SegmentWithSAMLib.disk_cache import DISK_CACHE_DIR_ENV, DISK_CACHE_ENV
+
+    box, _ = hippocampus_box
+    folder = tmp_path / "embeddings"
+    monkeypatch.setenv(DISK_CACHE_DIR_ENV, str(folder))
+    reports, masks = [], []
+    for run, megabytes in enumerate(["2048", "2048", "0"]):
+        monkeypatch.setenv(DISK_CACHE_ENV, megabytes)
+        monkeypatch.setenv(DISK_CACHE_DIR_ENV, str(folder if megabytes != "0" else tmp_path / "none"))
+        out = tmp_path / f"mask{run}.nii.gz"
+        code, stdout, _ = _run(capsys, "segment", colin27().image, "--view", "axial", "--box", box,
+                               "--out", out, "--json", "--device", "cpu")
+        assert code == 0
+        reports.append(json.loads(stdout))
+        masks.append(read_volume(out).array)
+    assert [r["encoded"] for r in reports] == [1, 0, 1]
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])
+    files = list(folder.glob("*.npy"))
+    assert len(files) == 1 and folder.stat().st_mode & 0o777 == 0o700  # the folder is the owner's only
+    assert not list((tmp_path / "none").glob("*.npy"))
+
+
 def test_the_command_is_installed(tmp_path):
     done = subprocess.run([sys.executable, "-m", "SegmentWithSAMLib.cli", "segment", "--help"],
                           capture_output=True, text=True, check=True)

@@ -54,12 +54,14 @@ class Segmenter:
         self.last_slice: dict[str, int] = {}  # per object, the slice of its latest prompt (propagate's default)
 
     def describe(self) -> dict:
-        """The model that segments, its device and engine."""
+        """The model that segments, its device and engine; in this process also ``encoded``, the images it has
+        encoded so far (embeddings found in a cache are not encoded again)."""
         if self.backend is not None:
             info = self.backend.server_info
             return {"model": info.get("model"), "device": info.get("device"), "engine": info.get("engine")}
         model = self.session.model
-        return {"model": model.name, "device": str(model.device), "engine": model.engine}
+        return {"model": model.name, "device": str(model.device), "engine": model.engine,
+                "encoded": model.encoder_runs}
 
     def step(self, name: str, action: actions.Action, cancel: Callable[[], bool] | None = None,
              on_slice=None) -> Update:

@@ -17,6 +17,13 @@ def default_cache_bytes() -> int:
     return megabytes_setting(CACHE_ENV, DEFAULT_CACHE_MB)
 
 
+def command_cache(model) -> EmbeddingCache:
+    """The cache of a process that runs one command and ends (``segment``, ``propagate``, a ``cvpr25`` step):
+    in memory, and on disk in the user's cache folder (:class:`.disk_cache.DiskEmbeddingCache`), so that the next
+    command on the same image encodes nothing. ``$SEGMENTWITHSAM_DISK_CACHE_MB=0`` keeps nothing on disk."""
+    return EmbeddingCache(disk=DiskEmbeddingCache.for_model(model))
+
+
 def _nbytes(embedding) -> int:
     return int(embedding.nbytes)  # a NumPy array's or a torch tensor's
 

@@ -127,11 +127,14 @@ def _load_model(args: argparse.Namespace):
 
 
 def _segmenter(args: argparse.Namespace, volume):
-    """The :class:`~.api.Segmenter` the options ask for: the model in this process, or a server's."""
+    """The :class:`~.api.Segmenter` the options ask for: the model in this process (its embeddings kept on disk
+    for the next command on the same volume), or a server's."""
     from .api import Segmenter
+    from .cache import command_cache
 
     if args.backend is None:
-        return Segmenter(volume, _load_model(args), args.view, window=args.window)
+        model = _load_model(args)
+        return Segmenter(volume, model, args.view, window=args.window, cache=command_cache(model))
     import atexit
 
     from .backend.client import BackendClient

@@ -379,8 +379,7 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
     good file; ``window`` replaces the identity window of 0–255 images; ``skip``: the boxes' (None: by the time
     budget, :func:`skip_for_budget`). ``on_error(name, message)`` hears of each bad file. Returns a report: per
     file the objects, clicks, seconds, encoder runs and the boxes' skip, and the failures."""
-    from .cache import EmbeddingCache
-    from .disk_cache import DiskEmbeddingCache
+    from .cache import command_cache
     from .io import atomic_write
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -399,7 +398,7 @@ def run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, load_model,
             case = read_case(path)
             if model is None:
                 model = load_model()
-                cache = EmbeddingCache(disk=DiskEmbeddingCache.for_model(model))
+                cache = command_cache(model)
                 report["load_model_s"] = round(time.perf_counter() - start, 3)
                 start = time.perf_counter()
             encoded = model.encoder_runs
