@@ -63,7 +63,6 @@ def test_a_second_command_on_the_same_volume_encodes_nothing(tmp_path, capsys, m
 
     box, _ = hippocampus_box
     folder = tmp_path / "embeddings"
-    monkeypatch.setenv(DISK_CACHE_DIR_ENV, str(folder))
     reports, masks = [], []
     for run, megabytes in enumerate(["2048", "2048", "0"]):
         monkeypatch.setenv(DISK_CACHE_ENV, megabytes)

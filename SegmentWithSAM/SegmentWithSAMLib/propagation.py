@@ -393,9 +393,9 @@ class Propagator:
         when reached; ``box`` (x0, y0, x1, y1 slice pixels) is the box the seed was made from, if any; ``drawn``:
         the seed is the user's (a lasso, an edit), not the model's (see DRAWN_TOLERANCE); ``ends``: ``slice_range``
         holds the object's ends (see JITTER_BELOW_PX); ``prompt``: a prompt's propagation, not a click's walk (see
-        :class:`BoxChain`) (models without a memory). Models
-        with a memory of earlier slices (SAM 2) track the object (:class:`~.video_propagation.Tracker`); the
-        others are prompted on each slice from the mask on the slice before (:class:`BoxChain`)."""
+        :class:`BoxChain`; models without a memory). Models with a memory of earlier slices (SAM 2) track the
+        object (:class:`~.video_propagation.Tracker`); the others are prompted on each slice from the mask on the
+        slice before (:class:`BoxChain`)."""
         direction = Direction(direction)
         low, high = self._range(slice_range)
         index, mask = int(seed[0]), np.asarray(seed[1], dtype=bool)
