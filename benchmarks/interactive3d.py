@@ -12,9 +12,11 @@ embeddings of each run go to a fresh disk cache, so the first structure on an im
 
     python benchmarks/devset.py build            # once (see docs/devset.md)
     python benchmarks/interactive3d.py [--groups AAL,head CT,CT organ,MR organ,lesion] [--structures ...]
-                                       [--steps 5] [--in-process] [--json]
+                                       [--steps 5] [--in-process] [--box-shift 3] [--json]
 
-Writes results/interactive3d.json (results/interactive3d-in-process.json with ``--in-process``).
+Writes results/interactive3d.json (results/interactive3d-in-process.json with ``--in-process``; ``-shift<N>``
+added to the name for another box margin than the benchmark's 3, ``--box-shift 0`` .. ``5`` being the
+challenge's random range).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SegmentWithSAMLib.challenge import CLICK_STEPS, auc, box_from_truth, score, simulate_click_3d
+from SegmentWithSAMLib.challenge import BOX_SHIFT, CLICK_STEPS, auc, box_from_truth, score, simulate_click_3d
 from SegmentWithSAMLib.cvpr25 import challenge_layout, write_case
 from SegmentWithSAMLib.data import AAL_STRUCTURES, colin27, read_cranium_ct
 from SegmentWithSAMLib.geometry import slice_axes
@@ -135,10 +137,11 @@ class InProcess:
                                                "engine_s": seconds, "encoded": self.model.encoder_runs - encoded}
 
 
-def protocol(driver, image, spacing, truth, steps: int) -> dict:
+def protocol(driver, image, spacing, truth, steps: int, shift: int = BOX_SHIFT) -> dict:
     """The box step and ``steps`` click steps of the protocol: DSC, NSD and timing per step, AUCs, finals. A
-    round where the prediction is already perfect has no click (None, as the evaluator writes it)."""
-    box, clicks, prev = box_from_truth(truth), [], None
+    round where the prediction is already perfect has no click (None, as the evaluator writes it). ``shift``: the
+    box's margin (pixels per 256) around the object's extent on its middle slice."""
+    box, clicks, prev = box_from_truth(truth, shift), [], None
     dscs, nsds, timing = [], [], []
     for step in range(steps + 1):
         prediction, times = driver.step(image, spacing, box, clicks, prev)
@@ -154,20 +157,20 @@ def protocol(driver, image, spacing, truth, steps: int) -> dict:
             "final_dsc": dscs[-1], "final_nsd": nsds[-1], "timing": timing}
 
 
-def baselines(model, cache, image, spacing, truth) -> dict:
-    """The oracle (the truth's box, grown as the challenge grows it, on every slice of the range) and one-box
-    propagation (the challenge's box on z_mid, propagated both ways within z_min..z_max, boxes chained)."""
+def baselines(model, cache, image, spacing, truth, shift: int = BOX_SHIFT) -> dict:
+    """The oracle (the truth's box, grown by ``shift`` as the challenge grows it, on every slice of the range) and
+    one-box propagation (the challenge's box on z_mid, propagated both ways within z_min..z_max, boxes chained)."""
     from SegmentWithSAMLib.actions import Prompt
     from SegmentWithSAMLib.api import Segmenter
     from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case
 
-    box = box_from_truth(truth)
+    box = box_from_truth(truth, shift)
     volume = Case("case.npz", image, spacing, [box], [[]]).volume()
     segmenter = Segmenter(volume, model, VIEW, WINDOW, cache)
     oracle = np.zeros(truth.shape, bool)
     for z in range(box.z_min, box.z_max + 1):
         if truth[z].any():
-            b = box_from_truth(truth[z: z + 1])
+            b = box_from_truth(truth[z: z + 1], shift)
             update = segmenter.step(f"oracle {z}", Prompt(z, (b.z_mid_x_min, b.z_mid_y_min, b.z_mid_x_max,
                                                               b.z_mid_y_max)))
             oracle[z] = update.changed[z]
@@ -300,6 +303,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     parser.add_argument("--skip", type=int, default=0, help="the boxes' skip: slices interpolated between two the "
                         "model segments, which the clicks' walks keep (default 0)")
+    parser.add_argument("--box-shift", type=int, default=BOX_SHIFT, choices=range(6), metavar="{0..5}",
+                        help="the box's margin in pixels per 256 around the object on its middle slice (the "
+                        f"challenge draws it from 0-5 at random; default {BOX_SHIFT})")
     parser.add_argument("--cache-dir", type=Path, help="keep the embeddings in (and reuse them from) this folder; "
                         "step 0's seconds then leave out the encoding (default: a fresh folder)")
     args = parser.parse_args()
@@ -310,11 +316,11 @@ def main() -> None:
     driver = InProcess(model, cache, args.skip) if args.in_process else Subprocess(work, embeddings, args.skip)
     results = {}
     for name, group, image, spacing, truth in all_cases(groups, names):
-        result = protocol(driver, image, spacing, truth, args.steps)
+        result = protocol(driver, image, spacing, truth, args.steps, args.box_shift)
         result["slices"] = int(result["box"]["z_max"] - result["box"]["z_min"] + 1)
         result["group"] = group
         if not args.no_baselines:
-            result.update(baselines(model, cache, image, spacing, truth))
+            result.update(baselines(model, cache, image, spacing, truth, args.box_shift))
         results[name] = result
         print(f"{name}: DSC " + " ".join(f"{d:.3f}" for d in result["dsc"])
               + "; s/step " + " ".join(f"{t['seconds']:.1f}" for t in result["timing"]), flush=True)
@@ -330,7 +336,7 @@ def main() -> None:
                "NSD_AUC", "s step0", "s/click", "CPU s/click", "oracle DSC", "1-box prop DSC"]
     mode = "in process (one Interaction)" if args.in_process else "segmentwithsam cvpr25, a fresh process per step"
     print(f"\nCVPR 2025 interactive 3D protocol, {mode}; model {model.name} ({model.engine}, {model.device}); "
-          "whole volumes, axial\n")
+          f"whole volumes, axial; boxes {args.box_shift} px per 256 beyond the object\n")
     print_table(headers, rows)
     print("\nNSD per step: " + "; ".join(f"{n} " + " ".join(f"{v:.3f}" for v in r["nsd"]) for n, r in results.items()))
     goals = {"all": targets(results), **{g: targets(rs) for g, rs in by_group.items()}}
@@ -340,10 +346,13 @@ def main() -> None:
             f"{key} = {round(goal['value'], 3) if isinstance(goal['value'], float) else goal['value']} "
             f"({verdict[goal['met']]})" for key, goal in group_goals.items()))
     payload = {"mode": mode, "model": model.name, "engine": model.engine, "device": str(model.device),
-               "steps": args.steps, "skip": args.skip, "ct_structures": CT_STRUCTURES, "structures": results,
+               "steps": args.steps, "skip": args.skip, "box_shift": args.box_shift, "ct_structures": CT_STRUCTURES,
+               "structures": results,
                "targets": goals}
     name = "interactive3d-in-process" if args.in_process else "interactive3d"
-    write_json(f"{name}-skip{args.skip}" if args.skip else name, payload, one_line=args.json)
+    name += f"-skip{args.skip}" if args.skip else ""
+    name += f"-shift{args.box_shift}" if args.box_shift != BOX_SHIFT else ""
+    write_json(name, payload, one_line=args.json)
 
 if __name__ == "__main__":
     main()
