@@ -77,7 +77,7 @@ def system_info() -> dict:
 
     from .cache import CACHE_ENV, DEFAULT_CACHE_MB, default_cache_bytes
     from .device import select_device
-    from .disk_cache import DEFAULT_DISK_CACHE_MB, DISK_CACHE_ENV, default_disk_cache_dir, megabytes_setting
+    from .disk_cache import default_disk_cache_bytes, default_disk_cache_dir
     from .engines import available_engines, has_torch
     from .models import registry
 
@@ -102,6 +102,6 @@ def system_info() -> dict:
         "cache_max_mb": round(default_cache_bytes() / (1 << 20), 1),
         "cache_setting": f"${CACHE_ENV} (megabytes; default {DEFAULT_CACHE_MB})",
         "disk_cache": str(default_disk_cache_dir()),
-        "disk_cache_max_mb": round(megabytes_setting(DISK_CACHE_ENV, DEFAULT_DISK_CACHE_MB) / (1 << 20), 1),
+        "disk_cache_max_mb": round(default_disk_cache_bytes() / (1 << 20), 1),
         "demo_data": "shipped Colin27 crop" if data.shipped else str(data.image),
     }

@@ -34,6 +34,11 @@ def default_disk_cache_dir() -> Path:
     return user_cache("embeddings", DISK_CACHE_DIR_ENV)
 
 
+def default_disk_cache_bytes() -> int:
+    """The disk cache's bound: ``$SEGMENTWITHSAM_DISK_CACHE_MB`` megabytes if set, else 2 GiB."""
+    return megabytes_setting(DISK_CACHE_ENV, DEFAULT_DISK_CACHE_MB)
+
+
 def megabytes_setting(env: str, default_mb: float) -> int:
     """A cache's bound in bytes: ``$env`` megabytes if set, else ``default_mb``."""
     value = os.environ.get(env, "").strip() or str(default_mb)
@@ -82,7 +87,7 @@ class DiskEmbeddingCache:
         self.namespace = namespace
         self.folder = Path(folder) if folder is not None else default_disk_cache_dir()
         if max_bytes is None:
-            max_bytes = megabytes_setting(DISK_CACHE_ENV, DEFAULT_DISK_CACHE_MB)
+            max_bytes = default_disk_cache_bytes()
         self.max_bytes = int(max_bytes)
         self.device = device
         self.hits = self.misses = self.writes = self.evictions = self.corrupt = 0
