@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from SegmentWithSAMLib import propagation
+from SegmentWithSAMLib import propagation, surface_shift
 from SegmentWithSAMLib.actions import Box3D, Click, Prompt, Propagate, UserEdit
 from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.cache import EmbeddingCache
@@ -20,7 +20,7 @@ from SegmentWithSAMLib.cvpr25 import WINDOW
 from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.engine import CARRY_REACH, FIRST_CLICK_EXTENT, RANGE_RULES, Engine
 from SegmentWithSAMLib.errors import PromptError
-from SegmentWithSAMLib.geometry import bounding_box
+from SegmentWithSAMLib.geometry import bounding_box, equivalent_radius_mm
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.propagation import Cancelled, StopRules
 from SegmentWithSAMLib.refinement import MAX_RADIUS_MM
@@ -91,7 +91,9 @@ def test_a_3d_box_fills_its_range_and_lands_on_the_structure(session, truth):
     assert np.array_equal(label > 0, seg.mask("thalamus"))
 
 
-def test_a_click_corrects_its_slice_and_neighbours_but_not_past_key_or_user_slices(session, truth):
+def test_a_click_corrects_its_slice_and_neighbours_but_not_past_key_or_user_slices(session, truth, monkeypatch):
+    # The carry alone: the surface shift may go past key and user slices (the test after the next ones).
+    monkeypatch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
     oriented, mid = truth
     seg = boxed(session, truth)
     user = np.zeros_like(oriented[mid])
@@ -181,9 +183,11 @@ def test_a_click_without_a_box_spans_twice_its_size_and_encodes_no_more(session,
     assert session.model.encoder_runs - encoded <= 2 * reach + 1
 
 
-def test_a_positive_clicks_additions_on_other_slices_stay_within_its_reach(session, truth):
-    """A positive click on an under-segmented slice: what it adds to other slices lies within CARRY_REACH × its
-    reach of the click in 3D (unbounded, one click on Colin27's amygdala grew five neighbours to 4× their size)."""
+def test_a_positive_clicks_additions_on_other_slices_stay_within_its_reach(session, truth, monkeypatch):
+    """A positive click on an under-segmented slice: what its carry adds to other slices lies within CARRY_REACH ×
+    its reach of the click in 3D (unbounded, one click on Colin27's amygdala grew five neighbours to 4× their size).
+    The surface shift, which adds a band along the surface out to its own radius, is tested below."""
+    monkeypatch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
     oriented, mid = truth
     seg = boxed(session, truth, half=HALF)
     before = {i: m for i, m in seg.states["thalamus"].masks.items()}
@@ -427,3 +431,41 @@ def test_a_positive_click_on_a_large_organ_grows_its_box_to_take_in_what_is_miss
         after = seg.states["organ"].masks[i]
         assert not (mask & ~after).any()
         assert dice(after, truth) > 0.9, i  # measured: 0.958 and 0.960 on the clicked slice
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_a_click_near_the_surface_moves_the_engines_slices_on_its_side(session, truth, monkeypatch, positive):
+    """A click just inside (negative) or outside (positive) the mask's edge, as in the middle of a band of error
+    along the surface, also moves the surface of the engine's slices around it (surface_shift.py): it only removes
+    or only adds there, within the shift's radius of the click and on the click's side of the object, past the box's
+    key slice too, which it leaves alone. Without the shift (a depth limit of 0) the click moves less."""
+    oriented, mid = truth
+    moved = {}
+    for shifted in (False, True):
+        if not shifted:
+            monkeypatch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
+        else:
+            monkeypatch.undo()
+        seg = boxed(session, truth)
+        before = {i: m.copy() for i, m in seg.states["thalamus"].masks.items()}
+        mask = before[mid + 1]
+        row = int(np.median(np.nonzero(mask)[0]))
+        col = int(np.flatnonzero(mask[row]).max()) + (2 if positive else 0)  # the mask's right edge on that row
+        update = seg.step("thalamus", Click(mid + 1, (col, row), positive))
+        after = seg.states["thalamus"].masks
+        assert np.array_equal(after[mid], before[mid])
+        others = [i for i in update.changed if i != mid + 1]
+        assert all(not ((before[i] & ~after[i]) if positive else (after[i] & ~before[i])).any() for i in others)
+        moved[shifted] = {i: after[i] ^ before[i] for i in others}
+    extra = {i: change & ~moved[False].get(i, False) for i, change in moved[True].items()}
+    assert any(change.any() for i, change in extra.items() if i < mid)  # past the box's key slice too
+    axes = session.axes("axial")
+    radius_mm = max(surface_shift.SHIFT_MIN_RADIUS_MM, equivalent_radius_mm(before[mid + 1], axes.pixel_spacing))
+    for index, change in extra.items():
+        if not change.any():
+            continue
+        rows, cols = np.nonzero(change)
+        dz = (index - mid - 1) * axes.spacing_ijk[axes.slice_axis]
+        distance = np.sqrt(((rows - row) * axes.pixel_spacing[0]) ** 2 + ((cols - col) * axes.pixel_spacing[1]) ** 2
+                           + dz**2)
+        assert distance.max() <= radius_mm and cols.min() > np.flatnonzero(before[index].any(axis=0)).mean()
