@@ -92,7 +92,7 @@ def test_a_3d_box_fills_its_range_and_lands_on_the_structure(session, truth):
 
 
 def test_a_click_corrects_its_slice_and_neighbours_but_not_past_key_or_user_slices(session, truth, monkeypatch):
-    # The carry alone: the surface shift may go past key and user slices (the test after the next ones).
+    # The carry alone: the surface shift may go past key and user slices (test_a_click_near_the_surface_...).
     monkeypatch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
     oriented, mid = truth
     seg = boxed(session, truth)
