@@ -339,8 +339,7 @@ def challenge_layout(volume: Volume, window=None) -> tuple[np.ndarray, tuple[flo
 
     axes = slice_axes(volume, VIEW)
     image = resolve_window(volume.array, window).apply(axes.oriented(volume.array))
-    spacing = tuple(axes.spacing_ijk[a] for a in (axes.slice_axis, axes.row_axis, axes.col_axis))
-    return np.ascontiguousarray(np.rint(image * 255).astype(np.uint8)), spacing
+    return np.ascontiguousarray(np.rint(image * 255).astype(np.uint8)), axes.oriented_spacing
 
 
 def _object_array(rows: list) -> np.ndarray:

@@ -153,6 +153,11 @@ class SliceAxes:
         """(row, column) pixel size in millimetres."""
         return self.spacing_ijk[self.row_axis], self.spacing_ijk[self.col_axis]
 
+    @property
+    def oriented_spacing(self) -> tuple[float, float, float]:
+        """(slice, row, column) spacing in millimetres: that of :meth:`oriented` arrays."""
+        return self.spacing_ijk[self.slice_axis], *self.pixel_spacing
+
     def oriented(self, array: np.ndarray) -> np.ndarray:
         """A view of a KJI array as (slice, row, col) in display orientation; writes go to ``array``."""
         view = np.moveaxis(array, [2 - self.slice_axis, 2 - self.row_axis, 2 - self.col_axis], [0, 1, 2])
