@@ -442,16 +442,15 @@ def test_a_click_near_the_surface_moves_the_engines_slices_on_its_side(session, 
     oriented, mid = truth
     moved = {}
     for shifted in (False, True):
-        if not shifted:
-            monkeypatch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
-        else:
-            monkeypatch.undo()
-        seg = boxed(session, truth)
-        before = {i: m.copy() for i, m in seg.states["thalamus"].masks.items()}
-        mask = before[mid + 1]
-        row = int(np.median(np.nonzero(mask)[0]))
-        col = int(np.flatnonzero(mask[row]).max()) + (2 if positive else 0)  # the mask's right edge on that row
-        update = seg.step("thalamus", Click(mid + 1, (col, row), positive))
+        with monkeypatch.context() as patch:
+            if not shifted:
+                patch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
+            seg = boxed(session, truth)
+            before = {i: m.copy() for i, m in seg.states["thalamus"].masks.items()}
+            mask = before[mid + 1]
+            row = int(np.median(np.nonzero(mask)[0]))
+            col = int(np.flatnonzero(mask[row]).max()) + (2 if positive else 0)  # the mask's right edge on that row
+            update = seg.step("thalamus", Click(mid + 1, (col, row), positive))
         after = seg.states["thalamus"].masks
         assert np.array_equal(after[mid], before[mid])
         others = [i for i in update.changed if i != mid + 1]
