@@ -12,11 +12,11 @@ embeddings of each run go to a fresh disk cache, so the first structure on an im
 
     python benchmarks/devset.py build            # once (see docs/devset.md)
     python benchmarks/interactive3d.py [--groups AAL,head CT,CT organ,MR organ,lesion] [--structures ...]
-                                       [--steps 5] [--in-process] [--box-shift 3] [--json]
+                                       [--steps 5] [--in-process] [--box-shift 3 | --no-box] [--json]
 
 Writes results/interactive3d.json (results/interactive3d-in-process.json with ``--in-process``; ``-shift<N>``
 added to the name for another box margin than the benchmark's 3, ``--box-shift 0`` .. ``5`` being the
-challenge's random range).
+challenge's random range; ``-nobox`` with ``--no-box``).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class Subprocess:
         self.env = {**os.environ, "SEGMENTWITHSAM_EMBEDDING_CACHE": str(cache_dir)}
 
     def step(self, image, spacing, box, clicks, prev):
-        write_case(self.inputs / "case.npz", image, spacing, [box], [clicks], prev_pred=prev)
+        write_case(self.inputs / "case.npz", image, spacing, None if box is None else [box], [clicks],
+                   prev_pred=prev)
         start, cpu = time.perf_counter(), _children_cpu()
         done = subprocess.run([sys.executable, "-m", "SegmentWithSAMLib.cli", "cvpr25", str(self.inputs),
                                str(self.outputs), "--json", "--skip", str(self.skip)], capture_output=True, text=True,
@@ -124,10 +125,12 @@ class InProcess:
         from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case
 
         encoded, start, cpu = self.model.encoder_runs, time.perf_counter(), time.process_time()
-        if not clicks:
-            self.volume = Case("case.npz", image, spacing, [box], [[]]).volume()
+        if len(clicks) <= (box is None):  # the object's first step: its box, or with no box its first click
+            self.volume = Case("case.npz", image, spacing, None if box is None else [box], [[]]).volume()
             self.segmenter = Segmenter(self.volume, self.model, VIEW, WINDOW, self.cache)
-            self.segmenter.box3d("object", self.volume.to_ras(_corners(box)), (box.z_min, box.z_max), skip=self.skip)
+            if box is not None:
+                self.segmenter.box3d("object", self.volume.to_ras(_corners(box)), (box.z_min, box.z_max),
+                                     skip=self.skip)
             self.applied = 0
         for (d, h, w), positive in (click for click in clicks[self.applied:] if click is not None):
             self.segmenter.click("object", self.volume.to_ras([w, h, d])[0], positive)
@@ -137,14 +140,19 @@ class InProcess:
                                                "engine_s": seconds, "encoded": self.model.encoder_runs - encoded}
 
 
-def protocol(driver, image, spacing, truth, steps: int, shift: int = BOX_SHIFT) -> dict:
+def protocol(driver, image, spacing, truth, steps: int, shift: int = BOX_SHIFT, boxed: bool = True) -> dict:
     """The box step and ``steps`` click steps of the protocol: DSC, NSD and timing per step, AUCs, finals. A
     round where the prediction is already perfect has no click (None, as the evaluator writes it). ``shift``: the
-    box's margin (pixels per 256) around the object's extent on its middle slice."""
-    box, clicks, prev = box_from_truth(truth, shift), [], None
+    box's margin (pixels per 256) around the object's extent on its middle slice. Without a box (``boxed``
+    False, a case the challenge gives clicks only) step 0 scores 0 and takes no time, as the evaluator counts it,
+    and the first click falls on the object's centre."""
+    box, clicks, prev = box_from_truth(truth, shift) if boxed else None, [], None
     dscs, nsds, timing = [], [], []
     for step in range(steps + 1):
-        prediction, times = driver.step(image, spacing, box, clicks, prev)
+        if step == 0 and box is None:
+            prediction, times = np.zeros(truth.shape, bool), {"seconds": 0.0, "cpu_s": 0.0, "encoded": 0}
+        else:
+            prediction, times = driver.step(image, spacing, box, clicks, prev)
         dsc, nsd = score(truth, prediction, spacing)
         dscs.append(dsc)
         nsds.append(nsd)
@@ -152,7 +160,8 @@ def protocol(driver, image, spacing, truth, steps: int, shift: int = BOX_SHIFT) 
         prev = prediction.astype(np.uint8)
         if step < steps:
             clicks.append(simulate_click_3d(truth, prediction))
-    return {"box": box.as_dict(), "clicks": [None if c is None else [list(c[0]), c[1]] for c in clicks],
+    return {"box": None if box is None else box.as_dict(),
+            "clicks": [None if c is None else [list(c[0]), c[1]] for c in clicks],
             "dsc": dscs, "nsd": nsds, "dsc_auc": auc(dscs, steps), "nsd_auc": auc(nsds, steps),
             "final_dsc": dscs[-1], "final_nsd": nsds[-1], "timing": timing}
 
@@ -306,6 +315,8 @@ def main() -> None:
     parser.add_argument("--box-shift", type=int, default=BOX_SHIFT, choices=range(6), metavar="{0..5}",
                         help="the box's margin in pixels per 256 around the object on its middle slice (the "
                         f"challenge draws it from 0-5 at random; default {BOX_SHIFT})")
+    parser.add_argument("--no-box", action="store_true", help="no box: step 0 scores 0 and the first click starts "
+                        "the object, as in the challenge's cases that give clicks only")
     parser.add_argument("--cache-dir", type=Path, help="keep the embeddings in (and reuse them from) this folder; "
                         "step 0's seconds then leave out the encoding (default: a fresh folder)")
     args = parser.parse_args()
@@ -316,8 +327,9 @@ def main() -> None:
     driver = InProcess(model, cache, args.skip) if args.in_process else Subprocess(work, embeddings, args.skip)
     results = {}
     for name, group, image, spacing, truth in all_cases(groups, names):
-        result = protocol(driver, image, spacing, truth, args.steps, args.box_shift)
-        result["slices"] = int(result["box"]["z_max"] - result["box"]["z_min"] + 1)
+        result = protocol(driver, image, spacing, truth, args.steps, args.box_shift, boxed=not args.no_box)
+        on = np.flatnonzero(truth.any(axis=(1, 2)))
+        result["slices"] = int(on[-1] - on[0] + 1)
         result["group"] = group
         if not args.no_baselines:
             result.update(baselines(model, cache, image, spacing, truth, args.box_shift))
@@ -336,7 +348,8 @@ def main() -> None:
                "NSD_AUC", "s step0", "s/click", "CPU s/click", "oracle DSC", "1-box prop DSC"]
     mode = "in process (one Interaction)" if args.in_process else "segmentwithsam cvpr25, a fresh process per step"
     print(f"\nCVPR 2025 interactive 3D protocol, {mode}; model {model.name} ({model.engine}, {model.device}); "
-          f"whole volumes, axial; boxes {args.box_shift} px per 256 beyond the object\n")
+          "whole volumes, axial; " + ("no boxes, clicks only\n" if args.no_box else
+                                      f"boxes {args.box_shift} px per 256 beyond the object\n"))
     print_table(headers, rows)
     print("\nNSD per step: " + "; ".join(f"{n} " + " ".join(f"{v:.3f}" for v in r["nsd"]) for n, r in results.items()))
     goals = {"all": targets(results), **{g: targets(rs) for g, rs in by_group.items()}}
@@ -346,12 +359,14 @@ def main() -> None:
             f"{key} = {round(goal['value'], 3) if isinstance(goal['value'], float) else goal['value']} "
             f"({verdict[goal['met']]})" for key, goal in group_goals.items()))
     payload = {"mode": mode, "model": model.name, "engine": model.engine, "device": str(model.device),
-               "steps": args.steps, "skip": args.skip, "box_shift": args.box_shift, "ct_structures": CT_STRUCTURES,
+               "steps": args.steps, "skip": args.skip, "box_shift": None if args.no_box else args.box_shift,
+               "ct_structures": CT_STRUCTURES,
                "structures": results,
                "targets": goals}
     name = "interactive3d-in-process" if args.in_process else "interactive3d"
     name += f"-skip{args.skip}" if args.skip else ""
     name += f"-shift{args.box_shift}" if args.box_shift != BOX_SHIFT else ""
+    name += "-nobox" if args.no_box else ""
     write_json(name, payload, one_line=args.json)
 
 if __name__ == "__main__":
