@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from SegmentWithSAMLib.errors import PromptError, VolumeError
-from SegmentWithSAMLib.geometry import View, Volume, prompts_to_slice, slice_axes, slice_image
+from SegmentWithSAMLib.geometry import Reach, View, Volume, prompts_to_slice, slice_axes, slice_image
 from SegmentWithSAMLib.preprocessing import SliceTransform
 
 from conftest import reoriented_volume
@@ -125,3 +125,16 @@ def test_prompts_must_be_on_one_slice_and_inside():
 def test_bad_volumes_are_refused(array, message):
     with pytest.raises(VolumeError, match=message):
         Volume(array, np.eye(4))
+
+
+def test_a_clicks_reach_is_a_ball_with_thick_slices_counted_at_the_pixel_size():
+    # 1 x 1 mm pixels, 4 mm slices: a 3 mm ball reaches 3 slices each way (counted at 1 mm), not 0.
+    volume = Volume(np.zeros((9, 11, 11), np.int16), np.diag([1.0, 1.0, 4.0, 1.0]))
+    axes = slice_axes(volume, "axial")
+    reach = Reach(axes, 4, np.array([[5, 5], [6, 5]]), radius_mm=3.0)  # two points: the nearest counts
+    rows, cols = np.indices(axes.image_shape)
+    nearest = np.minimum(np.hypot(rows - 5, cols - 5), np.hypot(rows - 5, cols - 6))
+    for index in range(9):
+        expected = nearest**2 <= 3.0**2 - (index - 4) ** 2
+        np.testing.assert_array_equal(reach.on(index), expected)
+    assert reach.on(7).any() and not reach.on(8).any()

@@ -233,6 +233,31 @@ def equivalent_radius_mm(mask2d: np.ndarray, pixel_spacing: tuple[float, float])
     return float(np.sqrt(np.count_nonzero(mask2d) * np.prod(pixel_spacing) / np.pi))
 
 
+@dataclass(frozen=True)
+class Reach:
+    """A ball around a click's points (``points`` (K, 2) pixel XY on slice ``index`` of ``axes``) of ``radius_mm``,
+    slices counted at the in-plane pixel size when they are thicker (a positive click's carry stays within it)."""
+
+    axes: SliceAxes
+    index: int
+    points: np.ndarray
+    radius_mm: float
+
+    @cached_property
+    def _distance_mm(self) -> np.ndarray:
+        from scipy import ndimage as ndi
+
+        seeds = np.ones(self.axes.image_shape, bool)
+        seeds[self.points[:, 1].astype(int), self.points[:, 0].astype(int)] = False
+        return ndi.distance_transform_edt(seeds, sampling=self.axes.pixel_spacing)
+
+    def on(self, index: int) -> np.ndarray:
+        """The pixels (rows, cols) of slice ``index`` within the ball."""
+        row_mm, col_mm = self.axes.pixel_spacing
+        dz = abs(index - self.index) * min(self.axes.spacing_ijk[self.axes.slice_axis], (row_mm + col_mm) / 2)
+        return self._distance_mm**2 <= self.radius_mm**2 - dz**2
+
+
 def prompts_to_slice(volume: Volume, axes: SliceAxes, ras_points: np.ndarray,
                      corners_ras: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray | None]:
     """Map RAS prompt points (N, 3) and a box's two opposite corners (2, 3) to one slice index, the points as
