@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from SegmentWithSAMLib.actions import Prompt
+from SegmentWithSAMLib.actions import Click, Prompt
+from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.cvpr25 import WINDOW
-from SegmentWithSAMLib.engine import Engine
+from SegmentWithSAMLib.engine import THICK_SLICES, Engine
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
 from SegmentWithSAMLib.prompts import ENSEMBLE_BOX_MM, boxes_around, click_logits
@@ -54,6 +55,41 @@ def test_a_click_off_the_organs_middle_still_segments_the_organ(organ):
                   truth) for xy in clicks]
     chosen = [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
     assert max(small) < 0.25 and sum(d > 0.6 for d in chosen) >= 3, (small, chosen)
+
+
+def test_a_first_clicks_width_must_fit_the_neighbouring_slices_too(organ):
+    # A 3D object's first click on thick slices judges each width by its lowest fit over its slice and the slices
+    # either side: the same slice again changes nothing; neighbours where no box fits (no mask holds the click)
+    # leave the small boxes.
+    session, axes, truth, xy = organ
+    alone = click_logits(session.predictor, xy, axes.pixel_spacing)
+    same = click_logits(session.predictor, xy, axes.pixel_spacing,
+                        neighbours=lambda boxes: [session.predictor.predict_boxes(boxes)] * 2)
+    np.testing.assert_array_equal(alone, same)
+
+    def elsewhere(boxes):  # the boxes decoded around a corner of the slice, away from the organ
+        return [session.predictor.predict_boxes(boxes - np.r_[xy[0], xy[0]] + 4.0)]
+
+    small = click_logits(session.predictor, xy, axes.pixel_spacing, neighbours=elsewhere) > 0
+    assert dice(alone > 0, truth) > 0.8 and small.sum() < (alone > 0).sum() / 3
+
+
+@pytest.mark.parametrize("slice_mm", [1.25, 5.0])
+def test_only_on_thick_slices_does_an_objects_first_click_look_at_the_slices_beside_it(default_model, slice_mm):
+    # The MR kidney's slice three times, 1.25 mm (its pixel size) or 5 mm apart. A first click starting an object
+    # on the middle one decodes its boxes on the slices beside it, before anything else, only when they are thick
+    # (THICK_SLICES); identical neighbours change nothing, so the kidney is found either way.
+    volume, truth = organ_volume("mr_kidney_left", copies=3, slice_mm=slice_mm)
+    session = Session(volume, default_model, window=WINDOW, cache=EmbeddingCache())
+    visited, set_slice = [], session.set_slice
+    session.set_slice = lambda view, index: visited.append(index) or set_slice(view, index)
+    depth = ndi.distance_transform_edt(truth)
+    row, col = np.unravel_index(np.argmax(depth), truth.shape)
+    _, update = Engine(session, "axial").step(None, Click(1, (float(col), float(row)), True))
+    thick = slice_mm >= THICK_SLICES * max(slice_axes(volume, "axial").pixel_spacing)
+    assert thick == (slice_mm == 5.0)
+    assert (visited[:4] == [1, 0, 2, 1]) == thick, visited
+    assert dice(update.changed[1], truth) > 0.8
 
 
 def _deep_point_far_from(mask: np.ndarray, xy: np.ndarray) -> np.ndarray:

@@ -10,11 +10,13 @@ are decoded too, and one replaces the ensemble where the model is sure of its ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage as ndi
 
 from .geometry import bounding_box
-from .predictor import SlicePredictor
+from .predictor import Prediction, SlicePredictor
 
 # Side lengths (mm) of the candidate boxes around positive clicks: the ensemble, chosen by the benchmark above,
 ENSEMBLE_BOX_MM = (14.0, 20.0, 28.0, 40.0)
@@ -68,8 +70,15 @@ def _depths(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     return depth[rows, cols] / depth.max()
 
 
+def _fits(prediction: Prediction, positive_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each box's fit (its predicted IoU × the 4th root of the points' centrality in its mask) and centrality."""
+    centrality = np.array([_depths(mask, positive_xy).mean() for mask in prediction.masks])
+    return prediction.scores * centrality**0.25, centrality
+
+
 def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spacing: tuple[float, float],
-                 negative_xy: np.ndarray | None = None, widest_mm: float = np.inf) -> np.ndarray:
+                 negative_xy: np.ndarray | None = None, widest_mm: float = np.inf,
+                 neighbours: Callable[[np.ndarray], list[Prediction]] | None = None) -> np.ndarray:
     """The logit map (rows, cols) of an object started by positive points (N, 2) pixel XY (a click, or a
     stroke's points) on the slice set in ``predictor``.
 
@@ -77,11 +86,15 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
     negative clicks ``negative_xy`` (K, 2) on the slice lies deep in its mask (``NEGATIVE_DEPTH``); the best
     eligible one wins under the rule of ``LARGER_MIN_FIT`` (or ``LARGER_MARGIN``) and ``LARGER_MIN_RESCORE``, and
     its logits are averaged with those of its eligible neighbours on the ladder. Otherwise the logits of the
-    ensemble's widths whose masks hold the points are averaged (all four where none does)."""
+    ensemble's widths whose masks hold the points are averaged (all four where none does). ``neighbours(boxes)``,
+    optional: the same boxes (B, 4) decoded on the slices either side (a 3D object's first click); each width's
+    fit is then its lowest over the three slices."""
     widths = ENSEMBLE_BOX_MM + LARGER_BOX_MM
-    prediction = predictor.predict_boxes(boxes_around(positive_xy, pixel_spacing, widths))
-    centrality = np.array([_depths(mask, positive_xy).mean() for mask in prediction.masks])
-    fit = prediction.scores * centrality**0.25
+    boxes = boxes_around(positive_xy, pixel_spacing, widths)
+    prediction = predictor.predict_boxes(boxes)
+    fit, centrality = _fits(prediction, positive_xy)
+    for other in neighbours(boxes) if neighbours is not None else ():
+        fit = np.minimum(fit, _fits(other, positive_xy)[0])
     small = len(ENSEMBLE_BOX_MM)
     eligible = np.ones(len(widths), bool)
     eligible[small:] = np.array(LARGER_BOX_MM) <= widest_mm

@@ -24,6 +24,7 @@ later click worse, and SAM-style point prompts barely move the mask. So refineme
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ from scipy import ndimage as ndi
 
 from .errors import PromptError
 from .metrics import dice
-from .predictor import SlicePredictor
+from .predictor import Prediction, SlicePredictor
 from .prompts import click_logits, remove_clicked_regions
 
 REACH = 2.0  # how far a click's threshold shift reaches, in multiples of its distance to the mask edge
@@ -82,7 +83,8 @@ class Refiner:
     blob removes it, a click near the edge of a right one trims it). ``max_radius_mm``: the cap on a click's
     radius (default ``MAX_RADIUS_MM``; the 3D interaction scales it with the object's size). ``widest_box_mm``:
     the widest box a first positive click may decode (:func:`~.prompts.click_logits`; the 3D interaction limits
-    it by the object's size on other slices). ``image`` (rows, cols) in [0, 1]: the slice as the model sees it,
+    it by the object's size on other slices). ``neighbours``: see :func:`~.prompts.click_logits` (the 3D
+    interaction's first click on an object). ``image`` (rows, cols) in [0, 1]: the slice as the model sees it,
     optional; with it, a deep negative click removes only tissue like its own (step 4 above). :meth:`add_click`
     returns the new mask (rows, cols) bool.
     """
@@ -90,7 +92,8 @@ class Refiner:
     def __init__(self, predictor: SlicePredictor, pixel_spacing: tuple[float, float] = (1.0, 1.0),
                  box: np.ndarray | None = None, logits: np.ndarray | None = None,
                  centred_removal: float | None = None, max_radius_mm: float = MAX_RADIUS_MM,
-                 widest_box_mm: float = np.inf, image: np.ndarray | None = None) -> None:
+                 widest_box_mm: float = np.inf, image: np.ndarray | None = None,
+                 neighbours: Callable[[np.ndarray], list[Prediction]] | None = None) -> None:
         if not predictor.is_image_set:
             raise RuntimeError("Set the slice image on the predictor before refining.")
         self.predictor = predictor
@@ -98,6 +101,7 @@ class Refiner:
         self.centred_removal = centred_removal
         self.max_radius_mm = float(max_radius_mm)
         self.widest_box_mm = float(widest_box_mm)
+        self.neighbours = neighbours
         self.shape = predictor.transform.image_shape
         if image is not None and np.shape(image) != self.shape:
             raise ValueError(f"The image has shape {np.shape(image)}; the slice is {self.shape}.")
@@ -125,7 +129,7 @@ class Refiner:
             self._first_click = np.array([xy], float) if self._first_click is None else self._first_click
             negatives = np.array([c.xy for c in self.clicks if not c.positive] + ([] if positive else [xy]), float)
             self.logits = click_logits(self.predictor, self._first_click, self.pixel_spacing,
-                                       negatives.reshape(-1, 2), self.widest_box_mm)
+                                       negatives.reshape(-1, 2), self.widest_box_mm, self.neighbours)
         max_radius = self.max_radius_mm / float(np.mean(self.pixel_spacing))
         radius = max(MIN_RADIUS, min(max_radius, edge_distance(self.mask, row, col)))
         # Its disk stops short of the pixel of an earlier click of the other sign, so that one stays honoured.
