@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -420,8 +421,9 @@ class Engine:
         clicks start the object, so on thick slices its first click's boxes are judged on the neighbouring slices
         too (see ``THICK_SLICES``)."""
         thick = self.axes.spacing_ijk[self.axes.slice_axis] >= THICK_SLICES * max(self.axes.pixel_spacing)
-        neighbours = self._neighbour_predictions(index) if first and base is None and thick else None
         self.session.set_slice(self.axes.view, index)
+        neighbours = partial(self.session.predict_boxes_on, self.axes.view, (index - 1, index + 1)) \
+            if first and base is None and thick else None  # the first click's boxes, decoded on the slices beside it
         if base is not None:
             base = self._grown_by_box(state, base, [(x, y) for x, y, positive in clicks if positive])
         logits = self._base_logits(state, base) if base is not None else None
@@ -432,19 +434,6 @@ class Engine:
         for x, y, positive in clicks:
             refiner.add_click((x, y), positive)
         return refiner.mask
-
-    def _neighbour_predictions(self, index: int):
-        """``boxes`` (B, 4) -> their predictions on the slices either side of ``index`` (see
-        :func:`~.prompts.click_logits`' ``neighbours``); slice ``index`` is current again after each call."""
-        def predict(boxes: np.ndarray) -> list:
-            found = []
-            for other in (index - 1, index + 1):
-                if 0 <= other <= self._last:
-                    self.session.set_slice(self.axes.view, other)
-                    found.append(self.session.predictor.predict_boxes(boxes))
-            self.session.set_slice(self.axes.view, index)
-            return found
-        return predict
 
     def _grown_by_box(self, state: ObjectState, base: np.ndarray, positives: list[tuple[float, float]]) -> np.ndarray:
         """``base`` (rows, cols) of the current slice, on a large object, with what the model finds beyond it

@@ -15,7 +15,7 @@ from .geometry import (
     slice_image,
 )
 from .models.base import SamLikeAdapter
-from .predictor import SlicePredictor
+from .predictor import Prediction, SlicePredictor
 from .preprocessing import resolve_window
 
 
@@ -76,3 +76,17 @@ class Session:
         images = [self.windowed_slice(axes, i) for i in todo]
         self.predictor.embed_many(images, axes.pixel_spacing, [self._slice_key(axes, i) for i in todo])
         return len(todo)
+
+    def predict_boxes_on(self, view: View | str, indices, boxes: np.ndarray) -> list[Prediction]:
+        """``boxes`` (B, 4) decoded on each of the slices ``indices`` of ``view`` that lie in the volume (those not
+        cached encoded in one batch); the current slice is current again afterwards."""
+        axes = self.axes(view)
+        inside = [int(i) for i in indices if 0 <= int(i) < axes.num_slices]
+        self.prefetch_many(axes.view, inside)
+        current, found = self._current, []
+        for index in inside:
+            self.set_slice(axes.view, index)
+            found.append(self.predictor.predict_boxes(boxes))
+        if current is not None:
+            self.set_slice(*current)
+        return found
