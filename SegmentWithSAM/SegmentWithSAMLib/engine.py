@@ -66,12 +66,12 @@ SMALL_REACH_MM = 2.0
 CARRY_REACH = 1.5
 # An object started by a click spans FIRST_CLICK_EXTENT x its mask's equivalent radius on either side of it.
 FIRST_CLICK_EXTENT = 2.0
-# On slices at least THICK_SLICES x as thick as their pixels, the first click of an object started by clicks judges
-# its boxes' widths on the slices either side too (prompts.click_logits' ``neighbours``): there the neighbours are
-# other views of the object, which a patch or a leak rarely fits as well. Clicks alone, 5 protocol clicks: the left
-# MR kidney (7.7 mm slices, 1.25 mm pixels) .497 -> .848, the other 20 unchanged; on every slice it cost the head
-# CT's head (1.5 mm slices, 0.96 mm pixels) .351 -> .009, where near copies flipped a close choice of width
-# (docs/interaction.md, "Session 32").
+# On slices at least THICK_SLICES x as thick as their pixels, a click on a slice without a mask (an object's first
+# click, and every replay of that slice's clicks) judges its boxes' widths on the slices either side too
+# (prompts.click_logits' ``neighbours``): there the neighbours are other views of the object, which a patch or a leak
+# rarely fits as well. Clicks alone, 5 protocol clicks: the left MR kidney (7.7 mm slices, 1.25 mm pixels) .497 ->
+# .848, the other 20 unchanged; on every slice it cost the head CT's head (1.5 mm slices, 0.96 mm pixels) .351 ->
+# .009, where near copies flipped a close choice of width (docs/interaction.md, "Session 32").
 THICK_SLICES = 3.0
 # A positive lasso's mask is its filled outline; within SNAP_MM of the outline the model's mask for the outline's
 # box would decide. Measured with outlines moved 1-2 mm (benchmarks/scribbles.py, 19 structures): step 0 over the
@@ -234,8 +234,7 @@ class Engine:
         if base is None and scribble:  # a scribble on an empty slice segments the object there: its mask is the base
             base = self._stroke_mask(state, index, points)
             clicks = []
-        mask = self._kept(state, index, self._refine(state, index, base, clicks, removal=removal, first=started)
-                          if clicks else base)
+        mask = self._kept(state, index, self._refine(state, index, base, clicks, removal=removal) if clicks else base)
         state.masks[index], state.kinds[index] = mask, Kind.KEY
         state.clicks[index], state.base[index] = clicks, base
         update.changed[index] = mask
@@ -415,15 +414,15 @@ class Engine:
         return max(min(MAX_RADIUS_MM, max(SMALL_REACH_MM, own, *nearby)), LARGE_REACH * (own - LARGE_FROM_MM))
 
     def _refine(self, state: ObjectState, index: int, base: np.ndarray | None, clicks,
-                removal: float = CENTRED_REMOVAL, first: bool = False) -> np.ndarray:
+                removal: float = CENTRED_REMOVAL) -> np.ndarray:
         """The slice's mask after ``clicks`` (replayed in order) from ``base`` (None: from the first positive
-        click, as in 2D); ``removal``: see :class:`~.refinement.Refiner`'s ``centred_removal``; ``first``: the
-        clicks start the object, so on thick slices its first click's boxes are judged on the neighbouring slices
-        too (see ``THICK_SLICES``)."""
-        thick = self.axes.spacing_ijk[self.axes.slice_axis] >= THICK_SLICES * max(self.axes.pixel_spacing)
+        click, as in 2D, its boxes judged on the slices beside it too where they are thick, ``THICK_SLICES``: every
+        replay of the slice's clicks judges them alike); ``removal``: see :class:`~.refinement.Refiner`'s
+        ``centred_removal``."""
         self.session.set_slice(self.axes.view, index)
+        thick = self.axes.spacing_ijk[self.axes.slice_axis] >= THICK_SLICES * max(self.axes.pixel_spacing)
         neighbours = partial(self.session.predict_boxes_on, self.axes.view, (index - 1, index + 1)) \
-            if first and base is None and thick else None  # the first click's boxes, decoded on the slices beside it
+            if base is None and thick else None
         if base is not None:
             base = self._grown_by_box(state, base, [(x, y) for x, y, positive in clicks if positive])
         logits = self._base_logits(state, base) if base is not None else None
