@@ -21,13 +21,14 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .actions import Action, Box3D, Click, Lasso, Prompt, Propagate, Scribble, UserEdit, clip_box
+from .click_scale import grown_by_box, reach_cap_mm, widest_box_mm
 from .errors import PromptError
 from .geometry import Reach, View, bounding_box, equivalent_radius_mm
 from .metrics import dice
 from .predictor import normalize_slice
 from .prompts import click_logits
 from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
-from .refinement import MAX_RADIUS_MM, MIN_RADIUS, Refiner, edge_distance
+from .refinement import Refiner
 from .state import Kind, ObjectState, Update
 from .strokes import check_stroke, fill_lasso, sample_stroke
 from .surface_shift import SHIFT_MAX_DEPTH_MM, click_depth_mm, moved_by_click
@@ -42,22 +43,6 @@ CENTRED_REMOVAL = 0.6
 # A negative click trims the engine's neighbouring slices this many times as far as it lay deep in the 3D mask
 # (mean gain of 5 clicks on the 14 benchmark structures: 0.5x +0.056, 1x +0.076, 1.5x +0.078, in process).
 NEGATIVE_REACH = 1.5
-# A click's reach on a slice is capped at refinement.MAX_RADIUS_MM (tuned on small structures), or for large
-# objects at LARGE_REACH x (the mask's equivalent radius - LARGE_FROM_MM): the head CT gained nothing from five
-# clicks under the fixed cap, +0.05 under this one, and the AAL structures (radius < 20 mm) are unchanged.
-LARGE_FROM_MM, LARGE_REACH = 16.0, 0.75
-# On such a large object (a slice mask's equivalent radius at least LARGE_FROM_MM) a positive click outside the
-# mask also moves the prompt LiteMedSAM was trained on, the box: the mask's box with the object's offset, grown to
-# take in the click and as far again beyond it as the click lies from the mask (a user clicks in the middle of
-# what is missing); the part of the model's mask for that box beyond the mask that holds the click joins the mask
-# before the click moves the threshold around itself. The challenge's 3D box with one side drawn 30 % short on the
-# development set's organs and tumours: one protocol click from 0.676 to 0.741 (0.710 without); the protocol's box
-# and five clicks: the MR organs 0.915 -> 0.917 (NSD5 0.815 -> 0.823), the others within 0.002; without the size
-# limit the AAL structures (all smaller) lost 0.004 (docs/interaction.md, "Session 26").
-# ... and for small objects at their size (the equivalent radius of the largest mask within two slices, at least
-# SMALL_REACH_MM): a positive click on a wrong 17-pixel mask at the amygdala's end added 104 pixels for a 38-pixel
-# object under the fixed cap (-0.010 3D Dice), +0.008 under this one.
-SMALL_REACH_MM = 2.0
 # A positive click's additions carried to other slices stay within CARRY_REACH x (its reach cap, or the radius
 # of what it added if larger) of the click in 3D, slices counted at the pixel size when thicker: unbounded, a
 # caudate-sized click on the amygdala grew five neighbours to 4x their size (-0.062 DSC). On the 12 AAL
@@ -86,7 +71,6 @@ SNAP_MM = 0.0
 LASSO_AGREE = 0.9
 # Within a range the user gave with a box, only empty masks stop propagation (two in a row: one is bridged).
 RANGE_RULES = StopRules(min_similarity=None, min_score=None, max_area_ratio=None, min_overlap=None, max_empty=2)
-_NEARBY_SLICES = 2  # the object's size near a slice: its largest mask within this many slices
 _ADDED_NEAR_PX = 2  # a positive click's addition on a slice continues what it added on the slice before within this
 _LOGIT_FLOOR = 1e-3  # |logit| given to pixels whose sign is forced to the slice's current mask
 
@@ -167,7 +151,7 @@ class Engine:
             raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
         self.session.set_slice(self.axes.view, index)
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, box,
-                          widest_box_mm=self._widest_box_mm(state, index),
+                          widest_box_mm=widest_box_mm(state.masks, index, self.axes.pixel_spacing),
                           image=self._image(index, prompt.clicks))
         for x, y, positive in prompt.clicks:
             refiner.add_click((x, y), positive)
@@ -244,7 +228,8 @@ class Engine:
             self._end_at(state, index, update)
         elif action.positive:
             added = mask & ~base if base is not None and clicks else mask
-            radius = CARRY_REACH * max(self._reach_cap_mm(state, index, base), self._radius_mm(added))
+            cap = reach_cap_mm(state.masks, index, base, self.axes.pixel_spacing)
+            radius = CARRY_REACH * max(cap, self._radius_mm(added))
             reach = Reach(self.axes, index, np.rint(points), radius)
             for step in (1, -1):
                 self._walk(state, index, mask, step, update, cancel, None, agree=self.agree, added=added,
@@ -262,7 +247,7 @@ class Engine:
         click), then the scribble's points as positive clicks, so it covers the whole stroke."""
         self.session.set_slice(self.axes.view, index)
         logits = click_logits(self.session.predictor, points, self.axes.pixel_spacing,
-                              widest_mm=self._widest_box_mm(state, index))
+                              widest_mm=widest_box_mm(state.masks, index, self.axes.pixel_spacing))
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits)
         for xy in points:
             refiner.add_click(tuple(xy), True)
@@ -394,25 +379,6 @@ class Engine:
         """The radius (mm) of a disk as large as ``mask`` (rows, cols)."""
         return equivalent_radius_mm(mask, self.axes.pixel_spacing)
 
-    def _widest_box_mm(self, state: ObjectState, index: int) -> float:
-        """The widest box a positive prompt on the empty slice ``index`` may start from (see
-        :func:`~.prompts.click_logits`): twice the equivalent diameter of the object's mask on the nearest slice
-        that has one, as an object changes little from slice to slice (no limit for a new object). Unbounded, a
-        click past an MR spleen's last slice chose a box four times its width there (DSC −0.12 in one click)."""
-        filled = [i for i, mask in state.masks.items() if i != index and mask.any()]
-        if not filled:
-            return np.inf
-        return 4.0 * self._radius_mm(state.masks[min(filled, key=lambda i: abs(i - index))])
-
-    def _reach_cap_mm(self, state: ObjectState, index: int, base: np.ndarray | None) -> float:
-        """The cap on a click's reach on slice ``index`` (see ``LARGE_REACH`` and ``SMALL_REACH_MM``)."""
-        if base is None:
-            return MAX_RADIUS_MM
-        own = self._radius_mm(base)
-        nearby = [self._radius_mm(state.masks[i]) for i in range(index - _NEARBY_SLICES, index + _NEARBY_SLICES + 1)
-                  if i != index and i in state.masks]
-        return max(min(MAX_RADIUS_MM, max(SMALL_REACH_MM, own, *nearby)), LARGE_REACH * (own - LARGE_FROM_MM))
-
     def _refine(self, state: ObjectState, index: int, base: np.ndarray | None, clicks,
                 removal: float = CENTRED_REMOVAL) -> np.ndarray:
         """The slice's mask after ``clicks`` (replayed in order) from ``base`` (None: from the first positive
@@ -424,34 +390,17 @@ class Engine:
         neighbours = partial(self.session.predict_boxes_on, self.axes.view, (index - 1, index + 1)) \
             if base is None and thick else None
         if base is not None:
-            base = self._grown_by_box(state, base, [(x, y) for x, y, positive in clicks if positive])
+            base = grown_by_box(self.session.predictor, base, state.offset,
+                                [(x, y) for x, y, positive in clicks if positive], self.axes.pixel_spacing)
         logits = self._base_logits(state, base) if base is not None else None
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits=logits, centred_removal=removal,
-                          max_radius_mm=self._reach_cap_mm(state, index, base),
-                          widest_box_mm=np.inf if base is not None else self._widest_box_mm(state, index),
+                          max_radius_mm=reach_cap_mm(state.masks, index, base, self.axes.pixel_spacing),
+                          widest_box_mm=widest_box_mm(state.masks, index, self.axes.pixel_spacing)
+                          if base is None else np.inf,
                           image=self._image(index, clicks), neighbours=neighbours)
         for x, y, positive in clicks:
             refiner.add_click((x, y), positive)
         return refiner.mask
-
-    def _grown_by_box(self, state: ObjectState, base: np.ndarray, positives: list[tuple[float, float]]) -> np.ndarray:
-        """``base`` (rows, cols) of the current slice, on a large object, with what the model finds beyond it
-        towards the positive clicks ``positives`` ((x, y) pixels) outside it in the box grown to take them in (see
-        ``LARGE_FROM_MM``); ``base`` itself otherwise."""
-        pixels = np.array([(int(y), int(x)) for x, y in positives], int).reshape(-1, 2)
-        outside = pixels[~base[pixels[:, 0], pixels[:, 1]]] if base.any() else pixels[:0]
-        if not len(outside) or self._radius_mm(base) < LARGE_FROM_MM:
-            return base
-        box = bounding_box(base) + state.offset
-        for row, col in outside:
-            beyond = max(MIN_RADIUS, edge_distance(base, row, col))
-            box = np.concatenate([np.minimum(box[:2], (col - beyond, row - beyond)),
-                                  np.maximum(box[2:], (col + beyond, row + beyond))])
-        box, _ = clip_box(box, self.axes.image_shape)
-        found = (self.session.predictor.predict(box=box).logits[0] > 0) & ~base
-        parts, _ = ndi.label(found)
-        held = {int(parts[row, col]) for row, col in outside} - {0}
-        return base | np.isin(parts, list(held)) if held else base
 
     # ---- through the slices --------------------------------------------------------------------------------
     def _walk(self, state: ObjectState, index: int, seed: np.ndarray, step: int, update: Update, cancel: Cancel,
