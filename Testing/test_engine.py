@@ -18,7 +18,14 @@ from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.cache import EmbeddingCache
 from SegmentWithSAMLib.cvpr25 import WINDOW
 from SegmentWithSAMLib.data import AAL_STRUCTURES
-from SegmentWithSAMLib.engine import CARRY_REACH, FIRST_CLICK_EXTENT, RANGE_RULES, Engine
+from SegmentWithSAMLib.engine import (
+    CARRY_REACH,
+    FIRST_CLICK_EXTENT,
+    NEGATIVE_REACH,
+    RANGE_RULES,
+    SHIFTED_NEGATIVE_REACH,
+    Engine,
+)
 from SegmentWithSAMLib.errors import PromptError
 from SegmentWithSAMLib.geometry import bounding_box, equivalent_radius_mm
 from SegmentWithSAMLib.metrics import dice
@@ -142,6 +149,28 @@ def test_a_negative_click_inside_the_object_trims_it_and_never_empties_slices(se
     after = seg.states["thalamus"].masks
     assert after[mid + 1].any() and after[mid + 1].sum() < before[mid + 1].sum()
     assert all(after[i].any() and not (after[i] & ~before[i]).any() for i in update.changed)  # only removed
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_a_negative_clicks_carry_reaches_less_far_where_its_surface_shift_trims_too(session, truth, monkeypatch,
+                                                                                     shifted):
+    """A negative click near the surface is carried SHIFTED_NEGATIVE_REACH × its depth in the 3D mask (its surface
+    shift trims the slices around it too), NEGATIVE_REACH × without the shift."""
+    near = surface_shift.SHIFT_MAX_DEPTH_MM
+    if not shifted:
+        monkeypatch.setattr(surface_shift, "SHIFT_MAX_DEPTH_MM", 0.0)
+    oriented, mid = truth
+    seg = boxed(session, truth, half=8)
+    state = seg.states["thalamus"]
+    xy = centre(state.masks[mid + 1] & ~ndi.binary_erosion(state.masks[mid + 1], iterations=6))  # 3 mm deep
+    depth = surface_shift.click_depth_mm(state.masks, seg.axes.oriented_spacing, mid + 1, np.array([xy]))
+    assert 0 < depth <= near
+    update = seg.step("thalamus", Click(mid + 1, xy, False))
+    factor = SHIFTED_NEGATIVE_REACH if shifted else NEGATIVE_REACH
+    spacing = seg.axes.spacing_ijk[seg.axes.slice_axis]
+    for label in ("up", "down"):
+        last = int(update.stopped[label].rsplit(" ", 1)[-1])  # "the click corrected slices up to N"
+        assert abs(last - (mid + 1)) * spacing < max(factor * depth, spacing)
 
 
 def test_a_positive_click_adds_to_the_engines_slices_and_takes_nothing_away(session, truth):
