@@ -241,9 +241,9 @@ class Engine:
                            skip=self._skip(state), reach=reach)
         else:
             lost = current & ~mask if current is not None else np.zeros_like(mask)
-            reach = (SHIFTED_NEGATIVE_REACH if surface is not None else NEGATIVE_REACH) * max(depth, 0.0)
+            carry_mm = (SHIFTED_NEGATIVE_REACH if surface is not None else NEGATIVE_REACH) * max(depth, 0.0)
             for step in (1, -1):
-                self._carry_negative(state, index, np.rint(points), reach, step, update, cancel, lost)
+                self._carry_negative(state, index, np.rint(points), carry_mm, step, update, cancel, lost)
         if surface is not None and mask.any():
             self._move_surface(state, index, action.positive, *surface, update)
         return state
@@ -506,13 +506,13 @@ class Engine:
 
     def _carry_negative(self, state: ObjectState, index: int, points: np.ndarray, reach_mm: float, step: int,
                         update: Update, cancel: Cancel, lost: np.ndarray) -> None:
-        """A negative click's (or scribble's: ``points`` (K, 2) XY) error region is a 3D blob: the same points
-        correct the engine's slices beyond it (``step`` ±1) up to ``reach_mm`` away (``NEGATIVE_REACH``) and while
-        one still falls inside their masks, each slice from its own mask (re-propagating from the corrected slice
-        instead lowered the Dice on Colin27's hippocampus: the neighbours' masks, right elsewhere, were rebuilt
-        from a smaller one). ``lost``: what the click removed on its own slice. An object propagated with
-        ``skip`` is refined on its grid's slices only (the others were never encoded): a slice between two
-        refined ones loses what both of them lost, one past the last what that one lost."""
+        """A negative click's (or scribble's: ``points`` (K, 2) XY) error region is a 3D blob: the same points correct
+        the engine's slices beyond it (``step`` ±1) up to ``reach_mm`` away (``NEGATIVE_REACH``,
+        ``SHIFTED_NEGATIVE_REACH``) and while one still falls inside their masks, each slice from its own mask
+        (re-propagating from the corrected slice instead lowered the Dice on Colin27's hippocampus: the neighbours'
+        masks, right elsewhere, were rebuilt from a smaller one). ``lost``: what the click removed on its own slice. An
+        object propagated with ``skip`` is refined on its grid's slices only (the others were never encoded): a slice
+        between two refined ones loses what both of them lost, one past the last what that one lost."""
         spacing = self.axes.spacing_ijk[self.axes.slice_axis]
         cols, rows = points[:, 0].astype(int), points[:, 1].astype(int)
         every, between, last = self._skip(state) + 1, [], index
