@@ -74,6 +74,23 @@ def test_a_first_clicks_width_must_fit_the_neighbouring_slices_too(organ):
     assert dice(alone > 0, truth) > 0.8 and small.sum() < (alone > 0).sum() / 3
 
 
+def test_where_the_slices_beside_agreed_on_a_width_its_rescore_may_be_lower(organ):
+    # Clicks off the organ's middle: where the larger width's fit held on the slices either side too (here the
+    # same slice again, so the fits are the same), its tight box's rescore need reach only
+    # LARGER_MIN_RESCORE_BESIDE, not LARGER_MIN_RESCORE: some clicks give the organ instead of a patch, none less.
+    session, axes, truth, _ = organ
+    depth = ndi.distance_transform_edt(truth)
+    rows, cols = np.nonzero((depth >= 0.2 * depth.max()) & (depth <= 0.45 * depth.max()))
+    clicks = [np.array([[cols[i], rows[i]]], float) for i in np.linspace(0, len(rows) - 1, 16).astype(int)]
+    alone = [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
+    beside = [dice(click_logits(session.predictor, xy, axes.pixel_spacing,
+                                neighbours=lambda boxes: [session.predictor.predict_boxes(boxes)] * 2) > 0, truth)
+              for xy in clicks]
+    gained = [(a, b) for a, b in zip(alone, beside, strict=True) if b > a + 0.2]
+    assert all(b >= a - 0.01 for a, b in zip(alone, beside, strict=True)), (alone, beside)
+    assert len(gained) >= 2 and all(a < 0.25 for a, _ in gained), gained
+
+
 @pytest.mark.parametrize("slice_mm", [1.25, 5.0])
 def test_only_on_thick_slices_does_an_objects_first_click_look_at_the_slices_beside_it(default_model, slice_mm):
     # The MR kidney's slice three times, 1.25 mm (its pixel size) or 5 mm apart. A first click starting an object
