@@ -93,8 +93,11 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
     All widths are decoded in one batch. A larger width of at most ``widest_mm`` is eligible unless one of the
     negative clicks ``negative_xy`` (K, 2) on the slice lies deep in its mask (``NEGATIVE_DEPTH``); the best
     eligible one wins under the rule of ``LARGER_MIN_FIT`` (or ``LARGER_MARGIN``) and ``LARGER_MIN_RESCORE``, and
-    its logits are averaged with those of its eligible neighbours on the ladder. Otherwise the logits of the
-    ensemble's widths whose masks hold the points are averaged (all four where none does). ``neighbours(boxes)``,
+    its logits are averaged with those of its eligible neighbours on the ladder whose masks hold the points too (a
+    wider box's mask of another object beside it, averaged in, left a mask of neither, not under the click: on the
+    MR kidney's test slice 2 of 16 clicks off its middle, Dice .04 -> .59; docs/interaction.md, "Session 34").
+    Otherwise the logits of the ensemble's widths whose masks hold the points are averaged (all four where none
+    does). ``neighbours(boxes)``,
     optional: the same boxes (B, 4) decoded on the slices either side (a 3D object's first click); each width's
     fit is then its lowest over the three slices, and its rescore is held to ``LARGER_MIN_RESCORE_BESIDE``."""
     widths = ENSEMBLE_BOX_MM + LARGER_BOX_MM
@@ -116,7 +119,7 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
             and predictor.predict(box=bounding_box(prediction.masks[best], 2.0)).scores[0] >= min_rescore):
         chosen = np.zeros(len(widths), bool)
         chosen[best - 1: best + 2] = True
-        return prediction.logits[chosen & eligible].mean(axis=0)
+        return prediction.logits[chosen & eligible & (centrality > 0)].mean(axis=0)
     holding = centrality[:small] > 0
     return prediction.logits[:small][holding if holding.any() else slice(None)].mean(axis=0)
 
