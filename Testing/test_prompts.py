@@ -8,8 +8,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from SegmentWithSAMLib.actions import Click, Prompt
+from SegmentWithSAMLib.api import Segmenter
 from SegmentWithSAMLib.cache import EmbeddingCache
-from SegmentWithSAMLib.cvpr25 import WINDOW
+from SegmentWithSAMLib.challenge import simulate_click_3d
+from SegmentWithSAMLib.cvpr25 import VIEW, WINDOW, Case, challenge_layout
+from SegmentWithSAMLib.data import AAL_STRUCTURES
 from SegmentWithSAMLib.engine import THICK_SLICES, Engine
 from SegmentWithSAMLib.geometry import slice_axes
 from SegmentWithSAMLib.metrics import dice
@@ -102,6 +105,21 @@ def test_a_wide_boxs_mask_holds_the_click(organ):
     for i in np.linspace(0, len(rows) - 1, 16).astype(int):
         mask = click_logits(session.predictor, np.array([[cols[i], rows[i]]], float), axes.pixel_spacing) > 0
         assert mask.sum() < widest_ensemble_px or mask[rows[i], cols[i]], (rows[i], cols[i], mask.sum())
+
+
+def test_a_small_structure_on_thick_slices_keeps_the_strict_rescore(colin, atlas, default_model):
+    # Colin27 with every fourth axial slice (4 mm slices, 1 mm pixels: thick), the left hippocampus started by the
+    # challenge's first click (its 3D centre): no small box's mask holds the click on a slice beside, and the 56 mm
+    # box's fit, .38, is under BESIDE_MIN_FIT; at LARGER_MIN_RESCORE_BESIDE its mask (rescored .77) won, 849 pixels
+    # on the click's 364-pixel slice. Under LARGER_MIN_RESCORE the small boxes keep it to the hippocampus's size.
+    image, spacing = challenge_layout(colin)
+    truth = slice_axes(atlas, VIEW).oriented(atlas.array)[::4] == AAL_STRUCTURES["Hippocampus_L"]
+    volume = Case("thick.npz", image[::4], (4 * spacing[0], *spacing[1:]), None, [[]]).volume()
+    (d, h, w), _ = simulate_click_3d(truth, np.zeros_like(truth))
+    segmenter = Segmenter(volume, default_model, VIEW, WINDOW, EmbeddingCache())
+    segmenter.click("object", volume.to_ras([w, h, d])[0], True)
+    mask = segmenter.mask("object")[d]
+    assert mask[h, w] and mask.sum() < 1.5 * truth[d].sum(), (mask.sum(), truth[d].sum())
 
 
 @pytest.mark.parametrize("slice_mm", [1.25, 5.0])

@@ -45,6 +45,10 @@ LARGER_MARGIN = 0.15
 # the organ's deepest pixel: 11 higher (9 from a patch, Dice .01-.22, to .31-.70 of the organ), none lower
 # (docs/interaction.md, "Session 34").
 LARGER_MIN_RESCORE_BESIDE = 0.65
+# ... where that fit is at least BESIDE_MIN_FIT: the hippocampus on 4 mm slices (Colin27 with every fourth slice),
+# no small box's mask holding the click on a slice beside, chose a 56 mm box at a fit of .38 (rescored .77), 850
+# pixels for a 364-pixel object (after five clicks .400 -> .285); the organs' widths that gained fit .56-.72.
+BESIDE_MIN_FIT = 0.5
 # A negative click rules a larger width out when it lies this deep in that width's mask (relative to the mask's
 # deepest point): a click in the middle of a leak says the box is too wide; one at the edge trims the mask (ruling
 # the width out there dropped an MR kidney's Dice from 0.96 to 0.16 in one click).
@@ -97,14 +101,13 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
     wider box's mask of another object beside it, averaged in, left a mask of neither, not under the click: on the
     MR kidney's test slice 2 of 16 clicks off its middle, Dice .04 -> .59; docs/interaction.md, "Session 34").
     Otherwise the logits of the ensemble's widths whose masks hold the points are averaged (all four where none
-    does). ``neighbours(boxes)``,
-    optional: the same boxes (B, 4) decoded on the slices either side (a 3D object's first click); each width's
-    fit is then its lowest over the three slices, and its rescore is held to ``LARGER_MIN_RESCORE_BESIDE``."""
+    does). ``neighbours(boxes)``, optional: the same boxes (B, 4) decoded on the slices either side (a 3D object's
+    first click); each width's fit is then its lowest over the three slices, and from ``BESIDE_MIN_FIT`` its
+    rescore is held to ``LARGER_MIN_RESCORE_BESIDE``."""
     widths = ENSEMBLE_BOX_MM + LARGER_BOX_MM
     boxes = boxes_around(positive_xy, pixel_spacing, widths)
     prediction = predictor.predict_boxes(boxes)
     fit, centrality = _fits(prediction, positive_xy)
-    min_rescore = LARGER_MIN_RESCORE if neighbours is None else LARGER_MIN_RESCORE_BESIDE
     for other in neighbours(boxes) if neighbours is not None else ():
         fit = np.minimum(fit, _fits(other, positive_xy)[0])
     small = len(ENSEMBLE_BOX_MM)
@@ -115,6 +118,8 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
     fit[~eligible] = 0.0
     best = small + int(np.argmax(fit[small:]))
     margin = LARGER_MARGIN if negative_xy is None or not len(negative_xy) else np.inf
+    beside = neighbours is not None and fit[best] >= BESIDE_MIN_FIT
+    min_rescore = LARGER_MIN_RESCORE_BESIDE if beside else LARGER_MIN_RESCORE
     if (fit[best] >= min(LARGER_MIN_FIT, fit[:small].max() + margin) and fit[best] > fit[:small].max()
             and predictor.predict(box=bounding_box(prediction.masks[best], 2.0)).scores[0] >= min_rescore):
         chosen = np.zeros(len(widths), bool)
