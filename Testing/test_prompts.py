@@ -1,5 +1,6 @@
 """The boxes a first positive click decodes (``prompts.click_logits``), on one slice of an organ from each of the
-development set's CT and MR cases (``Testing/data``, with their sources and licences)."""
+development set's CT and MR cases (``Testing/data``, with their sources and licences), and on Colin27 thinned to
+thick slices."""
 
 from __future__ import annotations
 
