@@ -36,6 +36,19 @@ def organ(request, default_model, cache):
     return session, slice_axes(volume, "axial"), truth, np.array([[col, row]], float)
 
 
+def _clicks_between(truth: np.ndarray, low: float, high: float, count: int) -> list[np.ndarray]:
+    """``count`` clicks (each (1, 2) XY) spread over the pixels of ``truth`` between ``low`` and ``high`` × as deep
+    as its deepest pixel: clicks off the organ's middle."""
+    depth = ndi.distance_transform_edt(truth)
+    rows, cols = np.nonzero((depth >= low * depth.max()) & (depth <= high * depth.max()))
+    return [np.array([[cols[i], rows[i]]], float) for i in np.linspace(0, len(rows) - 1, count).astype(int)]
+
+
+def _same_slice_beside(session):
+    """``click_logits``' ``neighbours``: the slice itself again on either side (the same fits)."""
+    return lambda boxes: [session.predictor.predict_boxes(boxes)] * 2
+
+
 def test_a_click_in_an_organ_segments_the_organ_not_a_patch_of_it(organ):
     # The ensemble alone (14–40 mm, sized for the brain's structures) gave a patch of the spleen (149 mm across on
     # this slice) or of the kidney (42 mm); the larger box the click chooses gives the organ, through the engine's
@@ -52,9 +65,7 @@ def test_a_click_off_the_organs_middle_still_segments_the_organ(organ):
     # own slice. There the larger box's fit stays under LARGER_MIN_FIT; it wins by LARGER_MARGIN over the small
     # boxes' (before, 1 of these 8 clicks half as deep as the organ's deepest pixel gave the organ on each slice).
     session, axes, truth, _ = organ
-    depth = ndi.distance_transform_edt(truth)
-    rows, cols = np.nonzero((depth >= 0.4 * depth.max()) & (depth <= 0.6 * depth.max()))
-    clicks = [np.array([[cols[i], rows[i]]], float) for i in np.linspace(0, len(rows) - 1, 8).astype(int)]
+    clicks = _clicks_between(truth, 0.4, 0.6, 8)
     small = [dice(session.predictor.predict_boxes(boxes_around(xy, axes.pixel_spacing)).logits.mean(axis=0) > 0,
                   truth) for xy in clicks]
     chosen = [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
@@ -67,8 +78,7 @@ def test_a_first_clicks_width_must_fit_the_neighbouring_slices_too(organ):
     # leave the small boxes.
     session, axes, truth, xy = organ
     alone = click_logits(session.predictor, xy, axes.pixel_spacing)
-    same = click_logits(session.predictor, xy, axes.pixel_spacing,
-                        neighbours=lambda boxes: [session.predictor.predict_boxes(boxes)] * 2)
+    same = click_logits(session.predictor, xy, axes.pixel_spacing, neighbours=_same_slice_beside(session))
     np.testing.assert_array_equal(alone, same)
 
     def elsewhere(boxes):  # the boxes decoded around a corner of the slice, away from the organ
@@ -83,13 +93,10 @@ def test_where_the_slices_beside_agreed_on_a_width_its_rescore_may_be_lower(orga
     # same slice again, so the fits are the same), its tight box's rescore need reach only
     # LARGER_MIN_RESCORE_BESIDE, not LARGER_MIN_RESCORE: some clicks give the organ instead of a patch, none less.
     session, axes, truth, _ = organ
-    depth = ndi.distance_transform_edt(truth)
-    rows, cols = np.nonzero((depth >= 0.2 * depth.max()) & (depth <= 0.45 * depth.max()))
-    clicks = [np.array([[cols[i], rows[i]]], float) for i in np.linspace(0, len(rows) - 1, 16).astype(int)]
+    clicks = _clicks_between(truth, 0.2, 0.45, 16)
     alone = [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
-    beside = [dice(click_logits(session.predictor, xy, axes.pixel_spacing,
-                                neighbours=lambda boxes: [session.predictor.predict_boxes(boxes)] * 2) > 0, truth)
-              for xy in clicks]
+    beside = [dice(click_logits(session.predictor, xy, axes.pixel_spacing, neighbours=_same_slice_beside(session)) > 0,
+                   truth) for xy in clicks]
     gained = [(a, b) for a, b in zip(alone, beside, strict=True) if b > a + 0.2]
     assert all(b >= a - 0.01 for a, b in zip(alone, beside, strict=True)), (alone, beside)
     assert len(gained) >= 2 and all(a < 0.25 for a, _ in gained), gained
@@ -100,12 +107,11 @@ def test_a_wide_boxs_mask_holds_the_click(organ):
     # 160 mm box's mask of another object beside the kidney, averaged in, left a 1,149-pixel mask there, not under
     # the click (Dice .04; .59 now).
     session, axes, truth, _ = organ
-    depth = ndi.distance_transform_edt(truth)
-    rows, cols = np.nonzero((depth >= 0.2 * depth.max()) & (depth <= 0.45 * depth.max()))
     widest_ensemble_px = max(ENSEMBLE_BOX_MM) ** 2 / np.prod(axes.pixel_spacing)
-    for i in np.linspace(0, len(rows) - 1, 16).astype(int):
-        mask = click_logits(session.predictor, np.array([[cols[i], rows[i]]], float), axes.pixel_spacing) > 0
-        assert mask.sum() < widest_ensemble_px or mask[rows[i], cols[i]], (rows[i], cols[i], mask.sum())
+    for xy in _clicks_between(truth, 0.2, 0.45, 16):
+        mask = click_logits(session.predictor, xy, axes.pixel_spacing) > 0
+        col, row = xy[0].astype(int)
+        assert mask.sum() < widest_ensemble_px or mask[row, col], (row, col, mask.sum())
 
 
 def test_a_small_structure_on_thick_slices_keeps_the_strict_rescore(colin, atlas, default_model):
