@@ -49,14 +49,14 @@ LARGER_MIN_RESCORE_BESIDE = 0.65
 # no small box's mask holding the click on a slice beside, chose a 56 mm box at a fit of .38 (rescored .77), 849
 # pixels on the click's 364-pixel slice (after five clicks .400 -> .285); the organs' widths that gained fit .56-.72.
 BESIDE_MIN_FIT = 0.5
-# Where the smallest box's mask reaches along at least FILLED_BORDER of that box's border (within BORDER_PX pixels
-# inside its sides), the object goes on past the small boxes on most sides, and their masks are patches of it: a
+# Where the smallest box's mask reaches along at least FILLED_BORDER of that box's border (within BORDER_MM inside
+# its sides, whole pixels), the object goes on past the small boxes on most sides, and their masks are patches of it: a
 # larger width then needs no margin over them, and a rescore of LARGER_MIN_RESCORE_BESIDE. On 19 structures × 9
 # slices × 3 first clicks (the deepest pixel, two others at least 0.3 as deep), Dice on the slice: the 7 organs
 # and tumours off their middles 0.492 -> 0.576, at the deepest pixel 0.780 -> 0.801, 22 higher, none lower; the 12
 # AAL structures unchanged (their smallest box's border reached 0.57 at most; at 0.45, 6 of them were lower).
 FILLED_BORDER = 0.7
-BORDER_PX = 3
+BORDER_MM = 3.0
 # A negative click rules a larger width out when it lies this deep in that width's mask (relative to the mask's
 # deepest point): a click in the middle of a leak says the box is too wide; one at the edge trims the mask (ruling
 # the width out there dropped an MR kidney's Dice from 0.96 to 0.16 in one click).
@@ -90,15 +90,16 @@ def _depths(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     return depth[rows, cols] / depth.max()
 
 
-def _border_reached(mask: np.ndarray, box: np.ndarray) -> float:
+def _border_reached(mask: np.ndarray, box: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
     """The share of the border of ``box`` (4,) x0, y0, x1, y1, clipped to ``mask`` (rows, cols), along which the
-    mask lies within ``BORDER_PX`` pixels inside the side."""
+    mask lies within ``BORDER_MM`` inside the side (whole pixels of the (row, col) ``pixel_spacing``, at least one)."""
     rows, cols = mask.shape
     top, bottom = int(np.ceil(max(box[1], 0))), int(np.floor(min(box[3], rows - 1)))
     left, right = int(np.ceil(max(box[0], 0))), int(np.floor(min(box[2], cols - 1)))
     inside = mask[top: bottom + 1, left: right + 1]
-    sides = (inside[:BORDER_PX].any(axis=0), inside[-BORDER_PX:].any(axis=0),
-             inside[:, :BORDER_PX].any(axis=1), inside[:, -BORDER_PX:].any(axis=1))
+    across_rows, across_cols = (max(1, int(np.ceil(BORDER_MM / spacing))) for spacing in pixel_spacing)
+    sides = (inside[:across_rows].any(axis=0), inside[-across_rows:].any(axis=0),
+             inside[:, :across_cols].any(axis=1), inside[:, -across_cols:].any(axis=1))
     return float(np.concatenate(sides).mean())
 
 
@@ -141,7 +142,7 @@ def click_logits(predictor: SlicePredictor, positive_xy: np.ndarray, pixel_spaci
     margin = LARGER_MARGIN if negative_xy is None or not len(negative_xy) else np.inf
     beside = neighbours is not None and fit[best] >= BESIDE_MIN_FIT
     min_rescore = LARGER_MIN_RESCORE_BESIDE if beside else LARGER_MIN_RESCORE
-    if np.isfinite(margin) and _border_reached(prediction.masks[0], boxes[0]) >= FILLED_BORDER:
+    if np.isfinite(margin) and _border_reached(prediction.masks[0], boxes[0], pixel_spacing) >= FILLED_BORDER:
         margin, min_rescore = 0.0, LARGER_MIN_RESCORE_BESIDE
     if (fit[best] >= min(LARGER_MIN_FIT, fit[:small].max() + margin) and fit[best] > fit[:small].max()
             and predictor.predict(box=bounding_box(prediction.masks[best], 2.0)).scores[0] >= min_rescore):
