@@ -95,11 +95,12 @@ def main() -> None:
         print(f"{name}: middle {results[name]['middle now']:.3f}, off {results[name]['off now']:.3f}", flush=True)
     if not results:
         parser.error("no structure matched the groups and names given")
-    columns = ["middle now", "middle margin always", "off now", "off margin always", "higher", "lower"]
+    dices_columns, counts = ["middle now", "middle margin always", "off now", "off margin always"], ["higher", "lower"]
+    columns = dices_columns + counts
     rows = [[name, *(r[c] for c in columns)] for name, r in results.items()]
     means = means_by_group(results)
-    rows += [[label, *(float(np.mean([r[c] for r in rs])) if "higher" not in c and "lower" not in c
-                       else int(sum(r[c] for r in rs)) for c in columns)] for label, rs in means.items()]
+    rows += [[label, *(float(np.mean([r[c] for r in rs])) for c in dices_columns),
+              *(sum(r[c] for r in rs) for c in counts)] for label, rs in means.items()]
     print(f"\nA first click alone on its slice, Dice with the slice's truth ({args.slices} slices per structure; "
           f"the deepest pixel, and {args.off} clicks at least {OFF_MIN_DEPTH} as deep; higher / lower: clicks "
           "that moved by more than 0.05)\n")

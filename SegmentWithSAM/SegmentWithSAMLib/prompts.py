@@ -50,11 +50,11 @@ LARGER_MIN_RESCORE_BESIDE = 0.65
 # pixels on the click's 364-pixel slice (after five clicks .400 -> .285); the organs' widths that gained fit .56-.72.
 BESIDE_MIN_FIT = 0.5
 # Where the smallest box's mask reaches along at least FILLED_BORDER of that box's border (within BORDER_MM inside
-# its sides, whole pixels), the object goes on past the small boxes on most sides, and their masks are patches of it: a
-# larger width then needs no margin over them, and a rescore of LARGER_MIN_RESCORE_BESIDE. On 19 structures × 9
-# slices × 3 first clicks (the deepest pixel, two others at least 0.3 as deep), Dice on the slice: the 7 organs
-# and tumours off their middles 0.492 -> 0.576, at the deepest pixel 0.780 -> 0.801, 22 higher, none lower; the 12
-# AAL structures unchanged (their smallest box's border reached 0.57 at most; at 0.45, 6 of them were lower).
+# its sides, in whole pixels), the object goes on past the small boxes on most sides, and their masks are patches of
+# it: a larger width then needs no margin over them, and a rescore of LARGER_MIN_RESCORE_BESIDE. First clicks alone
+# on 19 structures × 9 slices (benchmarks/first_click.py), Dice on the slice: the 7 organs and tumours off their
+# middles .493 -> .577, at the deepest pixel .780 -> .801, 22 clicks higher, none lower; the 12 AAL structures
+# unchanged (their smallest box's border reached .57 at most; at 0.45, 6 clicks were lower; docs/interaction.md).
 FILLED_BORDER = 0.7
 BORDER_MM = 3.0
 # A negative click rules a larger width out when it lies this deep in that width's mask (relative to the mask's
