@@ -45,6 +45,12 @@ def _clicks_between(truth: np.ndarray, low: float, high: float, count: int) -> l
     return [np.array([[cols[i], rows[i]]], float) for i in np.linspace(0, len(rows) - 1, count).astype(int)]
 
 
+def _click_dices(organ, clicks: list[np.ndarray], **options) -> list[float]:
+    """Dice with the organ's truth of each click's ``click_logits`` mask (``options``: its keyword arguments)."""
+    session, axes, truth, _ = organ
+    return [dice(click_logits(session.predictor, xy, axes.pixel_spacing, **options) > 0, truth) for xy in clicks]
+
+
 def _same_slice_beside(session):
     """``click_logits``' ``neighbours``: the slice itself again on either side (the same fits)."""
     return lambda boxes: [session.predictor.predict_boxes(boxes)] * 2
@@ -69,7 +75,7 @@ def test_a_click_off_the_organs_middle_still_segments_the_organ(organ):
     clicks = _clicks_between(truth, 0.4, 0.6, 8)
     small = [dice(session.predictor.predict_boxes(boxes_around(xy, axes.pixel_spacing)).logits.mean(axis=0) > 0,
                   truth) for xy in clicks]
-    chosen = [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
+    chosen = _click_dices(organ, clicks)
     assert max(small) < 0.25 and sum(d > 0.6 for d in chosen) >= 3, (small, chosen)
 
 
@@ -95,9 +101,8 @@ def test_where_the_slices_beside_agreed_on_a_width_its_rescore_may_be_lower(orga
     # LARGER_MIN_RESCORE_BESIDE, not LARGER_MIN_RESCORE: some clicks give the organ instead of a patch, none less.
     session, axes, truth, _ = organ
     clicks = _clicks_between(truth, 0.2, 0.45, 16)
-    alone = [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
-    beside = [dice(click_logits(session.predictor, xy, axes.pixel_spacing, neighbours=_same_slice_beside(session)) > 0,
-                   truth) for xy in clicks]
+    alone = _click_dices(organ, clicks)
+    beside = _click_dices(organ, clicks, neighbours=_same_slice_beside(session))
     gained = [(a, b) for a, b in zip(alone, beside, strict=True) if b > a + 0.2]
     assert all(b >= a - 0.01 for a, b in zip(alone, beside, strict=True)), (alone, beside)
     assert len(gained) >= 2 and all(a < 0.25 for a, _ in gained), gained
@@ -108,15 +113,10 @@ def test_where_the_smallest_boxs_mask_fills_its_border_a_larger_width_needs_no_m
     # less than LARGER_MARGIN: the 14 mm box's mask reaching along most of its border says the object goes on past
     # it. 16 clicks off each organ's middle, with the rule and without it: some give the organ instead of a patch
     # (3 on the spleen, 1 on the kidney), none gives less.
-    session, axes, truth, _ = organ
-    clicks = _clicks_between(truth, 0.45, 0.8, 16)
-
-    def dices():
-        return [dice(click_logits(session.predictor, xy, axes.pixel_spacing) > 0, truth) for xy in clicks]
-
-    ruled = dices()
+    clicks = _clicks_between(organ[2], 0.45, 0.8, 16)
+    ruled = _click_dices(organ, clicks)
     monkeypatch.setattr(prompts, "FILLED_BORDER", np.inf)
-    margin_always = dices()
+    margin_always = _click_dices(organ, clicks)
     gained = [(a, b) for a, b in zip(margin_always, ruled, strict=True) if b > a + 0.2]
     assert all(b >= a - 0.01 for a, b in zip(margin_always, ruled, strict=True)), (margin_always, ruled)
     assert gained, (margin_always, ruled)
