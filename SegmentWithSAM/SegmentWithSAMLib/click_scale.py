@@ -46,15 +46,21 @@ def widest_box_mm(masks: dict[int, np.ndarray], index: int, pixel_spacing) -> fl
     return WIDEST_BOX_RADII * equivalent_radius_mm(nearest, pixel_spacing)
 
 
+def size_near_mm(masks: dict[int, np.ndarray], index: int, base: np.ndarray, pixel_spacing) -> float:
+    """The object's size near slice ``index`` whose mask before a click is ``base``: the largest equivalent radius
+    (mm) of ``base`` and of the masks within ``NEARBY_SLICES``."""
+    return max(equivalent_radius_mm(mask, pixel_spacing) for mask in [base, *(
+        masks[i] for i in range(index - NEARBY_SLICES, index + NEARBY_SLICES + 1) if i != index and i in masks)])
+
+
 def reach_cap_mm(masks: dict[int, np.ndarray], index: int, base: np.ndarray | None, pixel_spacing) -> float:
     """The cap on a click's reach on slice ``index`` whose mask before the click is ``base`` (None: none; see
     ``LARGE_REACH`` and ``SMALL_REACH_MM``)."""
     if base is None:
         return MAX_RADIUS_MM
     own = equivalent_radius_mm(base, pixel_spacing)
-    nearby = [equivalent_radius_mm(masks[i], pixel_spacing)
-              for i in range(index - NEARBY_SLICES, index + NEARBY_SLICES + 1) if i != index and i in masks]
-    return max(min(MAX_RADIUS_MM, max(SMALL_REACH_MM, own, *nearby)), LARGE_REACH * (own - LARGE_FROM_MM))
+    size = max(SMALL_REACH_MM, size_near_mm(masks, index, base, pixel_spacing))
+    return max(min(MAX_RADIUS_MM, size), LARGE_REACH * (own - LARGE_FROM_MM))
 
 
 def grown_by_box(predictor, base: np.ndarray, offset: np.ndarray, positives: list[tuple[float, float]],
