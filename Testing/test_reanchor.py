@@ -34,7 +34,8 @@ def test_a_click_beside_an_engine_mask_keeps_only_the_parts_that_hold_its_additi
     assert np.array_equal(mask, ADDED | right) and np.array_equal(base, right)
 
 
-@pytest.mark.parametrize("case", ["a key slice", "inside the mask", "a large object", "far away", "touching"])
+@pytest.mark.parametrize("case", ["a key slice", "inside the mask", "a large object", "far away", "touching",
+                                  "nothing added"])
 def test_a_click_leaves_the_mask_alone_where_the_user_or_the_object_speaks_for_it(case):
     mask, base, xy, engine_slice, size = MASK, BASE, CLICK, True, 5.0
     if case == "a key slice":  # the box's slice, a slice clicked before or drawn: the user's
@@ -49,6 +50,8 @@ def test_a_click_leaves_the_mask_alone_where_the_user_or_the_object_speaks_for_i
     elif case == "touching":  # the click's addition joins the mask: a missed part of the same object
         mask = BASE | disk(5.0, (150, 118))
         xy = (118.0, 150.0)
+    elif case == "nothing added":  # the click's addition lay in a locked segment: the slice must not be emptied
+        mask = BASE
     assert reanchor.reanchored(mask, base, xy, engine_slice, size, SPACING) is None
 
 

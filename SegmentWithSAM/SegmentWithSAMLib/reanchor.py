@@ -46,8 +46,11 @@ def reanchored(mask: np.ndarray, base: np.ndarray, xy: tuple[float, float], engi
         return None
     if ndi.distance_transform_edt(~base, sampling=pixel_spacing)[row, col] > BESIDE_SIZES * size_mm:
         return None
+    added = mask & ~base
+    if not added.any():  # nothing to anchor to (the addition lay in a locked segment): the mask stays
+        return None
     parts, _ = ndi.label(mask)
-    held = set(np.unique(parts[ndi.binary_dilation(mask & ~base, iterations=NEAR_PX)])) | {int(parts[row, col])}
+    held = set(np.unique(parts[ndi.binary_dilation(added, iterations=NEAR_PX)])) | {int(parts[row, col])}
     kept = np.isin(parts, list(held - {0}))
     if np.array_equal(kept, mask):
         return None
