@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from typing import Annotated
 
 import qt
@@ -40,6 +41,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 POLL_MS = 30
+# the front end's prompt kinds (front_end.PROMPTS) → the parameter node's fields that hold their nodes
+PROMPT_PARAMETERS = {"positive": "positivePoints", "negative": "negativePoints", "box": "box", "scribble": "scribble",
+                     "negative_scribble": "negativeScribble", "lasso": "lasso", "negative_lasso": "negativeLasso"}
 
 
 class SegmentWithSAM(ScriptedLoadableModule):
@@ -128,6 +132,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.promptWatcher = None
         self.timer = None
         self._installing = False  # pip runs on this thread and processes events: no action starts meanwhile
+        self._installed: set[tuple[str, str]] = set()  # (model, device) whose packages were all found
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -155,19 +160,25 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.negativeLassoPlaceWidget):  # a stroke is sent when the user stops placing it
             widget.connect("activeMarkupsPlaceModeChanged(bool)", self.onStrokePlaceModeChanged)
         self.ui.finishedCheckBox.connect("clicked(bool)",  # the user's clicks only: a poll sets it from the segment
-                                         lambda checked: self.run(lambda: self.front().set_finished(checked)))
+                                         lambda checked: self.run(lambda: self.front().set_finished(checked),
+                                                                  needs_model=False))
         # the server's fields follow the backend chosen at the next poll
         self.ui.backendComboBox.connect("currentIndexChanged(int)", lambda _index: self.timer.start())
         for button, slot in ((self.ui.previewButton, self.onPreview), (self.ui.acceptButton, self.onAccept),
-                             (self.ui.clearButton, self.onClear), (self.ui.undoButton, self.onUndo),
-                             (self.ui.propagateButton, self.onPropagate), (self.ui.cancelButton, self.onCancel),
-                             (self.ui.testConnectionButton, self.onTestConnection),
-                             (self.ui.suggestButton, self.onSuggest),
-                             (self.ui.takeSuggestionButton, self.onTakeSuggestion)):
+                             (self.ui.propagateButton, self.onPropagate), (self.ui.suggestButton, self.onSuggest)):
             button.connect("clicked(bool)", lambda _checked, s=slot: self.run(s))
+        for button, slot in ((self.ui.clearButton, self.onClear), (self.ui.undoButton, self.onUndo),
+                             (self.ui.cancelButton, self.onCancel),
+                             (self.ui.testConnectionButton, self.onTestConnection),
+                             (self.ui.takeSuggestionButton, self.onTakeSuggestion)):  # no model needed: no install
+            button.connect("clicked(bool)", lambda _checked, s=slot: self.run(s, needs_model=False))
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        # Reload (slicer.util.reloadScriptedModule) only hides this panel's widgets: they go on emitting, so with no
+        # parameter node and no front end their handlers do nothing
+        self.setParameterNode(None)
+        self.frontEnd = None
         self.removeObservers()
         if self.promptWatcher is not None:
             self.promptWatcher.close()
@@ -212,21 +223,20 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for field in dataclasses.fields(Settings):  # a saved choice this version no longer offers: its default
             if "choices" in field.metadata and getattr(p, field.name) not in field.metadata["choices"]():
                 setattr(p, field.name, field.default)
-        if not (p.positivePoints and p.negativePoints and p.box and p.scribble and p.negativeScribble and p.lasso
-                and p.negativeLasso):
+        missing = [kind for kind, name in PROMPT_PARAMETERS.items() if not getattr(p, name)]
+        if missing:  # only those: a prompt node the user deleted is made again, the others stay as they are
             from SegmentWithSAMSlicerLib.front_end import add_prompt_nodes
 
-            nodes = add_prompt_nodes(slicer.mrmlScene)
-            p.positivePoints, p.negativePoints, p.box = nodes["positive"], nodes["negative"], nodes["box"]
-            p.scribble, p.negativeScribble = nodes["scribble"], nodes["negative_scribble"]
-            p.lasso, p.negativeLasso = nodes["lasso"], nodes["negative_lasso"]
+            for kind, node in add_prompt_nodes(slicer.mrmlScene, missing).items():
+                setattr(p, PROMPT_PARAMETERS[kind], node)
         self.setParameterNode(p)
 
     def setParameterNode(self, p) -> None:
         self._disconnectGui()
         self._parameterNode = p
         if p is None:
-            self.promptWatcher.close()
+            if self.promptWatcher is not None:
+                self.promptWatcher.close()
             return
         # connecting the segmentation may select its first segment (qMRMLSegmentSelectorWidget::
         # populateSegmentCombobox) and onSegmentChanged would write that here: the saved choice is read first
@@ -247,6 +257,9 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.promptWatcher.watch([p.positivePoints, p.negativePoints, p.box])
         self.ui.positivePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self.ui.negativePlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        # the interaction node's persistence is one for all place widgets (qSlicerMarkupsPlaceWidget::
+        # setPlaceModeEnabled): the box's own placement ends after it, or its next click makes a new ROI node
+        self.ui.roiPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
         self.timer.start()  # the panel follows the parameter node's backend at the next poll
 
     # ---- the front end's host ------------------------------------------------------------------------------
@@ -268,9 +281,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @property
     def prompts(self) -> dict:
-        p = self._parameterNode
-        return {"positive": p.positivePoints, "negative": p.negativePoints, "box": p.box, "scribble": p.scribble,
-                "negative_scribble": p.negativeScribble, "lasso": p.lasso, "negative_lasso": p.negativeLasso}
+        return {kind: getattr(self._parameterNode, name) for kind, name in PROMPT_PARAMETERS.items()}
 
     def slice_nodes(self) -> list:
         layout = slicer.app.layoutManager()
@@ -297,16 +308,17 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return (editor.mrmlSegmentEditorNode(), editor.saveStateForUndo) if editor is not None else (None, None)
 
     # ---- actions -------------------------------------------------------------------------------------------
-    def run(self, action, ask: bool = True) -> None:
+    def run(self, action, ask: bool = True, needs_model: bool = True) -> None:
         """Run a user action through the front end (its error stays in the status line until the next action).
-        ``ask``: offer to install missing dependencies (buttons do; live preview only reports). The front end
+        ``ask``: offer to install missing dependencies (buttons do; live preview only reports); ``needs_model``
+        False: the action runs without them (clearing, undoing, cancelling, a setting). The front end
         turns the errors a user can act on into the status line; anything else is shown in a dialog, and the
         panel goes on polling (``tryWithErrorDisplay`` shows it, then raises it again: slicer/util.py)."""
         if self._installing or self._parameterNode is None:
             return
         try:
             with slicer.util.tryWithErrorDisplay("SegmentWithSAM failed unexpectedly.", waitCursor=False):
-                if self.ensureDependencies(ask):
+                if not needs_model or self.ensureDependencies(ask):
                     self.front().act(action)
         except Exception:
             logging.exception("SegmentWithSAM action failed")
@@ -329,8 +341,11 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SegmentWithSAMSlicerLib.settings import runs_here
 
         p = self._parameterNode
-        needed = dependencies.missing(p.model, p.device) if runs_here(p) else []
+        if (p.model, p.device) in self._installed or not runs_here(p):
+            return True
+        needed = dependencies.missing(p.model, p.device)  # reads package metadata: once per model and device
         if not needed:
+            self._installed.add((p.model, p.device))
             return True
         if not ask:
             self.showStatus(f"Click Preview to install the packages {p.model} needs.", error=True)
@@ -405,7 +420,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QTimer.singleShot(0, self.onStrokePlaced)
 
     def onStrokePlaced(self) -> None:
-        if self._parameterNode and self._parameterNode.inputVolume:
+        # place mode also ends with nothing drawn (the button toggled off, the scene closing): nothing to send
+        p = self._parameterNode
+        if p and p.inputVolume and any(node is not None and node.GetNumberOfDefinedControlPoints()
+                                       for node in (p.scribble, p.negativeScribble, p.lasso, p.negativeLasso)):
             self.run(self.sendStrokes)
 
     def sendStrokes(self) -> None:
@@ -427,17 +445,20 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.timer.start()  # the buttons follow the selected segment at the next poll
 
     def onPoll(self) -> None:
-        """The background work's progress into the panel; stops when nothing runs (or on an unexpected error,
-        shown once rather than every POLL_MS)."""
+        """The background work's progress into the panel; stops when nothing runs, or on an unexpected error,
+        before showing it: Qt goes on delivering the timer's events inside a modal dialog (slicer.util.errorDisplay
+        runs the message box's exec_), so a dialog shown while polling would open another every POLL_MS."""
         if self._parameterNode is None or self._installing:
             self.timer.stop()
             return
         try:
-            with slicer.util.tryWithErrorDisplay("SegmentWithSAM failed unexpectedly.", waitCursor=False):
-                busy = self.updatePanel()
-        except Exception:
+            busy = self.updatePanel()
+        except Exception as error:
+            self.timer.stop()
             logging.exception("SegmentWithSAM could not update its panel")
-            busy = False
+            slicer.util.errorDisplay(f"SegmentWithSAM failed unexpectedly: {error}",
+                                     detailedText=traceback.format_exc())
+            return
         if not busy:
             self.timer.stop()
 

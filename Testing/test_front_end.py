@@ -405,3 +405,38 @@ def test_a_server_previews_tests_refuses_bad_input_and_this_computer_takes_over_
     with pytest.raises(BackendError, match="closed"):
         refused.status()
     assert np.array_equal(controller.preview_result.changed[index], served)  # the same model on the same CPU
+
+
+def test_a_cleared_box_is_placed_with_two_clicks_again():
+    """Slicer keeps a placed ROI at one control point; a cleared box prompt (Clear, Accept, a new box in the web
+    app) must take two clicks again, or its next placement ends at the first with an empty box."""
+    scene = slicer.vtkMRMLScene()
+    box = add_prompt_nodes(scene)["box"]
+    box.AddControlPoint(0.0, 0.0, 0.0)  # the two corners, as dragging it in a view places them
+    box.AddControlPoint(10.0, 20.0, 0.0)
+    mrml.empty_prompt(box)
+    assert box.GetNumberOfControlPoints() == 0
+    box.AddControlPoint(5.0, 5.0, 0.0)
+    assert not box.GetControlPointPlacementComplete()
+    box.AddControlPoint(15.0, 25.0, 0.0)
+    assert box.GetControlPointPlacementComplete() and np.allclose(box.GetSize()[:2], (10.0, 20.0))
+
+
+def test_new_prompt_nodes_and_the_suggestion_marker_leave_the_node_being_placed():
+    """The markups logic makes each new markups node the one placed into; ours must not take the user's clicks."""
+    from SegmentWithSAMSlicerLib import suggestion_marker
+
+    scene = slicer.vtkMRMLScene()
+    selection = slicer.vtkMRMLSelectionNode()
+    scene.AddNode(selection)
+    markups = slicer.vtkSlicerMarkupsLogic()
+    markups.SetMRMLScene(scene)
+    placing = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "the user's points")
+    assert selection.GetActivePlaceNodeID() == placing.GetID()  # as Slicer does for any new markups node
+    assert len(add_prompt_nodes(scene)) == 7
+    again = add_prompt_nodes(scene, ["box"])  # the one the user deleted, made again: no duplicates of the others
+    assert list(again) == ["box"] and scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 2
+    marker = suggestion_marker.show(scene, (1.0, 2.0, 3.0), "add")
+    assert marker.GetNumberOfControlPoints() == 1
+    assert selection.GetActivePlaceNodeID() == placing.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"

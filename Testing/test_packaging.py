@@ -51,11 +51,21 @@ def test_the_panel_binds_the_selected_nodes_and_exactly_the_settings_with_their_
     assert chosen["device"] == ["auto", "cpu", "cuda", "mps"]
 
 
+def test_the_panels_prompt_fields_are_the_front_ends_prompt_kinds():
+    from SegmentWithSAMSlicerLib.front_end import PROMPTS
+
+    mapping = next(n.value for n in TREE.body if isinstance(n, ast.Assign) and n.targets[0].id == "PROMPT_PARAMETERS")
+    maker = next(n for n in TREE.body if isinstance(n, ast.FunctionDef) and n.name == "parameterNodeClass")
+    nodes = next(n.value for n in ast.walk(maker) if isinstance(n, ast.Assign) and n.targets[0].id == "annotations")
+    assert [key.value for key in mapping.keys] == list(PROMPTS)
+    assert {value.value for value in mapping.values} <= {key.value for key in nodes.keys}
+
+
 def test_module_imports_no_model_code_at_import_time():
     top = {alias.name.split(".")[0] for node in TREE.body if isinstance(node, ast.Import) for alias in node.names}
     top |= {node.module.split(".")[0] for node in TREE.body if isinstance(node, ast.ImportFrom) and node.module}
-    allowed = {"__future__", "dataclasses", "functools", "logging", "os", "shutil", "sys", "typing", "qt", "slicer",
-               "vtk"}
+    allowed = {"__future__", "dataclasses", "functools", "logging", "os", "shutil", "sys", "traceback", "typing", "qt",
+               "slicer", "vtk"}
     assert top <= allowed, top
 
 

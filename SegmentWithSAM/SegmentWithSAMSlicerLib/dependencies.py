@@ -119,8 +119,8 @@ def _log_location() -> str:
     import slicer
 
     try:
-        path = slicer.app.errorLogModel().filePath  # ctkErrorLogModel's log file of this session
-    except AttributeError:
+        path = slicer.app.currentLogFile()  # a public slot of qSlicerApplication (Base/QTGUI/qSlicerApplication.h)
+    except AttributeError:  # no GUI application (PythonSlicer, tests)
         path = ""
     return f"the log file {path}" if path else "the Python console (View → Python Console)"
 
@@ -176,11 +176,18 @@ def _pip_install(slicer, step: Step, report: Callable[[str], None]) -> None:
         constraints = Path(folder) / "constraints.txt" if pins else None
         if constraints is not None:
             constraints.write_text("\n".join(pins) + "\n", encoding="utf-8")
-        os.environ.update(BUILD_ENVIRONMENT)  # read by sam2's build in pip's process
+        before = {name: os.environ.get(name) for name in BUILD_ENVIRONMENT}
+        os.environ.update(BUILD_ENVIRONMENT)  # read by sam2's build in pip's process, which inherits Slicer's
         try:
             slicer.util.pip_install(pip_arguments(step, constraints))
         except subprocess.CalledProcessError as error:
             raise _pip_failure(names, error) from None
+        finally:  # Slicer's own environment as it was
+            for name, value in before.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
 
 def install(model: str, device: str = "auto", report: Callable[[str], None] = print) -> None:

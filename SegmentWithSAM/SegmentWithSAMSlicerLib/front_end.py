@@ -71,11 +71,13 @@ class Status:
     error: bool = False
 
 
-def add_prompt_nodes(scene) -> dict:
-    """New markups nodes for the points, the box and the strokes (see ``PROMPTS``) in ``scene``."""
+def add_prompt_nodes(scene, kinds=tuple(PROMPTS)) -> dict:
+    """New markups nodes in ``scene`` for the given ``kinds`` of prompt (keys of ``PROMPTS``: the points, the box
+    and the strokes; all by default)."""
     nodes = {}
-    for kind, (cls, label, color) in PROMPTS.items():
-        node = scene.AddNewNodeByClass(cls, label)
+    for kind in kinds:
+        cls, label, color = PROMPTS[kind]
+        node = mrml.add_markups_node(scene, cls, label)
         node.CreateDefaultDisplayNodes()
         node.GetDisplayNode().SetSelectedColor(*color)
         nodes[kind] = node
@@ -256,7 +258,7 @@ class FrontEnd:
         """Remove every prompt, a pending 3D correction, the preview and a suggestion (the segment stays)."""
         for node in self.host.prompts.values():
             if node is not None:
-                node.RemoveAllControlPoints()
+                mrml.empty_prompt(node)
         self._sent_clicks.clear()
         self.controller.discard_refinement()
         self.controller.clear_preview()

@@ -122,6 +122,32 @@ def ordered_clicks(positive_node, negative_node) -> tuple[np.ndarray, np.ndarray
     return points, np.array([c[2] for c in clicks], dtype=int)
 
 
+def add_markups_node(scene, class_name: str, name: str):
+    """A new markups node of ``class_name`` in ``scene`` that leaves the node being placed as it was. The markups
+    logic makes each markups node added to the scene the one placed into (vtkSlicerMarkupsLogic::
+    OnMRMLSceneNodeAdded calls SetActiveList, Slicer v5.10.0), so a suggestion marker made while the user placed
+    points would have taken their next click."""
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    before = None if selection is None else (selection.GetActivePlaceNodeClassName(),
+                                             selection.GetActivePlaceNodeID())
+    node = scene.AddNewNodeByClass(class_name, name)
+    if before is not None and (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) != before:
+        selection.SetReferenceActivePlaceNodeClassName(before[0])
+        selection.SetReferenceActivePlaceNodeID(before[1])
+    return node
+
+
+def empty_prompt(markups_node) -> None:
+    """Remove the prompt's control points so that it can be placed anew. A box (an ROI) once placed keeps
+    requiring one control point (vtkMRMLMarkupsROINode::UpdateControlPointsFromBoxROI sets the required and
+    maximum number to 1, and UpdateBoxROIFromControlPoints returns early without points, Slicer v5.10.0): its next
+    placement would end at its first click with an empty box. Setting the ROI type again restores two clicks."""
+    markups_node.RemoveAllControlPoints()
+    if markups_node.IsA("vtkMRMLMarkupsROINode"):
+        markups_node.SetROIType(markups_node.ROITypeBoundingBox)
+        markups_node.SetROIType(markups_node.ROITypeBox)
+
+
 def roi_corners(roi_node) -> tuple[np.ndarray, np.ndarray] | None:
     """The 8 corners (8, 3) and the centre (3,) of a placed ROI in world RAS, or None."""
     if roi_node is None or roi_node.GetNumberOfControlPoints() == 0 or not roi_node.GetControlPointPlacementComplete():

@@ -6,6 +6,8 @@ else (:meth:`.front_end.FrontEnd.take_suggestion` places the prompt point on it)
 
 from __future__ import annotations
 
+from .mrml import add_markups_node
+
 MARKER_NAME = "SAM suggestion"
 MARKER_COLOR = (0.2, 0.6, 1.0)
 LABELS = {"add": "+", "remove": "\u2212"}
@@ -15,7 +17,7 @@ def show(scene, point_ras, hint: str):
     """The marker at ``point_ras`` (3,) with the label of ``hint`` ("add" or "remove"), made if needed."""
     node = scene.GetFirstNodeByName(MARKER_NAME)
     if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", MARKER_NAME)
+        node = add_markups_node(scene, "vtkMRMLMarkupsFiducialNode", MARKER_NAME)
         node.SetSaveWithScene(False)
         node.SetHideFromEditors(True)
         node.SetLocked(True)

@@ -216,7 +216,7 @@ class WebWorkflow:
         if node is None:
             raise PromptError("Open a volume first, then place prompts on it.")
         if kind == "box" or kind in STROKES:
-            node.RemoveAllControlPoints()
+            mrml.empty_prompt(node)
         self.place_mode.start(node, persistent=kind != "box")
         self.placing = kind
 
