@@ -434,6 +434,26 @@ def test_a_prompt_with_a_box_then_propagate_is_a_3d_box_bit_for_bit(session, tru
     assert_same(seg.states["2d"], seg.states["3d"])
 
 
+def test_a_box_on_one_slice_reaches_its_sides_and_propagation_chains_from_the_models_own_mask(session, truth):
+    """Where the model's mask stops short of a side of the box drawn around the object, the slice's mask is taken
+    on towards it (prompts.reaching_box_sides); a propagation from that slice chains from the model's own mask,
+    as a 3D box over the same slices does, whose own slice keeps the model's mask."""
+    oriented, mid = truth
+    engine = Engine(session, "axial")
+    box = box_of(oriented[mid])
+    state, update = engine.step(None, Prompt(mid, box))
+    session.set_slice("axial", mid)
+    own = session.predictor.predict(box=np.array(box)).masks[0]
+    shown = update.changed[mid]
+    assert np.array_equal(shown & own, own) and shown.sum() > own.sum()  # taken on, nothing taken away
+    assert dice(shown, oriented[mid]) > dice(own, oriented[mid]) + 0.02
+    boxed, _ = engine.step(None, Box3D(mid, box, (mid - HALF, mid + HALF)))
+    assert np.array_equal(boxed.masks[mid], own)
+    propagated, _ = engine.step(state, Propagate(mid, slice_range=(mid - HALF, mid + HALF)))
+    assert np.array_equal(propagated.masks[mid], shown)
+    assert all(np.array_equal(propagated.masks[i], boxed.masks[i]) for i in (mid - 1, mid + 1))
+
+
 def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, default_model, cache):
     """Users draw ROIs generously near borders: the head touches the CT's field of view."""
     session = Session(cranium, default_model, window="brain", cache=cache)

@@ -206,3 +206,21 @@ def test_the_widest_box_bounds_the_choice(organ):
     wide = click_logits(session.predictor, xy, axes.pixel_spacing) > 0
     bounded = click_logits(session.predictor, xy, axes.pixel_spacing, widest_mm=max(ENSEMBLE_BOX_MM)) > 0
     assert bounded.sum() < wide.sum() / 3
+
+
+def test_a_boxs_mask_is_taken_on_towards_the_sides_it_stops_short_of():
+    logits = np.full((40, 40), -8.0, np.float32)
+    logits[10:30, 15:30] = 2.0  # the model's mask: 9 px inside the box's left side, 2 px inside its top
+    logits[12:28, 8:15] = -1.0  # unsure, touching the mask, towards the left side: joins
+    logits[12:28, 6:8] = -5.0  # sure it is not: stays out
+    logits[29:31, 6:8] = -1.0  # unsure but apart from the mask: stays out
+    logits[8:10, 15:30] = -1.0  # unsure, towards the top, which the mask nearly reaches: stays out
+    box = np.array([6.0, 8.0, 31.0, 31.0])
+    reached = prompts.reaching_box_sides(logits, box)
+    joined = (reached > 0) & ~(logits > 0)
+    expected = np.zeros_like(joined)
+    expected[12:28, 8:15] = True
+    assert np.array_equal(joined, expected)
+    assert np.array_equal(reached[~joined], logits[~joined]) and np.all(reached[joined] == prompts.SIDE_JOINED_LOGIT)
+    assert np.array_equal(prompts.reaching_box_sides(np.full((8, 8), -1.0), box[:4] / 5), np.full((8, 8), -1.0))
+

@@ -1,7 +1,7 @@
 """2D Dice of LiteMedSAM against the AAL atlas on Colin27, per structure and view, for a box prompt and for
 point-only prompts (plain SAM point prompt vs the boxes around the click, ``prompts.click_logits``), side by side
-in one run; also one click as the engine takes it (``Prompt`` with that click: those boxes refined by the click,
-as every front end sends it).
+in one run; also the box and one click as the engine takes them (``Prompt``, as every front end sends it: the
+box's mask taken on towards its sides, ``prompts.reaching_box_sides``; the boxes around the click refined by it).
 
     python benchmarks/quality.py [--structures Hippocampus_L,Putamen_L]
 """
@@ -24,7 +24,7 @@ from SegmentWithSAMLib.session import Session
 
 from common import VIEWS, load_colin27, print_table, structure_slices, write_json
 
-METHODS = ("box", "box+2px", "click:points", "click:boxes", "click:engine")
+METHODS = ("box", "box+2px", "box:engine", "box+2px:engine", "click:points", "click:boxes", "click:engine")
 
 
 def interior_point(mask: np.ndarray) -> np.ndarray:
@@ -55,6 +55,8 @@ def main() -> None:
             masks = {
                 "box": predictor.predict(box=box).masks[0],
                 "box+2px": predictor.predict(box=box + [-2, -2, 2, 2]).masks[0],
+                "box:engine": engine.step(None, Prompt(index, box))[1].changed[index],
+                "box+2px:engine": engine.step(None, Prompt(index, box + [-2, -2, 2, 2]))[1].changed[index],
                 "click:points": predictor.predict(click, [1]).masks[0],
                 "click:boxes": click_logits(predictor, click, axes.pixel_spacing) > 0,
                 "click:engine": engine.step(None, Prompt(index, None, ((*click[0], True),)))[1].changed[index],

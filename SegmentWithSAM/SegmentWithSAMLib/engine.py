@@ -26,7 +26,7 @@ from .errors import PromptError
 from .geometry import Reach, View, bounding_box, equivalent_radius_mm
 from .metrics import dice
 from .predictor import normalize_slice
-from .prompts import click_logits
+from .prompts import click_logits, reaching_box_sides
 from .propagation import Cancelled, Direction, Propagator, StopRules, chained_logits
 from .reanchor import reanchored, trimmed
 from .refinement import Refiner
@@ -156,7 +156,10 @@ class Engine:
         if box is None and not any(positive for _, _, positive in prompt.clicks):
             raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
         self.session.set_slice(self.axes.view, index)
-        refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, box,
+        logits = None if box is None else self.session.predictor.predict(box=box).logits[0]
+        if logits is not None and prompt.slice_range is None:  # one slice's box (a 3D box's keeps the model's mask)
+            logits = reaching_box_sides(logits, box)
+        refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits,
                           widest_box_mm=widest_box_mm(state.masks, index, self.axes.pixel_spacing),
                           image=self._image(index, prompt.clicks))
         for x, y, positive in prompt.clicks:
@@ -165,7 +168,8 @@ class Engine:
         if box is not None and not mask.any():
             update.notices.append(f"The model found nothing in the box on slice {index}; draw it around the object.")
         state.box = (index, box) if box is not None else None
-        state.offset = box - bounding_box(mask) if box is not None and mask.any() else np.zeros(4)
+        seed = self._chain_seed(state, index, mask) if box is not None else mask
+        state.offset = box - bounding_box(seed) if box is not None and seed.any() else np.zeros(4)
         self._set_slice(state, index, mask, update)
         return state
 
@@ -183,6 +187,7 @@ class Engine:
         if not state.slice_range[0] <= index <= state.slice_range[1]:
             raise PromptError(f"Slice {index} is outside the range {state.slice_range[0]}:{state.slice_range[1]}.")
         state.skip = action.skip  # checked by the propagator; the object's later clicks walk with it too
+        seed = self._chain_seed(state, index, seed)
         for step in Direction(action.direction).steps():
             self._walk(state, index, seed, step, update, cancel, on_slice, skip=action.skip,
                        drawn=state.kinds.get(index) is Kind.USER)
@@ -374,6 +379,18 @@ class Engine:
         mask the engine makes passes here before it is kept or carried to the next slice."""
         keep = state.keep_out.get(index)
         return mask & ~keep if keep is not None and (mask & keep).any() else mask
+
+    def _chain_seed(self, state: ObjectState, index: int, mask: np.ndarray) -> np.ndarray:
+        """What a propagation from slice ``index`` chains from: ``mask``, or where that is the box's reached one
+        (:func:`~.prompts.reaching_box_sides`), the model's own, which the box sat around (the offset): chained from
+        the reached one the boxes outgrew the box or shrank (docs/interaction.md, "Session 37")."""
+        if state.box is None or state.box[0] != index:
+            return mask
+        self.session.set_slice(self.axes.view, index)
+        own = self.session.predictor.predict(box=state.box[1]).logits[0]
+        reached = self._kept(state, index, reaching_box_sides(own, state.box[1]) > 0)
+        own = self._kept(state, index, own > 0)
+        return own if own.any() and np.array_equal(reached, mask) else mask
 
     def _base_logits(self, state: ObjectState, base: np.ndarray) -> np.ndarray:
         """Logits (rows, cols) whose sign is ``base`` exactly, shaped by the model around it: the prompt that

@@ -73,11 +73,11 @@ def edge_distance(mask: np.ndarray, row: int, col: int) -> float:
 
 
 class Refiner:
-    """Refine a mask on the slice currently set in ``predictor`` with a box and/or a sequence of clicks.
+    """Refine a mask on the slice currently set in ``predictor`` with a sequence of clicks.
 
-    ``pixel_spacing`` is the slice's (row, col) pixel size in mm. ``box`` (4,) x0, y0, x1, y1 in pixels,
-    optional; or ``logits`` (rows, cols): a logit map to refine instead (its mask is ``logits > 0``; the 3D
-    interaction passes one for a slice that already has a mask). ``centred_removal``: None removes a part of
+    ``pixel_spacing`` is the slice's (row, col) pixel size in mm. ``logits`` (rows, cols), optional: the logit
+    map to refine (its mask is ``logits > 0``: a box prompt's, or the 3D interaction's for a slice that already
+    has a mask); without it the first positive click makes one. ``centred_removal``: None removes a part of
     the mask holding a negative click whole wherever the click is (the 2D loop); a fraction removes it only when
     the click is at least that deep in the part relative to its deepest point (a click in the middle of a wrong
     blob removes it, a click near the edge of a right one trims it). ``max_radius_mm``: the cap on a click's
@@ -90,7 +90,7 @@ class Refiner:
     """
 
     def __init__(self, predictor: SlicePredictor, pixel_spacing: tuple[float, float] = (1.0, 1.0),
-                 box: np.ndarray | None = None, logits: np.ndarray | None = None,
+                 logits: np.ndarray | None = None,
                  centred_removal: float | None = None, max_radius_mm: float = MAX_RADIUS_MM,
                  widest_box_mm: float = np.inf, image: np.ndarray | None = None,
                  neighbours: Callable[[np.ndarray], list[Prediction]] | None = None) -> None:
@@ -110,11 +110,7 @@ class Refiner:
         self.logits: np.ndarray | None = None  # (rows, cols) logits of the first prompt
         self._first_click: np.ndarray | None = None  # (1, 2) the positive click that made them, if one did
         self.mask = np.zeros(self.shape, dtype=bool)
-        if box is not None and logits is not None:
-            raise ValueError("Give a box or a logit map to refine, not both.")
-        if box is not None:
-            self.logits = predictor.predict(box=box).logits[0]
-        elif logits is not None:
+        if logits is not None:
             if np.shape(logits) != self.shape:
                 raise ValueError(f"The logit map has shape {np.shape(logits)}; the slice is {self.shape}.")
             self.logits = np.asarray(logits, dtype=np.float32)
