@@ -452,6 +452,17 @@ def test_a_box_on_one_slice_reaches_its_sides_and_propagation_chains_from_the_mo
     propagated, _ = engine.step(state, Propagate(mid, slice_range=(mid - HALF, mid + HALF)))
     assert np.array_equal(propagated.masks[mid], shown)
     assert all(np.array_equal(propagated.masks[i], boxed.masks[i]) for i in (mid - 1, mid + 1))
+    # With a point too (as the panels send a box and points) where the mask misses the structure: what the point adds
+    # is chained from, what reaching the sides added is not.
+    missed = ndi.distance_transform_edt(oriented[mid] & ~shown)
+    row, col = np.unravel_index(np.argmax(missed), missed.shape)
+    point = ((float(col), float(row), True),)
+    pointed, _ = engine.step(None, Prompt(mid, box, point))
+    pointed, _ = engine.step(pointed, Propagate(mid, slice_range=(mid - HALF, mid + HALF)))
+    ranged, _ = engine.step(None, Prompt(mid, box, point, (mid - HALF, mid + HALF)))  # a range: nothing reached
+    ranged, _ = engine.step(ranged, Propagate(mid))
+    assert (pointed.masks[mid] & ~ranged.masks[mid]).any() and np.allclose(pointed.offset, ranged.offset)
+    assert all(np.array_equal(pointed.masks[i], ranged.masks[i]) for i in (mid - 1, mid + 1))
 
 
 def test_a_box_past_the_head_cts_edge_is_clipped_with_a_notice(cranium, default_model, cache):
