@@ -156,9 +156,9 @@ class Engine:
         if box is None and not any(positive for _, _, positive in prompt.clicks):
             raise PromptError("Give at least one positive point or a box: negative points alone select nothing.")
         self.session.set_slice(self.axes.view, index)
-        logits = None if box is None else self.session.predictor.predict(box=box).logits[0]
-        if logits is not None and (prompt.slice_range is None or state.slice_range[0] == state.slice_range[1]):
-            logits = reaching_box_sides(logits, box)  # a box on one slice (a 3D box's slice keeps the model's mask)
+        own = logits = None if box is None else self.session.predictor.predict(box=box).logits[0]
+        if own is not None and (prompt.slice_range is None or state.slice_range[0] == state.slice_range[1]):
+            logits = reaching_box_sides(own, box)  # a box on one slice (a 3D box's slice keeps the model's mask)
         refiner = Refiner(self.session.predictor, self.axes.pixel_spacing, logits,
                           widest_box_mm=widest_box_mm(state.masks, index, self.axes.pixel_spacing),
                           image=self._image(index, prompt.clicks))
@@ -169,7 +169,7 @@ class Engine:
             update.notices.append(f"The model found nothing in the box on slice {index}; draw it around the object.")
         state.box = (index, box) if box is not None else None
         self._set_slice(state, index, mask, update)
-        seed = self._chain_seed(state, index, mask)
+        seed = self._chain_seed(state, index, mask, own)
         state.offset = box - bounding_box(seed) if box is not None and seed.any() else np.zeros(4)
         return state
 
@@ -380,15 +380,16 @@ class Engine:
         keep = state.keep_out.get(index)
         return mask & ~keep if keep is not None and (mask & keep).any() else mask
 
-    def _chain_seed(self, state: ObjectState, index: int, mask: np.ndarray) -> np.ndarray:
+    def _chain_seed(self, state: ObjectState, index: int, mask: np.ndarray, logits=None) -> np.ndarray:
         """What a propagation from slice ``index`` chains from: ``mask``, but on the box's slice, before a click
-        there, without what reaching the box's sides added (:func:`~.prompts.reaching_box_sides`): the box sat
-        around the model's own mask (the offset); chained from the reached one, the boxes outgrew the box drawn or
-        shrank slice by slice (docs/interaction.md, "Session 37")."""
+        there, without what reaching the box's sides added (:func:`~.prompts.reaching_box_sides`; ``logits``: the
+        model's for the box, if at hand): the box sat around the model's own mask (the offset); chained from the
+        reached one, the boxes outgrew the box drawn or shrank slice by slice (docs/interaction.md, "Session 37")."""
         if state.box is None or state.box[0] != index or state.clicks.get(index):
             return mask
-        self.session.set_slice(self.axes.view, index)
-        logits = self.session.predictor.predict(box=state.box[1]).logits[0]
+        if logits is None:
+            self.session.set_slice(self.axes.view, index)
+            logits = self.session.predictor.predict(box=state.box[1]).logits[0]
         return mask & ~((reaching_box_sides(logits, state.box[1]) > 0) & (logits <= 0))
 
     def _base_logits(self, state: ObjectState, base: np.ndarray) -> np.ndarray:
