@@ -431,12 +431,16 @@ def test_new_prompt_nodes_and_the_suggestion_marker_leave_the_node_being_placed(
     scene.AddNode(selection)
     markups = slicer.vtkSlicerMarkupsLogic()
     markups.SetMRMLScene(scene)
-    placing = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "the user's points")
-    assert selection.GetActivePlaceNodeID() == placing.GetID()  # as Slicer does for any new markups node
-    assert len(add_prompt_nodes(scene)) == 7
-    again = add_prompt_nodes(scene, ["box"])  # the one the user deleted, made again: no duplicates of the others
-    assert list(again) == ["box"] and scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 2
-    marker = suggestion_marker.show(scene, (1.0, 2.0, 3.0), "add")
-    assert marker.GetNumberOfControlPoints() == 1
-    assert selection.GetActivePlaceNodeID() == placing.GetID()
-    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+    try:
+        placing = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "the user's points")
+        assert selection.GetActivePlaceNodeID() == placing.GetID()  # as Slicer does for any new markups node
+        assert len(add_prompt_nodes(scene)) == 7
+        again = add_prompt_nodes(scene, ["box"])  # the one the user deleted, made again: no duplicates of the others
+        assert list(again) == ["box"] and scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 2
+        marker = suggestion_marker.show(scene, (1.0, 2.0, 3.0), "add")
+        assert marker.GetNumberOfControlPoints() == 1
+        assert selection.GetActivePlaceNodeID() == placing.GetID()
+        assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+    finally:  # the logic lets go of the scene before either is freed
+        markups.SetMRMLScene(None)
+        scene.Clear(True)

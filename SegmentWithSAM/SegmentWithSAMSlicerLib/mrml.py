@@ -131,7 +131,8 @@ def add_markups_node(scene, class_name: str, name: str):
     before = None if selection is None else (selection.GetActivePlaceNodeClassName(),
                                              selection.GetActivePlaceNodeID())
     node = scene.AddNewNodeByClass(class_name, name)
-    if before is not None and (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) != before:
+    if before is not None and before[1] and (selection.GetActivePlaceNodeClassName(),
+                                             selection.GetActivePlaceNodeID()) != before:
         selection.SetReferenceActivePlaceNodeClassName(before[0])
         selection.SetReferenceActivePlaceNodeID(before[1])
     return node
