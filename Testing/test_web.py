@@ -250,6 +250,14 @@ def test_a_box_on_the_hippocampus_previews_at_least_as_well_as_the_cli(running, 
     cli_mask = slice_axes(read_volume(out), "axial").oriented(read_volume(out).array > 0)[index]
     cli_dice = dice(cli_mask, truth[index])
     assert web_dice >= cli_dice - 0.01 and web_dice > 0.5, (web_dice, cli_dice)
+    # A second box takes two clicks again (a placed ROI keeps one required control point: mrml.empty_prompt)
+    page.click("swsam-box")
+    running.until(lambda: app.workflow.placing == "box", what="box mode again")
+    wider = corners + np.array([[-2.0, -2.0, 0.0], [2.0, 2.0, 0.0]]) * np.sign(corners[1] - corners[0])
+    page.click_ras("Red", wider[0], wider[1])
+    again = running.call(lambda: mrml.roi_box(app.workflow.prompts["box"], app.workflow.controller.volume(
+        app.workflow.volume_node), view))
+    assert again is not None and np.all(np.ptp(again, axis=0)[:2] > np.ptp(box, axis=0)[:2] + 2), (box, again)
 
 
 def test_accept_undo_redo_restore_the_segment_bit_for_bit(running, page, hippocampus):
