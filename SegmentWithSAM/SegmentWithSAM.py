@@ -176,12 +176,10 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         # Reload (slicer.util.reloadScriptedModule) only hides this panel's widgets: they go on emitting, so with no
-        # parameter node and no front end their handlers do nothing
+        # parameter node and no front end their handlers do nothing (and the prompt watcher is closed)
         self.setParameterNode(None)
         self.frontEnd = None
         self.removeObservers()
-        if self.promptWatcher is not None:
-            self.promptWatcher.close()
         if self.timer is not None:
             self.timer.stop()
         if self.logic is not None:
@@ -421,9 +419,7 @@ class SegmentWithSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStrokePlaced(self) -> None:
         # place mode also ends with nothing drawn (the button toggled off, the scene closing): nothing to send
-        p = self._parameterNode
-        if p and p.inputVolume and any(node is not None and node.GetNumberOfDefinedControlPoints()
-                                       for node in (p.scribble, p.negativeScribble, p.lasso, p.negativeLasso)):
+        if self._parameterNode and self._parameterNode.inputVolume and self.front().drawn_strokes():
             self.run(self.sendStrokes)
 
     def sendStrokes(self) -> None:

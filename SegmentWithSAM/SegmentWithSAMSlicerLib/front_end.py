@@ -216,13 +216,18 @@ class FrontEnd:
                                      editor_node=editor_node, save_state=save_state, auto_accept=s.auto_accept)
         self.say(self.controller.status)
 
+    def drawn_strokes(self) -> list[tuple[str, list]]:
+        """Each stroke placed and not sent yet: its kind (a key of ``STROKES``) and its points (3,) RAS."""
+        prompts = self.host.prompts
+        return [(kind, points) for kind in STROKES if prompts.get(kind) is not None
+                and len(points := [p for _, p in mrml.defined_points(prompts[kind])])]
+
     def send_strokes(self) -> str | None:
         """Send each placed stroke as a correction of the selected segment (the host calls this when the user
         stops placing one), then empty its node; a segmentation and a segment are made if none is selected.
         Returns the segment's ID (the host selects it), None without a stroke."""
         host, s = self.host, self.settings
-        drawn = [(kind, points) for kind in STROKES if host.prompts.get(kind) is not None
-                 and len(points := [p for _, p in mrml.defined_points(host.prompts[kind])])]
+        drawn = self.drawn_strokes()
         if not drawn:
             return None
         try:
