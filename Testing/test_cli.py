@@ -14,6 +14,7 @@ from SegmentWithSAMLib.cli import main
 from SegmentWithSAMLib.data import colin27
 from SegmentWithSAMLib.geometry import Volume, slice_axes
 from SegmentWithSAMLib.io import read_volume, write_volume
+from SegmentWithSAMLib.release import RELEASE
 
 from conftest import structure_box_ras
 
@@ -151,6 +152,9 @@ def test_info_and_bad_arguments(capsys):
         main(["segment", "x.nii.gz", "--view", "axial", "--out", "o.nii.gz", "--point", "1,2"])
     assert exit_info.value.code == 2
     assert "--point needs 3 comma-separated numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"segmentwithsam {RELEASE}\n"
 
 
 def test_demo(tmp_path, capsys, colin):

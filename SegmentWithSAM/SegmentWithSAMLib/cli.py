@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SegmentWithSAMError
+from .release import RELEASE
 
 EXIT_USAGE = 2
 OBJECT = "segment"  # the one object that segment and propagate make
@@ -182,6 +183,7 @@ def cmd_models(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segmentwithsam",
                                      description="Prompt-driven segmentation of medical volumes with SAM models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {RELEASE}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     seg = commands.add_parser("segment", help="segment one slice from points and/or a box in RAS millimetres")

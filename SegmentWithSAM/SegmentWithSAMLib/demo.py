@@ -12,6 +12,7 @@ import numpy as np
 from .data import AAL_STRUCTURES, colin27
 from .errors import OutputError
 from .metrics import dice
+from .release import RELEASE
 
 DEMO_STRUCTURE = "Hippocampus_L"
 DEMO_MARGIN_PX = 2  # the demo's box is the atlas label's bounding box plus this margin, as a user would drag it
@@ -88,7 +89,7 @@ def system_info() -> dict:
     if torch is None and has_torch():
         import torch
     return {
-        "segmentwithsam": _version("segmentwithsam"),
+        "segmentwithsam": RELEASE,
         "python": platform.python_version(),
         "torch": torch.__version__ if torch else "not installed",
         "openvino": _version("openvino"),
