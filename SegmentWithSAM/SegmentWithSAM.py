@@ -500,10 +500,9 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_panel_and_parameters()
-        self.test_panel_workflow()
-        self.test_workflow()
+        for test in (self.test_panel_and_parameters, self.test_panel_workflow, self.test_workflow):
+            self.setUp()  # each test on a cleared scene, as ScriptedLoadableModuleTest.runTest does
+            test()
 
     def widget(self):
         slicer.util.selectModule("SegmentWithSAM")
@@ -559,11 +558,11 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
             return
         from SegmentWithSAMLib.data import colin27
 
-        self.setUp()
         volume = slicer.util.loadVolume(str(colin27().image))
         widget = self.widget()
         p = widget._parameterNode
         p.inputVolume, p.live_preview = volume, False
+        p.device = "cpu"  # the packages checked above; "auto" would take a GPU, which needs PyTorch's
         p.positivePoints.AddControlPoint(1e4, 1e4, 1e4)  # on no slice view's plane
         widget.ui.previewButton.click()
         self.assertIn("do not lie on the plane", self.waitForPanel(widget))
@@ -594,5 +593,5 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
         from SegmentWithSAMSlicerLib.selftest import run_workflow
 
         controller = slicer.modules.segmentwithsam.widgetRepresentation().self().logic.controller
-        measured = run_workflow(slicer.mrmlScene, controller, self.delayDisplay)
+        measured = run_workflow(slicer.mrmlScene, controller, self.delayDisplay, device="cpu")
         self.delayDisplay(f"Test passed: {measured}")

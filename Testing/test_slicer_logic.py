@@ -241,10 +241,10 @@ def test_slice_views_decide_the_plane_and_oblique_views_are_refused(scene, colin
 
 
 def test_in_app_self_test_workflow_passes_on_slicer_core(scene, controller):
-    """The workflow Slicer's SegmentWithSAMTest runs, here against the same real MRML."""
+    """The workflow Slicer's SegmentWithSAMTest runs, here against the same real MRML, on the device it names."""
     from SegmentWithSAMSlicerLib.selftest import DICE_FLOOR, run_workflow
 
-    measured = run_workflow(scene, controller, log=lambda message: None)
+    measured = run_workflow(scene, controller, log=lambda message: None, device="cpu")
     assert measured["dice"] >= DICE_FLOOR and measured["propagated_voxels"] > measured["seed_voxels"]
     assert measured["click_changed_slices"] >= 1
 

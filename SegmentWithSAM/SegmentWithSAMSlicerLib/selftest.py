@@ -25,9 +25,10 @@ def _check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def run_workflow(scene, controller, log: Callable[[str], None] = print) -> dict:
-    """Run the workflow with ``controller`` (a :class:`~.logic.SegmentationController`) on ``scene``; raises
-    AssertionError at the first step that does not do what it should. Returns what it measured."""
+def run_workflow(scene, controller, log: Callable[[str], None] = print, device: str | None = None) -> dict:
+    """Run the workflow with ``controller`` (a :class:`~.logic.SegmentationController`) on ``scene`` and the
+    backend's ``device`` (None: its choice; the in-app test gives "cpu", the device whose packages it checked);
+    raises AssertionError at the first step that does not do what it should. Returns what it measured."""
     data = colin27()
     volumes = slicer.modules.volumes.logic()
     volume_node = volumes.AddArchetypeVolume(str(data.image), "Colin27")
@@ -43,7 +44,7 @@ def run_workflow(scene, controller, log: Callable[[str], None] = print) -> dict:
     roi.SetSize(*np.abs(corners[1] - corners[0]))
 
     log("Box → preview → accept")
-    controller.request_preview(volume_node, None, None, roi, "axial")
+    controller.request_preview(volume_node, None, None, roi, "axial", device=device)
     controller.wait()
     _check(controller.preview_result is not None, f"no preview: {controller.status}")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
@@ -57,7 +58,7 @@ def run_workflow(scene, controller, log: Callable[[str], None] = print) -> dict:
     controller.undo()
     _check(not mrml.segment_array(segmentation, segment_id, volume_node).any(), "undo left voxels behind")
     log("Preview for the segment → accept: the segment's state keeps the box")
-    controller.request_preview(volume_node, None, None, roi, "axial", segmentation_node=segmentation,
+    controller.request_preview(volume_node, None, None, roi, "axial", device=device, segmentation_node=segmentation,
                                segment_id=segment_id)  # as the module asks once a segment is selected
     controller.wait()
     _check(controller.preview_result is not None and list(controller.preview_result.changed) == [index],
@@ -71,14 +72,15 @@ def run_workflow(scene, controller, log: Callable[[str], None] = print) -> dict:
            "the accepted box was not kept with the segment's state")
 
     log("A cancelled propagation changes nothing")
-    controller.propagate(volume_node, segmentation, segment_id, direction="up")
+    controller.propagate(volume_node, segmentation, segment_id, direction="up", device=device)
     controller.cancel()
     controller.wait()
     _check(np.array_equal(mrml.segment_array(segmentation, segment_id, volume_node), seeded),
            "a cancelled propagation changed the segment")
 
     log("Propagate")
-    controller.propagate(volume_node, segmentation, segment_id, "axial", index, "both", (index - 2, index + 2))
+    controller.propagate(volume_node, segmentation, segment_id, "axial", index, "both", (index - 2, index + 2),
+                         device=device)
     controller.wait()
     _check(controller.status.startswith("Propagated"), controller.status)
     propagated = mrml.segment_array(segmentation, segment_id, volume_node)
@@ -91,7 +93,7 @@ def run_workflow(scene, controller, log: Callable[[str], None] = print) -> dict:
     _check(missed.any(), "the propagation left nothing of the hippocampus to click on")
     row, col = np.unravel_index(np.argmax(ndimage.distance_transform_edt(missed)), missed.shape)
     point = volume.to_ras(axes.pixel_to_ijk(target, [[col, row]]))[0]
-    controller.click_3d(volume_node, segmentation, segment_id, point, True)
+    controller.click_3d(volume_node, segmentation, segment_id, point, True, device=device)
     controller.wait()
     _check(controller.refinement is not None and controller.refinement.update is not None,
            f"no 3D click result: {controller.status}")

@@ -2,10 +2,10 @@
 SegmentWithSAMSlicerLib/selftest.py) inside a running Slicer."""
 
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
+from slicer import ScriptedLoadableModule  # the module, not its test class: unittest collects this file's classes
 
 
-class SegmentWithSAMWorkflowTest(ScriptedLoadableModuleTest):
+class SegmentWithSAMWorkflowTest(ScriptedLoadableModule.ScriptedLoadableModuleTest):
     def runTest(self):
         slicer.util.selectModule("SegmentWithSAM")
         from SegmentWithSAM import SegmentWithSAMTest
