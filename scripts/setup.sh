@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up SegmentWithSAM on a Debian machine: system packages (Python venv support, the Colin27 MRI and the
 # InVesalius head CT), then a virtual environment in .venv with the core and the `segmentwithsam` command.
-#   bash scripts/setup.sh          # the light path: LiteMedSAM on the CPU (OpenVINO, no PyTorch); runs the demo
+#   bash scripts/setup.sh          # the light path: LiteMedSAM on the CPU (OpenVINO, no PyTorch), for the demo
 #   bash scripts/setup.sh --torch  # also PyTorch (CUDA/MPS, SAM, MedSAM, other checkpoints) and sam2 (SAM 2.1,
 #                                  # MedSAM2)
 #   bash scripts/setup.sh --dev    # --torch and the test tools (pytest, hypothesis, ruff, slicer-core) and the web

@@ -132,7 +132,8 @@ class Direction(str, Enum):
 
 @dataclass(frozen=True)
 class StopRules:
-    """When a direction stops. Each rule can be switched off with None (or 0 for ``max_empty``)."""
+    """When a direction stops. Each rule but ``max_empty`` can be switched off with None; ``max_empty`` (at least
+    1) always ends a direction after that many consecutive empty slices."""
 
     min_similarity: float | None = 0.65  # cosine similarity of the mask's image features to the seed's below this
     min_score: float | None = 0.35  # the model's predicted quality below this
