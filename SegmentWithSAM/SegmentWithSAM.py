@@ -496,8 +496,21 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
     label read), then the whole workflow on the controller (SegmentWithSAMSlicerLib/selftest.py, which the pytest
     suite also runs against slicer-core)."""
 
+    # The workflows' device: the one whose packages they check ("auto" would take a GPU, which needs PyTorch's)
+    DEVICE = "cpu"
+
     def setUp(self):
         slicer.mrmlScene.Clear()
+
+    def skipped(self, what: str) -> bool:
+        """Whether ``what`` is skipped (said on screen) for want of LiteMedSAM's packages on DEVICE: a test never
+        installs, the environment brings them."""
+        from SegmentWithSAMSlicerLib import dependencies
+
+        missing = dependencies.missing("litemedsam", self.DEVICE)
+        if missing:
+            self.delayDisplay(f"{what} skipped, packages missing: " + ", ".join(missing))
+        return bool(missing)
 
     def runTest(self):
         for test in (self.test_panel_and_parameters, self.test_panel_workflow, self.test_workflow):
@@ -550,11 +563,7 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
     def test_panel_workflow(self):
         """A point off every slice plane: the error stays in the status label past the poll; a box on the
         hippocampus: Preview, Accept (a segment with voxels), Ctrl+Z through Undo."""
-        from SegmentWithSAMSlicerLib import dependencies
-
-        if dependencies.missing("litemedsam", "cpu"):
-            self.delayDisplay("Panel workflow skipped, packages missing: "
-                              + ", ".join(dependencies.missing("litemedsam", "cpu")))
+        if self.skipped("Panel workflow"):
             return
         from SegmentWithSAMLib.data import colin27
 
@@ -562,7 +571,7 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
         widget = self.widget()
         p = widget._parameterNode
         p.inputVolume, p.live_preview = volume, False
-        p.device = "cpu"  # the packages checked above; "auto" would take a GPU, which needs PyTorch's
+        p.device = self.DEVICE
         p.positivePoints.AddControlPoint(1e4, 1e4, 1e4)  # on no slice view's plane
         widget.ui.previewButton.click()
         self.assertIn("do not lie on the plane", self.waitForPanel(widget))
@@ -584,14 +593,10 @@ class SegmentWithSAMTest(ScriptedLoadableModuleTest):
         self.assertFalse(slicer.util.arrayFromSegmentBinaryLabelmap(p.segmentation, segment, volume).any())
 
     def test_workflow(self):
-        from SegmentWithSAMSlicerLib import dependencies
-
-        if dependencies.missing("litemedsam", "cpu"):  # a test never installs: the environment brings them
-            self.delayDisplay("Workflow skipped, packages missing: "
-                              + ", ".join(dependencies.missing("litemedsam", "cpu")))
+        if self.skipped("Workflow"):
             return
         from SegmentWithSAMSlicerLib.selftest import run_workflow
 
         controller = slicer.modules.segmentwithsam.widgetRepresentation().self().logic.controller
-        measured = run_workflow(slicer.mrmlScene, controller, self.delayDisplay, device="cpu")
+        measured = run_workflow(slicer.mrmlScene, controller, self.delayDisplay, device=self.DEVICE)
         self.delayDisplay(f"Test passed: {measured}")
